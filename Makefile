@@ -1,0 +1,30 @@
+# megaponder developer entry points. Every target creates/updates .venv first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup train test clean-runs
+
+# The stamp depends on the requirement files, so `make setup` is a no-op when
+# nothing changed and re-installs when a pin moves.
+$(STAMP): setup.py requirements/cpu.txt requirements/constraints.txt requirements/nodeps.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -r requirements/cpu.txt -c requirements/constraints.txt
+	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -c "import torch; assert torch.version.cuda is None or torch.cuda.is_available(), 'a CUDA torch on a CPU machine'"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python tools/prepare_demo_corpus.py --output-dir data/demo
+	$(BIN)/megaponder train --config examples/configs/quickstart.yml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs/

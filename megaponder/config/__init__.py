@@ -1,0 +1,207 @@
+"""One typed config tree, loaded from YAML with ``--set`` overrides and checked once.
+
+    cfg = load_config("examples/configs/tiny.yml", ["train.steps=20", "model.family=adaponderlm"])
+
+Unknown keys are rejected with the nearest valid name; every cross-field rule lives in
+:func:`validate` and says what to change. ``docs/config.md`` is generated from the field
+docstrings (``python -m megaponder.config``) and kept current by a test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from .base import ConfigError, coerce, field_docs, from_dict, param, to_dict
+from .data import DataConfig
+from .model import FAMILIES, ModelConfig
+from .parallel import ParallelConfig
+from .ponder import PonderConfig
+from .train import OptimConfig, TrainConfig
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "PonderConfig", "TrainConfig", "FAMILIES", "load_config", "validate", "config_from_dict",
+]
+
+
+@dataclass
+class Config:
+    model: ModelConfig = param(help="Backbone and family.", factory=ModelConfig)
+    ponder: PonderConfig = param(help="Pondering-family settings.", factory=PonderConfig)
+    parallel: ParallelConfig = param(help="Parallel layout.", factory=ParallelConfig)
+    data: DataConfig = param(help="Datasets.", factory=DataConfig)
+    optim: OptimConfig = param(help="Optimizer and schedule.", factory=OptimConfig)
+    train: TrainConfig = param(help="Training loop.", factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value (e.g. train.steps=20), got '{assignment}'.")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is a value, not a section.")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_from_dict(tree: dict, check_paths: bool = True) -> Config:
+    cfg = from_dict(Config, tree)
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), *,
+                check_paths: bool = True) -> Config:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"Config file '{path}' does not exist.")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                              f"(model:, train:, ...).")
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    return config_from_dict(tree, check_paths=check_paths)
+
+
+def _data_prefixes(paths: Optional[list[str]]) -> list[str]:
+    """Prefixes in a (possibly weighted) Megatron-style data list."""
+    if not paths:
+        return []
+    try:
+        float(paths[0])
+        weighted = len(paths) % 2 == 0
+    except ValueError:
+        weighted = False
+    return list(paths[1::2]) if weighted else list(paths)
+
+
+def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int] = None) -> None:
+    """Every cross-field rule, each failing with a message that says what to change."""
+    m, p, par, d, t, o = cfg.model, cfg.ponder, cfg.parallel, cfg.data, cfg.train, cfg.optim
+    problems: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+        need(getattr(m, name) > 0, f"model.{name} must be positive (got {getattr(m, name)}).")
+    if m.num_heads > 0:
+        need(m.hidden_size % m.num_heads == 0,
+             f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}; "
+             f"choose a head count that divides it (e.g. {_divisor_near(m.hidden_size, m.num_heads)}).")
+    need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct must lie in [0, 1] (got {m.rotary_pct}).")
+    if m.padded_vocab_size is not None:
+        need(m.padded_vocab_size >= m.vocab_size,
+             f"model.padded_vocab_size={m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}.")
+    need(d.seq_length > 0, f"data.seq_length must be positive (got {d.seq_length}).")
+    need(d.seq_length <= m.max_position_embeddings or m.family in ("ponderlm2", "ponderlm3", "pause"),
+         f"data.seq_length={d.seq_length} exceeds model.max_position_embeddings="
+         f"{m.max_position_embeddings}; raise the latter or shorten the former.")
+    need(p.steps >= 0, f"ponder.steps must be >= 0 (got {p.steps}).")
+    need(0.0 < p.tau < 1.0, f"ponder.tau must lie in (0, 1) (got {p.tau}).")
+    need(0.0 <= p.halting_k_max <= 1.0, f"ponder.halting_k_max must lie in [0, 1] (got {p.halting_k_max}).")
+    need(p.halting_warmup_end >= p.halting_warmup_start,
+         "ponder.halting_warmup_end must be >= ponder.halting_warmup_start.")
+    need(bool(p.jacobi_passes) and all(j >= 0 for j in p.jacobi_passes),
+         "ponder.jacobi_passes must be a non-empty list of non-negative integers.")
+    # training loop
+    for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        need(getattr(t, name) > 0, f"train.{name} must be positive (got {getattr(t, name)}).")
+    need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
+    need(o.lr > 0, f"optim.lr must be positive (got {o.lr}).")
+    need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
+    # parallel layout
+    need(par.tp >= 1 and par.pp >= 1, "parallel.tp and parallel.pp must be >= 1.")
+    need(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3 (got {par.zero_stage}).")
+    if par.tp > 1:
+        need(m.num_heads % par.tp == 0,
+             f"parallel.tp={par.tp} does not divide model.num_heads={m.num_heads}; pick a tp that "
+             f"divides the head count.")
+        need(m.ffn_size % par.tp == 0,
+             f"parallel.tp={par.tp} does not divide the MLP width {m.ffn_size}.")
+        need(m.padded_vocab(par.tp) % par.tp == 0,
+             f"parallel.tp={par.tp} does not divide the padded vocabulary {m.padded_vocab(par.tp)}; "
+             f"set model.padded_vocab_size to a multiple of tp or leave it null.")
+    if par.pp > 1:
+        need(m.num_layers % par.pp == 0,
+             f"parallel.pp={par.pp} does not divide model.num_layers={m.num_layers}; choose pp "
+             f"among the divisors of the layer count.")
+        need(par.zero_stage <= 1,
+             f"parallel.zero_stage={par.zero_stage} cannot be combined with parallel.pp={par.pp}: "
+             f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only. Set parallel.zero_stage=1.")
+    need(not par.sequence_parallel or par.tp > 1,
+         "parallel.sequence_parallel=true needs parallel.tp > 1.")
+    if world_size is not None:
+        need(world_size % (par.tp * par.pp) == 0,
+             f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "
+             f"multiple of {par.tp * par.pp} processes or change parallel.tp/pp.")
+    if check_paths:
+        prefixes = _data_prefixes(d.path) + _data_prefixes(d.valid_path)
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                need(os.path.exists(prefix + ext),
+                     f"data.path: '{prefix}{ext}' does not exist. Prepare the data first (e.g. "
+                     f"`python tools/prepare_demo_corpus.py`) or point data.path at an existing "
+                     f"PREFIX (without .bin/.idx).")
+        if d.tokenizer_model is not None:
+            need(os.path.exists(d.tokenizer_model),
+                 f"data.tokenizer_model: '{d.tokenizer_model}' does not exist.")
+        if t.init_checkpoint is not None:
+            need(os.path.exists(t.init_checkpoint),
+                 f"train.init_checkpoint: '{t.init_checkpoint}' does not exist.")
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _divisor_near(n: int, k: int) -> int:
+    divisors = [x for x in range(1, n + 1) if n % x == 0]
+    return min(divisors, key=lambda x: abs(x - k))
+
+
+def _type_name(tp) -> str:
+    import typing
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return " / ".join(str(a) for a in args)
+    if args:
+        inner = [a for a in args if a is not type(None)]
+        name = " or ".join(_type_name(a) for a in inner)
+        if origin is list:
+            name = f"list of {name}"
+        return name + (" (or null)" if len(inner) < len(args) else "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def reference_markdown() -> str:
+    """The generated ``docs/config.md``."""
+    lines = ["# Configuration reference", "",
+             "Generated from the dataclasses in `megaponder/config/` by "
+             "`python -m megaponder.config > docs/config.md`; a test keeps it current.", "",
+             "Every key can be set in YAML (nested sections) or on the command line with "
+             "`--set section.key=value`.", ""]
+    for section in dataclasses.fields(Config):
+        lines += [f"## `{section.name}`", "", section.metadata["help"], "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, tp, default, help_text in field_docs(section.type if isinstance(section.type, type)
+                                                      else type(getattr(Config(), section.name)),
+                                                      section.name):
+            lines.append(f"| `{key}` | {_type_name(tp)} | `{default}` | {help_text} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+from . import reference_markdown
+
+print(reference_markdown(), end="")

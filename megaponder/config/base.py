@@ -1,0 +1,133 @@
+"""Machinery shared by every config section: documented fields, YAML/dict loading with
+unknown-key detection, ``--set`` coercion, and the error type users see."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as what is wrong and what to change."""
+
+
+def param(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):
+    """A dataclass field carrying its documentation (used by ``docs/config.md``)."""
+    if not help:
+        raise TypeError("every config field must be documented")
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _nearest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp, where: str) -> Any:
+    """Convert a YAML / ``--set`` value to the declared field type, or say why not."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here; give a value of type {getattr(tp, '__name__', tp)}.")
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: '{value}' is not one of {list(choices)}.{_nearest(str(value), [str(c) for c in choices])}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is typing.Union:  # e.g. str | list[str]
+        for arg in typing.get_args(tp):
+            try:
+                return coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: cannot interpret {value!r} as {tp}.")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}.")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    return value
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"Unknown config key '{_join(where, key)}'.{_nearest(key, names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = coerce(data[f.name], hints[f.name], _join(where, f.name))
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def field_docs(cls, prefix: str = ""):
+    """Yield (dotted key, type, default, help) for every leaf field, for the reference doc."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            yield from field_docs(tp, key)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        yield key, tp, default, f.metadata.get("help", "")

@@ -1,0 +1,69 @@
+"""``model:`` — the GPT-NeoX/Pythia backbone and which pondering family wraps it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .base import param
+
+FAMILIES = (
+    "vanilla", "ponderlm", "adaponderlm", "ponderlm2", "ponderlm3",
+    # baselines for fair (iso-FLOPs) comparisons
+    "loop", "pause", "fixed_pruning", "random_halting",
+)
+Family = Literal[
+    "vanilla", "ponderlm", "adaponderlm", "ponderlm2", "ponderlm3",
+    "loop", "pause", "fixed_pruning", "random_halting",
+]
+
+
+@dataclass
+class ModelConfig:
+    """Backbone shape; the defaults are a tiny CPU model, Pythia recipes live in examples/."""
+
+    family: Family = param("vanilla", "Model family: vanilla Pythia, a pondering family "
+                           "(ponderlm, adaponderlm, ponderlm2, ponderlm3) or a baseline "
+                           "(loop, pause, fixed_pruning, random_halting).")
+    vocab_size: int = param(8192, "Tokenizer vocabulary size (before padding).")
+    make_vocab_size_divisible_by: int = param(128, "Pad the embedding/head rows up to a multiple of "
+                                              "this (GPT-NeoX default 128; with tensor parallelism the "
+                                              "multiple is this times tp). Pythia checkpoints are padded "
+                                              "to 50304.")
+    padded_vocab_size: Optional[int] = param(None, "Explicit padded vocabulary (overrides the "
+                                             "divisible-by rule); conversion from Hugging Face sets it "
+                                             "to the checkpoint's embedding rows.")
+    hidden_size: int = param(128, "Model width d.")
+    num_layers: int = param(2, "Number of transformer layers in the (shared) stack.")
+    num_heads: int = param(4, "Attention heads; must divide hidden_size.")
+    intermediate_size: Optional[int] = param(None, "MLP width; null means 4 * hidden_size (Pythia).")
+    max_position_embeddings: int = param(2048, "Longest position the rotary cache is built for.")
+    rotary_pct: float = param(0.25, "Fraction of each head's dimensions that get rotary "
+                              "embeddings (Pythia: 0.25).")
+    rotary_base: float = param(10000.0, "Rotary embedding base (theta).")
+    parallel_residual: bool = param(True, "GPT-NeoX parallel residual: x + attn(ln1(x)) + "
+                                    "mlp(ln2(x)); false gives the sequential GPT-2 form.")
+    layernorm_eps: float = param(1e-5, "LayerNorm epsilon.")
+    tie_word_embeddings: bool = param(False, "Share embed_in and embed_out (Pythia: untied).")
+    hidden_dropout: float = param(0.0, "Dropout on the attention and MLP outputs (Pythia: 0).")
+    attention_dropout: float = param(0.0, "Dropout on attention probabilities (Pythia: 0).")
+    attention_backend: Literal["auto", "eager", "sdpa", "flex", "flash"] = param(
+        "auto", "Attention kernel: eager (reference math), sdpa (torch), flex (FlexAttention), "
+        "flash (flash-attn, GPU only); auto picks the fastest one that supports the masks in use.")
+    init_std: float = param(0.02, "Std of the normal initialisation of weights.")
+    init_method: Literal["normal", "small_init_wang"] = param(
+        "small_init_wang", "GPT-NeoX init: 'normal' everywhere, or 'small_init_wang' (small_init "
+        "for inputs, wang_init for the output projections, as in Pythia).")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def padded_vocab(self, tp: int = 1) -> int:
+        if self.padded_vocab_size is not None:
+            return self.padded_vocab_size
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple

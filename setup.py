@@ -1,0 +1,31 @@
+"""megaponder: pretraining framework for pondering language models."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megaponder",
+    version="0.1.0",
+    description="Pretraining pondering language models (PonderLM, AdaPonderLM, PonderLM-2/3) "
+    "on a GPT-NeoX/Pythia backbone with Megatron-style parallelism and DeepSpeed.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megaponder", "megaponder.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "deepspeed>=0.15",
+        "pyyaml",
+        "tqdm",
+        "sentencepiece",
+        "tokenizers",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.40", "safetensors"],
+        # GPU-only: flash-attn builds against a CUDA torch with nvcc
+        # (pip install --no-build-isolation 'megaponder[gpu]').
+        "gpu": ["flash-attn>=2.5"],
+        "mpi": ["mpi4py"],
+        "dev": ["pytest", "pytest-timeout", "transformers>=4.40", "megatron-core", "tensorboard"],
+    },
+    entry_points={"console_scripts": ["megaponder=megaponder.cli:main"]},
+)
