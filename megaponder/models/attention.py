@@ -1,0 +1,136 @@
+"""One attention API, several kernels.
+
+Every model in megaponder calls :func:`attention` with queries/keys/values shaped
+``[batch, heads, len, head_dim]`` and an :class:`AttentionSpec` that describes the mask in
+*index space*: query ``i`` sits at key index ``q_index[i]``; with ``causal`` it may see keys
+``j <= q_index[i]``. That one rule covers ordinary training (``q_index = arange``), decoding
+with a KV cache (queries at the end of a longer key sequence), and compacted inference where
+only the still-active tokens are queries (``q_index`` = their positions). Document masks
+(``segment_ids``), key padding and an additive key-side bias (PonderLM-3's log-survival) compose
+with it.
+
+Backends: ``eager`` is the reference math; ``sdpa`` is torch's fused kernel with the same
+additive mask; ``flex``/``flash`` are optional fast paths added by megaponder.kernels when
+available. Every backend is tested against ``eager``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionSpec:
+    """What each query may attend to. All fields optional; the default is plain causal."""
+
+    causal: bool = True
+    #: key index of each query, [Tq] or [B, Tq]; None means queries are the last Tq keys.
+    q_index: Optional[torch.Tensor] = None
+    #: [B, Tk] bool, True for real keys (False = padding).
+    key_padding_mask: Optional[torch.Tensor] = None
+    #: [B, Tk] document/segment id of each key; queries take theirs via q_index.
+    segment_ids: Optional[torch.Tensor] = None
+    #: additive bias broadcastable to [B, H, Tq, Tk] (e.g. [B, 1, 1, Tk] log-survival).
+    key_bias: Optional[torch.Tensor] = None
+
+    def is_plain_causal(self, tq: int, tk: int) -> bool:
+        return (self.causal and self.q_index is None and self.key_padding_mask is None
+                and self.segment_ids is None and self.key_bias is None and tq == tk)
+
+    def query_index(self, batch: int, tq: int, tk: int, device) -> torch.Tensor:
+        """[B, Tq] key-space index of each query."""
+        if self.q_index is None:
+            idx = torch.arange(tk - tq, tk, device=device)
+        else:
+            idx = self.q_index.to(device)
+        return idx.expand(batch, tq) if idx.dim() == 1 else idx
+
+    def allowed(self, batch: int, tq: int, tk: int, device) -> Optional[torch.Tensor]:
+        """[B, 1, Tq, Tk] bool of permitted (query, key) pairs, or None if all are permitted."""
+        allowed = None
+        q_idx = self.query_index(batch, tq, tk, device)
+        if self.causal:
+            k_idx = torch.arange(tk, device=device)
+            allowed = k_idx.view(1, 1, tk) <= q_idx.unsqueeze(-1)
+        if self.segment_ids is not None:
+            seg_k = self.segment_ids.to(device)
+            seg_q = torch.gather(seg_k, 1, q_idx)
+            same = seg_q.unsqueeze(-1) == seg_k.unsqueeze(1)
+            allowed = same if allowed is None else allowed & same
+        if self.key_padding_mask is not None:
+            keep = self.key_padding_mask.to(device).bool().unsqueeze(1)
+            allowed = keep.expand(batch, tq, tk) if allowed is None else allowed & keep
+        return None if allowed is None else allowed.unsqueeze(1)
+
+    def additive_mask(self, batch: int, tq: int, tk: int, dtype, device) -> Optional[torch.Tensor]:
+        """Float mask for kernels that take one: 0 where allowed, a large negative otherwise,
+        plus ``key_bias``. A finite minimum (not -inf) keeps fully masked rows (padding
+        queries) finite instead of NaN, as Hugging Face does."""
+        allowed = self.allowed(batch, tq, tk, device)
+        mask = None
+        if allowed is not None:
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        if self.key_bias is not None:
+            bias = self.key_bias.to(device=device, dtype=dtype)
+            mask = bias if mask is None else mask + bias
+            if allowed is not None:  # a bias must not lift a masked pair back out of -inf land
+                mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask
+
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def eager_attention(q, k, v, spec: AttentionSpec, scale: float, dropout_p: float = 0.0):
+    b, _, tq, _ = q.shape
+    tk = k.shape[-2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    mask = spec.additive_mask(b, tq, tk, scores.dtype, q.device)
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
+
+
+def sdpa_attention(q, k, v, spec: AttentionSpec, scale: float, dropout_p: float = 0.0):
+    b, _, tq, _ = q.shape
+    tk = k.shape[-2]
+    if spec.is_plain_causal(tq, tk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+    mask = spec.additive_mask(b, tq, tk, q.dtype, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+_BACKENDS: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+def register_backend(name: str, fn: AttentionFn) -> None:
+    """Optional kernels (flex, flash) register themselves here when importable."""
+    _BACKENDS[name] = fn
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "sdpa"
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend '{name}' is not available on this machine; "
+                         f"available: {available_backends()}. Set model.attention_backend to one of them.")
+    return name
+
+
+def attention(q, k, v, spec: AttentionSpec, *, backend: str = "sdpa", dropout_p: float = 0.0,
+              scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask(spec)) v with the chosen kernel; shapes [B, H, T, D]."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _BACKENDS[backend](q, k, v, spec, scale, dropout_p)

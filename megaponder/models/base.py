@@ -1,0 +1,108 @@
+"""The vanilla GPT-NeoX causal LM and what every family shares: embedding in, head out,
+the loss, and the output type.
+
+Conventions every family follows:
+  * ``model(input_ids, targets=None, position_ids=None, attention_mask=None, segment_ids=None)``
+    with ``targets`` already aligned to the inputs (``targets[:, t]`` is the token after
+    ``input_ids[:, t]``; -100 is ignored). The data pipeline yields ``seq_len + 1`` tokens and
+    the trainer splits them, so no family shifts anything.
+  * it returns a :class:`ModelOutput`: ``logits`` [B, T, padded_vocab]; with targets, ``loss``
+    (the full training objective) and ``lm_loss`` (the language-model cross-entropy alone);
+    ``stats`` holds detached scalars for logging (``mean_iters``, ``flops_ratio``, ...).
+  * ``set_step(step)`` tells step-dependent objectives (the bottom-k warm-up) where training is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig, PonderConfig
+from .attention import AttentionSpec
+from .neox import NeoXStack, init_neox_weights
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    lm_loss: Optional[torch.Tensor] = None
+    stats: dict = field(default_factory=dict)
+
+
+def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over non-ignored targets, computed in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    b, t = input_ids.shape
+    return torch.arange(t, device=input_ids.device).expand(b, t)
+
+
+class CausalLM(nn.Module):
+    """Vanilla Pythia: embed_in -> NeoX stack -> embed_out. Families subclass it."""
+
+    family = "vanilla"
+
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.ponder_cfg = ponder or PonderConfig()
+        self.vocab_size = cfg.padded_vocab()
+        self.embed_in = nn.Embedding(self.vocab_size, cfg.hidden_size)
+        self.stack = NeoXStack(cfg)
+        self.embed_out = nn.Linear(cfg.hidden_size, self.vocab_size, bias=False)
+        init_neox_weights(self, cfg)
+        if cfg.tie_word_embeddings:
+            self.embed_out.weight = self.embed_in.weight
+        self.training_step = 0
+
+    # -- pieces the families compose ------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_in(input_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.embed_out(hidden)
+
+    @staticmethod
+    def attention_spec(attention_mask=None, segment_ids=None) -> AttentionSpec:
+        return AttentionSpec(key_padding_mask=attention_mask, segment_ids=segment_ids)
+
+    def set_step(self, step: int) -> None:
+        self.training_step = step
+
+    def extra_parameter_names(self) -> list[str]:
+        """Parameters a family adds on top of the NeoX backbone (gates, routers): the only
+        ones trained in a gate-only phase and the ones initialised fresh from Pythia."""
+        return []
+
+    # -- vanilla forward ------------------------------------------------------------------
+    def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
+                segment_ids=None) -> ModelOutput:
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        hidden, _ = self.stack(self.embed(input_ids), position_ids,
+                               self.attention_spec(attention_mask, segment_ids))
+        logits = self.head(hidden)
+        if targets is None:
+            return ModelOutput(logits=logits)
+        lm_loss = lm_cross_entropy(logits, targets)
+        return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss,
+                           stats={"mean_iters": 1.0, "flops_ratio": 1.0})
+
+
+def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    total = 0
+    for name, p in model.named_parameters():
+        if exclude_embeddings and ("embed_in" in name or "embed_out" in name):
+            continue
+        total += p.numel()
+    return total

@@ -1,0 +1,143 @@
+"""The GPT-NeoX/Pythia decoder in plain torch: numerically equal to Hugging Face's
+``GPTNeoXForCausalLM`` with the same weights (tests/test_hf_parity.py).
+
+Single device, no knowledge of ranks: megaponder/parallel turns these modules into their
+tensor/pipeline-parallel forms. The stack exposes one primitive that every pondering family
+wraps (``NeoXStack.forward``): run all layers over given input embeddings, positions and an
+:class:`AttentionSpec`, optionally letting a ``kv_hook`` replace each layer's keys/values
+(AdaPonderLM's KV reuse, KV caches at inference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .attention import AttentionSpec, attention, resolve_backend
+
+#: kv_hook(layer_index, k, v) -> (k, v): keys/values the layer should attend to. k/v arrive
+#: as [B, H, T, D] for the rows being computed and may come back longer (a cache prepended).
+KVHook = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding on the first ``rotary_pct`` of each head's dimensions."""
+
+    def __init__(self, head_dim: int, rotary_pct: float, base: float):
+        super().__init__()
+        self.rotary_dim = int(head_dim * rotary_pct)
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids [B, T] -> cos, sin [B, 1, T, rotary_dim] (computed in fp32)."""
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.to(position_ids.device)
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rotary_dim == 0:
+            return x
+        rot, keep = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
+        half = self.rotary_dim // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        return torch.cat([rot * cos + rotated * sin, keep], dim=-1)
+
+
+class NeoXAttention(nn.Module):
+    """Fused QKV projection with GPT-NeoX's per-head [q|k|v] row layout."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_pct, cfg.rotary_base)
+        self.backend = resolve_backend(cfg.attention_backend)
+        self.dropout_p = cfg.attention_dropout
+
+    def forward(self, x, cos, sin, spec: AttentionSpec, kv_hook: Optional[KVHook] = None):
+        b, t, _ = x.shape
+        # [B, T, H, 3D] -> three [B, H, T, D]; the per-head interleave is NeoX's layout.
+        q, k, v = self.qkv(x).view(b, t, self.num_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        if kv_hook is not None:
+            k, v = kv_hook(self.layer_index, k, v)
+        ctx = attention(q, k, v, spec, backend=self.backend,
+                        dropout_p=self.dropout_p if self.training else 0.0)
+        return self.out(ctx.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class NeoXMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_size)
+        self.fc2 = nn.Linear(cfg.ffn_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class NeoXLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.parallel_residual = cfg.parallel_residual
+        self.ln_attn = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.attn = NeoXAttention(cfg, layer_index)
+        self.mlp = NeoXMLP(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, cos, sin, spec: AttentionSpec, kv_hook: Optional[KVHook] = None):
+        attn_out, kv = self.attn(self.ln_attn(x), cos, sin, spec, kv_hook)
+        attn_out = self.dropout(attn_out)
+        if self.parallel_residual:
+            return x + attn_out + self.dropout(self.mlp(self.ln_mlp(x))), kv
+        x = x + attn_out
+        return x + self.dropout(self.mlp(self.ln_mlp(x))), kv
+
+
+class NeoXStack(nn.Module):
+    """The shared-weight layer stack plus final LayerNorm: the recurrence primitive."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(NeoXLayer(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                spec: Optional[AttentionSpec] = None, kv_hook: Optional[KVHook] = None):
+        """Returns (final-norm hidden [B, T, d], per-layer (k, v) as attended)."""
+        spec = spec or AttentionSpec()
+        cos, sin = self.layers[0].attn.rotary.cos_sin(position_ids, inputs_embeds.dtype)
+        x, kvs = inputs_embeds, []
+        for layer in self.layers:
+            x, kv = layer(x, cos, sin, spec, kv_hook)
+            kvs.append(kv)
+        return self.final_norm(x), kvs
+
+
+def init_neox_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """GPT-NeoX initialisation: small_init (std sqrt(2/(5d))) for inputs and embeddings,
+    wang_init (std 2/(L*sqrt(d))) for the projections that write into the residual stream."""
+    d, n_layers = cfg.hidden_size, cfg.num_layers
+    if cfg.init_method == "small_init_wang":
+        in_std, out_std = math.sqrt(2.0 / (5.0 * d)), 2.0 / (n_layers * math.sqrt(d))
+    else:
+        in_std = out_std = cfg.init_std
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = out_std if name.endswith(("attn.out", "mlp.fc2")) else in_std
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=in_std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
