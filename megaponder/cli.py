@@ -1,0 +1,118 @@
+"""The ``megaponder`` command (also ``python -m megaponder``).
+
+    megaponder train    --config FILE.yml [--set key.sub=value]...
+    megaponder generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
+    megaponder eval     --checkpoint DIR --data PREFIX
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    from .train import train
+
+    train(cfg)
+    return 0
+
+
+def _load_tokenizer(folder: str, override: str | None):
+    from .train.checkpoint import read_checkpoint_config, tokenizer_file
+    from .data import build_tokenizer
+
+    cfg = read_checkpoint_config(folder)
+    path = override or tokenizer_file(folder) or cfg.data.tokenizer_model
+    if path is None or not os.path.exists(path):
+        raise SystemExit(f"no tokenizer found for checkpoint {folder}; pass --tokenizer-model")
+    kind = "HFTokenizer" if path.endswith(".json") else "SentencePieceTokenizer"
+    return build_tokenizer(kind, path)
+
+
+def _generate(args) -> int:
+    from .infer import generate
+    from .train.checkpoint import load_model, resolve_checkpoint
+
+    folder = resolve_checkpoint(args.checkpoint)
+    model = load_model(folder)
+    tok = _load_tokenizer(folder, args.tokenizer_model)
+    prompt = tok.encode(args.prompt)
+    new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                   vocab_size=tok.vocab_size, eos_id=tok.eod, seed=args.seed)
+    print(args.prompt + tok.decode(new) if not args.ids else json.dumps(prompt + new))
+    return 0
+
+
+def _eval(args) -> int:
+    import torch
+
+    from .data import IndexedDataset
+    from .train.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint
+    from .train.evaluate import evaluate, sequential_batches
+
+    folder = resolve_checkpoint(args.checkpoint)
+    model = load_model(folder)
+    cfg = read_checkpoint_config(folder)
+    seq = args.seq_length or cfg.data.seq_length
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = sequential_batches(IndexedDataset(args.data), seq, args.batch_size, args.max_samples)
+    result = evaluate(model, batches, progress=sys.stderr.isatty())
+    print(json.dumps({k: result[k] for k in ("ppl", "loss", "mean_iters", "flops_ratio", "tokens")}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megaponder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher appends --local_rank=N; the rank also reaches us via env
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain or continue pretraining a model")
+    p.add_argument("--config", required=True, help="YAML config (see docs/config.md)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=20 (repeatable)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="sample a continuation from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run dir or checkpoint folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer-model", default=None, help="override the checkpoint's tokenizer")
+    p.add_argument("--ids", action="store_true", help="print token ids (JSON) instead of text")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on an indexed dataset")
+    p.add_argument("--checkpoint", required=True, help="run dir or checkpoint folder")
+    p.add_argument("--data", required=True, help="indexed-dataset prefix (PREFIX.bin/.idx)")
+    p.add_argument("--seq-length", type=int, default=None, help="default: the training length")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=int, default=None, help="stop after this many windows")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"megaponder: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Sampling from any megaponder model.
+
+``generate`` recomputes the whole prefix each step, which is exact for every family because
+they are all causal. Families with a KV-cached (and, for adaptive ones, compacting) decoder
+expose it as ``model.generate_cached`` and are used instead when present.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
+             top_k: int = 0, vocab_size: Optional[int] = None, eos_id: Optional[int] = None,
+             seed: int = 0) -> list[int]:
+    """Token ids of the continuation (prompt excluded). temperature 0 means greedy."""
+    if hasattr(model, "generate_cached"):
+        return model.generate_cached(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_k=top_k, vocab_size=vocab_size, eos_id=eos_id, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(ids).logits[0, -1].float()
+        if vocab_size is not None:
+            logits = logits[:vocab_size]  # never sample a padding row
+        next_id = sample_next(logits, temperature, top_k, generator)
+        new.append(next_id)
+        if eos_id is not None and next_id == eos_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+    return new
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))

@@ -1,0 +1,71 @@
+"""Validation perplexity (plus depth statistics of adaptive families), shared by the
+trainer's periodic validation and ``megaponder eval``."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+
+
+def model_inputs(batch: dict) -> dict:
+    """Split a batch of ``seq_len + 1`` tokens into model inputs and aligned targets."""
+    tokens = batch["tokens"]
+    inputs = {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"][:, :-1]
+    if "segment_ids" in batch:
+        inputs["segment_ids"] = batch["segment_ids"][:, :-1]
+    return inputs
+
+
+def _scalar(value) -> float:
+    return float(value.detach()) if torch.is_tensor(value) else float(value)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
+             progress: bool = False) -> dict:
+    """Token-weighted mean loss over ``batches``; summed over ``group`` when distributed."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss*n, iters*n, flops*n, n
+    iterator = batches
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(batches, desc="eval", unit="batch", leave=False)
+    for batch in iterator:
+        inputs = model_inputs(batch)
+        out = model(**inputs)
+        n = float((inputs["targets"] != -100).sum())
+        totals += torch.tensor([_scalar(out.lm_loss) * n,
+                                _scalar(out.stats.get("mean_iters", 1.0)) * n,
+                                _scalar(out.stats.get("flops_ratio", 1.0)) * n, n],
+                               dtype=torch.float64)
+    if group is not None or (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        torch.distributed.all_reduce(totals, group=group)
+    model.train(was_training)
+    n = max(totals[3].item(), 1.0)
+    loss = totals[0].item() / n
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "mean_iters": totals[1].item() / n,
+            "flops_ratio": totals[2].item() / n, "tokens": int(totals[3].item())}
+
+
+def sequential_batches(dataset, seq_length: int, batch_size: int,
+                       max_samples: Optional[int] = None) -> Iterable[dict]:
+    """Non-overlapping windows of ``seq_length + 1`` tokens over the concatenation of all
+    sequences of an indexed dataset, in file order: every token is predicted once (the
+    first one excepted), so the result is the dataset's perplexity, not a sample of it."""
+    import numpy as np
+
+    stream = np.concatenate([np.asarray(dataset[i], dtype=np.int64) for i in range(len(dataset))])
+    n = (len(stream) - 1) // seq_length
+    if max_samples is not None:
+        n = min(n, max_samples)
+    if n == 0:
+        raise ValueError(f"the dataset holds {len(stream)} tokens, fewer than one window of "
+                         f"{seq_length + 1}; pass a smaller --seq-length")
+    for start in range(0, n, batch_size):
+        rows = [stream[i * seq_length: i * seq_length + seq_length + 1]
+                for i in range(start, min(n, start + batch_size))]
+        yield {"tokens": torch.from_numpy(np.stack(rows))}

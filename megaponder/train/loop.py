@@ -1,0 +1,278 @@
+"""``megaponder train``: the DeepSpeed training loop.
+
+One path for every scale: even a single CPU process runs through the DeepSpeed engine, so
+ZeRO, gradient accumulation, clipping and bf16 behave the same on a laptop and on a cluster.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..config import Config, validate
+from ..models import build_model
+from . import checkpoint as ckpt
+from .distributed import init_distributed
+from .engine import build_engine
+from .evaluate import evaluate, model_inputs
+from .metrics import MetricsWriter, format_summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _log0(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[megaponder] {msg}", flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dist = init_distributed(cfg.parallel.dist_backend)
+        validate(cfg, world_size=self.dist.world_size)
+        self.rank = self.dist.rank
+        self.dp_size = self.dist.world_size // (cfg.parallel.tp * cfg.parallel.pp)
+        self.dp_rank = self.rank  # tp = pp = 1 here; parallel layouts map this in parallel/
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.run_dir = cfg.train.run_dir
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        os.makedirs(self.ckpt_root, exist_ok=True)
+
+        seed_everything(cfg.train.seed)  # same init on every rank
+        model = build_model(cfg)
+        if cfg.train.init_checkpoint:
+            self._load_init_weights(model, cfg.train.init_checkpoint)
+        if cfg.ponder.freeze_backbone:
+            trainable = set(model.extra_parameter_names())
+            if not trainable:
+                raise ValueError(f"ponder.freeze_backbone=true but family '{cfg.model.family}' "
+                                 f"has no gate/router parameters to train.")
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in trainable)
+        self.engine = build_engine(model, cfg, self.dp_size)
+        self.model = self.engine.module
+
+        self.step, self.consumed_samples = 0, 0
+        if cfg.train.resume:
+            self._resume()
+        if self.rank == 0:
+            with open(os.path.join(self.run_dir, "config.yml"), "w") as f:
+                f.write(cfg.to_yaml())
+        # Rank-specific streams after the shared init (dropout differs across dp ranks).
+        if not cfg.train.resume or self.step == 0:
+            seed_everything(cfg.train.seed + 1000 * self.rank + 1)
+        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.train.tensorboard, self.step)
+        self._build_data()
+
+    # -- data -----------------------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum_steps * self.dp_size
+
+    def _build_data(self) -> None:
+        from ..data import build_data_iterator, build_train_valid_datasets
+
+        t = self.cfg.train
+        n_evals = (t.steps // t.eval_every if t.eval_every else 0) + 1
+        self.train_ds, self.valid_ds = build_train_valid_datasets(
+            self.cfg.data, t.seed, num_train_samples=t.steps * self.global_batch,
+            num_valid_samples=t.eval_batches * t.micro_batch_size * self.dp_size * n_evals)
+        self.train_iter = build_data_iterator(self.train_ds, t.micro_batch_size, self.dp_rank,
+                                              self.dp_size, self.consumed_samples)
+
+    def _valid_batches(self):
+        from ..data import build_data_iterator
+
+        if self.valid_ds is None or len(self.valid_ds) == 0:
+            return []
+        t = self.cfg.train
+        it = build_data_iterator(self.valid_ds, t.micro_batch_size, self.dp_rank, self.dp_size, 0)
+        n = min(t.eval_batches, max(1, len(self.valid_ds) // (t.micro_batch_size * self.dp_size)))
+        return [next(it) for _ in range(n)]
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _load_init_weights(self, model, path: str) -> None:
+        folder = ckpt.resolve_checkpoint(path)
+        state = torch.load(os.path.join(folder, ckpt.MODEL_FILE), map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"train.init_checkpoint {folder}: unexpected tensors {unexpected[:5]}")
+        fresh = set(model.extra_parameter_names())
+        if set(missing) - fresh:
+            raise RuntimeError(f"train.init_checkpoint {folder}: missing tensors "
+                               f"{sorted(set(missing) - fresh)[:5]}")
+        _log0(self.rank, f"initialised weights from {folder}"
+              + (f" ({len(missing)} new {self.cfg.model.family} tensors)" if missing else ""))
+
+    def _full_state_dict(self) -> dict:
+        if self.cfg.parallel.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().float() if v.is_floating_point() else v
+                for k, v in self.model.state_dict().items()}
+
+    def save(self) -> None:
+        tag = ckpt.tag_for_step(self.step)
+        stage = ckpt.staging_dir(self.ckpt_root, tag)
+        if self.rank == 0:
+            os.makedirs(stage, exist_ok=True)
+        torch.distributed.barrier()
+        meta = {"step": self.step, "consumed_samples": self.consumed_samples,
+                "tokens": self.consumed_samples * self.cfg.data.seq_length,
+                "family": self.cfg.model.family, "tp": self.cfg.parallel.tp,
+                "pp": self.cfg.parallel.pp, "dp": self.dp_size}
+        self.engine.save_checkpoint(stage, tag="deepspeed", save_latest=False,
+                                    client_state={"step": self.step,
+                                                  "consumed_samples": self.consumed_samples})
+        state = self._full_state_dict()
+        os.makedirs(os.path.join(stage, "rng"), exist_ok=True)
+        torch.save(ckpt.rng_state(), os.path.join(stage, "rng", f"rank{self.rank}.pt"))
+        if self.rank == 0:
+            ckpt.write_model_files(stage, self.cfg, state, meta, self.cfg.data.tokenizer_model)
+        torch.distributed.barrier()
+        if self.rank == 0:
+            ckpt.publish(self.ckpt_root, tag)
+        torch.distributed.barrier()
+
+    def _resume(self) -> None:
+        tag = ckpt.latest_tag(self.ckpt_root)
+        if tag is None:
+            _log0(self.rank, f"train.resume=true but {self.ckpt_root} has no complete checkpoint; "
+                             f"starting from step 0")
+            return
+        folder = os.path.join(self.ckpt_root, tag)
+        _, client = self.engine.load_checkpoint(folder, tag="deepspeed")
+        self.step, self.consumed_samples = client["step"], client["consumed_samples"]
+        rng_file = os.path.join(folder, "rng", f"rank{self.rank}.pt")
+        if os.path.exists(rng_file):
+            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        _log0(self.rank, f"resumed from {folder} at step {self.step}")
+
+    # -- the loop -------------------------------------------------------------------------
+    def _reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(values)
+            values /= self.dist.world_size
+        return values
+
+    def train_step(self) -> dict:
+        self.model.set_step(self.step)
+        stats_sum: dict[str, float] = {}
+        for _ in range(self.cfg.train.grad_accum_steps):
+            out = self.engine(**model_inputs(next(self.train_iter)))
+            self.engine.backward(out.loss)
+            self.engine.step()
+            values = {"loss": out.lm_loss, "total_loss": out.loss, **out.stats}
+            for key, value in values.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(torch.as_tensor(value).detach().float())
+        keys = sorted(stats_sum)
+        reduced = self._reduce_mean(torch.tensor([stats_sum[k] for k in keys], dtype=torch.float64))
+        return {k: v / self.cfg.train.grad_accum_steps for k, v in zip(keys, reduced.tolist())}
+
+    def validate(self) -> dict:
+        return evaluate(self.model, self._valid_batches())
+
+    def run(self) -> dict:
+        t = self.cfg.train
+        bar = None
+        if self.rank == 0 and t.progress_bar:
+            from tqdm import tqdm
+            bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        _log0(self.rank, f"{self.cfg.model.family}: "
+                         f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+                         f"{self.dist.world_size} process(es), dp={self.dp_size}, "
+                         f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
+        start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
+        last_val = None
+        while self.step < t.steps:
+            stats = self.train_step()
+            self.step += 1
+            self.consumed_samples += self.global_batch
+            tokens = self.consumed_samples * self.cfg.data.seq_length
+            elapsed = time.time() - start
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                record = {"step": self.step, "loss": stats.pop("loss"), "lr": self.engine.get_lr()[0],
+                          "tokens": tokens, "time_s": round(elapsed, 3),
+                          "tokens_per_s": round((tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
+                          "grad_norm": _maybe_float(self.engine.get_global_grad_norm()), **stats}
+                if t.eval_every and self.step % t.eval_every == 0 and self.step != t.steps:
+                    last_val = self.validate()
+                    record.update({"val_loss": last_val["loss"], "val_ppl": last_val["ppl"]})
+                self.metrics.write(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if t.save_every and self.step % t.save_every == 0 and self.step != t.steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        final_val = self.validate()
+        self.metrics.write({"step": self.step, "val_loss": final_val["loss"], "val_ppl": final_val["ppl"],
+                            "val_mean_iters": final_val["mean_iters"],
+                            "val_flops_ratio": final_val["flops_ratio"],
+                            "tokens": self.consumed_samples * self.cfg.data.seq_length,
+                            "time_s": round(time.time() - start, 3)})
+        self.save()
+        self.metrics.close()
+        summary = {"steps": self.step, "val_ppl": final_val["ppl"], "val_loss": final_val["loss"],
+                   "mean_iters": final_val["mean_iters"], "flops_ratio": final_val["flops_ratio"],
+                   "tokens": self.consumed_samples * self.cfg.data.seq_length,
+                   "wall_s": time.time() - start,
+                   "checkpoint": os.path.join(self.ckpt_root, ckpt.tag_for_step(self.step))}
+        if self.rank == 0:
+            self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, s: dict) -> None:
+        baseline = _unigram_baseline(self.cfg)
+        rows = [("family", self.cfg.model.family), ("steps", str(s["steps"])),
+                ("tokens", f"{s['tokens']:,}"),
+                ("validation ppl", f"{s['val_ppl']:.2f}"
+                 + (f"   (unigram baseline {baseline:.1f})" if baseline else "")),
+                ("mean iterations/token", f"{s['mean_iters']:.3f}"),
+                ("FLOPs ratio vs one pass", f"{s['flops_ratio']:.3f}"),
+                ("wall time", f"{s['wall_s']:.1f} s"),
+                ("checkpoint", s["checkpoint"])]
+        print("\n[megaponder] training finished\n" + format_summary(rows), flush=True)
+
+
+def _maybe_float(value) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _unigram_baseline(cfg: Config) -> Optional[float]:
+    """The demo corpus records a unigram perplexity next to its data (data/demo/stats.json)."""
+    prefixes = cfg.data.valid_path or cfg.data.path or []
+    for prefix in prefixes:
+        path = os.path.join(os.path.dirname(str(prefix)), "stats.json")
+        if os.path.exists(path):
+            stats = json.load(open(path))
+            for key, value in stats.items():
+                if "unigram" in key and isinstance(value, (int, float)):
+                    return float(value)
+    return None
+
+
+def train(cfg: Config) -> dict:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
