@@ -39,7 +39,7 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rotary_dim == 0:
             return x
         rot, keep = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
@@ -65,7 +65,7 @@ class NeoXAttention(nn.Module):
         b, t, _ = x.shape
         # [B, T, H, 3D] -> three [B, H, T, D]; the per-head interleave is NeoX's layout.
         q, k, v = self.qkv(x).view(b, t, self.num_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if kv_hook is not None:
             k, v = kv_hook(self.layer_index, k, v)
         ctx = attention(q, k, v, spec, backend=self.backend,
