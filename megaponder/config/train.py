@@ -34,6 +34,9 @@ class TrainConfig:
     eval_every: int = param(0, "Validation every N steps (0: only at the end).")
     eval_batches: int = param(20, "Validation micro-batches per evaluation.")
     resume: bool = param(False, "Continue from checkpoints/latest in run_dir.")
+    exit_at_step: Optional[int] = param(None, "Stop (after a checkpoint) once this step is reached, "
+                                        "e.g. to fit a job's time limit; the schedule still spans "
+                                        "train.steps and train.resume=true continues the run.")
     init_checkpoint: Optional[str] = param(None, "Start weights from this megaponder checkpoint "
                                            "(e.g. one converted from Pythia); optimizer starts fresh.")
     tensorboard: bool = param(False, "Also write TensorBoard event files to run_dir/tb.")

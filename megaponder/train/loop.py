@@ -194,28 +194,28 @@ class Trainer:
                          f"{self.dist.world_size} process(es), dp={self.dp_size}, "
                          f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
         start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
-        last_val = None
-        while self.step < t.steps:
+        last_step = min(t.steps, t.exit_at_step or t.steps)
+        while self.step < last_step:
             stats = self.train_step()
             self.step += 1
             self.consumed_samples += self.global_batch
             tokens = self.consumed_samples * self.cfg.data.seq_length
             elapsed = time.time() - start
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if self.step % t.log_every == 0 or self.step == last_step:
                 record = {"step": self.step, "loss": stats.pop("loss"), "lr": self.engine.get_lr()[0],
                           "tokens": tokens, "time_s": round(elapsed, 3),
                           "tokens_per_s": round((tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
                           "grad_norm": _maybe_float(self.engine.get_global_grad_norm()), **stats}
-                if t.eval_every and self.step % t.eval_every == 0 and self.step != t.steps:
-                    last_val = self.validate()
-                    record.update({"val_loss": last_val["loss"], "val_ppl": last_val["ppl"]})
+                if t.eval_every and self.step % t.eval_every == 0 and self.step != last_step:
+                    val = self.validate()
+                    record.update({"val_loss": val["loss"], "val_ppl": val["ppl"]})
                 self.metrics.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
-            if t.save_every and self.step % t.save_every == 0 and self.step != t.steps:
+            if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
                 self.save()
         if bar is not None:
             bar.close()
