@@ -33,7 +33,7 @@ def _specs():
     }
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "eager"])
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b not in ("eager", "auto")] + ["auto"])
 @pytest.mark.parametrize("name", list(_specs()))
 def test_backend_matches_eager(backend, name):
     spec, tq = _specs()[name]

@@ -120,9 +120,19 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def auto_attention(q, k, v, spec: AttentionSpec, scale: float, dropout_p: float = 0.0):
+    """flash-attn on a GPU when installed and the mask is plain causal (it is fastest there);
+    otherwise sdpa, which handles every mask. Chosen per call because the device and the mask
+    are only known then."""
+    if q.is_cuda and "flash" in _BACKENDS and spec.is_plain_causal(q.shape[-2], k.shape[-2]):
+        return _BACKENDS["flash"](q, k, v, spec, scale, dropout_p)
+    return sdpa_attention(q, k, v, spec, scale, dropout_p)
+
+
+_BACKENDS["auto"] = auto_attention
+
+
 def resolve_backend(name: str) -> str:
-    if name == "auto":
-        return "sdpa"
     if name not in _BACKENDS:
         raise ValueError(f"attention backend '{name}' is not available on this machine; "
                          f"available: {available_backends()}. Set model.attention_backend to one of them.")
@@ -134,3 +144,12 @@ def attention(q, k, v, spec: AttentionSpec, *, backend: str = "sdpa", dropout_p:
     """softmax(q k^T * scale + mask(spec)) v with the chosen kernel; shapes [B, H, T, D]."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _BACKENDS[backend](q, k, v, spec, scale, dropout_p)
+
+
+def _register_optional_backends() -> None:
+    from .kernels import register_optional_backends
+
+    register_optional_backends()
+
+
+_register_optional_backends()
