@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Attention backends: forward+backward time of one attention call, as a ratio to the
+"""Attention backends: forward(+backward) time of one attention call, as a ratio to the
 ``eager`` reference measured in the same run (absolute seconds on shared machines are noise).
 
-    python benchmarks/bench_attention.py [--seq 512] [--heads 8] [--head-dim 64] [--batch 4]
+    python benchmarks/bench_attention.py [--seq 512] [--heads 8] [--head-dim 64] [--batch 4] [--forward-only]
 """
 import argparse
 import os
@@ -17,10 +17,16 @@ import torch  # noqa: E402
 from megaponder.models.attention import AttentionSpec, attention, available_backends  # noqa: E402
 
 
+BACKWARD = True
+
+
 def time_once(backend, q, k, v, spec):
-    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    qq, kk, vv = (t.detach().requires_grad_(BACKWARD) for t in (q, k, v))
     start = time.perf_counter()
-    attention(qq, kk, vv, spec, backend=backend).sum().backward()
+    with torch.set_grad_enabled(BACKWARD):
+        out = attention(qq, kk, vv, spec, backend=backend)
+        if BACKWARD:
+            out.sum().backward()
     return time.perf_counter() - start
 
 
@@ -44,7 +50,11 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--forward-only", action="store_true",
+                   help="time the forward pass only (FlexAttention has no CPU backward)")
     args = p.parse_args()
+    global BACKWARD
+    BACKWARD = not args.forward_only
     torch.manual_seed(0)
     shape = (args.batch, args.heads, args.seq, args.head_dim)
     q, k, v = (torch.randn(shape) for _ in range(3))
@@ -52,7 +62,7 @@ def main():
     seg = (torch.arange(args.seq) >= args.seq // 2).long().expand(args.batch, -1)
     cases = {"causal": AttentionSpec(), "causal+documents": AttentionSpec(segment_ids=seg),
              "causal+key_bias": AttentionSpec(key_bias=bias)}
-    print(f"attention fwd+bwd, B={args.batch} H={args.heads} T={args.seq} D={args.head_dim}, "
+    print(f"attention {'fwd' if args.forward_only else 'fwd+bwd'}, B={args.batch} H={args.heads} T={args.seq} D={args.head_dim}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"| mask | backend | time vs eager |\n|---|---|---|")
     for name, spec in cases.items():

@@ -4,7 +4,8 @@ dependencies import.
 * ``flex`` — torch FlexAttention, compiled. Expresses every AttentionSpec (causal by index,
   documents, padding as a ``mask_mod``; the PonderLM-3 key bias as a ``score_mod``) with
   block sparsity, so fully masked blocks (other documents, the future) cost nothing. Runs on
-  CPU too, which is how the suite checks it against ``eager``.
+  CPU too (forward only: torch has no FlexAttention backward on CPU, so CPU training steps
+  use ``sdpa``), which is how the suite checks it against ``eager``.
 * ``flash`` — flash-attn (GPU only, ``pip install 'megaponder[gpu]'``). Covers plain causal
   attention, including queries aligned to the end of a longer KV cache; other specs fall back
   to ``sdpa``. Not verified on a GPU in this repository's CI.
@@ -39,8 +40,20 @@ def _flex_kernel():
     return _compiled_flex
 
 
+_warned_flex_cpu_grad = False
+
+
 def flex_attention_backend(q, k, v, spec: AttentionSpec, scale: float, dropout_p: float = 0.0):
     from torch.nn.attention.flex_attention import create_block_mask
+
+    global _warned_flex_cpu_grad
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        # torch 2.13 has no FlexAttention backward on CPU: train with sdpa there.
+        if not _warned_flex_cpu_grad:
+            warnings.warn("flex backend: FlexAttention has no backward on CPU; using sdpa for "
+                          "training steps on CPU (inference still uses flex)")
+            _warned_flex_cpu_grad = True
+        return sdpa_attention(q, k, v, spec, scale, dropout_p)
 
     if dropout_p > 0.0:
         raise ValueError("the flex backend has no attention dropout; set model.attention_dropout=0 "
