@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import Config, validate
+from ..data.schedule import global_batch_size
 from ..models import build_model
 from . import checkpoint as ckpt
 from .distributed import init_distributed
@@ -79,16 +80,17 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum_steps * self.dp_size
+        return global_batch_size(t.micro_batch_size, self.dp_size, t.grad_accum_steps)
 
     def _build_data(self) -> None:
         from ..data import build_data_iterator, build_train_valid_datasets
+        from ..data.schedule import run_num_samples
 
         t = self.cfg.train
-        n_evals = (t.steps // t.eval_every if t.eval_every else 0) + 1
-        self.train_ds, self.valid_ds = build_train_valid_datasets(
-            self.cfg.data, t.seed, num_train_samples=t.steps * self.global_batch,
-            num_valid_samples=t.eval_batches * t.micro_batch_size * self.dp_size * n_evals)
+        # The sample order depends on the number of samples asked for; run_num_samples is the
+        # one definition shared with tools/inspect_dataset.py and build_index_cache.py.
+        num_train, num_valid = run_num_samples(self.cfg, self.dp_size)
+        self.train_ds, self.valid_ds = build_train_valid_datasets(self.cfg.data, t.seed, num_train, num_valid)
         self.train_iter = build_data_iterator(self.train_ds, t.micro_batch_size, self.dp_rank,
                                               self.dp_size, self.consumed_samples)
 
@@ -98,6 +100,7 @@ class Trainer:
         if self.valid_ds is None or len(self.valid_ds) == 0:
             return []
         t = self.cfg.train
+        # The same validation batches at every evaluation, so the curve compares like with like.
         it = build_data_iterator(self.valid_ds, t.micro_batch_size, self.dp_rank, self.dp_size, 0)
         n = min(t.eval_batches, max(1, len(self.valid_ds) // (t.micro_batch_size * self.dp_size)))
         return [next(it) for _ in range(n)]
