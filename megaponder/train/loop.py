@@ -92,7 +92,8 @@ class Trainer:
         num_train, num_valid = run_num_samples(self.cfg, self.dp_size)
         self.train_ds, self.valid_ds = build_train_valid_datasets(self.cfg.data, t.seed, num_train, num_valid)
         self.train_iter = build_data_iterator(self.train_ds, t.micro_batch_size, self.dp_rank,
-                                              self.dp_size, self.consumed_samples)
+                                              self.dp_size, self.consumed_samples,
+                                              num_workers=self.cfg.data.num_workers)
 
     def _valid_batches(self):
         from ..data import build_data_iterator
