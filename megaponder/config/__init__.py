@@ -148,6 +148,23 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
              f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only. Set parallel.zero_stage=1.")
     need(not par.sequence_parallel or par.tp > 1,
          "parallel.sequence_parallel=true needs parallel.tp > 1.")
+    if par.sequence_parallel and par.tp > 1:
+        need(d.seq_length % par.tp == 0,
+             f"parallel.sequence_parallel splits the sequence over tp={par.tp} ranks, but "
+             f"data.seq_length={d.seq_length} is not a multiple of it; change one of them.")
+        need(m.family in ("vanilla", "ponderlm", "loop"),
+             f"parallel.sequence_parallel is supported for vanilla/ponderlm/loop, not "
+             f"model.family={m.family} (its gates/masks mix positions); set it to false.")
+    if par.tp > 1:
+        need(p.top_k == 0, f"ponder.top_k={p.top_k} is not supported with parallel.tp>1 "
+             f"(the vocab-parallel pondering embedding uses the full softmax); set it to 0.")
+    if par.pp > 1 and m.family == "adaponderlm":
+        need(not p.kv_reuse_grad,
+             "parallel.pp>1 with adaponderlm keeps reused K/V on the owning stage without a "
+             "gradient edge between iterations; set ponder.kv_reuse_grad=false (the "
+             "single-process model then computes the same thing).")
+    need(t.precision != "fp16", "train.precision=fp16 is not supported (DeepSpeed refuses it "
+         "on CPU); use bf16 or fp32.")
     if world_size is not None:
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "

@@ -1,0 +1,199 @@
+"""DeepSpeed for every parallel layout, and one ``train_step`` per optimizer step.
+
+    topo = topology_from_config(cfg)                     # or init_distributed(tp, pp, ...)
+    model = parallelize(build_model(cfg), cfg, topo)
+    engine = build_engine(model, cfg, topo, lr_lambda=lambda step: ...)
+    for step in range(cfg.train.steps):
+        stats = engine.train_step(batch)                  # batch: this DP rank's sequences
+    engine.save(ckpt_dir)                                 # <ckpt>/model.pt + <ckpt>/deepspeed/
+
+The DeepSpeed JSON is derived from the Config (:func:`deepspeed_config`); gradient clipping is
+always explicit (DeepSpeed's default is 1.0). The same path serves tp, pp, dp and their
+products: the module handed to ``deepspeed.initialize`` holds this rank's parameters
+(pipeline stages live inside it, see pipeline.py), the ``mpu`` gives DeepSpeed the data
+parallel group for gradient averaging and the model-parallel group for the gradient norm.
+ZeRO 2/3 with pp>1 is refused at config time (megaponder.config.validate).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from .parallelize import gather_full_state_dict
+from .state import Topology
+
+Batch = dict
+
+
+def deepspeed_config(cfg, topo: Topology) -> dict:
+    t, o, p = cfg.train, cfg.optim, cfg.parallel
+    if t.precision == "fp16":
+        raise ValueError("fp16 is not supported (DeepSpeed refuses it on CPU); use bf16 or fp32.")
+    if p.zero_stage > 1 and topo.pp > 1:
+        raise ValueError(f"parallel.zero_stage={p.zero_stage} cannot be combined with pp={topo.pp}; "
+                         f"set parallel.zero_stage to 0 or 1.")
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * topo.dp,
+        "gradient_clipping": float(o.grad_clip),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+    }
+    if t.precision == "bf16":
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """GPT-NeoX's split: no weight decay on biases and LayerNorm parameters."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def split_micro_batches(batch: Union[Batch, list], n: int) -> list[Batch]:
+    if isinstance(batch, (list, tuple)):
+        if len(batch) != n:
+            raise ValueError(f"train_step got {len(batch)} micro-batches, expected "
+                             f"train.grad_accum_steps={n}")
+        return list(batch)
+    out: list[dict] = [dict() for _ in range(n)]
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            if value.shape[0] % n:
+                raise ValueError(f"batch['{key}'] has {value.shape[0]} rows, not a multiple of "
+                                 f"grad_accum_steps={n}")
+            for i, chunk in enumerate(value.chunk(n, dim=0)):
+                out[i][key] = chunk
+        else:
+            for d in out:
+                d[key] = value
+    return out
+
+
+class ParallelEngine:
+    """A DeepSpeed engine plus the topology; ``train_step`` is one optimizer step."""
+
+    def __init__(self, ds_engine, model, cfg, topo: Topology):
+        self.engine, self.model, self.cfg, self.topo = ds_engine, model, cfg, topo
+        self.step_count = 0
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def train_step(self, batch: Union[Batch, list]) -> dict:
+        """Forward/backward over ``train.grad_accum_steps`` micro-batches of this DP rank's
+        data (a dict of [grad_accum*micro, T] tensors, split along rows, or a list of
+        micro-batch dicts), then one optimizer step. Keys are passed to the model
+        (``input_ids``, ``targets``, optional ``position_ids``/``attention_mask``/
+        ``segment_ids``). Returns floats averaged over micro-batches and DP ranks:
+        ``loss``, ``lm_loss``, every numeric entry of ``ModelOutput.stats``, plus
+        ``grad_norm`` and ``lr``."""
+        gas = self.cfg.train.grad_accum_steps
+        micro = split_micro_batches(batch, gas)
+        if hasattr(self.module, "set_step"):
+            self.module.set_step(self.step_count)
+        self.engine.train()
+        sums: dict[str, float] = {}
+        norm = None
+        for i, mb in enumerate(micro):
+            out = self.engine(**mb)
+            self.engine.backward(out.loss)
+            if i == gas - 1 and self.engine.zero_optimization_stage() == 0:
+                norm = self._plain_grad_norm()  # ZeRO-0 does not record the norm it clips with
+            self.engine.step()
+            vals = {"loss": out.loss.detach().float(), "lm_loss": out.lm_loss.detach().float()
+                    if out.lm_loss is not None else out.loss.detach().float()}
+            for k, v in (out.stats or {}).items():
+                if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+                    vals[k] = torch.as_tensor(v, dtype=torch.float32).detach()
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / gas
+        self.step_count += 1
+        stats = self._dp_mean(sums)
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        stats["grad_norm"] = float(norm) if norm is not None else float("nan")
+        stats["lr"] = float(self.engine.get_lr()[0])
+        return stats
+
+    def _plain_grad_norm(self) -> float:
+        from deepspeed.runtime.utils import clip_grad_norm_
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return float("nan")
+        return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=self.topo.mpu()
+                                     if dist.is_initialized() else None))
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch) -> dict:
+        self.engine.eval()
+        out = self.engine(**batch)
+        vals = {"loss": float(out.loss), "lm_loss": float(out.lm_loss if out.lm_loss is not None else out.loss)}
+        return self._dp_mean(vals)
+
+    def _dp_mean(self, vals: dict) -> dict:
+        if self.topo.dp == 1 or not vals:
+            return dict(vals)
+        keys = sorted(vals)
+        t = torch.tensor([vals[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t, group=self.topo.dp_group)
+        return {k: float(v) / self.topo.dp for k, v in zip(keys, t)}
+
+    # -- checkpoints ------------------------------------------------------------------
+    def full_state_dict(self) -> Optional[dict]:
+        """Consolidated single-device weights on global rank 0 (None elsewhere); collective."""
+        return gather_full_state_dict(self.module, self.topo)
+
+    def save(self, ckpt_dir: str, client_state: Optional[dict] = None) -> None:
+        """``<ckpt_dir>/model.pt`` (full weights, rank 0) and ``<ckpt_dir>/deepspeed/``
+        (engine, optimizer and ZeRO state of every rank, for resume). Collective."""
+        full = self.full_state_dict()
+        if self.topo.rank == 0:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            tmp = os.path.join(ckpt_dir, "model.pt.tmp")
+            torch.save(full, tmp)
+            os.replace(tmp, os.path.join(ckpt_dir, "model.pt"))
+        state = dict(client_state or {})
+        state["megaponder_step"] = self.step_count
+        self.engine.save_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="state",
+                                    client_state=state)
+
+    def load(self, ckpt_dir: str) -> dict:
+        """Resume from :meth:`save` (same layout: tp, pp, dp, ZeRO stage). Returns the
+        client state."""
+        _, client = self.engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="state")
+        client = client or {}
+        self.step_count = int(client.get("megaponder_step", self.step_count))
+        return client
+
+
+def build_engine(model: torch.nn.Module, cfg, topo: Topology,
+                 lr_lambda: Optional[Callable[[int], float]] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> ParallelEngine:
+    """``deepspeed.initialize`` on a parallelized model: torch AdamW (GPT-NeoX decay split;
+    no JIT op to build), ``LambdaLR(lr_lambda)`` if given, DS config from the Config."""
+    import deepspeed
+
+    o = cfg.optim
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
+                                      betas=(o.beta1, o.beta2), eps=o.eps)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+                 if lr_lambda is not None else None)
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, topo), mpu=topo.mpu() if dist.is_initialized() else None)
+    return ParallelEngine(ds_engine, model, cfg, topo)

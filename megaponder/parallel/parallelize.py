@@ -1,0 +1,242 @@
+"""Turn a single-device model from megaponder.models into its tensor/pipeline-parallel form,
+and move state dicts between the two.
+
+    topo = init_distributed(tp=2, pp=2)
+    model = build_model(cfg)                  # same seed on every rank -> same full weights
+    model = parallelize(model, cfg, topo)     # in place: shards TP, drops other stages' layers
+    ...
+    full = gather_full_state_dict(model, topo)   # on global rank 0; None elsewhere
+    load_full_state_dict(model, full_state, topo)  # every rank; the inverse
+
+The model code knows nothing about ranks. What changes:
+  * TP: ``attn.qkv`` and ``mlp.fc1`` become column-parallel (the per-head [q|k|v] row layout
+    makes each rank's heads one contiguous row block), ``attn.out`` and ``mlp.fc2``
+    row-parallel, ``embed_in`` a vocab-parallel embedding, ``embed_out`` a column-parallel
+    head whose logits stay split over the vocabulary. The model's ``lm_loss`` and
+    ``ponder_embedding`` hooks become the vocab-parallel versions (tensor.py), so
+    ``ModelOutput.logits`` holds this rank's vocabulary slice (``gather_logits`` for all).
+  * SP (``parallel.sequence_parallel``): LayerNorm/dropout regions work on a 1/tp slice of
+    the sequence; replicated parameters there get a TP gradient all-reduce hook.
+  * PP: ``model.stack`` becomes a :class:`~megaponder.parallel.pipeline.PipelinedStack`.
+Every parameter is then tagged so that DeepSpeed's gradient-norm computation (clipping)
+counts each unique element exactly once (:func:`mark_norm_ownership`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..models.base import CausalLM, IGNORE_INDEX, ModelOutput, default_position_ids
+from .pipeline import PipelinedStack
+from .state import Topology
+from .tensor import (ColumnParallelLinear, gather_seq, RowParallelLinear, VocabParallelEmbedding,
+                     register_sequence_parallel_grad_sync, vocab_parallel_cross_entropy,
+                     vocab_parallel_ponder_embedding)
+
+#: families whose forward only does token-wise work outside the stack, so the residual
+#: stream may be split along the sequence (sequence parallelism).
+SEQUENCE_PARALLEL_FAMILIES = ("vanilla", "ponderlm", "loop")
+
+
+# --------------------------------------------------------------------------- family hooks
+class TensorParallelHooks:
+    """Mixed into the model's class: vocab-sized ops over a vocabulary split across TP."""
+
+    _tp_group = None
+    _tp_sequence_parallel = False
+
+    def lm_loss(self, logits, targets):
+        return vocab_parallel_cross_entropy(logits, targets, self._tp_group, IGNORE_INDEX)
+
+    def ponder_embedding(self, logits):
+        return vocab_parallel_ponder_embedding(logits, self.embed_in.weight, self._tp_group,
+                                               self._tp_sequence_parallel)
+
+
+def _vanilla_forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
+                     segment_ids=None) -> ModelOutput:
+    """CausalLM.forward with the loss routed through ``self.lm_loss`` (vocab-parallel)."""
+    if position_ids is None:
+        position_ids = default_position_ids(input_ids)
+    hidden, _ = self.stack(self.embed(input_ids), position_ids,
+                           self.attention_spec(attention_mask, segment_ids))
+    logits = self.head(hidden)
+    if targets is None:
+        return ModelOutput(logits=logits)
+    lm_loss = self.lm_loss(logits, targets)
+    return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss,
+                       stats={"mean_iters": 1.0, "flops_ratio": 1.0})
+
+
+def _with_hooks(model: nn.Module, topo: Topology) -> None:
+    cls = type(model)
+    attrs = {"_tp_group": topo.tp_group, "_tp_sequence_parallel": topo.sequence_parallel}
+    if cls.forward is CausalLM.forward:
+        attrs["forward"] = _vanilla_forward
+    model.__class__ = type(f"TensorParallel{cls.__name__}", (TensorParallelHooks, cls), attrs)
+
+
+# --------------------------------------------------------------------------- parallelize
+def _layers(stack) -> list:
+    layers = stack.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def _gathering_forward(inner, group):
+    def forward(x, *args, **kwargs):
+        return inner(gather_seq(x, group), *args, **kwargs)
+    return forward
+
+
+def _apply_tp(model: nn.Module, topo: Topology) -> None:
+    g, sp = topo.tp_group, topo.sequence_parallel
+    for layer in _layers(model.stack):
+        attn, mlp = layer.attn, layer.mlp
+        if attn.num_heads % topo.tp:
+            raise ValueError(f"tp={topo.tp} does not divide num_heads={attn.num_heads}")
+        attn.qkv = ColumnParallelLinear(attn.qkv, g, sp, input_is_gathered=sp)
+        if sp:  # NeoXAttention reads the sequence length from its input: gather it first
+            attn.forward = _gathering_forward(attn.forward, g)
+        attn.out = RowParallelLinear(attn.out, g, sp)
+        attn.num_heads //= topo.tp
+        mlp.fc1 = ColumnParallelLinear(mlp.fc1, g, sp)
+        mlp.fc2 = RowParallelLinear(mlp.fc2, g, sp)
+    tied = model.embed_out.weight is model.embed_in.weight
+    model.embed_in = VocabParallelEmbedding(model.embed_in, g, sp)
+    model.embed_out = ColumnParallelLinear(model.embed_out, g, sp)
+    if tied:
+        model.embed_out.weight = model.embed_in.weight
+    _with_hooks(model, topo)
+    if sp:
+        replicated = [p for p in model.parameters() if not getattr(p, "tp_sharded", False)]
+        model._sp_hooks = register_sequence_parallel_grad_sync(replicated, g)
+
+
+def mark_norm_ownership(model: nn.Module, topo: Topology) -> None:
+    """Tag parameters for DeepSpeed's model-parallel gradient norm.
+
+    DeepSpeed sums squared gradient norms over the data-parallel and model-parallel (tp x pp)
+    groups and counts a parameter on a rank if ``tensor_model_parallel``/``model_parallel``
+    is set, or if the rank is model-parallel rank 0; ZeRO-1/2 skip ``ds_pipe_replicated``
+    ones. We set the flags so that exactly one copy of every gradient element is counted:
+    a TP-replicated parameter on TP rank 0 only, a pipeline-replicated one (embedding, head,
+    family extras) on pipeline rank 0 only."""
+    pp_local = {id(p) for p in model.stack.parameters()} if topo.pp > 1 else None
+    for p in model.parameters():
+        sharded = getattr(p, "tp_sharded", False)
+        local = pp_local is None or id(p) in pp_local
+        count_here = (sharded or topo.tp_rank == 0) and (local or topo.pp_rank == 0)
+        p.tensor_model_parallel = count_here
+        p.model_parallel = count_here
+        p.ds_pipe_replicated = (not local) and topo.pp_rank != 0
+
+
+def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
+    """In place: the tp/pp form of a single-device model built with identical weights on
+    every rank (same seed). Returns the model (whose class gains the TP hooks)."""
+    if topo.tp * topo.pp > 1 and getattr(model, "_mp_full_shapes", None) is not None:
+        raise RuntimeError("model is already parallelized")
+    model._mp_full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if topo.pp > 1:
+        model.stack = PipelinedStack(model.stack, topo)
+    if topo.tp > 1:
+        _apply_tp(model, topo)
+    if getattr(cfg.parallel, "activation_checkpointing", False):
+        apply_activation_checkpointing(model)
+    mark_norm_ownership(model, topo)
+    model._mp_topology = topo
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer in backward (non-reentrant torch checkpoint). The TP collectives
+    inside a layer run again in the recompute, identically on every TP rank."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in _layers(model.stack):
+        if getattr(layer, "_ckpt", False):
+            continue
+        inner = layer.forward
+
+        def wrapped(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = wrapped
+        layer._ckpt = True
+
+
+# --------------------------------------------------------------------------- state dicts
+def _local_params(model: nn.Module) -> dict:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return named
+
+
+def _zero3_gather(model: nn.Module):
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        import contextlib
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def gather_full_state_dict(model: nn.Module, topo: Optional[Topology] = None) -> Optional[dict]:
+    """The single-device state dict (same names, shapes and order as the unparallelized
+    model), on global rank 0; ``None`` on other ranks. Collective: call on every rank.
+    TP shards are all-gathered over the TP group, ZeRO-3 partitions over the DP group, and
+    pipeline stages are sent to rank 0."""
+    topo = topo or model._mp_topology
+    named = _local_params(model)
+    local: dict = {}
+    with _zero3_gather(model):
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            p = named.get(name, tensor)
+            t = tensor.detach()
+            dim = getattr(p, "partition_dim", None)
+            if getattr(p, "tp_sharded", False) and topo.tp > 1:
+                parts = [torch.empty_like(t) for _ in range(topo.tp)]
+                dist.all_gather(parts, t.contiguous(), group=topo.tp_group)
+                t = torch.cat(parts, dim=dim)
+            local[name] = t.cpu().clone()
+    if topo.tp_rank != 0 or topo.dp_rank != 0:
+        return None
+    if topo.pp > 1:
+        gathered = [None] * topo.pp if topo.pp_rank == 0 else None
+        dist.gather_object(local, gathered, dst=topo.pp_ranks[0], group=topo.pp_group)
+        if topo.pp_rank != 0:
+            return None
+        for part in gathered[1:]:
+            for k, v in part.items():
+                local.setdefault(k, v)
+    order = list(getattr(model, "_mp_full_shapes", local).keys())
+    missing = [k for k in order if k not in local]
+    if missing:
+        raise RuntimeError(f"gather_full_state_dict: no rank holds {missing[:5]}")
+    return {k: local[k] for k in order}
+
+
+def shard_state_dict(full_state: dict, model: nn.Module, topo: Optional[Topology] = None) -> dict:
+    """This rank's part of a full (single-device) state dict, keyed like ``model.state_dict()``."""
+    topo = topo or model._mp_topology
+    named = _local_params(model)
+    out = {}
+    for name in model.state_dict().keys():
+        if name not in full_state:
+            raise KeyError(f"shard_state_dict: '{name}' missing from the full state dict")
+        t = full_state[name]
+        p = named.get(name)
+        if p is not None and getattr(p, "tp_sharded", False) and topo.tp > 1:
+            t = t.chunk(topo.tp, dim=p.partition_dim)[topo.tp_rank]
+        out[name] = t.clone()
+    return out
+
+
+def load_full_state_dict(model: nn.Module, full_state: dict, topo: Optional[Topology] = None) -> None:
+    """Load a full state dict into a parallelized model (before ``build_engine``; with
+    ZeRO-3 after it, call inside ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``)."""
+    model.load_state_dict(shard_state_dict(full_state, model, topo), strict=True)

@@ -1,0 +1,153 @@
+"""Checks run inside the gloo process groups of tests/test_parallel_dist.py.
+
+Each check builds the single-device model with one seed (identical on every rank), keeps an
+untouched copy as the reference, parallelizes the other and compares. Results are plain
+floats so the parent test process makes the assertions (and prints useful numbers).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+
+def tiny_config(tp=1, pp=1, zero=0, sp=False, family="vanilla"):
+    from megaponder.config import Config, ModelConfig
+    cfg = Config()
+    # rotary_pct=1: with partial rotary the non-rotary part of the key bias has an exactly
+    # zero gradient (softmax shift invariance) whose rounding noise Adam turns into +-lr
+    # steps that differ between any two summation orders; full rotary removes that artefact.
+    cfg.model = ModelConfig(family=family, vocab_size=200, make_vocab_size_divisible_by=8,
+                            hidden_size=32, num_layers=2, num_heads=4,
+                            max_position_embeddings=64, rotary_pct=1.0)
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = tp, pp, zero
+    cfg.parallel.sequence_parallel = sp
+    cfg.train.micro_batch_size, cfg.train.grad_accum_steps = 2, 2
+    cfg.optim.lr, cfg.optim.grad_clip = 1e-2, 0.5   # clip active: tests the distributed norm
+    return cfg
+
+
+def _gather_tp(t, p, topo):
+    if getattr(p, "tp_sharded", False) and topo.tp > 1:
+        parts = [torch.empty_like(t) for _ in range(topo.tp)]
+        dist.all_gather(parts, t.contiguous(), group=topo.tp_group)
+        return torch.cat(parts, p.partition_dim)
+    return t
+
+
+def forward_backward_parity(topo, sp=False):
+    """One forward/backward in float64: logits, loss and every gradient vs single device,
+    plus the vocab-parallel CE and pondering embedding on their own."""
+    from megaponder.models import build_model
+    from megaponder.models.base import lm_cross_entropy
+    from megaponder.parallel.parallelize import gather_full_state_dict, parallelize
+    from megaponder.parallel.tensor import (gather_logits, vocab_parallel_cross_entropy,
+                                            vocab_parallel_ponder_embedding)
+    cfg = tiny_config(topo.tp, topo.pp, sp=sp)
+    torch.manual_seed(0)
+    ref = build_model(cfg).double()
+    model = parallelize(copy.deepcopy(ref), cfg, topo)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 200, (2, 8), generator=g)
+    tgt = torch.randint(0, 200, (2, 8), generator=g)
+    tgt[0, :3] = -100
+    out, r = model(ids, targets=tgt), ref(ids, targets=tgt)
+    out.loss.backward()
+    r.loss.backward()
+    res = {"loss_rel": abs(out.loss.item() - r.loss.item()) / r.loss.item()}
+    logits = gather_logits(out.logits, topo.tp_group)
+    res["logits_abs"] = (logits - r.logits).abs().max().item()
+    ref_p = dict(ref.named_parameters())
+    res["grad_rel"] = max(
+        ((_gather_tp(p.grad, p, topo) - ref_p[n].grad).abs().max()
+         / ref_p[n].grad.abs().max().clamp(min=1e-30)).item()
+        for n, p in model.named_parameters())
+    # vocab-parallel primitives on random data
+    x = torch.randn(3, 5, 200, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(200, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 200, (3, 5), generator=g)
+    n, k = topo.tp, topo.tp_rank
+    xl = x.detach().chunk(n, -1)[k].clone().requires_grad_()
+    wl = w.detach().chunk(n, 0)[k].clone().requires_grad_()
+    ce = vocab_parallel_cross_entropy(xl, t, topo.tp_group)
+    pe = vocab_parallel_ponder_embedding(xl, wl, topo.tp_group)
+    (ce + pe.square().sum()).backward()
+    ce_ref = lm_cross_entropy(x, t)
+    pe_ref = torch.softmax(x, -1) @ w
+    (ce_ref + pe_ref.square().sum()).backward()
+    res["ce_rel"] = abs(ce.item() - ce_ref.item()) / ce_ref.item()
+    res["pe_abs"] = (pe - pe_ref).abs().max().item()
+    res["pe_grad_abs"] = max((xl.grad - x.grad.chunk(n, -1)[k]).abs().max().item(),
+                             (wl.grad - w.grad.chunk(n, 0)[k]).abs().max().item())
+    full = gather_full_state_dict(model, topo)
+    if full is not None:
+        sd = ref.state_dict()
+        res["state_keys_equal"] = list(full) == list(sd)
+        res["state_abs"] = max((full[k2] - sd[k2]).abs().max().item() for k2 in sd)
+    return res
+
+
+def training_parity(topo, zero, sp=False, steps=5):
+    """``steps`` DeepSpeed optimizer steps of the parallel model vs plain torch AdamW +
+    clip_grad_norm_ on the single-device model, same data (dp shards of a global batch)."""
+    from megaponder.models import build_model
+    from megaponder.parallel.engine import build_engine, param_groups
+    from megaponder.parallel.parallelize import gather_full_state_dict, load_full_state_dict, parallelize
+    cfg = tiny_config(topo.tp, topo.pp, zero, sp)
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    model = parallelize(copy.deepcopy(ref), cfg, topo)
+    engine = build_engine(model, cfg, topo)
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(ref, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    g = torch.Generator().manual_seed(1)
+    mb, gas, dp = cfg.train.micro_batch_size, cfg.train.grad_accum_steps, topo.dp
+    rows = mb * gas
+    losses, ref_losses, norms = [], [], []
+    for _ in range(steps):
+        ids = torch.randint(0, 200, (dp * rows, 8), generator=g)
+        tgt = torch.randint(0, 200, (dp * rows, 8), generator=g)
+        mine = slice(topo.dp_rank * rows, (topo.dp_rank + 1) * rows)
+        stats = engine.train_step({"input_ids": ids[mine], "targets": tgt[mine]})
+        losses.append(stats["loss"])
+        opt.zero_grad()
+        total = 0.0
+        for start in range(0, dp * rows, mb):
+            loss = ref(ids[start:start + mb], targets=tgt[start:start + mb]).loss / (gas * dp)
+            loss.backward()
+            total += loss.item()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip).item()
+        opt.step()
+        ref_losses.append(total)
+        norms.append((stats["grad_norm"], ref_norm))
+    res = {"losses": losses, "ref_losses": ref_losses, "norms": norms}
+    full = gather_full_state_dict(engine.module, topo)
+    if full is not None:
+        sd = ref.state_dict()
+        diff = sum((full[k] - sd[k]).double().square().sum() for k in sd).sqrt()
+        res["weights_rel_l2"] = (diff / sum(sd[k].double().square().sum() for k in sd).sqrt()).item()
+        res["weights_max_abs"] = max((full[k] - sd[k]).abs().max().item() for k in sd)
+    # round trip: shard the reference weights back in and gather them again
+    if zero < 3:
+        load_full_state_dict(engine.module, ref.state_dict(), topo)
+        again = gather_full_state_dict(engine.module, topo)
+        if again is not None:
+            res["roundtrip_abs"] = max((again[k] - v).abs().max().item()
+                                       for k, v in ref.state_dict().items())
+    return res
+
+
+def run_checks(rank, world, plan):
+    """plan: list of (name, kind, tp, pp, zero, sp); returns {name: result}."""
+    from megaponder.parallel.state import build_topology, seed_everything
+    out = {}
+    for name, kind, tp, pp, zero, sp in plan:
+        topo = build_topology(tp, pp, sp)
+        seed_everything(1234, topo)
+        if kind == "fwd":
+            out[name] = forward_backward_parity(topo, sp)
+        else:
+            out[name] = training_parity(topo, zero, sp)
+        out[name]["topology"] = topo.describe()
+    return out
