@@ -1,53 +1,103 @@
 """``ponder:`` — settings of the pondering families and their baselines.
 
 Where the papers leave a choice open (shared/docs/papers.md marks them), the field's help says
-so and the default is the most likely reading.
+so and the default is the most likely reading. docs/families.md explains every family and
+which field belongs to which.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from .base import param
 
 
 @dataclass
 class PonderConfig:
-    # --- vertical recurrence: PonderLM / AdaPonderLM / loop and the halting baselines ---
-    steps: int = param(3, "Pondering steps K: the stack runs K+1 times (PonderLM default 3, "
-                       "i.e. 4 passes). For latent families: thoughts per token.")
-    scale_embeds: bool = param(True, "Multiply input embeddings by sqrt(d) (PonderLM official code).")
-    top_k: int = param(0, "Pondering embedding from the top-k probabilities only (0: full softmax).")
-    # --- AdaPonderLM gates and halting ---
+    # --- shared by every recurrent family -----------------------------------------------------
+    steps: int = param(3, "Pondering steps K. Vertical families (ponderlm, adaponderlm, loop, "
+                       "fixed_pruning, random_halting): the stack runs K+1 times (PonderLM/"
+                       "AdaPonderLM default 3, i.e. 4 iterations). Latent families (ponderlm2, "
+                       "ponderlm3): thoughts per token (K_max for ponderlm3).")
+    scale_embeds: bool = param(True, "Scale token embeddings: by sqrt(d) in the vertical pondering "
+                               "families (PonderLM code; the pondering embedding gets the same "
+                               "scale), by sqrt(thought_embed_scale*d) in ponderlm2/ponderlm3.")
+    multiply_steps: bool = param(False, "PonderLM 'mutiply_pondering_steps': multiply the first "
+                                 "input embedding by K (the official scripts turn it on from "
+                                 "410M up).")
+    top_k: int = param(0, "Pondering embedding from the softmax over the top-k logits only "
+                       "(0: full softmax; the paper's ablation finds top-100 equivalent).")
+    depth_scaled_init: bool = param(True, "Depth-aware init of the recurrent families: the "
+                                    "output projections (attn.out, mlp.fc2) get their init std "
+                                    "divided by sqrt(K+1), as the official code's "
+                                    "sigma/sqrt(2*L*(K+1)).")
+    sample_seed: int = param(0, "Seed of the model's own random draws (PonderLM-2 Jacobi count, "
+                             "random/fixed pruning); combined with the training step so a run "
+                             "is reproducible and resumes identically.")
+    # --- AdaPonderLM gates and halting --------------------------------------------------------
     gate_hidden_mult: int = param(4, "Gate MLP hidden width as a multiple of d (paper: '4h'; "
                                   "unconfirmed).")
-    gate_activation: Literal["gelu", "relu", "silu"] = param("gelu", "Gate MLP activation "
-                                                             "(not stated in the paper; GELU as NeoX).")
+    gate_activation: Literal["gelu", "relu", "silu"] = param("gelu", "Gate (and router) MLP "
+                                                             "activation (not stated; GELU as NeoX).")
     gate_bias_init: float = param(2.0, "Initial bias of the gate logit; positive starts gates "
-                                  "open (s≈0.88), an open question in the paper.")
-    tau: float = param(1e-4, "Halting threshold on the sigmoid gate (train and inference).")
+                                  "open (s=0.88), an open question in the paper.")
+    tau: float = param(1e-4, "Halting threshold: AdaPonderLM halts a token for good once its gate "
+                       "s < tau; PonderLM-3 prunes steps whose survival w < tau (train and "
+                       "inference).")
     halting_loss_weight: float = param(0.1, "lambda of the bottom-k gate loss.")
     halting_k_max: float = param(0.1, "Final fraction of smallest gates in the bottom-k loss.")
     halting_warmup_start: int = param(0, "Step S0 at which the bottom-k fraction starts to rise "
-                                      "(cross-entropy only before it).")
-    halting_warmup_end: int = param(0, "Step S1 at which the fraction reaches halting_k_max.")
+                                      "(cross-entropy only before it; not given in the paper).")
+    halting_warmup_end: int = param(0, "Step S1 at which the fraction reaches halting_k_max "
+                                    "(linear from S0; S1 = S0 switches it on at once).")
+    bottomk_pool: Literal["active", "all"] = param(
+        "active", "Which gate values enter the bottom-k pool: only those evaluated on still-"
+        "active tokens (a halted token's later gates cannot change anything) or all (open "
+        "question 4 of the paper). k is always the fraction of *all* gate slots, so shapes "
+        "stay static.")
     halted_readout: Literal["last_active", "final"] = param(
         "last_active", "Logits of a halted token: from the iteration where it halted "
-        "(last_active, consistent with skipping compute) or from the final pass.")
-    kv_reuse_grad: bool = param(True, "Let gradients flow through reused K/V of halted tokens.")
+        "(last_active, consistent with skipping compute) or from a final pass that recomputes "
+        "every token's query row on the reused K/V (final).")
+    kv_reuse_grad: bool = param(True, "Let gradients flow through the reused K/V of halted tokens "
+                                "(false detaches them; a pipeline-parallel run may need false).")
     freeze_backbone: bool = param(False, "Gate-only phase of continued pretraining: train only "
-                                  "the gate (or router) parameters.")
-    # --- latent thoughts: PonderLM-2 / PonderLM-3 ---
-    jacobi_passes: list[int] = param(None, "PonderLM-2 training: Jacobi passes J drawn uniformly "
-                                     "from this list each step.", factory=lambda: [2, 3, 4])
-    eval_jacobi_passes: int = param(4, "Jacobi passes used in evaluation.")
-    thought_embed_scale: float = param(2.5, "PonderLM-2 scales token embeddings by "
-                                       "sqrt(scale * d).")
-    router_hidden_mult: int = param(1, "PonderLM-3 router MLP width as a multiple of d.")
-    compute_penalty: float = param(0.01, "PonderLM-3 weight on the expected number of steps.")
-    # --- baselines ---
+                                  "the gate (or router) parameters; the trainer freezes the rest.")
+    # --- latent thoughts: PonderLM-2 / PonderLM-3 / pause -------------------------------------
+    jacobi_passes: list[int] = param(None, "PonderLM-2/3 training: Jacobi passes J drawn uniformly "
+                                     "from this list each step (code: randint(2,5)).",
+                                     factory=lambda: [2, 3, 4])
+    eval_jacobi_passes: int = param(3, "Jacobi passes outside training (code: "
+                                    "num_jacobi_iterations=3).")
+    buildup_passes: bool = param(True, "Run the K build-up passes of the official code (one "
+                                 "stage added per pass) before the Jacobi passes; false starts "
+                                 "every thought at zero.")
+    thought_embed_scale: float = param(2.5, "PonderLM-2/3 scale token embeddings by "
+                                       "sqrt(scale * d) when scale_embeds.")
+    router_hidden_mult: int = param(1, "PonderLM-3 router MLP width as a multiple of d "
+                                    "(architecture not given in the paper).")
+    router_bias_init: float = param(0.0, "PonderLM-3: initial bias of the router logit of the "
+                                    "K_max-steps outcome (0: uniform start over 0..K).")
+    compute_penalty: float = param(0.01, "PonderLM-3 weight of the compute penalty: the mean "
+                                   "expected number of extra steps sum_{k>=1} w_k (form and "
+                                   "weight not given in the paper).")
+    bias_own_steps: bool = param(True, "PonderLM-3: add log w of a latent key also for the "
+                                 "token's own later steps (true) or only for later tokens "
+                                 "(open question 3).")
+    train_hard_prune: bool = param(False, "PonderLM-3: in training too, mask keys with w < tau "
+                                   "exactly and drop their mixture weight (train = inference "
+                                   "for any router output); false keeps the paper's soft log-w "
+                                   "bias everywhere.")
+    renormalize_pruned: bool = param(False, "PonderLM-3 inference: renormalise the mixture "
+                                     "weights over the kept steps (open question 4).")
+    # --- baselines ----------------------------------------------------------------------------
     pause_tokens: int = param(3, "pause: number of pause tokens inserted after each token.")
     prune_schedule: Literal["uniform", "geometric"] = param(
-        "uniform", "fixed_pruning: how the kept fraction falls over iterations.")
-    target_flops_ratio: float = param(3.8, "fixed_pruning / random_halting: FLOPs ratio to match "
-                                      "(executed / one pass), e.g. a trained AdaPonderLM's.")
+        "uniform", "fixed_pruning: how the kept fraction falls over iterations (uniform: the "
+        "same number of tokens exits at every iteration; geometric: a constant fraction).")
+    target_flops_ratio: float = param(3.8, "fixed_pruning / random_halting: inference FLOPs "
+                                      "ratio to match (flops.py convention: executed / vanilla "
+                                      "single pass), e.g. a trained AdaPonderLM's flops_ratio.")
+    halting_rate: Optional[float] = param(None, "random_halting: per-iteration halting "
+                                          "probability; null derives it from "
+                                          "target_flops_ratio.")

@@ -111,15 +111,19 @@ class NeoXStack(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                spec: Optional[AttentionSpec] = None, kv_hook: Optional[KVHook] = None):
-        """Returns (final-norm hidden [B, T, d], per-layer (k, v) as attended)."""
+                spec: Optional[AttentionSpec] = None, kv_hook: Optional[KVHook] = None,
+                apply_final_norm: bool = True):
+        """Returns (final-norm hidden [B, T, d], per-layer (k, v) as attended).
+
+        ``apply_final_norm=False`` returns the pre-norm residual stream instead (the loop
+        baseline feeds it back into the stack; ``self.final_norm`` can be applied later)."""
         spec = spec or AttentionSpec()
         cos, sin = self.layers[0].attn.rotary.cos_sin(position_ids, inputs_embeds.dtype)
         x, kvs = inputs_embeds, []
         for layer in self.layers:
             x, kv = layer(x, cos, sin, spec, kv_hook)
             kvs.append(kv)
-        return self.final_norm(x), kvs
+        return (self.final_norm(x) if apply_final_norm else x), kvs
 
 
 def init_neox_weights(model: nn.Module, cfg: ModelConfig) -> None:

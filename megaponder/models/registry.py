@@ -10,6 +10,14 @@ _FAMILY_CLASSES: dict[str, type] = {}
 # blocks the others)
 _FAMILY_MODULES = {
     "vanilla": "megaponder.models.base",
+    "ponderlm": "megaponder.models.ponder",
+    "adaponderlm": "megaponder.models.ponder",
+    "ponderlm2": "megaponder.models.latent",
+    "ponderlm3": "megaponder.models.latent",
+    "loop": "megaponder.models.baselines",
+    "pause": "megaponder.models.baselines",
+    "fixed_pruning": "megaponder.models.baselines",
+    "random_halting": "megaponder.models.baselines",
 }
 
 

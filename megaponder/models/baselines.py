@@ -1,0 +1,149 @@
+"""Baselines for fair comparisons (docs/families.md "Baselines").
+
+* ``loop``: the stack repeated K+1 times on the (pre-final-norm) hidden state — a weight-shared
+  deeper model, the Loop Transformer of the papers' tables.
+* ``pause``: ``ponder.pause_tokens`` learned pause embeddings after every token, in the
+  PonderLM-2 interleaved layout (repeated position ids), one pass, read at the last pause.
+* ``fixed_pruning``: PonderLM with AdaPonderLM's halting machinery (monotonic mask, KV reuse,
+  halted readout) but a non-learned mask: iteration i keeps a fraction r_i of each sequence's
+  tokens, chosen at random (uniform: r falls linearly; geometric: r_i = q^i).
+* ``random_halting``: the same, every active token halting with probability p per iteration.
+Both pruning baselines calibrate their schedule to ``ponder.target_flops_ratio`` (the
+``flops_ratio`` a trained AdaPonderLM logs) through megaponder/models/flops.py, so iso-FLOPs
+comparisons need one number.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig, PonderConfig
+from .base import ModelOutput, default_position_ids
+from .latent import LatentLM
+from .ponder import PonderLM, valid_token_mask
+from .registry import register_family
+
+
+@register_family("loop")
+class LoopLM(PonderLM):
+    """Weight-shared depth: x <- layers(x), K+1 times, then the final norm and head."""
+
+    def input_embeddings(self, input_ids):
+        return self.embed(input_ids)
+
+    def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
+                segment_ids=None) -> ModelOutput:
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        spec = self.attention_spec(attention_mask, segment_ids)
+        x = self.input_embeddings(input_ids)
+        for _ in range(self.num_passes):
+            x, _ = self.stack(x, position_ids, spec, apply_final_norm=False)
+        logits = self.head(self.stack.final_norm(x))
+        from .flops import flops_ratio_from_activity
+        t = input_ids.shape[1]
+        stats = {"mean_iters": float(self.num_passes),
+                 "flops_ratio": float(flops_ratio_from_activity(self, torch.ones(self.num_passes, t)))}
+        if targets is None:
+            return ModelOutput(logits=logits, stats=stats)
+        lm_loss = self.lm_loss(logits, targets)
+        return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss, stats=stats)
+
+
+class _PlannedHalting(PonderLM):
+    """Vertical halting with a mask decided up front from per-token random priorities."""
+
+    adaptive = True
+
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
+        super().__init__(cfg, ponder)
+        self._keep: Optional[list[float]] = None
+
+    def keep_fractions(self) -> list[float]:
+        """Expected kept fraction per iteration, r_0 = 1."""
+        raise NotImplementedError
+
+    def priorities(self, batch: int, seq: int, device) -> torch.Tensor:
+        return torch.rand(batch, seq, generator=self.sample_generator(salt=2)).to(device)
+
+    def threshold_plan(self, u: torch.Tensor) -> torch.Tensor:
+        """Causal rule (also used by the decoder): active at i iff u < r_i."""
+        r = torch.tensor(self.keep_fractions(), device=u.device, dtype=u.dtype)
+        return u.unsqueeze(0) < r.view(-1, *([1] * u.dim()))
+
+    def halting_plan(self, batch, seq, device, valid):
+        return self.threshold_plan(self.priorities(batch, seq, device))
+
+
+@register_family("fixed_pruning")
+class FixedPruningLM(_PlannedHalting):
+    """Exactly round(r_i * n) randomly chosen tokens of each sequence stay active at iteration
+    i (the decoder, which cannot see the future, uses the expected-rate rule u < r_i)."""
+
+    def keep_fractions(self) -> list[float]:
+        if self._keep is None:
+            from .flops import schedule_for_ratio
+            p = self.ponder_cfg
+            self._keep = schedule_for_ratio(self, p.target_flops_ratio, p.prune_schedule)
+        return self._keep
+
+    def halting_plan(self, batch, seq, device, valid):
+        u = self.priorities(batch, seq, device)
+        u = torch.where(valid, u, torch.full_like(u, 2.0))  # padding ranks last
+        rank = u.argsort(dim=1).argsort(dim=1).to(torch.float32)  # 0 = kept longest
+        n = valid.sum(1, keepdim=True).clamp_min(1).to(torch.float32)
+        r = torch.tensor(self.keep_fractions(), device=device, dtype=torch.float32)
+        keep_n = torch.round(r.view(-1, 1, 1) * n.unsqueeze(0))  # [P, B, 1]
+        plan = rank.unsqueeze(0) < keep_n
+        plan[0] = True
+        return plan
+
+
+@register_family("random_halting")
+class RandomHaltingLM(_PlannedHalting):
+    """Each active token halts with probability p after every iteration (expected active
+    fraction (1-p)^i); p = ponder.halting_rate or calibrated to ponder.target_flops_ratio."""
+
+    def keep_fractions(self) -> list[float]:
+        if self._keep is None:
+            p = self.ponder_cfg
+            if p.halting_rate is not None:
+                self._keep = [(1.0 - p.halting_rate) ** i for i in range(self.num_passes)]
+            else:
+                from .flops import schedule_for_ratio
+                self._keep = schedule_for_ratio(self, p.target_flops_ratio, "geometric")
+        return self._keep
+
+
+@register_family("pause")
+class PauseLM(LatentLM):
+    """Pause tokens in the PonderLM-2 layout: one pass, logits at the last pause position."""
+
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
+        ponder = ponder or PonderConfig()
+        super().__init__(cfg, ponder, stages=ponder.pause_tokens + 1)
+        self.embed_scale = 1.0
+        self.pause_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * (2.0 / (5.0 * cfg.hidden_size)) ** 0.5)
+
+    def extra_parameter_names(self) -> list[str]:
+        return ["pause_embedding"]
+
+    def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
+                segment_ids=None) -> ModelOutput:
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        e0 = self.token_embeddings(input_ids)
+        pause = self.pause_embedding.to(e0.dtype).expand_as(e0)
+        hidden, _ = self.run_stages([e0] + [pause] * (self.num_stages - 1), position_ids,
+                                    attention_mask, segment_ids)
+        logits = self.head(hidden[:, :, -1])
+        from .flops import flops_ratio_from_activity
+        stats = {"mean_iters": float(self.num_stages),
+                 "flops_ratio": float(flops_ratio_from_activity(
+                     self, torch.full((input_ids.shape[1],), float(self.num_stages))))}
+        if targets is None:
+            return ModelOutput(logits=logits, stats=stats)
+        lm_loss = self.lm_loss(logits, targets)
+        return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss, stats=stats)

@@ -1,0 +1,257 @@
+"""Analytic FLOPs for every family (docs/families.md "FLOPs convention").
+
+Convention (stated because peers disagree, docs/peers.md §2):
+
+* Only matrix multiplications count, 2 FLOPs per multiply-add (2·m·n·k), exactly what
+  ``torch.utils.flop_counter.FlopCounterMode`` counts; embedding lookups, norms, softmax,
+  rotary and the ``where`` of KV reuse are free. Tests check the formulas against
+  FlopCounterMode (eager attention) within 2%.
+* Per layer and query row: QKV 2·3d², attention-out 2·d², MLP 2·2·d·f, and attention
+  4·d·n_keys (QKᵀ plus AV over the keys the kernel is given). The head is 2·d·V (padded
+  vocabulary), the pondering embedding softmax(logits)·W_in another 2·V·d (2·k·d with top-k),
+  an AdaPonderLM gate 2·(d·h + h), a PonderLM-3 router 2·(d·h + h·(K+1)), the PonderLM-3
+  mixture Σ_k s_k h_k 2·(K+1)·d.
+* **Training** (``training_flops``): the dense training forward as executed — every row of
+  every pass, attention over the whole (interleaved) sequence per query (mask-based kernels
+  compute the full square; ``causal=True`` counts only the unmasked pairs instead) — times 3
+  for forward + backward (the backward of a matmul is two matmuls of the same size).
+* **Inference** (``inference_flops``): KV-cached decoding, token by token, of a sequence: a
+  computed row at sequence position p attends exactly the keys in the cache plus itself
+  (p+1 for vertical families, the kept latent keys for latent ones); halted AdaPonderLM rows
+  and pruned PonderLM-3 steps cost nothing; reused keys of halted tokens do count as keys.
+* ``flops_ratio`` (logged by adaptive families, CONTRACT.md) = inference FLOPs of the family
+  at the realised activity / inference FLOPs of the vanilla model of the same shape on the
+  same sequence length. PonderLM with K=3 is ≈4.0 plus its head/embedding overhead; the
+  AdaPonderLM paper's "3.8×" is this number. ``mean_iters`` is the plain mean of executed
+  iterations (latent: backbone steps) per token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+VERTICAL = ("vanilla", "ponderlm", "adaponderlm", "loop", "fixed_pruning", "random_halting")
+LATENT = ("ponderlm2", "ponderlm3", "pause")
+
+
+@dataclass
+class Dims:
+    family: str
+    d: int
+    layers: int
+    ffn: int
+    vocab: int
+    steps: int
+    gate_hidden: int
+    router_hidden: int
+    top_k: int
+    pause: int
+    readout_final: bool
+    buildup: bool
+
+    @classmethod
+    def of(cls, model=None, cfg=None, ponder=None, family: Optional[str] = None) -> "Dims":
+        if model is not None:
+            cfg, ponder = model.cfg, model.ponder_cfg
+            family = family or model.family
+        if ponder is None:
+            from ..config import PonderConfig
+            ponder = PonderConfig()
+        family = family or cfg.family
+        d = cfg.hidden_size
+        return cls(family=family, d=d, layers=cfg.num_layers, ffn=cfg.ffn_size, vocab=cfg.padded_vocab(),
+                   steps=ponder.steps, gate_hidden=ponder.gate_hidden_mult * d,
+                   router_hidden=ponder.router_hidden_mult * d, top_k=ponder.top_k,
+                   pause=ponder.pause_tokens, readout_final=ponder.halted_readout == "final",
+                   buildup=ponder.buildup_passes)
+
+    # per-row pieces (forward)
+    def layer_linear(self) -> int:
+        d = self.d
+        return 2 * (3 * d * d + d * d + 2 * d * self.ffn)
+
+    def row(self, n_keys: float) -> float:
+        """One query row through the whole stack attending n_keys keys."""
+        return self.layers * (self.layer_linear() + 4 * self.d * n_keys)
+
+    def rows(self, n: int, n_keys: int, causal: bool = False) -> float:
+        """n query rows over a chunk of n_keys keys (dense square, or causal pairs only)."""
+        if not causal:
+            return n * self.row(n_keys)
+        first = n_keys - n  # queries are the last n of the keys
+        keys = n * first + n * (n + 1) / 2
+        return self.layers * (n * self.layer_linear() + 4 * self.d * keys)
+
+    @property
+    def head(self) -> int:
+        return 2 * self.d * self.vocab
+
+    @property
+    def pemb(self) -> int:
+        k = self.top_k if 0 < self.top_k < self.vocab else self.vocab
+        return 2 * k * self.d
+
+    @property
+    def gate(self) -> int:
+        return 2 * (self.d * self.gate_hidden + self.gate_hidden) if self.family == "adaponderlm" else 0
+
+    @property
+    def router(self) -> int:
+        h = self.router_hidden
+        return 2 * (self.d * h + h * (self.steps + 1))
+
+    @property
+    def passes(self) -> int:
+        return self.steps + 1
+
+
+def _dims(model=None, cfg=None, ponder=None, family=None) -> Dims:
+    return model if isinstance(model, Dims) else Dims.of(model, cfg, ponder, family)
+
+
+# -- training ------------------------------------------------------------------------------
+def training_forward_flops(model=None, seq_len: int = 0, *, cfg=None, ponder=None, family=None,
+                           jacobi_passes: Optional[float] = None, causal: bool = False) -> float:
+    """FLOPs of one dense training forward over one sequence of ``seq_len`` tokens.
+    ``jacobi_passes`` (latent families) defaults to the mean of ``ponder.jacobi_passes``."""
+    dm = _dims(model, cfg, ponder, family)
+    t, f = seq_len, dm.family
+    if jacobi_passes is None and f in ("ponderlm2", "ponderlm3"):
+        p = model.ponder_cfg if hasattr(model, "ponder_cfg") else ponder
+        jacobi_passes = sum(p.jacobi_passes) / len(p.jacobi_passes)
+    if f == "vanilla":
+        return dm.rows(t, t, causal) + t * dm.head
+    if f in ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
+        P = dm.passes
+        return (P * dm.rows(t, t, causal) + (P - 1) * t * (dm.head + dm.pemb + dm.gate) + t * dm.head)
+    if f == "loop":
+        return dm.passes * dm.rows(t, t, causal) + t * dm.head
+    if f == "pause":
+        s = dm.pause + 1
+        return dm.rows(s * t, s * t, causal) + t * dm.head
+    if f in ("ponderlm2", "ponderlm3"):
+        k, s = dm.steps, dm.steps + 1
+        total = 0.0
+        n_passes = jacobi_passes + 1
+        if dm.buildup:
+            total += sum(dm.rows((j + 1) * t, (j + 1) * t, causal) for j in range(k))
+            n_passes += k
+        total += (jacobi_passes + 1) * dm.rows(s * t, s * t, causal) + t * dm.head
+        if f == "ponderlm3":
+            total += n_passes * t * dm.router + t * 2 * s * dm.d
+        return total
+    raise ValueError(f"no FLOPs formula for family '{f}'")
+
+
+def training_flops_per_token(model=None, seq_len: int = 0, **kw) -> float:
+    """Forward + backward training FLOPs per token (3x the forward)."""
+    return 3.0 * training_forward_flops(model, seq_len, **kw) / seq_len
+
+
+# -- inference -----------------------------------------------------------------------------
+def inference_flops(model=None, seq_len: int = 0, activity=None, *, cfg=None, ponder=None,
+                    family=None) -> float:
+    """Total KV-cached decoding FLOPs of one sequence of ``seq_len`` tokens.
+
+    ``activity``: vertical adaptive families — [passes, T] (bool or expected fraction) of tokens
+    active at each iteration (None: all); ponderlm3 — [T] executed steps per token including
+    step 0, i.e. 1 + K̂_t (None: K+1). Other families ignore it."""
+    dm = _dims(model, cfg, ponder, family)
+    t, f = seq_len, dm.family
+    pos = torch.arange(t, dtype=torch.float64)
+    keys = pos + 1
+    if f == "vanilla":
+        return float(sum(dm.row(k) for k in keys.tolist())) + t * dm.head
+    if f == "loop":
+        return dm.passes * float(sum(dm.row(k) for k in keys.tolist())) + t * dm.head
+    if f in ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
+        P = dm.passes
+        a = torch.ones(P, t, dtype=torch.float64) if activity is None else torch.as_tensor(activity).double()
+        a = a.reshape(P, -1)[:, :t]
+        a_row = a.clone()
+        if dm.readout_final and f != "ponderlm":
+            a_row[-1] = 1.0
+        row_cost = torch.tensor([dm.row(k) for k in keys.tolist()], dtype=torch.float64)
+        total = (a_row * row_cost).sum()
+        total += a_row.sum() * dm.head  # every computed row's logits (readout or pondering)
+        total += a[:-1].sum() * dm.gate + a[1:].sum() * dm.pemb
+        return float(total)
+    if f in LATENT:
+        if f == "ponderlm2":
+            n = torch.full((t,), float(dm.steps + 1), dtype=torch.float64)
+        elif f == "pause":
+            n = torch.full((t,), float(dm.pause + 1), dtype=torch.float64)
+        else:
+            n = (torch.full((t,), float(dm.steps + 1), dtype=torch.float64) if activity is None
+                 else torch.as_tensor(activity).double().reshape(-1)[:t])
+        before = torch.cumsum(n, 0) - n  # kept keys of earlier tokens
+        # step k of token t attends before_t + k + 1 keys; sum over k < n_t
+        key_sum = n * before + n * (n + 1) / 2
+        total = dm.layers * (n.sum() * dm.layer_linear() + 4 * dm.d * key_sum.sum()) + t * dm.head
+        if f == "ponderlm3":
+            total += t * dm.router + 2 * dm.d * n.sum()
+        return float(total)
+    raise ValueError(f"no FLOPs formula for family '{f}'")
+
+
+def inference_flops_per_token(model=None, seq_len: int = 0, activity=None, **kw) -> float:
+    return inference_flops(model, seq_len, activity, **kw) / seq_len
+
+
+def flops_ratio_from_activity(model, activity, seq_len: Optional[int] = None) -> float:
+    """Inference FLOPs at this activity / vanilla inference FLOPs (same shape, same length)."""
+    a = torch.as_tensor(activity)
+    t = seq_len or a.shape[-1]
+    dm = _dims(model)
+    vanilla = Dims(**{**dm.__dict__, "family": "vanilla"})
+    return inference_flops(dm, t, a) / inference_flops(vanilla, t)
+
+
+def schedule_for_ratio(model, target: float, kind: str, seq_len: int = 128) -> list[float]:
+    """Per-iteration kept fractions r_0=1 >= r_1 >= ... for a vertical halting baseline whose
+    expected inference ``flops_ratio`` equals ``target`` (clamped to what is reachable).
+    kind: 'uniform' (r_i = 1 - i*delta) or 'geometric' (r_i = q^i)."""
+    dm = _dims(model)
+    P = dm.passes
+
+    def fracs(x: float) -> list[float]:  # x in [0, 1]: 0 = no pruning, 1 = prune everything
+        if kind == "uniform":
+            return [1.0 - i * x / max(P - 1, 1) for i in range(P)]
+        q = 1.0 - x
+        return [q ** i for i in range(P)]
+
+    def ratio(x: float) -> float:
+        r = torch.tensor(fracs(x), dtype=torch.float64).unsqueeze(1).expand(P, seq_len)
+        return flops_ratio_from_activity(dm, r, seq_len)
+
+    lo, hi = 0.0, 1.0
+    if target >= ratio(lo):
+        return fracs(lo)
+    if target <= ratio(hi):
+        return fracs(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if ratio(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return fracs((lo + hi) / 2)
+
+
+def summary(model, seq_len: int, activity=None) -> dict:
+    """Per-token numbers for logs and docs."""
+    return {
+        "train_flops_per_token": training_flops_per_token(model, seq_len),
+        "inference_flops_per_token": inference_flops_per_token(model, seq_len, activity),
+        "flops_ratio": flops_ratio_from_activity(model, activity if activity is not None else
+                                                 _full_activity(model, seq_len), seq_len),
+    }
+
+
+def _full_activity(model, seq_len: int):
+    dm = _dims(model)
+    if dm.family in LATENT:
+        return torch.full((seq_len,), float(dm.steps + 1))
+    return torch.ones(dm.passes, seq_len)

@@ -1,0 +1,220 @@
+"""Horizontal recurrence: PonderLM-2 and PonderLM-3 (docs/papers.md §3, §2; docs/families.md).
+
+K latent thoughts follow each token in one interleaved sequence of stride S = K+1:
+``[x1, z1^1..z1^K, x2, z2^1..z2^K, ...]``; every stage of token t gets token t's position id;
+thought k+1 of a token is the final-norm hidden state at its stage k. Training solves this
+causal chain in parallel: K build-up passes (one stage added per pass, as the official code),
+J Jacobi passes over the full sequence (J drawn each step from ``ponder.jacobi_passes``), and a
+final pass; logits are read at the last stage. The fixed point of the Jacobi iteration is the
+sequential token-by-token chain that megaponder/models/generate.py decodes with a KV cache.
+
+PonderLM-3 adds a router on each token's stage-0 hidden state: s_t = softmax over 0..K steps,
+survival w_{t,k} = P(steps >= k); log w_{t,k} is added to the attention score of every query
+at the key (t, k); the prediction is read from the mixture sum_k s_{t,k} h_t^{(k)}; a compute
+penalty charges the expected number of extra steps. At inference steps with w < tau are neither
+computed nor cached (hard pruning).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig, PonderConfig
+from .attention import AttentionSpec
+from .base import CausalLM, ModelOutput, default_position_ids
+from .ponder import GateMLP, PonderMixin, masked_mean, scale_output_projections, valid_token_mask
+from .registry import register_family
+
+
+def interleave(stages: list[torch.Tensor]) -> torch.Tensor:
+    """n tensors [B, T, d] -> [B, T*n, d] with stride n (token t's stages are adjacent)."""
+    return torch.stack(stages, dim=2).flatten(1, 2)
+
+
+def repeat_stages(x: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """[B, T] per-token values (positions, masks, segments) -> [B, T*n]."""
+    return None if x is None else x.repeat_interleave(n, dim=1)
+
+
+def log_survival(router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [.., K+1] -> (s = softmax, log w) with w_k = sum_{j>=k} s_j, log w_0 = 0."""
+    log_s = torch.log_softmax(router_logits.float(), dim=-1)
+    log_w = torch.logcumsumexp(log_s.flip(-1), dim=-1).flip(-1)
+    log_w = torch.cat([torch.zeros_like(log_w[..., :1]), log_w[..., 1:]], dim=-1)
+    return log_s.exp(), log_w
+
+
+class LatentLM(PonderMixin, CausalLM):
+    """Shared machinery of the interleaved families (PonderLM-2, PonderLM-3, pause)."""
+
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None, stages: Optional[int] = None):
+        super().__init__(cfg, ponder)
+        p = self.ponder_cfg
+        self.num_stages = stages if stages is not None else p.steps + 1
+        self._calls_this_step = 0
+        self.embed_scale = math.sqrt(p.thought_embed_scale * cfg.hidden_size) if p.scale_embeds else 1.0
+        if p.depth_scaled_init and self.num_stages > 1:
+            scale_output_projections(self, 1.0 / math.sqrt(self.num_stages))
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids) * self.embed_scale
+
+    def run_stages(self, stages, position_ids, attention_mask=None, segment_ids=None, key_bias=None):
+        """One backbone pass over the interleaved stages -> hidden [B, T, n, d] and K/V."""
+        n = len(stages)
+        b, t, d = stages[0].shape
+        spec = AttentionSpec(key_padding_mask=repeat_stages(attention_mask, n),
+                             segment_ids=repeat_stages(segment_ids, n), key_bias=key_bias)
+        hidden, kvs = self.stack(interleave(stages), repeat_stages(position_ids, n), spec)
+        return hidden.view(b, t, n, d), kvs
+
+    def jacobi_count(self, override: Optional[int] = None) -> int:
+        p = self.ponder_cfg
+        if override is not None:
+            return int(override)
+        if not self.training:
+            return p.eval_jacobi_passes
+        g = self.sample_generator(salt=1)
+        return int(p.jacobi_passes[int(torch.randint(len(p.jacobi_passes), (1,), generator=g))])
+
+    def generate_cached(self, prompt_ids, **kwargs):
+        from .generate import generate_cached
+        return generate_cached(self, prompt_ids, **kwargs)
+
+
+@register_family("ponderlm2")
+class PonderLM2(LatentLM):
+    """Latent thoughts with Jacobi-parallel training."""
+
+    # hooks PonderLM-3 fills in
+    def pass_bias(self, n: int, state) -> Optional[torch.Tensor]:
+        return None
+
+    def after_pass(self, hidden: torch.Tensor, state):
+        return state
+
+    def latent_forward(self, input_ids, position_ids, attention_mask, segment_ids, jacobi_passes=None):
+        """Build-up, Jacobi and final passes -> (hidden of the final pass [B, T, S, d], state,
+        J, K/V of the final pass)."""
+        p, K = self.ponder_cfg, self.num_stages - 1
+        e0 = self.token_embeddings(input_ids)
+        state, thoughts = None, []
+        if p.buildup_passes:
+            for k in range(K):
+                hidden, _ = self.run_stages([e0] + thoughts, position_ids, attention_mask, segment_ids,
+                                            self.pass_bias(k + 1, state))
+                state = self.after_pass(hidden, state)
+                thoughts = [hidden[:, :, j] for j in range(k + 1)]
+        else:
+            thoughts = [torch.zeros_like(e0) for _ in range(K)]
+        J = self.jacobi_count(jacobi_passes)
+        for _ in range(J):
+            hidden, _ = self.run_stages([e0] + thoughts, position_ids, attention_mask, segment_ids,
+                                        self.pass_bias(K + 1, state))
+            state = self.after_pass(hidden, state)
+            thoughts = [hidden[:, :, j] for j in range(K)]
+        hidden, kvs = self.run_stages([e0] + thoughts, position_ids, attention_mask, segment_ids,
+                                      self.pass_bias(K + 1, state))
+        state = self.after_pass(hidden, state)
+        return hidden, state, J, kvs
+
+    def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
+                segment_ids=None, jacobi_passes: Optional[int] = None) -> ModelOutput:
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        hidden, state, J, _ = self.latent_forward(input_ids, position_ids, attention_mask, segment_ids,
+                                                  jacobi_passes)
+        valid = valid_token_mask(input_ids, attention_mask)
+        logits, stats, extra_loss = self.readout(hidden, state, valid)
+        stats["jacobi_passes"] = float(J)
+        if targets is None:
+            return ModelOutput(logits=logits, stats=stats)
+        lm_loss = self.lm_loss(logits, targets)
+        loss = lm_loss if extra_loss is None else lm_loss + extra_loss
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, stats=stats)
+
+    def readout(self, hidden, state, valid):
+        from .flops import flops_ratio_from_activity
+        t = hidden.shape[1]
+        steps = torch.full((t,), float(self.num_stages))
+        stats = {"mean_iters": float(self.num_stages),
+                 "flops_ratio": float(flops_ratio_from_activity(self, steps))}
+        return self.head(hidden[:, :, -1]), stats, None
+
+
+@register_family("ponderlm3")
+class PonderLM3(PonderLM2):
+    """PonderLM-2 plus a router over 0..K steps, log-survival attention bias, mixture readout
+    and a compute penalty; hard pruning at inference (generate.py)."""
+
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
+        super().__init__(cfg, ponder)
+        p, d = self.ponder_cfg, cfg.hidden_size
+        self.router = GateMLP(d, p.router_hidden_mult * d, p.steps + 1, p.gate_activation,
+                              p.router_bias_init, math.sqrt(2.0 / (5.0 * d)))
+
+    def extra_parameter_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if n.startswith("router.")]
+
+    def route(self, h0: torch.Tensor):
+        """Stage-0 hidden [.., d] -> (s [.., K+1], log w [.., K+1], keep [.., K+1] bool)."""
+        s, log_w = log_survival(self.router(h0))
+        keep = log_w >= math.log(self.ponder_cfg.tau)
+        keep[..., 0] = True
+        return s, log_w, keep
+
+    def key_bias_values(self, log_w: torch.Tensor, keep: torch.Tensor, dtype) -> torch.Tensor:
+        """Per latent key additive bias: log w (soft) or -inf-like below tau (hard)."""
+        bias = log_w.to(dtype)
+        if self.ponder_cfg.train_hard_prune:
+            bias = bias.masked_fill(~keep, torch.finfo(dtype).min)
+        return bias
+
+    def pass_bias(self, n: int, state) -> Optional[torch.Tensor]:
+        if state is None:
+            return None
+        _, log_w, keep = state
+        dtype = self.embed_in.weight.dtype
+        bias = self.key_bias_values(log_w[:, :, :n], keep[:, :, :n], dtype).flatten(1)  # [B, T*n]
+        b, tk = bias.shape
+        if self.ponder_cfg.bias_own_steps:
+            return bias.view(b, 1, 1, tk)
+        tok = torch.arange(tk, device=bias.device) // n
+        same = tok.view(tk, 1) == tok.view(1, tk)  # [Tq, Tk] query and key of the same token
+        return torch.where(same, torch.zeros((), dtype=dtype, device=bias.device),
+                           bias.view(b, 1, 1, tk))
+
+    def after_pass(self, hidden, state):
+        return self.route(hidden[:, :, 0])
+
+    def mixture_weights(self, s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        p = self.ponder_cfg
+        if p.train_hard_prune:
+            s = s * keep
+            if p.renormalize_pruned:
+                s = s / s.sum(-1, keepdim=True)
+        return s
+
+    def readout(self, hidden, state, valid):
+        from .flops import flops_ratio_from_activity
+        s, log_w, keep = state
+        mix = self.mixture_weights(s, keep).to(hidden.dtype)
+        h = torch.einsum("btk,btkd->btd", mix, hidden)
+        logits = self.head(h)
+        expected = log_w[..., 1:].exp().sum(-1)  # E[extra steps] = sum_{k>=1} w_k
+        penalty = masked_mean(expected, valid)
+        steps = keep.float().sum(-1)  # executed steps incl. step 0 under hard pruning
+        v = valid.float()
+        stats = {"mean_iters": masked_mean(steps, valid).detach(),
+                 "expected_steps": penalty.detach() + 1.0}
+        for k in range(1, self.num_stages):
+            stats[f"active_frac/{k}"] = masked_mean(keep[..., k].float(), valid).detach()
+        per_pos = (steps * v).sum(0) / v.sum(0).clamp_min(1.0)
+        stats["flops_ratio"] = float(flops_ratio_from_activity(self, per_pos.detach().cpu()))
+        extra = self.ponder_cfg.compute_penalty * penalty if self.ponder_cfg.compute_penalty else None
+        if extra is not None:
+            stats["compute_penalty"] = extra.detach()
+        return logits, stats, extra

@@ -1,0 +1,306 @@
+"""Vertical recurrence: PonderLM and AdaPonderLM (docs/papers.md §4, §1; docs/families.md).
+
+Every iteration runs the whole shared-weight stack over the whole sequence. Between iterations
+each position's predicted distribution becomes a probability-weighted *input* embedding that is
+added to its input: ``E <- E + softmax(head(H)) @ W_in`` (times sqrt(d) with ``scale_embeds``).
+
+AdaPonderLM adds, per iteration i < K, a gate MLP on H^i -> s^i = sigmoid(.), a monotonic
+halting mask m^{i+1} = m^i & (s^i >= tau), the gated update E += m^{i+1} s^i e^i and, in every
+layer, KV reuse: K,V <- where(m^i, K_new, K_prev) so that a halted token stays in the causal
+context with the K/V of its last active iteration. Training computes every row densely and
+selects with ``where`` (static shapes); megaponder/models/generate.py computes only the active
+rows at inference and gives the same logits (tests/test_families_consistency.py).
+
+The halting machinery is shared with the fixed-pruning and random-halting baselines
+(megaponder/models/baselines.py), which differ only in how the mask is decided.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig, PonderConfig
+from .base import CausalLM, ModelOutput, default_position_ids, lm_cross_entropy
+from .registry import register_family
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+def scale_output_projections(model: nn.Module, factor: float) -> None:
+    """Depth-aware init: multiply the weights of the projections that write into the residual
+    stream (attn.out, mlp.fc2) by ``factor``."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name.endswith(("attn.out", "mlp.fc2")):
+                module.weight.mul_(factor)
+
+
+class GateMLP(nn.Module):
+    """Two-layer MLP -> one logit per token (AdaPonderLM gate, PonderLM-3 router with
+    ``out_features = K+1``)."""
+
+    def __init__(self, d: int, hidden: int, out_features: int, activation: str, bias_init: float = 0.0,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = _ACTIVATIONS[activation]()
+        self.fc2 = nn.Linear(hidden, out_features)
+        nn.init.normal_(self.fc1.weight, std=init_std)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.normal_(self.fc2.weight, std=init_std)
+        nn.init.zeros_(self.fc2.bias)
+        with torch.no_grad():
+            self.fc2.bias[-1] = bias_init
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(h)))
+
+
+class PonderMixin:
+    """Vocabulary-sized operations behind overridable methods (tensor parallelism swaps in
+    vocab-parallel versions): ``head`` / ``embed`` come from CausalLM; ``lm_loss`` and
+    ``ponder_embedding`` live here."""
+
+    def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_cross_entropy(logits, targets)
+
+    def ponder_embedding(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits) @ embed_in.weight (the *input* table), optionally over the top-k
+        logits only. Unscaled; callers multiply by ``embed_scale``."""
+        k = self.ponder_cfg.top_k
+        weight = self.embed_in.weight
+        if k and k < logits.shape[-1]:
+            vals, idx = torch.topk(logits.float(), k, dim=-1)
+            probs = torch.softmax(vals, dim=-1).to(weight.dtype)
+            return torch.einsum("...k,...kd->...d", probs, F.embedding(idx, weight))
+        probs = torch.softmax(logits.float(), dim=-1).to(weight.dtype)
+        return probs @ weight
+
+    def sample_generator(self, salt: int = 0) -> torch.Generator:
+        """CPU generator seeded from (ponder.sample_seed, training step, call in this step) in
+        training and from the seed alone in eval, so draws are reproducible across resumes."""
+        if self.training:
+            call = self._calls_this_step
+            self._calls_this_step += 1
+            seed = (self.ponder_cfg.sample_seed * 1_000_003 + self.training_step * 7919 + call * 31 + salt)
+        else:
+            seed = self.ponder_cfg.sample_seed * 1_000_003 + 17 + salt
+        return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def set_step(self, step: int) -> None:
+        self.training_step = step
+        self._calls_this_step = 0
+
+
+def valid_token_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    return attention_mask.bool()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@register_family("ponderlm")
+class PonderLM(PonderMixin, CausalLM):
+    """PonderLM; with ``adaptive`` the halting machinery of AdaPonderLM and the baselines."""
+
+    adaptive = False
+
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
+        super().__init__(cfg, ponder)
+        p = self.ponder_cfg
+        self.num_passes = p.steps + 1
+        self.embed_scale = math.sqrt(cfg.hidden_size) if p.scale_embeds else 1.0
+        self._calls_this_step = 0
+        if p.depth_scaled_init and self.num_passes > 1:
+            scale_output_projections(self, 1.0 / math.sqrt(self.num_passes))
+
+    # -- pieces ---------------------------------------------------------------------------
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        e = self.embed(input_ids) * self.embed_scale
+        if self.ponder_cfg.multiply_steps and self.ponder_cfg.steps > 0:
+            e = e * self.ponder_cfg.steps
+        return e
+
+    def ponder_update(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.ponder_embedding(logits) * self.embed_scale
+
+    def halting_plan(self, batch: int, seq: int, device, valid: torch.Tensor) -> Optional[torch.Tensor]:
+        """Baselines: [passes, B, T] bool activity decided before the forward (None: gates)."""
+        return None
+
+    def gate_values(self, i: int, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """s^i [.., T] in (0, 1) multiplying the update of iteration i (None: 1)."""
+        return None
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
+                segment_ids=None) -> ModelOutput:
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        spec = self.attention_spec(attention_mask, segment_ids)
+        valid = valid_token_mask(input_ids, attention_mask)
+        p = self.ponder_cfg
+        passes = self.num_passes
+        e = self.input_embeddings(input_ids)
+        active = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+        plan = self.halting_plan(b, t, input_ids.device, valid) if self.adaptive else None
+        actives, gates = [active], []
+        prev_kv, h_read, hidden = None, None, None
+        for i in range(passes):
+            hook = None
+            if self.adaptive and i > 0:
+                hook = _reuse_hook(active, prev_kv, detach=not p.kv_reuse_grad)
+            hidden, kvs = self.stack(e, position_ids, spec, kv_hook=hook)
+            prev_kv = kvs
+            if h_read is None or not self.adaptive:
+                h_read = hidden
+            else:
+                h_read = torch.where(active.unsqueeze(-1), hidden, h_read)
+            if i == passes - 1:
+                break
+            logits_i = self.head(hidden)
+            s = self.gate_values(i, hidden)
+            if plan is not None:
+                new_active = active & plan[i + 1]
+            elif s is not None:
+                new_active = active & (s >= p.tau)
+                gates.append((s, active))
+            else:
+                new_active = active
+            weight = new_active.to(e.dtype) if s is None else s.to(e.dtype) * new_active.to(e.dtype)
+            e = e + weight.unsqueeze(-1) * self.ponder_update(logits_i)
+            active = new_active
+            actives.append(active)
+        if p.halted_readout == "final" or not self.adaptive:
+            h_read = hidden
+        logits = self.head(h_read)
+        stats = self._stats(actives, valid, t)
+        if targets is None:
+            return ModelOutput(logits=logits, stats=stats)
+        lm_loss = self.lm_loss(logits, targets)
+        loss = lm_loss
+        if gates:
+            ponder_loss = self.bottomk_loss(gates, valid)
+            if ponder_loss is not None:
+                loss = loss + p.halting_loss_weight * ponder_loss
+                stats["ponder_loss"] = ponder_loss.detach()
+            stats["gate_mean"] = masked_mean(torch.stack([g for g, _ in gates]),
+                                             torch.stack([a & valid for _, a in gates])).detach()
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, stats=stats)
+
+    # -- losses and stats -------------------------------------------------------------------
+    def bottomk_fraction(self, step: Optional[int] = None) -> float:
+        p = self.ponder_cfg
+        step = self.training_step if step is None else step
+        if step < p.halting_warmup_start:
+            return 0.0
+        if p.halting_warmup_end <= p.halting_warmup_start or step >= p.halting_warmup_end:
+            return p.halting_k_max
+        return p.halting_k_max * (step - p.halting_warmup_start) / (p.halting_warmup_end - p.halting_warmup_start)
+
+    def bottomk_loss(self, gates, valid) -> Optional[torch.Tensor]:
+        """Mean of the smallest k = frac * (all gate slots) gate values of the batch."""
+        frac = self.bottomk_fraction()
+        if frac <= 0.0 or self.ponder_cfg.halting_loss_weight == 0.0:
+            return None
+        s = torch.stack([g for g, _ in gates]).float()
+        if self.ponder_cfg.bottomk_pool == "active":
+            pool = torch.stack([a & valid for _, a in gates])
+        else:
+            pool = valid.unsqueeze(0).expand_as(s)
+        vals = torch.where(pool, s, torch.full_like(s, float("inf"))).flatten()
+        k = max(1, int(round(frac * vals.numel())))
+        smallest = torch.topk(vals, k, largest=False).values
+        finite = torch.isfinite(smallest)
+        return torch.where(finite, smallest, torch.zeros_like(smallest)).sum() / finite.sum().clamp_min(1)
+
+    def _stats(self, actives, valid, seq_len: int) -> dict:
+        from .flops import flops_ratio_from_activity
+        act = torch.stack(actives).float()  # [P, B, T]
+        v = valid.float()
+        n = v.sum().clamp_min(1.0)
+        stats = {"mean_iters": (act * v).sum() / n}
+        for i in range(act.shape[0]):
+            stats[f"active_frac/{i}"] = (act[i] * v).sum() / n
+        per_pos = (act * v).sum(1) / v.sum(0).clamp_min(1.0)  # [P, T]
+        stats["flops_ratio"] = torch.tensor(flops_ratio_from_activity(self, per_pos))
+        return {k: (x.detach() if torch.is_tensor(x) else x) for k, x in stats.items()}
+
+    def generate_cached(self, prompt_ids, **kwargs):
+        from .generate import generate_cached
+        return generate_cached(self, prompt_ids, **kwargs)
+
+
+def _reuse_hook(active: torch.Tensor, prev_kv, detach: bool):
+    """K,V <- where(m, K_new, K_prev) with m [B, T] broadcast to [B, 1, T, 1]."""
+    m = active[:, None, :, None]
+
+    def hook(layer: int, k: torch.Tensor, v: torch.Tensor):
+        k_prev, v_prev = prev_kv[layer]
+        if detach:
+            k_prev, v_prev = k_prev.detach(), v_prev.detach()
+        return torch.where(m, k, k_prev), torch.where(m, v, v_prev)
+
+    return hook
+
+
+@register_family("adaponderlm")
+class AdaPonderLM(PonderLM):
+    """PonderLM with iteration-specific gates, monotonic halting (tau), KV reuse and the
+    bottom-k gate loss."""
+
+    adaptive = True
+
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
+        super().__init__(cfg, ponder)
+        p, d = self.ponder_cfg, cfg.hidden_size
+        in_std = math.sqrt(2.0 / (5.0 * d))
+        self.gates = nn.ModuleList(
+            GateMLP(d, p.gate_hidden_mult * d, 1, p.gate_activation, p.gate_bias_init, in_std)
+            for _ in range(p.steps))
+
+    def gate_values(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gates[i](hidden).squeeze(-1).float())
+
+    def extra_parameter_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if n.startswith("gates.")]
+
+
+def init_family_from_backbone(model: nn.Module, backbone_state_dict: dict, strict: bool = True) -> dict:
+    """Load a vanilla/Pythia megaponder state dict (``megaponder/convert/hf.py`` names) into any
+    family. Backbone tensors are copied unchanged; the family's new parameters (gates, routers,
+    pause embedding: ``model.extra_parameter_names()``) keep the initialisation the model was
+    built with (``ponder.gate_bias_init``, ``ponder.router_bias_init``, ...). Returns
+    ``{"loaded": [...], "fresh": [...], "ignored": [...]}``; with ``strict`` a backbone tensor
+    missing from the state dict or a shape mismatch raises."""
+    fresh = set(model.extra_parameter_names())
+    own = model.state_dict()
+    loaded, ignored, missing = [], [], []
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if name in fresh:
+                continue
+            if name not in backbone_state_dict:
+                missing.append(name)
+                continue
+            src = backbone_state_dict[name]
+            if tuple(src.shape) != tuple(tensor.shape):
+                raise ValueError(f"init_family_from_backbone: '{name}' has shape {tuple(src.shape)} in "
+                                 f"the backbone but {tuple(tensor.shape)} in the {model.family} model "
+                                 f"(check model.padded_vocab_size / hidden_size).")
+            tensor.copy_(src.to(tensor.dtype))
+            loaded.append(name)
+        ignored = [k for k in backbone_state_dict if k not in own]
+    if strict and missing:
+        raise KeyError(f"init_family_from_backbone: backbone tensors missing from the state dict: "
+                       f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return {"loaded": loaded, "fresh": sorted(fresh), "ignored": ignored, "missing": missing}

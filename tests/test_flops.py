@@ -1,0 +1,77 @@
+"""Analytic FLOPs (megaponder/models/flops.py) against torch's FlopCounterMode, within 2%."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from megaponder.models import flops
+from megaponder.models.generate import decode_logits
+from test_families_helpers import ALL_FAMILIES, force_ada_gates, force_router, real_batch, tiny
+
+B, T = 2, 12
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_training_flops_match_flop_counter(family):
+    model = tiny(family, steps=2).train()
+    ids, targets = real_batch(B, T)
+    kw = {"jacobi_passes": 2} if family in ("ponderlm2", "ponderlm3") else {}
+
+    def step():
+        model(ids, targets=targets, **kw).loss.backward()
+
+    measured = counted(step)
+    analytic = B * 3 * flops.training_forward_flops(model, T, **kw)
+    assert analytic == pytest.approx(measured, rel=0.02), (analytic, measured)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_inference_flops_match_flop_counter(family):
+    model = tiny(family, steps=3 if family in ("adaponderlm", "ponderlm3") else 2).eval()
+    ids, _ = real_batch(B, T)
+    if family == "adaponderlm":
+        force_ada_gates(model, ids, frac=0.35)
+    if family == "ponderlm3":
+        force_router(model)
+    result = {}
+
+    def run():
+        result["logits"], result["decs"] = decode_logits(model, ids, chunk=1, return_decoders=True)
+
+    measured = counted(run)
+    analytic = 0.0
+    for dec in result["decs"]:
+        activity = dec.executed() if family in ("adaponderlm", "ponderlm3", "random_halting") else None
+        analytic += flops.inference_flops(model, T, activity)
+    assert analytic == pytest.approx(measured, rel=0.02), (analytic, measured)
+    if family in ("adaponderlm", "ponderlm3"):  # halting really saved compute
+        assert analytic < B * flops.inference_flops(model, T) * 0.95
+
+
+def test_halted_readout_final_and_reuse_counted():
+    model = tiny("adaponderlm", steps=3, halted_readout="final").eval()
+    ids, _ = real_batch(1, T)
+    force_ada_gates(model, ids, frac=0.4)
+    result = {}
+    measured = counted(lambda: result.update(d=decode_logits(model, ids, chunk=1, return_decoders=True)[1]))
+    analytic = flops.inference_flops(model, T, result["d"][0].executed())
+    assert analytic == pytest.approx(measured, rel=0.02)
+
+
+def test_causal_convention_and_ratios():
+    model = tiny("ponderlm", steps=3)
+    dense = flops.training_forward_flops(model, 64)
+    causal = flops.training_forward_flops(model, 64, causal=True)
+    assert causal < dense
+    van = tiny("vanilla")
+    # fixed-depth PonderLM K=3 costs 4x the backbone plus 3x(head + embedding mixture)
+    ratio = flops.flops_ratio_from_activity(model, torch.ones(4, 64))
+    assert 4.0 < ratio < 4.0 + 6 * van.cfg.padded_vocab() * 2 * 32 / (flops.inference_flops(van, 64) / 64)
+    assert flops.flops_ratio_from_activity(van, torch.ones(1, 64)) == pytest.approx(1.0)
+    s = flops.summary(model, 64)
+    assert s["train_flops_per_token"] > s["inference_flops_per_token"]
