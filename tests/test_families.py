@@ -166,3 +166,20 @@ def test_config_doc_is_current(repo_root):
     from megaponder.config import reference_markdown
     with open(os.path.join(repo_root, "docs", "config.md")) as f:
         assert f.read().strip() == reference_markdown().strip()
+
+
+def test_example_configs_load_and_tiny_ones_build(repo_root):
+    import glob
+    import os
+    from megaponder.config import load_config
+    paths = sorted(glob.glob(os.path.join(repo_root, "examples", "configs", "*-*.yml")))
+    families = set()
+    for path in paths:
+        cfg = load_config(path, check_paths=False)
+        families.add(cfg.model.family)
+        if os.path.basename(path).startswith("tiny-"):
+            assert build_model(cfg) is not None
+    assert families >= set(ALL_FAMILIES) - {"vanilla"}
+    for size in ("70m", "160m", "410m", "1.4b", "2.8b"):
+        for fam in set(ALL_FAMILIES) - {"vanilla"}:
+            assert os.path.exists(os.path.join(repo_root, "examples", "configs", f"pythia-{size}-{fam}.yml"))
