@@ -71,11 +71,13 @@ def publish(ckpt_root: str, tag: str) -> str:
     return final
 
 
-def write_model_files(folder: str, cfg: Config, state_dict: dict, meta: dict,
+def write_model_files(folder: str, cfg: Config, state_dict: Optional[dict], meta: dict,
                       tokenizer_path: Optional[str] = None) -> None:
-    """The parts of a checkpoint that load_model needs (also what conversion writes)."""
+    """The parts of a checkpoint that load_model needs (also what conversion writes).
+    ``state_dict=None`` when the caller wrote model.pt itself (the parallel engine does)."""
     os.makedirs(folder, exist_ok=True)
-    torch.save(state_dict, os.path.join(folder, MODEL_FILE))
+    if state_dict is not None:
+        torch.save(state_dict, os.path.join(folder, MODEL_FILE))
     _write_atomic(os.path.join(folder, CONFIG_FILE), cfg.to_yaml())
     if tokenizer_path and os.path.exists(tokenizer_path):
         dest = os.path.join(folder, "tokenizer" + os.path.splitext(tokenizer_path)[1])

@@ -26,7 +26,8 @@ def _scalar(value) -> float:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
              progress: bool = False) -> dict:
-    """Token-weighted mean loss over ``batches``; summed over ``group`` when distributed."""
+    """Token-weighted mean loss over ``batches``, summed over the data-parallel ``group``
+    (tensor/pipeline ranks of one replica see the same batches and the same loss)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss*n, iters*n, flops*n, n
@@ -42,8 +43,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
                                 _scalar(out.stats.get("mean_iters", 1.0)) * n,
                                 _scalar(out.stats.get("flops_ratio", 1.0)) * n, n],
                                dtype=torch.float64)
-    if group is not None or (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        torch.distributed.all_reduce(totals, group=group)
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(totals, group=group)  # data-parallel ranks hold different batches
     model.train(was_training)
     n = max(totals[3].item(), 1.0)
     loss = totals[0].item() / n

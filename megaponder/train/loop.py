@@ -8,27 +8,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 
-from ..config import Config, validate
+from ..config import Config
 from ..data.schedule import global_batch_size
 from ..models import build_model
 from . import checkpoint as ckpt
-from .distributed import init_distributed
-from .engine import build_engine
 from .evaluate import evaluate, model_inputs
 from .metrics import MetricsWriter, format_summary
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from .schedule import lr_multiplier
 
 
 def _log0(rank: int, msg: str) -> None:
@@ -38,19 +29,22 @@ def _log0(rank: int, msg: str) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config):
+        from ..parallel import build_engine, parallelize, seed_everything, topology_from_config
+
         self.cfg = cfg
-        self.dist = init_distributed(cfg.parallel.dist_backend)
-        validate(cfg, world_size=self.dist.world_size)
-        self.rank = self.dist.rank
-        self.dp_size = self.dist.world_size // (cfg.parallel.tp * cfg.parallel.pp)
-        self.dp_rank = self.rank  # tp = pp = 1 here; parallel layouts map this in parallel/
+        self.topo = topology_from_config(cfg)  # validate(world_size) + process groups
+        self.rank = self.topo.rank
+        self.dp_size, self.dp_rank = self.topo.dp, self.topo.dp_rank
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         os.makedirs(self.ckpt_root, exist_ok=True)
 
-        seed_everything(cfg.train.seed)  # same init on every rank
+        # Every rank builds the same full model from the same seed; parallelize() then keeps
+        # its shard. Only afterwards do the ranks get their own streams (per pipeline stage,
+        # per tensor-parallel rank), so the initial weights never depend on the layout.
+        torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         if cfg.train.init_checkpoint:
             self._load_init_weights(model, cfg.train.init_checkpoint)
@@ -61,7 +55,10 @@ class Trainer:
                                  f"has no gate/router parameters to train.")
             for name, p in model.named_parameters():
                 p.requires_grad_(name in trainable)
-        self.engine = build_engine(model, cfg, self.dp_size)
+        model = parallelize(model, cfg, self.topo)
+        seed_everything(cfg.train.seed, self.topo)
+        self.engine = build_engine(model, cfg, self.topo,
+                                   lr_lambda=lambda step: lr_multiplier(step, cfg.train.steps, cfg.optim))
         self.model = self.engine.module
 
         self.step, self.consumed_samples = 0, 0
@@ -70,9 +67,6 @@ class Trainer:
         if self.rank == 0:
             with open(os.path.join(self.run_dir, "config.yml"), "w") as f:
                 f.write(cfg.to_yaml())
-        # Rank-specific streams after the shared init (dropout differs across dp ranks).
-        if not cfg.train.resume or self.step == 0:
-            seed_everything(cfg.train.seed + 1000 * self.rank + 1)
         self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.train.tensorboard, self.step)
         self._build_data()
 
@@ -120,30 +114,22 @@ class Trainer:
         _log0(self.rank, f"initialised weights from {folder}"
               + (f" ({len(missing)} new {self.cfg.model.family} tensors)" if missing else ""))
 
-    def _full_state_dict(self) -> dict:
-        if self.cfg.parallel.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
-        return {k: v.detach().float() if v.is_floating_point() else v
-                for k, v in self.model.state_dict().items()}
-
     def save(self) -> None:
+        """Collective. Every rank writes into a staging folder; rank 0 publishes it."""
         tag = ckpt.tag_for_step(self.step)
         stage = ckpt.staging_dir(self.ckpt_root, tag)
         if self.rank == 0:
-            os.makedirs(stage, exist_ok=True)
+            os.makedirs(os.path.join(stage, "rng"), exist_ok=True)
         torch.distributed.barrier()
-        meta = {"step": self.step, "consumed_samples": self.consumed_samples,
-                "tokens": self.consumed_samples * self.cfg.data.seq_length,
-                "family": self.cfg.model.family, "tp": self.cfg.parallel.tp,
-                "pp": self.cfg.parallel.pp, "dp": self.dp_size}
-        self.engine.save_checkpoint(stage, tag="deepspeed", save_latest=False,
-                                    client_state={"step": self.step,
-                                                  "consumed_samples": self.consumed_samples})
-        state = self._full_state_dict()
-        os.makedirs(os.path.join(stage, "rng"), exist_ok=True)
+        self.engine.save(stage, client_state={"step": self.step,
+                                              "consumed_samples": self.consumed_samples})
         torch.save(ckpt.rng_state(), os.path.join(stage, "rng", f"rank{self.rank}.pt"))
         if self.rank == 0:
-            ckpt.write_model_files(stage, self.cfg, state, meta, self.cfg.data.tokenizer_model)
+            meta = {"step": self.step, "consumed_samples": self.consumed_samples,
+                    "tokens": self.consumed_samples * self.cfg.data.seq_length,
+                    "family": self.cfg.model.family, "tp": self.topo.tp, "pp": self.topo.pp,
+                    "dp": self.topo.dp}
+            ckpt.write_model_files(stage, self.cfg, None, meta, self.cfg.data.tokenizer_model)
         torch.distributed.barrier()
         if self.rank == 0:
             ckpt.publish(self.ckpt_root, tag)
@@ -156,7 +142,15 @@ class Trainer:
                              f"starting from step 0")
             return
         folder = os.path.join(self.ckpt_root, tag)
-        _, client = self.engine.load_checkpoint(folder, tag="deepspeed")
+        meta = ckpt.read_meta(folder)
+        layout = (meta.get("tp"), meta.get("pp"), meta.get("dp"))
+        if layout != (self.topo.tp, self.topo.pp, self.topo.dp):
+            raise RuntimeError(
+                f"{folder} was saved with tp,pp,dp={layout} but this job runs "
+                f"{(self.topo.tp, self.topo.pp, self.topo.dp)}. Exact resume needs the same layout; "
+                f"to change it, start a new run with --set train.init_checkpoint={folder} "
+                f"(weights only, fresh optimizer).")
+        client = self.engine.load(folder)
         self.step, self.consumed_samples = client["step"], client["consumed_samples"]
         rng_file = os.path.join(folder, "rng", f"rank{self.rank}.pt")
         if os.path.exists(rng_file):
@@ -164,28 +158,14 @@ class Trainer:
         _log0(self.rank, f"resumed from {folder} at step {self.step}")
 
     # -- the loop -------------------------------------------------------------------------
-    def _reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(values)
-            values /= self.dist.world_size
-        return values
-
     def train_step(self) -> dict:
-        self.model.set_step(self.step)
-        stats_sum: dict[str, float] = {}
-        for _ in range(self.cfg.train.grad_accum_steps):
-            out = self.engine(**model_inputs(next(self.train_iter)))
-            self.engine.backward(out.loss)
-            self.engine.step()
-            values = {"loss": out.lm_loss, "total_loss": out.loss, **out.stats}
-            for key, value in values.items():
-                stats_sum[key] = stats_sum.get(key, 0.0) + float(torch.as_tensor(value).detach().float())
-        keys = sorted(stats_sum)
-        reduced = self._reduce_mean(torch.tensor([stats_sum[k] for k in keys], dtype=torch.float64))
-        return {k: v / self.cfg.train.grad_accum_steps for k, v in zip(keys, reduced.tolist())}
+        micro_batches = [model_inputs(next(self.train_iter))
+                         for _ in range(self.cfg.train.grad_accum_steps)]
+        self.engine.step_count = self.step  # drives set_step (halting warm-up, seeded draws)
+        return self.engine.train_step(micro_batches)
 
     def validate(self) -> dict:
-        return evaluate(self.model, self._valid_batches())
+        return evaluate(self.model, self._valid_batches(), group=self.topo.dp_group)
 
     def run(self) -> dict:
         t = self.cfg.train
@@ -194,8 +174,9 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         _log0(self.rank, f"{self.cfg.model.family}: "
-                         f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
-                         f"{self.dist.world_size} process(es), dp={self.dp_size}, "
+                         f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters "
+                         f"on rank 0, "
+                         f"{self.topo.world_size} process(es) ({self.topo.describe()}), "
                          f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
         start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
         last_step = min(t.steps, t.exit_at_step or t.steps)
@@ -206,10 +187,11 @@ class Trainer:
             tokens = self.consumed_samples * self.cfg.data.seq_length
             elapsed = time.time() - start
             if self.step % t.log_every == 0 or self.step == last_step:
-                record = {"step": self.step, "loss": stats.pop("loss"), "lr": self.engine.get_lr()[0],
-                          "tokens": tokens, "time_s": round(elapsed, 3),
+                total_loss = stats.pop("loss")
+                record = {"step": self.step, "loss": stats.pop("lm_loss"), "total_loss": total_loss,
+                          "lr": stats.pop("lr"), "tokens": tokens, "time_s": round(elapsed, 3),
                           "tokens_per_s": round((tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
-                          "grad_norm": _maybe_float(self.engine.get_global_grad_norm()), **stats}
+                          "grad_norm": _maybe_float(stats.pop("grad_norm")), **stats}
                 if t.eval_every and self.step % t.eval_every == 0 and self.step != last_step:
                     val = self.validate()
                     record.update({"val_loss": val["loss"], "val_ppl": val["ppl"]})
