@@ -72,6 +72,11 @@ class CausalLM(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.embed_out(hidden)
 
+    def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Every family computes its cross-entropy here, so tensor parallelism can swap in
+        the vocab-parallel one."""
+        return lm_cross_entropy(logits, targets)
+
     @staticmethod
     def attention_spec(attention_mask=None, segment_ids=None) -> AttentionSpec:
         return AttentionSpec(key_padding_mask=attention_mask, segment_ids=segment_ids)
@@ -94,7 +99,7 @@ class CausalLM(nn.Module):
         logits = self.head(hidden)
         if targets is None:
             return ModelOutput(logits=logits)
-        lm_loss = lm_cross_entropy(logits, targets)
+        lm_loss = self.lm_loss(logits, targets)
         return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss,
                            stats={"mean_iters": 1.0, "flops_ratio": 1.0})
 

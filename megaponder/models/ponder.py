@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, PonderConfig
-from .base import CausalLM, ModelOutput, default_position_ids, lm_cross_entropy
+from .base import CausalLM, ModelOutput, default_position_ids
 from .registry import register_family
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -62,11 +62,8 @@ class GateMLP(nn.Module):
 
 class PonderMixin:
     """Vocabulary-sized operations behind overridable methods (tensor parallelism swaps in
-    vocab-parallel versions): ``head`` / ``embed`` come from CausalLM; ``lm_loss`` and
-    ``ponder_embedding`` live here."""
-
-    def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_cross_entropy(logits, targets)
+    vocab-parallel versions): ``head`` / ``embed`` / ``lm_loss`` come from CausalLM;
+    ``ponder_embedding`` lives here."""
 
     def ponder_embedding(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ embed_in.weight (the *input* table), optionally over the top-k

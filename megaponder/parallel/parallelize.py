@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..models.base import CausalLM, IGNORE_INDEX, ModelOutput, default_position_ids
+from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
 from .state import Topology
 from .tensor import (ColumnParallelLinear, gather_seq, RowParallelLinear, VocabParallelEmbedding,
@@ -56,26 +56,9 @@ class TensorParallelHooks:
                                                self._tp_sequence_parallel)
 
 
-def _vanilla_forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                     segment_ids=None) -> ModelOutput:
-    """CausalLM.forward with the loss routed through ``self.lm_loss`` (vocab-parallel)."""
-    if position_ids is None:
-        position_ids = default_position_ids(input_ids)
-    hidden, _ = self.stack(self.embed(input_ids), position_ids,
-                           self.attention_spec(attention_mask, segment_ids))
-    logits = self.head(hidden)
-    if targets is None:
-        return ModelOutput(logits=logits)
-    lm_loss = self.lm_loss(logits, targets)
-    return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss,
-                       stats={"mean_iters": 1.0, "flops_ratio": 1.0})
-
-
 def _with_hooks(model: nn.Module, topo: Topology) -> None:
     cls = type(model)
     attrs = {"_tp_group": topo.tp_group, "_tp_sequence_parallel": topo.sequence_parallel}
-    if cls.forward is CausalLM.forward:
-        attrs["forward"] = _vanilla_forward
     model.__class__ = type(f"TensorParallel{cls.__name__}", (TensorParallelHooks, cls), attrs)
 
 
