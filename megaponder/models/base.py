@@ -91,7 +91,11 @@ class CausalLM(nn.Module):
 
     # -- vanilla forward ------------------------------------------------------------------
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None) -> ModelOutput:
+                segment_ids=None, return_token_stats: bool = False) -> ModelOutput:
+        if return_token_stats:  # every family accepts it; see fixed_token_stats
+            out = self.forward(input_ids, targets, position_ids, attention_mask, segment_ids)
+            out.stats.update(fixed_token_stats(input_ids, 1.0))
+            return out
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         hidden, _ = self.stack(self.embed(input_ids), position_ids,
@@ -102,6 +106,15 @@ class CausalLM(nn.Module):
         lm_loss = self.lm_loss(logits, targets)
         return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss,
                            stats={"mean_iters": 1.0, "flops_ratio": 1.0})
+
+
+def fixed_token_stats(input_ids: torch.Tensor, iterations: float) -> dict:
+    """``return_token_stats=True`` (every family's forward accepts it) adds
+    ``stats["token_iterations"]``, a detached float [B, T] tensor of the backbone iterations each
+    token executes at inference (megaponder/analysis/depth.py). Fixed-depth families fill it
+    with their constant depth."""
+    return {"token_iterations": torch.full(tuple(input_ids.shape), float(iterations),
+                                           device=input_ids.device)}
 
 
 def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, PonderConfig
-from .base import ModelOutput, default_position_ids
+from .base import ModelOutput, default_position_ids, fixed_token_stats
 from .latent import LatentLM
 from .ponder import PonderLM, valid_token_mask
 from .registry import register_family
@@ -34,7 +34,11 @@ class LoopLM(PonderLM):
         return self.embed(input_ids)
 
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None) -> ModelOutput:
+                segment_ids=None, return_token_stats: bool = False) -> ModelOutput:
+        if return_token_stats:
+            out = self.forward(input_ids, targets, position_ids, attention_mask, segment_ids)
+            out.stats.update(fixed_token_stats(input_ids, out.stats["mean_iters"]))
+            return out
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         spec = self.attention_spec(attention_mask, segment_ids)
@@ -131,7 +135,11 @@ class PauseLM(LatentLM):
         return ["pause_embedding"]
 
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None) -> ModelOutput:
+                segment_ids=None, return_token_stats: bool = False) -> ModelOutput:
+        if return_token_stats:
+            out = self.forward(input_ids, targets, position_ids, attention_mask, segment_ids)
+            out.stats.update(fixed_token_stats(input_ids, out.stats["mean_iters"]))
+            return out
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         e0 = self.token_embeddings(input_ids)

@@ -122,7 +122,13 @@ class PonderLM2(LatentLM):
         return hidden, state, J, kvs
 
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None, jacobi_passes: Optional[int] = None) -> ModelOutput:
+                segment_ids=None, jacobi_passes: Optional[int] = None,
+                return_token_stats: bool = False) -> ModelOutput:
+        """``return_token_stats=True`` adds detached float [B, T] tensors to ``stats``:
+        ``token_iterations`` (backbone steps the token executes at inference, 1 + K-hat_t:
+        K+1 for PonderLM-2, the steps kept by the router's tau cut for PonderLM-3) and, for
+        PonderLM-3, ``token_expected_steps`` (1 + sum_{k>=1} w_{t,k}, the router's soft
+        expectation). Used by megaponder/analysis/depth.py."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         hidden, state, J, _ = self.latent_forward(input_ids, position_ids, attention_mask, segment_ids,
@@ -130,11 +136,18 @@ class PonderLM2(LatentLM):
         valid = valid_token_mask(input_ids, attention_mask)
         logits, stats, extra_loss = self.readout(hidden, state, valid)
         stats["jacobi_passes"] = float(J)
+        if return_token_stats:
+            stats.update(self.token_stats(state, input_ids))
         if targets is None:
             return ModelOutput(logits=logits, stats=stats)
         lm_loss = self.lm_loss(logits, targets)
         loss = lm_loss if extra_loss is None else lm_loss + extra_loss
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, stats=stats)
+
+    def token_stats(self, state, input_ids) -> dict:
+        """Per-token depth for ``return_token_stats`` (fixed: every token runs K+1 steps)."""
+        from .base import fixed_token_stats
+        return fixed_token_stats(input_ids, self.num_stages)
 
     def readout(self, hidden, state, valid):
         from .flops import flops_ratio_from_activity
@@ -189,6 +202,11 @@ class PonderLM3(PonderLM2):
 
     def after_pass(self, hidden, state):
         return self.route(hidden[:, :, 0])
+
+    def token_stats(self, state, input_ids) -> dict:
+        _, log_w, keep = state
+        return {"token_iterations": keep.float().sum(-1).detach(),
+                "token_expected_steps": (1.0 + log_w[..., 1:].exp().sum(-1)).detach()}
 
     def mixture_weights(self, s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         p = self.ponder_cfg

@@ -139,7 +139,11 @@ class PonderLM(PonderMixin, CausalLM):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None) -> ModelOutput:
+                segment_ids=None, return_token_stats: bool = False) -> ModelOutput:
+        """``return_token_stats=True`` adds ``stats["token_iterations"]``: a detached float
+        [B, T] tensor with the number of iterations each token executed (1 + the iteration at
+        which it halted; K+1 for tokens that never halt) — what megaponder/analysis/depth.py
+        correlates with the token's NLL. Off by default (stats otherwise hold scalars only)."""
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
@@ -181,6 +185,8 @@ class PonderLM(PonderMixin, CausalLM):
             h_read = hidden
         logits = self.head(h_read)
         stats = self._stats(actives, valid, t)
+        if return_token_stats:
+            stats["token_iterations"] = torch.stack(actives).sum(0).float().detach()
         if targets is None:
             return ModelOutput(logits=logits, stats=stats)
         lm_loss = self.lm_loss(logits, targets)

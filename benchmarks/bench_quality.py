@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Quality study at equal steps (issue 3, "Training" and "The gates learn something").
+
+Trains every family through the real ``megaponder train`` CLI on the tiny configs
+(examples/configs/tiny-<family>.yml: d=128, 2 layers, seq 128, micro-batch 8, seed 1234) with
+the same data, seed and number of steps, then
+
+1. the quality table: validation ppl, mean iterations/token and inference FLOPs ratio (both
+   measured on the validation batches, docs/families.md "FLOPs convention"), training tokens,
+   wall-time ratio vs vanilla (training steps only, same thread count);
+2. the iso-FLOPs table: AdaPonderLM vs fixed_pruning (uniform, geometric) and random_halting,
+   each with ``ponder.target_flops_ratio`` = the trained AdaPonderLM's measured validation
+   ``flops_ratio``;
+3. the depth-vs-difficulty analysis (tools/analyze_depth.py) of the AdaPonderLM and PonderLM-3
+   checkpoints on the demo validation split.
+
+    python benchmarks/bench_quality.py --steps 200 --threads 1 \
+        --out-dir runs/quality --output benchmarks/results/quality.md
+
+Runs run one at a time (the machine is shared); ``--skip-existing`` reuses finished runs
+(a run dir whose metrics.jsonl ends with the final validation record).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, ".venv", "bin")
+MEGAPONDER = os.path.join(BIN, "megaponder") if os.path.exists(os.path.join(BIN, "megaponder")) else "megaponder"
+PYTHON = os.path.join(BIN, "python") if os.path.exists(os.path.join(BIN, "python")) else sys.executable
+
+FAMILIES = ["vanilla", "loop", "pause", "ponderlm", "adaponderlm", "ponderlm2", "ponderlm3"]
+CONFIG = {"vanilla": "tiny.yml"}
+
+
+def config_path(family: str) -> str:
+    return os.path.join("examples", "configs", CONFIG.get(family, f"tiny-{family}.yml"))
+
+
+def final_record(run_dir: str):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    recs = [json.loads(line) for line in open(path) if line.strip()]
+    if not recs or "val_ppl" not in recs[-1] or "val_flops_ratio" not in recs[-1]:
+        return None
+    train_recs = [r for r in recs if "loss" in r]
+    return {"final": recs[-1], "last_train": train_recs[-1] if train_recs else None,
+            "first_train": train_recs[0] if train_recs else None}
+
+
+def train(name: str, family: str, args, extra: list[str]) -> dict:
+    run_dir = os.path.join(args.out_dir, name)
+    sets = [f"train.run_dir={run_dir}", f"train.steps={args.steps}", "train.eval_every=0",
+            f"train.eval_batches={args.eval_batches}", "train.save_every=0", "train.progress_bar=false",
+            f"train.log_every={max(1, args.steps // 10)}"]
+    if args.threads:
+        sets.append(f"train.threads={args.threads}")
+    sets += extra
+    cmd = [MEGAPONDER, "train", "--config", config_path(family)]
+    for s in sets:
+        cmd += ["--set", s]
+    rec = final_record(run_dir) if args.skip_existing else None
+    if rec is None:
+        print(f"[bench_quality] {name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
+        print(f"[bench_quality] {name}: done in {time.time() - t0:.0f} s", flush=True)
+        rec = final_record(run_dir)
+        if rec is None:
+            raise RuntimeError(f"{run_dir}: no final validation record")
+    else:
+        print(f"[bench_quality] {name}: reusing {run_dir}", flush=True)
+    fin, last, first = rec["final"], rec["last_train"], rec["first_train"]
+    return {"name": name, "family": family, "run_dir": run_dir, "command": " ".join(shlex.quote(c) for c in cmd),
+            "val_ppl": fin["val_ppl"], "val_loss": fin["val_loss"],
+            "mean_iters": fin["val_mean_iters"], "flops_ratio": fin["val_flops_ratio"],
+            "tokens": fin["tokens"], "train_time_s": last["time_s"] if last else fin["time_s"],
+            "first_loss": first["loss"] if first else None, "last_loss": last["loss"] if last else None,
+            "train_mean_iters": last.get("mean_iters") if last else None,
+            "train_active": {k: v for k, v in (last or {}).items() if k.startswith("active_frac/")}}
+
+
+def analyze(run: dict, args) -> dict:
+    out = os.path.join(args.out_dir, f"depth-{run['name']}.json")
+    cmd = [PYTHON, "tools/analyze_depth.py", "--checkpoint", run["run_dir"], "--data", args.analysis_data,
+           "--windows", str(args.analysis_windows), "--seq-length", "128", "--output", out]
+    print(f"[bench_quality] depth analysis: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    res = json.load(open(os.path.join(ROOT, out) if not os.path.isabs(out) else out))
+    res["command"] = " ".join(shlex.quote(c) for c in cmd)
+    return res
+
+
+def fmt_table(runs: list[dict], vanilla_time: float) -> str:
+    lines = ["| run | family | val ppl | mean iters/token | FLOPs ratio (inference) | training tokens | wall-time ratio vs vanilla |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['name']} | {r['family']} | {r['val_ppl']:.2f} | {r['mean_iters']:.3f} | "
+                     f"{r['flops_ratio']:.3f} | {r['tokens']:,} | {r['train_time_s'] / vanilla_time:.2f} |")
+    return "\n".join(lines)
+
+
+def fmt_depth(res: dict) -> str:
+    lines = [f"**{res['family']}** ({res['tokens']:,} tokens, {res['windows']} windows of {res['seq_length']}, "
+             f"iterations = {res['iteration_kind']}): mean NLL {res['mean_nll']:.3f}, mean iterations "
+             f"{res['mean_iterations']:.3f}, Pearson r = {res['pearson']:.4f}, Spearman ρ = {res['spearman']:.4f}",
+             "", "| exit iteration | tokens | share | mean NLL |", "|---|---|---|---|"]
+    for row in res["per_iteration"]:
+        lines.append(f"| {row['iterations']} | {row['count']:,} | {row['share']:.3f} | {row['mean_nll']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1, help="train.threads (0: torch default)")
+    ap.add_argument("--eval-batches", type=int, default=16, help="final validation micro-batches (x8x128 tokens)")
+    ap.add_argument("--families", nargs="*", default=FAMILIES)
+    ap.add_argument("--out-dir", default="runs/quality")
+    ap.add_argument("--output", default="benchmarks/results/quality.md")
+    ap.add_argument("--json", default=None, help="raw results (default: <output>.json)")
+    ap.add_argument("--halting-warmup", type=float, nargs=2, default=(0.3, 0.6),
+                    help="AdaPonderLM bottom-k warm-up start/end as fractions of --steps")
+    ap.add_argument("--analysis-data", default="data/demo/validation_text_document")
+    ap.add_argument("--analysis-windows", type=int, default=64)
+    ap.add_argument("--skip-existing", action="store_true")
+    ap.add_argument("--no-iso", action="store_true")
+    ap.add_argument("--no-analysis", action="store_true")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    os.chdir(ROOT)
+
+    s0, s1 = (int(round(f * args.steps)) for f in args.halting_warmup)
+    ada_sets = [f"ponder.halting_warmup_start={s0}", f"ponder.halting_warmup_end={s1}"]
+    runs = []
+    for fam in args.families:
+        runs.append(train(fam, fam, args, ada_sets if fam == "adaponderlm" else []))
+    by_name = {r["name"]: r for r in runs}
+
+    iso = []
+    if not args.no_iso and "adaponderlm" in by_name:
+        target = by_name["adaponderlm"]["flops_ratio"]
+        iso.append(by_name["adaponderlm"])
+        for name, fam, extra in [("fixed_pruning-uniform", "fixed_pruning", ["ponder.prune_schedule=uniform"]),
+                                 ("fixed_pruning-geometric", "fixed_pruning", ["ponder.prune_schedule=geometric"]),
+                                 ("random_halting", "random_halting", [])]:
+            iso.append(train(name, fam, args, extra + [f"ponder.target_flops_ratio={target:.4f}"]))
+
+    depth = []
+    if not args.no_analysis:
+        for name in ("adaponderlm", "ponderlm3"):
+            if name in by_name:
+                depth.append(analyze(by_name[name], args))
+
+    vanilla_time = by_name["vanilla"]["train_time_s"] if "vanilla" in by_name else runs[0]["train_time_s"]
+    md = [f"Equal steps: {args.steps} steps x 8 sequences x 128 tokens, seed 1234, train.threads={args.threads}, "
+          f"final validation on {args.eval_batches} micro-batches ({args.eval_batches * 8 * 128:,} tokens) of "
+          f"data/demo/validation_text_document. AdaPonderLM bottom-k warm-up {s0}->{s1} "
+          f"(λ, k_max, tau at their defaults 0.1, 0.1, 1e-4).", "",
+          "### Quality at equal steps", "", fmt_table(runs, vanilla_time)]
+    if iso:
+        md += ["", f"### Iso-FLOPs (target_flops_ratio = AdaPonderLM's {iso[0]['flops_ratio']:.4f})", "",
+               fmt_table(iso, vanilla_time)]
+    if depth:
+        md += ["", "### Depth vs difficulty (NLL vs iterations used)", ""]
+        for res in depth:
+            md += [fmt_depth(res), ""]
+    md += ["", "### Commands", "", "```"] + [r["command"] for r in runs + iso[1:]] + \
+          [d["command"] for d in depth] + ["```"]
+    text = "\n".join(md) + "\n"
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        f.write(text)
+    with open(args.json or os.path.splitext(args.output)[0] + ".json", "w") as f:
+        json.dump({"runs": runs, "iso": iso, "depth": depth, "steps": args.steps}, f, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

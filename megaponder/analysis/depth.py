@@ -1,0 +1,188 @@
+"""Depth vs difficulty: does a token's NLL go with the number of iterations it used?
+
+AdaPonderLM's high-NLL analysis (shared docs/papers.md §1.3): tokens that exit early have the
+lowest mean NLL, tokens still active in the last iterations are the hard ones. This module
+measures that on any checkpoint:
+
+* per-token NLL of the next-token prediction at position t (fp32 cross-entropy of the logits
+  the model gives in eval mode — for AdaPonderLM and PonderLM-3 the same logits as the
+  compacted KV-cached inference path, tests/test_families_consistency.py);
+* per-token iterations from ``model(ids, return_token_stats=True).stats["token_iterations"]``
+  (every family accepts the kwarg): AdaPonderLM / fixed_pruning / random_halting = 1 + the
+  iteration after which the token halted (K+1 if it never halts); PonderLM-3 = executed steps
+  1 + K-hat_t under the router's tau cut (plus ``token_expected_steps``, the router's soft
+  1 + sum_k w_k, as a second, continuous measure); fixed-depth families = their constant;
+* Pearson and Spearman (average ranks for ties) correlation between the two, the counts and
+  mean NLL per exit iteration.
+
+    from megaponder import load_model
+    from megaponder.analysis import analyze_depth
+    res = analyze_depth(load_model("runs/tiny-adaponderlm"), "data/demo/validation_text_document",
+                        windows=64, seq_length=128)
+    print(format_depth_report(res))
+
+Correlations are computed in float64 with plain torch (no numpy/scipy needed); a constant
+input gives ``nan`` (undefined correlation), never an exception.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..models.base import IGNORE_INDEX
+
+__all__ = ["token_depth", "pearson", "spearman", "rankdata", "per_iteration_table",
+           "analyze_depth", "analyze_batches", "format_depth_report"]
+
+
+@torch.no_grad()
+def token_depth(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, **kwargs) -> dict:
+    """One forward in eval mode -> ``{"nll": [B, T], "iterations": [B, T], "valid": [B, T] bool,
+    "expected_steps": [B, T] (PonderLM-3 only)}`` (float64 / bool, on CPU)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids, return_token_stats=True, **kwargs)
+    finally:
+        model.train(was_training)
+    logits = out.logits.float()
+    valid = targets != IGNORE_INDEX
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).clamp_min(0),
+                          reduction="none").view(targets.shape)
+    res = {"nll": nll.double().cpu(), "iterations": out.stats["token_iterations"].double().cpu(),
+           "valid": valid.cpu()}
+    if "token_expected_steps" in out.stats:
+        res["expected_steps"] = out.stats["token_expected_steps"].double().cpu()
+    return res
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of two equal-length 1-D sequences (nan when either is constant)."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    y = torch.as_tensor(y, dtype=torch.float64).flatten()
+    if x.numel() != y.numel():
+        raise ValueError(f"pearson: {x.numel()} vs {y.numel()} values")
+    if x.numel() < 2:
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    sx, sy = dx.pow(2).sum().sqrt(), dy.pow(2).sum().sqrt()
+    if sx.item() == 0.0 or sy.item() == 0.0:
+        return float("nan")
+    return float((dx * dy).sum() / (sx * sy))
+
+
+def rankdata(x) -> torch.Tensor:
+    """1-based ranks with ties given their average rank (scipy.stats.rankdata 'average')."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    n = x.numel()
+    order = torch.argsort(x, stable=True)
+    xs = x[order]
+    ranks_sorted = torch.empty(n, dtype=torch.float64)
+    if n == 0:
+        return ranks_sorted
+    # group boundaries of equal values in sorted order
+    new_group = torch.ones(n, dtype=torch.bool)
+    new_group[1:] = xs[1:] != xs[:-1]
+    group_id = torch.cumsum(new_group.long(), 0) - 1
+    starts = torch.nonzero(new_group).flatten()
+    ends = torch.cat([starts[1:], torch.tensor([n])])
+    avg = (starts + 1 + ends).double() / 2.0  # mean of positions start+1 .. end (1-based)
+    ranks_sorted = avg[group_id]
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[order] = ranks_sorted
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation = Pearson correlation of average ranks."""
+    return pearson(rankdata(x), rankdata(y))
+
+
+def per_iteration_table(nll, iterations) -> list[dict]:
+    """Rows ``{iterations, count, share, mean_nll}`` per distinct (exit) iteration count,
+    ascending (non-integer counts, e.g. PonderLM-3 expectations, are not grouped: pass the
+    executed counts)."""
+    nll = torch.as_tensor(nll, dtype=torch.float64).flatten()
+    it = torch.as_tensor(iterations, dtype=torch.float64).flatten()
+    n = max(nll.numel(), 1)
+    rows = []
+    for v in torch.unique(it).tolist():
+        sel = it == v
+        c = int(sel.sum())
+        rows.append({"iterations": int(v) if float(v).is_integer() else v, "count": c, "share": c / n,
+                     "mean_nll": float(nll[sel].mean())})
+    return rows
+
+
+def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], **forward_kwargs) -> dict:
+    """Depth statistics over batches of ``{"tokens": [B, T+1]}`` (model_inputs convention)."""
+    from ..train.evaluate import model_inputs
+
+    nll, its, exp = [], [], []
+    for batch in batches:
+        inputs = model_inputs(batch)
+        kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "targets")}
+        kwargs.update(forward_kwargs)
+        d = token_depth(model, inputs["input_ids"], inputs["targets"], **kwargs)
+        v = d["valid"]
+        nll.append(d["nll"][v])
+        its.append(d["iterations"][v])
+        if "expected_steps" in d:
+            exp.append(d["expected_steps"][v])
+    if not nll:
+        raise ValueError("analyze_batches: no batches")
+    nll, its = torch.cat(nll), torch.cat(its)
+    res = {"family": getattr(model, "family", type(model).__name__), "tokens": int(nll.numel()),
+           "mean_nll": float(nll.mean()), "ppl": math.exp(min(float(nll.mean()), 50.0)),
+           "mean_iterations": float(its.mean()),
+           "iteration_kind": _iteration_kind(model),
+           "pearson": pearson(nll, its), "spearman": spearman(nll, its),
+           "per_iteration": per_iteration_table(nll, its)}
+    if exp:
+        exp = torch.cat(exp)
+        res["expected_steps"] = {"mean": float(exp.mean()), "pearson": pearson(nll, exp),
+                                 "spearman": spearman(nll, exp)}
+    return res
+
+
+def _iteration_kind(model) -> str:
+    fam = getattr(model, "family", "")
+    if fam in ("adaponderlm", "fixed_pruning", "random_halting"):
+        return "iterations until halted (1 + halting iteration)"
+    if fam == "ponderlm3":
+        return "executed steps 1 + K-hat (router w >= tau)"
+    return "constant (fixed depth)"
+
+
+def analyze_depth(model: torch.nn.Module, data: Union[str, object], windows: int = 64,
+                  seq_length: Optional[int] = None, batch_size: int = 8, **forward_kwargs) -> dict:
+    """Depth statistics over the first ``windows`` non-overlapping windows of ``seq_length + 1``
+    tokens of an indexed dataset (prefix or ``IndexedDataset``), in file order
+    (``megaponder.train.evaluate.sequential_batches``, as ``megaponder eval``)."""
+    from ..data import IndexedDataset
+    from ..train.evaluate import sequential_batches
+
+    ds = IndexedDataset(str(data)) if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else data
+    seq_length = seq_length or getattr(model.cfg, "max_position_embeddings", 128)
+    res = analyze_batches(model, sequential_batches(ds, seq_length, batch_size, windows), **forward_kwargs)
+    res.update({"windows": windows, "seq_length": seq_length, "data": str(data)})
+    return res
+
+
+def format_depth_report(res: dict) -> str:
+    lines = [f"family {res['family']}: {res['tokens']:,} tokens"
+             + (f" ({res['windows']} windows x {res['seq_length']})" if "windows" in res else ""),
+             f"  iterations: {res['iteration_kind']}",
+             f"  mean NLL {res['mean_nll']:.4f} (ppl {res['ppl']:.2f}), mean iterations {res['mean_iterations']:.4f}",
+             f"  corr(NLL, iterations): Pearson {res['pearson']:.4f}, Spearman {res['spearman']:.4f}"]
+    if "expected_steps" in res:
+        e = res["expected_steps"]
+        lines.append(f"  corr(NLL, expected steps 1+sum w): Pearson {e['pearson']:.4f}, "
+                     f"Spearman {e['spearman']:.4f} (mean {e['mean']:.4f})")
+    lines += ["", "  exit iteration      tokens   share   mean NLL"]
+    for row in res["per_iteration"]:
+        lines.append(f"  {str(row['iterations']):>14}  {row['count']:>10,}  {row['share']:6.3f}  {row['mean_nll']:9.4f}")
+    return "\n".join(lines)
