@@ -138,3 +138,35 @@ def test_cli_parallel_layouts_match_single_process(tmp_path, demo_data, layout):
     assert list(ref.state_dict()) == list(got.state_dict())
     for (name, x), (_, y) in zip(ref.state_dict().items(), got.state_dict().items()):
         assert (x - y).norm() <= 1e-4 * x.norm(), (name, (x - y).norm() / x.norm())
+
+
+def test_continued_pretraining_from_pythia_trains_only_the_gates(tmp_path, demo_data):
+    """HF GPTNeoX -> convert --family adaponderlm -> gate-only phase: the Pythia backbone
+    is bit-identical afterwards, the new gates moved."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from megaponder.config import ModelConfig
+    from megaponder.convert.hf import hf_config_from_model_config
+
+    shape = ModelConfig(vocab_size=8192, hidden_size=64, num_layers=2, num_heads=4,
+                        max_position_embeddings=256)
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(hf_config_from_model_config(shape)).save_pretrained(tmp_path / "hf")
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"),
+                    "--from", "hf", "--to", "megaponder", "--input", str(tmp_path / "hf"),
+                    "--output", str(tmp_path / "init"), "--family", "adaponderlm"],
+                   check=True, capture_output=True)
+    run = tmp_path / "cpt"
+    train(run, demo_data, "train.steps=3", "model.family=adaponderlm",
+          f"train.init_checkpoint={tmp_path / 'init'}", "ponder.freeze_backbone=true")
+    import megaponder
+    before = megaponder.load_model(str(tmp_path / "init")).state_dict()
+    after = megaponder.load_model(str(run)).state_dict()
+    gates = [k for k in before if k.startswith("gates.")]
+    assert gates
+    for name in before:
+        if name in gates:
+            continue
+        assert torch.equal(before[name], after[name]), name
+    assert any(not torch.equal(before[k], after[k]) for k in gates)

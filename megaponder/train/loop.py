@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.schedule import global_batch_size
 from ..models import build_model
 from . import checkpoint as ckpt
@@ -103,6 +103,18 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
     def _load_init_weights(self, model, path: str) -> None:
         folder = ckpt.resolve_checkpoint(path)
+        src, dst = ckpt.read_checkpoint_config(folder).model, self.cfg.model
+        shape_keys = ("hidden_size", "num_layers", "num_heads", "ffn_size", "rotary_pct",
+                      "parallel_residual")
+        diffs = [f"model.{k}: checkpoint {getattr(src, k)}, this run {getattr(dst, k)}"
+                 for k in shape_keys if getattr(src, k) != getattr(dst, k)]
+        if src.padded_vocab() != dst.padded_vocab(self.topo.tp):
+            diffs.append(f"padded vocabulary: checkpoint {src.padded_vocab()}, this run "
+                         f"{dst.padded_vocab(self.topo.tp)} (set model.padded_vocab_size)")
+        if diffs:
+            raise ConfigError(f"train.init_checkpoint {folder} has a different backbone shape:\n  - "
+                              + "\n  - ".join(diffs)
+                              + "\nSet the run's model section to the checkpoint's (its config.yml).")
         state = torch.load(os.path.join(folder, ckpt.MODEL_FILE), map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
