@@ -90,7 +90,8 @@ def train(name: str, family: str, args, extra: list[str]) -> dict:
 def analyze(run: dict, args) -> dict:
     out = os.path.join(args.out_dir, f"depth-{run['name']}.json")
     cmd = [PYTHON, "tools/analyze_depth.py", "--checkpoint", run["run_dir"], "--data", args.analysis_data,
-           "--windows", str(args.analysis_windows), "--seq-length", "128", "--output", out]
+           "--windows", str(args.analysis_windows), "--seq-length", "128", "--compare-full-depth",
+           "--output", out]
     print(f"[bench_quality] depth analysis: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     res = json.load(open(os.path.join(ROOT, out) if not os.path.isabs(out) else out))
@@ -110,10 +111,28 @@ def fmt_table(runs: list[dict], vanilla_time: float) -> str:
 def fmt_depth(res: dict) -> str:
     lines = [f"**{res['family']}** ({res['tokens']:,} tokens, {res['windows']} windows of {res['seq_length']}, "
              f"iterations = {res['iteration_kind']}): mean NLL {res['mean_nll']:.3f}, mean iterations "
-             f"{res['mean_iterations']:.3f}, Pearson r = {res['pearson']:.4f}, Spearman ρ = {res['spearman']:.4f}",
-             "", "| exit iteration | tokens | share | mean NLL |", "|---|---|---|---|"]
+             f"{res['mean_iterations']:.3f}", "",
+             f"- corr(NLL, iterations): Pearson r = {res['pearson']:.4f}, Spearman ρ = {res['spearman']:.4f}"]
+    if "expected_steps" in res:
+        e = res["expected_steps"]
+        lines.append(f"- corr(NLL, expected steps 1+Σw): Pearson r = {e['pearson']:.4f}, Spearman ρ = "
+                     f"{e['spearman']:.4f} (mean expected steps {e['mean']:.3f})")
+    if "entropy" in res:
+        e = res["entropy"]
+        lines.append(f"- corr(predictive entropy, iterations): Pearson r = {e['pearson']:.4f}, "
+                     f"Spearman ρ = {e['spearman']:.4f}")
+    full = "mean_nll_full_depth" in res
+    if full:
+        lines.append(f"- halting switched off (tau=0): mean NLL {res['mean_nll_full_depth']:.4f}, i.e. halting "
+                     f"costs {res['delta_nll_halting']:+.4f} nats/token")
+    lines += ["", "| exit iteration | tokens | share | mean NLL | mean entropy |" + (" mean NLL, tau=0 |" if full else "")
+              + " most frequent input tokens |",
+              "|---|---|---|---|---|" + ("---|" if full else "") + "---|"]
     for row in res["per_iteration"]:
-        lines.append(f"| {row['iterations']} | {row['count']:,} | {row['share']:.3f} | {row['mean_nll']:.3f} |")
+        lines.append(f"| {row['iterations']} | {row['count']:,} | {row['share']:.3f} | {row['mean_nll']:.3f} | "
+                     f"{row.get('mean_entropy', float('nan')):.3f} |"
+                     + (f" {row['mean_nll_full_depth']:.3f} |" if full else "")
+                     + f" {row.get('top_input_tokens_text', '')} |")
     return "\n".join(lines)
 
 

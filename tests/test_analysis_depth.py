@@ -131,3 +131,22 @@ def test_analyze_batches_end_to_end():
     logits = model(tokens[:, :-1]).logits
     assert res["mean_nll"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item(),
                                             rel=1e-6)
+
+
+def test_full_depth_counterfactual_and_entropy():
+    model = tiny("adaponderlm", steps=3).eval()
+    ids, _ = real_batch(2, 24)
+    force_ada_gates(model, ids, frac=0.35)
+    tokens = torch.cat([ids, real_batch(2, 24)[1][:, -1:]], dim=1)
+    res = analyze_batches(model, [{"tokens": tokens}], compare_full_depth=True)
+    assert model.ponder_cfg.tau == pytest.approx(1e-4)  # restored
+    model.ponder_cfg.tau = 0.0
+    full = token_depth(model, tokens[:, :-1], tokens[:, 1:])
+    model.ponder_cfg.tau = 1e-4
+    assert torch.all(full["iterations"] == 4.0)
+    assert res["mean_nll_full_depth"] == pytest.approx(full["nll"].mean().item(), rel=1e-9)
+    d = token_depth(model, tokens[:, :-1], tokens[:, 1:])
+    p = torch.softmax(model(tokens[:, :-1]).logits.double(), -1)
+    assert torch.allclose(d["entropy"], -(p * p.log()).sum(-1), atol=1e-5)
+    assert res["entropy"]["spearman"] == pytest.approx(spearman(d["entropy"], d["iterations"]), abs=1e-12)
+    assert sum(c for r in res["per_iteration"] for _, c in r["top_input_tokens"]) <= 48

@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--jacobi-passes", type=int, default=None,
                     help="PonderLM-2/3: Jacobi passes of the parallel forward (default: eval_jacobi_passes)")
+    ap.add_argument("--compare-full-depth", action="store_true",
+                    help="also run with halting off (ponder.tau=0) and report the NLL each exit group "
+                         "would have had with every iteration (what halting cost)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--output", default=None, help="write the result as JSON")
     args = ap.parse_args(argv)
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
 
     from megaponder import load_model
     from megaponder.analysis import analyze_depth, format_depth_report
-    from megaponder.train.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from megaponder.train.checkpoint import read_checkpoint_config, resolve_checkpoint, tokenizer_file
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,8 +46,15 @@ def main(argv=None) -> int:
     model = load_model(folder)
     kwargs = {} if args.jacobi_passes is None else {"jacobi_passes": args.jacobi_passes}
     res = analyze_depth(model, args.data, windows=args.windows, seq_length=seq,
-                        batch_size=args.batch_size, **kwargs)
+                        batch_size=args.batch_size, compare_full_depth=args.compare_full_depth, **kwargs)
     res["checkpoint"] = folder
+    tok_path = tokenizer_file(folder)
+    if tok_path:
+        from megaponder.data import build_tokenizer
+        cfg = read_checkpoint_config(folder)
+        tok = build_tokenizer(cfg.data.tokenizer_type, tok_path)
+        for row in res["per_iteration"]:
+            row["top_input_tokens_text"] = " ".join(f"{tok.decode([t])!r}:{c}" for t, c in row["top_input_tokens"])
     print(format_depth_report(res))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -27,6 +27,8 @@ input gives ``nan`` (undefined correlation), never an exception.
 from __future__ import annotations
 
 import math
+from collections import Counter
+from contextlib import contextmanager
 from typing import Iterable, Optional, Union
 
 import torch
@@ -34,14 +36,15 @@ import torch.nn.functional as F
 
 from ..models.base import IGNORE_INDEX
 
-__all__ = ["token_depth", "pearson", "spearman", "rankdata", "per_iteration_table",
+__all__ = ["token_depth", "full_depth", "pearson", "spearman", "rankdata", "per_iteration_table",
            "analyze_depth", "analyze_batches", "format_depth_report"]
 
 
 @torch.no_grad()
 def token_depth(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, **kwargs) -> dict:
-    """One forward in eval mode -> ``{"nll": [B, T], "iterations": [B, T], "valid": [B, T] bool,
-    "expected_steps": [B, T] (PonderLM-3 only)}`` (float64 / bool, on CPU)."""
+    """One forward in eval mode -> ``{"nll": [B, T], "iterations": [B, T], "entropy": [B, T]
+    (of the predicted distribution), "valid": [B, T] bool, "expected_steps": [B, T]
+    (PonderLM-3 only)}`` (float64 / bool, on CPU)."""
     was_training = model.training
     model.eval()
     try:
@@ -52,11 +55,28 @@ def token_depth(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.
     valid = targets != IGNORE_INDEX
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).clamp_min(0),
                           reduction="none").view(targets.shape)
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
     res = {"nll": nll.double().cpu(), "iterations": out.stats["token_iterations"].double().cpu(),
-           "valid": valid.cpu()}
+           "entropy": entropy.double().cpu(), "valid": valid.cpu()}
     if "token_expected_steps" in out.stats:
         res["expected_steps"] = out.stats["token_expected_steps"].double().cpu()
     return res
+
+
+@contextmanager
+def full_depth(model: torch.nn.Module):
+    """Counterfactual without halting: ``ponder.tau = 0`` keeps every AdaPonderLM token active
+    (s >= 0 always) and every PonderLM-3 step (w >= 0 always); other families are unchanged."""
+    cfg = getattr(model, "ponder_cfg", None)
+    old = getattr(cfg, "tau", None)
+    if cfg is not None:
+        cfg.tau = 0.0
+    try:
+        yield model
+    finally:
+        if cfg is not None:
+            cfg.tau = old
 
 
 def pearson(x, y) -> float:
@@ -117,34 +137,56 @@ def per_iteration_table(nll, iterations) -> list[dict]:
     return rows
 
 
-def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], **forward_kwargs) -> dict:
-    """Depth statistics over batches of ``{"tokens": [B, T+1]}`` (model_inputs convention)."""
+def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_full_depth: bool = False,
+                    top_tokens: int = 10, **forward_kwargs) -> dict:
+    """Depth statistics over batches of ``{"tokens": [B, T+1]}`` (model_inputs convention).
+
+    Besides NLL vs iterations: the correlation of the predictive entropy with iterations, the
+    most frequent input token ids per exit iteration, and with ``compare_full_depth`` the NLL of
+    the same tokens with halting switched off (:func:`full_depth`), i.e. what halting cost each
+    exit group (``mean_nll_full_depth`` per row, ``delta_nll_halting`` overall)."""
     from ..train.evaluate import model_inputs
 
-    nll, its, exp = [], [], []
+    cols = {"nll": [], "iterations": [], "entropy": [], "expected_steps": [], "nll_full": [], "ids": []}
     for batch in batches:
         inputs = model_inputs(batch)
         kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "targets")}
         kwargs.update(forward_kwargs)
         d = token_depth(model, inputs["input_ids"], inputs["targets"], **kwargs)
         v = d["valid"]
-        nll.append(d["nll"][v])
-        its.append(d["iterations"][v])
-        if "expected_steps" in d:
-            exp.append(d["expected_steps"][v])
-    if not nll:
+        for k in ("nll", "iterations", "entropy", "expected_steps"):
+            if k in d:
+                cols[k].append(d[k][v])
+        cols["ids"].append(inputs["input_ids"].cpu()[v])
+        if compare_full_depth:
+            with full_depth(model):
+                cols["nll_full"].append(token_depth(model, inputs["input_ids"], inputs["targets"], **kwargs)["nll"][v])
+    if not cols["nll"]:
         raise ValueError("analyze_batches: no batches")
-    nll, its = torch.cat(nll), torch.cat(its)
+    nll, its, ent, ids = (torch.cat(cols[k]) for k in ("nll", "iterations", "entropy", "ids"))
+    rows = per_iteration_table(nll, its)
+    for row in rows:
+        sel = its == float(row["iterations"])
+        row["mean_entropy"] = float(ent[sel].mean())
+        row["top_input_tokens"] = [[t, c] for t, c in Counter(ids[sel].tolist()).most_common(top_tokens)]
     res = {"family": getattr(model, "family", type(model).__name__), "tokens": int(nll.numel()),
            "mean_nll": float(nll.mean()), "ppl": math.exp(min(float(nll.mean()), 50.0)),
            "mean_iterations": float(its.mean()),
            "iteration_kind": _iteration_kind(model),
            "pearson": pearson(nll, its), "spearman": spearman(nll, its),
-           "per_iteration": per_iteration_table(nll, its)}
-    if exp:
-        exp = torch.cat(exp)
+           "entropy": {"mean": float(ent.mean()), "pearson": pearson(ent, its), "spearman": spearman(ent, its)},
+           "per_iteration": rows}
+    if cols["expected_steps"]:
+        exp = torch.cat(cols["expected_steps"])
         res["expected_steps"] = {"mean": float(exp.mean()), "pearson": pearson(nll, exp),
                                  "spearman": spearman(nll, exp)}
+    if compare_full_depth:
+        full = torch.cat(cols["nll_full"])
+        res["mean_nll_full_depth"] = float(full.mean())
+        res["delta_nll_halting"] = float((nll - full).mean())
+        for row in rows:
+            sel = its == float(row["iterations"])
+            row["mean_nll_full_depth"] = float(full[sel].mean())
     return res
 
 
@@ -158,7 +200,8 @@ def _iteration_kind(model) -> str:
 
 
 def analyze_depth(model: torch.nn.Module, data: Union[str, object], windows: int = 64,
-                  seq_length: Optional[int] = None, batch_size: int = 8, **forward_kwargs) -> dict:
+                  seq_length: Optional[int] = None, batch_size: int = 8, compare_full_depth: bool = False,
+                  **forward_kwargs) -> dict:
     """Depth statistics over the first ``windows`` non-overlapping windows of ``seq_length + 1``
     tokens of an indexed dataset (prefix or ``IndexedDataset``), in file order
     (``megaponder.train.evaluate.sequential_batches``, as ``megaponder eval``)."""
@@ -167,7 +210,8 @@ def analyze_depth(model: torch.nn.Module, data: Union[str, object], windows: int
 
     ds = IndexedDataset(str(data)) if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else data
     seq_length = seq_length or getattr(model.cfg, "max_position_embeddings", 128)
-    res = analyze_batches(model, sequential_batches(ds, seq_length, batch_size, windows), **forward_kwargs)
+    res = analyze_batches(model, sequential_batches(ds, seq_length, batch_size, windows),
+                          compare_full_depth=compare_full_depth, **forward_kwargs)
     res.update({"windows": windows, "seq_length": seq_length, "data": str(data)})
     return res
 
@@ -182,7 +226,19 @@ def format_depth_report(res: dict) -> str:
         e = res["expected_steps"]
         lines.append(f"  corr(NLL, expected steps 1+sum w): Pearson {e['pearson']:.4f}, "
                      f"Spearman {e['spearman']:.4f} (mean {e['mean']:.4f})")
-    lines += ["", "  exit iteration      tokens   share   mean NLL"]
+    if "entropy" in res:
+        e = res["entropy"]
+        lines.append(f"  corr(entropy, iterations): Pearson {e['pearson']:.4f}, Spearman {e['spearman']:.4f}")
+    full = "mean_nll_full_depth" in res
+    if full:
+        lines.append(f"  mean NLL with halting off (tau=0) {res['mean_nll_full_depth']:.4f} "
+                     f"(halting costs {res['delta_nll_halting']:+.4f} nats/token)")
+    lines += ["", "  exit iteration      tokens   share   mean NLL  entropy" + ("  NLL tau=0" if full else "")]
     for row in res["per_iteration"]:
-        lines.append(f"  {str(row['iterations']):>14}  {row['count']:>10,}  {row['share']:6.3f}  {row['mean_nll']:9.4f}")
+        lines.append(f"  {str(row['iterations']):>14}  {row['count']:>10,}  {row['share']:6.3f}  {row['mean_nll']:9.4f}"
+                     f"  {row.get('mean_entropy', float('nan')):7.3f}"
+                     + (f"  {row['mean_nll_full_depth']:9.4f}" if full else ""))
+    for row in res["per_iteration"]:
+        if row.get("top_input_tokens_text"):
+            lines.append(f"  exit {row['iterations']}: most frequent inputs {row['top_input_tokens_text']}")
     return "\n".join(lines)
