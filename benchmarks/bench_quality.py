@@ -87,6 +87,15 @@ def train(name: str, family: str, args, extra: list[str]) -> dict:
             "train_active": {k: v for k, v in (last or {}).items() if k.startswith("active_frac/")}}
 
 
+def training_flops_per_token(run_dir: str, seq_len: int = 128) -> float:
+    """Analytic dense training FLOPs per token (megaponder/models/flops.py, fwd+bwd = 3x fwd)."""
+    sys.path.insert(0, ROOT)
+    from megaponder import load_model
+    from megaponder.models.flops import training_flops_per_token as tfpt
+
+    return tfpt(load_model(run_dir), seq_len)
+
+
 def analyze(run: dict, args) -> dict:
     out = os.path.join(args.out_dir, f"depth-{run['name']}.json")
     cmd = [PYTHON, "tools/analyze_depth.py", "--checkpoint", run["run_dir"], "--data", args.analysis_data,
@@ -99,12 +108,14 @@ def analyze(run: dict, args) -> dict:
     return res
 
 
-def fmt_table(runs: list[dict], vanilla_time: float) -> str:
-    lines = ["| run | family | val ppl | mean iters/token | FLOPs ratio (inference) | training tokens | wall-time ratio vs vanilla |",
-             "|---|---|---|---|---|---|---|"]
+def fmt_table(runs: list[dict], vanilla_time: float, vanilla_train_flops: float) -> str:
+    lines = ["| run | family | val ppl | mean iters/token | FLOPs ratio (inference) | training FLOPs ratio | "
+             "training tokens | wall-time ratio vs vanilla |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['name']} | {r['family']} | {r['val_ppl']:.2f} | {r['mean_iters']:.3f} | "
-                     f"{r['flops_ratio']:.3f} | {r['tokens']:,} | {r['train_time_s'] / vanilla_time:.2f} |")
+                     f"{r['flops_ratio']:.3f} | {r['train_flops_per_token'] / vanilla_train_flops:.2f} | "
+                     f"{r['tokens']:,} | {r['train_time_s'] / vanilla_time:.2f} |")
     return "\n".join(lines)
 
 
@@ -178,15 +189,18 @@ def main() -> None:
             if name in by_name:
                 depth.append(analyze(by_name[name], args))
 
-    vanilla_time = by_name["vanilla"]["train_time_s"] if "vanilla" in by_name else runs[0]["train_time_s"]
+    for r in runs + iso[1:]:
+        r["train_flops_per_token"] = training_flops_per_token(r["run_dir"])
+    ref = by_name.get("vanilla", runs[0])
+    vanilla_time, vanilla_train_flops = ref["train_time_s"], ref["train_flops_per_token"]
     md = [f"Equal steps: {args.steps} steps x 8 sequences x 128 tokens, seed 1234, train.threads={args.threads}, "
           f"final validation on {args.eval_batches} micro-batches ({args.eval_batches * 8 * 128:,} tokens) of "
           f"data/demo/validation_text_document. AdaPonderLM bottom-k warm-up {s0}->{s1} "
           f"(λ, k_max, tau at their defaults 0.1, 0.1, 1e-4).", "",
-          "### Quality at equal steps", "", fmt_table(runs, vanilla_time)]
+          "### Quality at equal steps", "", fmt_table(runs, vanilla_time, vanilla_train_flops)]
     if iso:
         md += ["", f"### Iso-FLOPs (target_flops_ratio = AdaPonderLM's {iso[0]['flops_ratio']:.4f})", "",
-               fmt_table(iso, vanilla_time)]
+               fmt_table(iso, vanilla_time, vanilla_train_flops)]
     if depth:
         md += ["", "### Depth vs difficulty (NLL vs iterations used)", ""]
         for res in depth:
