@@ -241,7 +241,7 @@ class Trainer:
                 ("validation ppl", f"{s['val_ppl']:.2f}"
                  + (f"   (unigram baseline {baseline:.1f})" if baseline else "")),
                 ("mean iterations/token", f"{s['mean_iters']:.3f}"),
-                ("FLOPs ratio vs one pass", f"{s['flops_ratio']:.3f}"),
+                ("inference FLOPs vs vanilla", f"{s['flops_ratio']:.3f}"),
                 ("wall time", f"{s['wall_s']:.1f} s"),
                 ("checkpoint", s["checkpoint"])]
         print("\n[megaponder] training finished\n" + format_summary(rows), flush=True)
