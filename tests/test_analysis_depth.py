@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megaponder.analysis import analyze_batches, pearson, per_iteration_table, rankdata, spearman, token_depth
+from megaponder.analysis import analyze_batches, inference_pruning, pearson, per_iteration_table, rankdata, spearman, token_depth
 from megaponder.models.generate import decode_logits
 from test_families_helpers import force_ada_gates, force_router, real_batch, tiny
 
@@ -150,3 +150,23 @@ def test_full_depth_counterfactual_and_entropy():
     assert torch.allclose(d["entropy"], -(p * p.log()).sum(-1), atol=1e-5)
     assert res["entropy"]["spearman"] == pytest.approx(spearman(d["entropy"], d["iterations"]), abs=1e-12)
     assert sum(c for r in res["per_iteration"] for _, c in r["top_input_tokens"]) <= 48
+
+
+def test_ponderlm3_analysis_nll_is_the_pruned_decoders():
+    """The analysis evaluates PonderLM-3 with hard pruning (w just below tau here), i.e. the
+    pruned decoder's NLL, not the soft-bias training forward's."""
+    model = tiny("ponderlm3", steps=2, tau=0.2).eval()
+    with torch.no_grad():
+        model.router.fc2.weight.mul_(300.0)
+    ids, _ = real_batch(2, 10)
+    tokens = torch.cat([ids, real_batch(2, 10)[1][:, -1:]], dim=1)
+    res = analyze_batches(model, [{"tokens": tokens}], jacobi_passes=30)
+    assert res["hard_prune"] and not model.ponder_cfg.train_hard_prune  # restored
+    dec = decode_logits(model, tokens[:, :-1])
+    ref = F.cross_entropy(dec.flatten(0, 1), tokens[:, 1:].flatten()).item()
+    assert res["mean_nll"] == pytest.approx(ref, abs=1e-5)
+    ref_tok = F.cross_entropy(dec.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").double()
+    with inference_pruning(model):
+        hard = token_depth(model, tokens[:, :-1], tokens[:, 1:], jacobi_passes=30)
+    assert (hard["nll"].flatten() - ref_tok).abs().max().item() < 1e-5
+    assert 1.0 < hard["iterations"].mean().item() < 3.0  # steps really pruned

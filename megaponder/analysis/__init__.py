@@ -4,8 +4,8 @@
 Pearson/Spearman correlation, mean NLL per exit iteration (tools/analyze_depth.py,
 docs/families.md "Depth vs difficulty").
 """
-from .depth import (analyze_batches, analyze_depth, format_depth_report, full_depth, pearson, per_iteration_table,
+from .depth import (analyze_batches, analyze_depth, format_depth_report, full_depth, inference_pruning, pearson, per_iteration_table,
                     rankdata, spearman, token_depth)
 
-__all__ = ["analyze_batches", "analyze_depth", "format_depth_report", "full_depth", "pearson", "per_iteration_table",
+__all__ = ["analyze_batches", "analyze_depth", "format_depth_report", "full_depth", "inference_pruning", "pearson", "per_iteration_table",
            "rankdata", "spearman", "token_depth"]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..models.base import IGNORE_INDEX
 
-__all__ = ["token_depth", "full_depth", "pearson", "spearman", "rankdata", "per_iteration_table",
+__all__ = ["token_depth", "full_depth", "inference_pruning", "pearson", "spearman", "rankdata", "per_iteration_table",
            "analyze_depth", "analyze_batches", "format_depth_report"]
 
 
@@ -66,17 +66,36 @@ def token_depth(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.
 
 @contextmanager
 def full_depth(model: torch.nn.Module):
-    """Counterfactual without halting: ``ponder.tau = 0`` keeps every AdaPonderLM token active
-    (s >= 0 always) and every PonderLM-3 step (w >= 0 always); other families are unchanged."""
+    """Counterfactual without halting: ``ponder.tau`` = 0 keeps every AdaPonderLM token active
+    (s >= 0 always); PonderLM-3 gets the smallest positive float (log tau must exist), which
+    keeps every step (log w is finite); other families are unchanged."""
     cfg = getattr(model, "ponder_cfg", None)
     old = getattr(cfg, "tau", None)
     if cfg is not None:
-        cfg.tau = 0.0
+        cfg.tau = 5e-324 if getattr(model, "family", "") == "ponderlm3" else 0.0
     try:
         yield model
     finally:
         if cfg is not None:
             cfg.tau = old
+
+
+@contextmanager
+def inference_pruning(model: torch.nn.Module, enabled: bool = True):
+    """PonderLM-3: run the parallel forward with ``ponder.train_hard_prune`` = true, i.e. the
+    inference semantics (steps with w < tau neither attended to nor mixed in), so the NLL is
+    the one the pruned decoder gives (tests/test_families_consistency.py) rather than the
+    soft-bias training forward's. No-op for other families."""
+    cfg = getattr(model, "ponder_cfg", None)
+    if not enabled or cfg is None or getattr(model, "family", "") != "ponderlm3":
+        yield model
+        return
+    old = cfg.train_hard_prune
+    cfg.train_hard_prune = True
+    try:
+        yield model
+    finally:
+        cfg.train_hard_prune = old
 
 
 def pearson(x, y) -> float:
@@ -138,13 +157,14 @@ def per_iteration_table(nll, iterations) -> list[dict]:
 
 
 def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_full_depth: bool = False,
-                    top_tokens: int = 10, **forward_kwargs) -> dict:
+                    top_tokens: int = 10, hard_prune: bool = True, **forward_kwargs) -> dict:
     """Depth statistics over batches of ``{"tokens": [B, T+1]}`` (model_inputs convention).
 
     Besides NLL vs iterations: the correlation of the predictive entropy with iterations, the
     most frequent input token ids per exit iteration, and with ``compare_full_depth`` the NLL of
     the same tokens with halting switched off (:func:`full_depth`), i.e. what halting cost each
-    exit group (``mean_nll_full_depth`` per row, ``delta_nll_halting`` overall)."""
+    exit group (``mean_nll_full_depth`` per row, ``delta_nll_halting`` overall). PonderLM-3 is
+    evaluated with hard pruning (:func:`inference_pruning`) unless ``hard_prune=False``."""
     from ..train.evaluate import model_inputs
 
     cols = {"nll": [], "iterations": [], "entropy": [], "expected_steps": [], "nll_full": [], "ids": []}
@@ -152,14 +172,15 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
         inputs = model_inputs(batch)
         kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "targets")}
         kwargs.update(forward_kwargs)
-        d = token_depth(model, inputs["input_ids"], inputs["targets"], **kwargs)
+        with inference_pruning(model, hard_prune):
+            d = token_depth(model, inputs["input_ids"], inputs["targets"], **kwargs)
         v = d["valid"]
         for k in ("nll", "iterations", "entropy", "expected_steps"):
             if k in d:
                 cols[k].append(d[k][v])
         cols["ids"].append(inputs["input_ids"].cpu()[v])
         if compare_full_depth:
-            with full_depth(model):
+            with full_depth(model), inference_pruning(model, hard_prune):
                 cols["nll_full"].append(token_depth(model, inputs["input_ids"], inputs["targets"], **kwargs)["nll"][v])
     if not cols["nll"]:
         raise ValueError("analyze_batches: no batches")
@@ -170,6 +191,7 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
         row["mean_entropy"] = float(ent[sel].mean())
         row["top_input_tokens"] = [[t, c] for t, c in Counter(ids[sel].tolist()).most_common(top_tokens)]
     res = {"family": getattr(model, "family", type(model).__name__), "tokens": int(nll.numel()),
+           "hard_prune": bool(hard_prune and getattr(model, "family", "") == "ponderlm3"),
            "mean_nll": float(nll.mean()), "ppl": math.exp(min(float(nll.mean()), 50.0)),
            "mean_iterations": float(its.mean()),
            "iteration_kind": _iteration_kind(model),
