@@ -11,7 +11,10 @@ the same data, seed and number of steps, then
 2. the iso-FLOPs table: AdaPonderLM vs fixed_pruning (uniform, geometric) and random_halting,
    each with ``ponder.target_flops_ratio`` = the trained AdaPonderLM's measured validation
    ``flops_ratio``;
-3. the depth-vs-difficulty analysis (tools/analyze_depth.py) of the AdaPonderLM and PonderLM-3
+3. seed noise: vanilla (and AdaPonderLM) retrained with other ``train.seed`` values; every run
+   is also evaluated on the whole validation split (``megaponder eval``, the same 48,640 tokens
+   for all runs), the first ppl column;
+4. the depth-vs-difficulty analysis (tools/analyze_depth.py) of the AdaPonderLM and PonderLM-3
    checkpoints on the demo validation split.
 
     python benchmarks/bench_quality.py --steps 200 --threads 1 \
@@ -55,8 +58,8 @@ def final_record(run_dir: str):
             "first_train": train_recs[0] if train_recs else None}
 
 
-def train(name: str, family: str, args, extra: list[str]) -> dict:
-    run_dir = os.path.join(args.out_dir, name)
+def train(name: str, family: str, args, extra: list[str], run_dir: str = None) -> dict:
+    run_dir = run_dir or os.path.join(args.out_dir, name)
     sets = [f"train.run_dir={run_dir}", f"train.steps={args.steps}", "train.eval_every=0",
             f"train.eval_batches={args.eval_batches}", "train.save_every=0", "train.progress_bar=false",
             f"train.log_every={max(1, args.steps // 10)}"]
@@ -87,6 +90,17 @@ def train(name: str, family: str, args, extra: list[str]) -> dict:
             "train_active": {k: v for k, v in (last or {}).items() if k.startswith("active_frac/")}}
 
 
+def full_eval(run: dict, args) -> None:
+    """``megaponder eval`` on every window of the validation split (the same tokens for every
+    run; the trainer's final validation samples batches with the run's seed)."""
+    cmd = [MEGAPONDER, "eval", "--checkpoint", run["run_dir"], "--data", args.analysis_data, "--threads",
+           str(args.threads or 0)]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    res = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    run["full"] = res
+    run["eval_command"] = " ".join(shlex.quote(c) for c in cmd)
+
+
 def training_flops_per_token(run_dir: str, seq_len: int = 128) -> float:
     """Analytic dense training FLOPs per token (megaponder/models/flops.py, fwd+bwd = 3x fwd)."""
     sys.path.insert(0, ROOT)
@@ -97,7 +111,7 @@ def training_flops_per_token(run_dir: str, seq_len: int = 128) -> float:
 
 
 def analyze(run: dict, args) -> dict:
-    out = os.path.join(args.out_dir, f"depth-{run['name']}.json")
+    out = os.path.join(os.path.dirname(run["run_dir"]), f"depth-{run['name']}.json")
     cmd = [PYTHON, "tools/analyze_depth.py", "--checkpoint", run["run_dir"], "--data", args.analysis_data,
            "--windows", str(args.analysis_windows), "--seq-length", "128", "--compare-full-depth",
            "--output", out]
@@ -109,12 +123,14 @@ def analyze(run: dict, args) -> dict:
 
 
 def fmt_table(runs: list[dict], vanilla_time: float, vanilla_train_flops: float) -> str:
-    lines = ["| run | family | val ppl | mean iters/token | FLOPs ratio (inference) | training FLOPs ratio | "
-             "training tokens | wall-time ratio vs vanilla |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | family | val ppl (full split) | val ppl (trainer) | mean iters/token | FLOPs ratio (inference) | "
+             "training FLOPs ratio | training tokens | wall-time ratio vs vanilla |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['name']} | {r['family']} | {r['val_ppl']:.2f} | {r['mean_iters']:.3f} | "
-                     f"{r['flops_ratio']:.3f} | {r['train_flops_per_token'] / vanilla_train_flops:.2f} | "
+        f = r.get("full", {})
+        lines.append(f"| {r['name']} | {r['family']} | {f.get('ppl', float('nan')):.2f} | {r['val_ppl']:.2f} | "
+                     f"{f.get('mean_iters', r['mean_iters']):.3f} | {f.get('flops_ratio', r['flops_ratio']):.3f} | "
+                     f"{r['train_flops_per_token'] / vanilla_train_flops:.2f} | "
                      f"{r['tokens']:,} | {r['train_time_s'] / vanilla_time:.2f} |")
     return "\n".join(lines)
 
@@ -160,6 +176,9 @@ def main() -> None:
                     help="AdaPonderLM bottom-k warm-up start/end as fractions of --steps")
     ap.add_argument("--analysis-data", default="data/demo/validation_text_document")
     ap.add_argument("--analysis-windows", type=int, default=64)
+    ap.add_argument("--noise-seeds", type=int, nargs="*", default=[1, 2],
+                    help="extra train.seed values for --noise-families (seed-noise estimate)")
+    ap.add_argument("--noise-families", nargs="*", default=["vanilla", "adaponderlm"])
     ap.add_argument("--skip-existing", action="store_true")
     ap.add_argument("--no-iso", action="store_true")
     ap.add_argument("--no-analysis", action="store_true")
@@ -183,13 +202,28 @@ def main() -> None:
                                  ("random_halting", "random_halting", [])]:
             iso.append(train(name, fam, args, extra + [f"ponder.target_flops_ratio={target:.4f}"]))
 
+    noise = []
+    for fam in args.noise_families:
+        for seed in args.noise_seeds:
+            if fam == "adaponderlm" and seed != args.noise_seeds[-1]:
+                continue  # one extra AdaPonderLM seed (its run is 5x vanilla's)
+            name = f"{fam}-seed{seed}"
+            noise.append(train(name, fam, args, (ada_sets if fam == "adaponderlm" else []) + [f"train.seed={seed}"],
+                               run_dir=os.path.join(args.out_dir, "seeds", name)))
+
+    for r in runs + iso[1:] + noise:
+        full_eval(r, args)
+
     depth = []
     if not args.no_analysis:
         for name in ("adaponderlm", "ponderlm3"):
             if name in by_name:
                 depth.append(analyze(by_name[name], args))
+        for r in noise:
+            if r["family"] == "adaponderlm":
+                depth.append(analyze(r, args))
 
-    for r in runs + iso[1:]:
+    for r in runs + iso[1:] + noise:
         r["train_flops_per_token"] = training_flops_per_token(r["run_dir"])
     ref = by_name.get("vanilla", runs[0])
     vanilla_time, vanilla_train_flops = ref["train_time_s"], ref["train_flops_per_token"]
@@ -201,18 +235,22 @@ def main() -> None:
     if iso:
         md += ["", f"### Iso-FLOPs (target_flops_ratio = AdaPonderLM's {iso[0]['flops_ratio']:.4f})", "",
                fmt_table(iso, vanilla_time, vanilla_train_flops)]
+    if noise:
+        md += ["", "### Seed noise (same config, other train.seed: init, data order and the trainer's "
+               "validation sample change)", "", fmt_table([by_name[f] for f in args.noise_families if f in by_name]
+                                                          + noise, vanilla_time, vanilla_train_flops)]
     if depth:
         md += ["", "### Depth vs difficulty (NLL vs iterations used)", ""]
         for res in depth:
             md += [fmt_depth(res), ""]
-    md += ["", "### Commands", "", "```"] + [r["command"] for r in runs + iso[1:]] + \
-          [d["command"] for d in depth] + ["```"]
+    md += ["", "### Commands", "", "```"] + [r["command"] for r in runs + iso[1:] + noise] + \
+          [r["eval_command"] for r in runs + iso[1:] + noise] + [d["command"] for d in depth] + ["```"]
     text = "\n".join(md) + "\n"
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
         f.write(text)
     with open(args.json or os.path.splitext(args.output)[0] + ".json", "w") as f:
-        json.dump({"runs": runs, "iso": iso, "depth": depth, "steps": args.steps}, f, indent=1)
+        json.dump({"runs": runs, "iso": iso, "noise": noise, "depth": depth, "steps": args.steps}, f, indent=1)
     print(text)
 
 
