@@ -88,13 +88,41 @@ def forward_backward_parity(topo, sp=False):
     return res
 
 
-def training_parity(topo, zero, sp=False, steps=5):
+#: tiny per-family settings: every recurrent feature active (halting happens, Jacobi counts
+#: vary between micro-batches, bottom-k loss and compute penalty on) at seq 8, d 32.
+FAMILY_PONDER = {
+    "ponderlm": {"steps": 2},
+    "adaponderlm": {"steps": 2, "gate_bias_init": 0.0, "tau": 0.4},
+    "ponderlm2": {"steps": 2, "jacobi_passes": [1, 2]},
+    "ponderlm3": {"steps": 2, "jacobi_passes": [1, 2]},
+    "loop": {"steps": 2},
+    "pause": {"pause_tokens": 2},
+    "fixed_pruning": {"steps": 2, "target_flops_ratio": 2.0},
+    "random_halting": {"steps": 2, "halting_rate": 0.3},
+}
+FAMILIES = list(FAMILY_PONDER)
+VOCAB = 128
+
+
+def family_config(family, tp=1, pp=1, zero=0, sp=False, **ponder):
+    cfg = tiny_config(tp, pp, zero, sp, family)
+    cfg.model.vocab_size = VOCAB
+    for k, v in {**FAMILY_PONDER.get(family, {}), **ponder}.items():
+        setattr(cfg.ponder, k, v)
+    return cfg
+
+
+def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None, cfg=None):
     """``steps`` DeepSpeed optimizer steps of the parallel model vs plain torch AdamW +
-    clip_grad_norm_ on the single-device model, same data (dp shards of a global batch)."""
+    clip_grad_norm_ on the single-device model, same data. The global batch of each step is
+    dp*gas micro-batches; rank r's i-th micro-batch is global micro-batch i*dp + r (the
+    trainer's interleaved sharding, megaponder/data/sampler.py), which is also the order in
+    which the reference consumes them, so seeded draws (Jacobi counts, pruning plans) agree."""
     from megaponder.models import build_model
     from megaponder.parallel.engine import build_engine, param_groups
     from megaponder.parallel.parallelize import gather_full_state_dict, load_full_state_dict, parallelize
-    cfg = tiny_config(topo.tp, topo.pp, zero, sp)
+    if cfg is None:
+        cfg = family_config(family, topo.tp, topo.pp, zero, sp, **(ponder or {}))
     torch.manual_seed(0)
     ref = build_model(cfg)
     model = parallelize(copy.deepcopy(ref), cfg, topo)
@@ -103,25 +131,29 @@ def training_parity(topo, zero, sp=False, steps=5):
     opt = torch.optim.AdamW(param_groups(ref, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     g = torch.Generator().manual_seed(1)
     mb, gas, dp = cfg.train.micro_batch_size, cfg.train.grad_accum_steps, topo.dp
-    rows = mb * gas
+    vocab = cfg.model.vocab_size
     losses, ref_losses, norms = [], [], []
-    for _ in range(steps):
-        ids = torch.randint(0, 200, (dp * rows, 8), generator=g)
-        tgt = torch.randint(0, 200, (dp * rows, 8), generator=g)
-        mine = slice(topo.dp_rank * rows, (topo.dp_rank + 1) * rows)
-        stats = engine.train_step({"input_ids": ids[mine], "targets": tgt[mine]})
+    for step in range(steps):
+        ids = torch.randint(0, vocab, (dp * gas, mb, 8), generator=g)
+        tgt = torch.randint(0, vocab, (dp * gas, mb, 8), generator=g)
+        tgt[:, 0, :2] = -100
+        mine = [i * dp + topo.dp_rank for i in range(gas)]
+        engine.step_count = step
+        stats = engine.train_step([{"input_ids": ids[j], "targets": tgt[j]} for j in mine])
         losses.append(stats["loss"])
         opt.zero_grad()
+        ref.set_step(step)
         total = 0.0
-        for start in range(0, dp * rows, mb):
-            loss = ref(ids[start:start + mb], targets=tgt[start:start + mb]).loss / (gas * dp)
+        for j in range(dp * gas):
+            loss = ref(ids[j], targets=tgt[j]).loss / (gas * dp)
             loss.backward()
             total += loss.item()
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip).item()
         opt.step()
         ref_losses.append(total)
         norms.append((stats["grad_norm"], ref_norm))
-    res = {"losses": losses, "ref_losses": ref_losses, "norms": norms}
+    res = {"losses": losses, "ref_losses": ref_losses, "norms": norms,
+           "mean_iters": stats.get("mean_iters"), "passes": getattr(ref, "num_passes", None)}
     full = gather_full_state_dict(engine.module, topo)
     if full is not None:
         sd = ref.state_dict()
@@ -151,3 +183,81 @@ def run_checks(rank, world, plan):
             out[name] = training_parity(topo, zero, sp)
         out[name]["topology"] = topo.describe()
     return out
+
+
+def _set(cfg, dotted, value):
+    section, key = dotted.split(".")
+    setattr(getattr(cfg, section), key, value)
+
+
+def bf16_training(topo, family, steps=3):
+    """tp layout, DeepSpeed bf16 (fp32 master weights) vs the same layout in fp32, ``steps``
+    steps on ONE repeated batch (so the loss must fall). Returns both loss curves."""
+    from megaponder.models import build_model
+    from megaponder.parallel.engine import build_engine
+    from megaponder.parallel.parallelize import parallelize
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (4, 8), generator=g)
+    tgt = torch.randint(0, VOCAB, (4, 8), generator=g)
+    out = {}
+    for precision in ("bf16", "fp32"):
+        cfg = family_config(family, topo.tp, topo.pp, 1)
+        cfg.train.precision = precision
+        torch.manual_seed(0)
+        model = parallelize(build_model(cfg), cfg, topo)
+        engine = build_engine(model, cfg, topo)
+        losses = []
+        for step in range(steps):
+            engine.step_count = step
+            losses.append(engine.train_step({"input_ids": ids, "targets": tgt})["loss"])
+        out[f"{precision}_losses"] = losses
+    return out
+
+
+def run_family_checks(rank, world, layouts, families=None, steps=5, extra=(), bf16_families=()):
+    """layouts: list of (name, tp, pp, zero); every family of ``families`` (default: all
+    pondering families) is trained ``steps`` optimizer steps in every layout, in ONE process
+    group (one spawn for the whole matrix). ``extra``: (name, tp, pp, zero, families,
+    {"section.key": value}) layouts with config overrides (activation checkpointing).
+    ``bf16_families``: a tp=world bf16 run each (:func:`bf16_training`, key "bf16_tp2").
+    Returns {layout: {family: result}}; a failing family records its traceback instead of
+    stopping the others."""
+    import time
+    import traceback
+    from megaponder.parallel.state import build_topology, seed_everything
+    out = {}
+    jobs = [(name, tp, pp, zero, families or FAMILIES, {}) for name, tp, pp, zero in layouts]
+    jobs += list(extra)
+    if bf16_families:
+        jobs.append(("bf16_tp2", world, 1, 1, list(bf16_families), "bf16"))
+    topos = {}
+    for name, tp, pp, zero, fams, overrides in jobs:
+        if (tp, pp) not in topos:
+            topos[(tp, pp)] = build_topology(tp, pp)
+        topo = topos[(tp, pp)]
+        out[name] = {}
+        for family in fams:
+            seed_everything(1234, topo)
+            t0 = time.time()
+            try:
+                if overrides == "bf16":
+                    res = bf16_training(topo, family)
+                else:
+                    ponder = ({"kv_reuse_grad": False} if pp > 1 and family == "adaponderlm"
+                              and not PP_KV_REUSE_GRAD else {})
+                    cfg = family_config(family, tp, pp, zero, **ponder)
+                    for k, v in overrides.items():
+                        _set(cfg, k, v)
+                    res = training_parity(topo, zero, steps=steps, family=family, cfg=cfg)
+            except Exception:  # noqa: BLE001 - report per family
+                res = {"error": traceback.format_exc()}
+            res["seconds"] = time.time() - t0
+            res["topology"] = topo.describe()
+            out[name][family] = res
+            dist.barrier()
+    return out
+
+
+#: adaponderlm under pp trains with gradient through the reused K/V (routed inside the
+#: pipeline, see megaponder/parallel/pipeline.py); False would fall back to kv_reuse_grad=false.
+PP_KV_REUSE_GRAD = True

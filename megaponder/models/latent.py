@@ -77,7 +77,7 @@ class LatentLM(PonderMixin, CausalLM):
             return int(override)
         if not self.training:
             return p.eval_jacobi_passes
-        g = self.sample_generator(salt=1)
+        g = self.sample_generator(salt=1, per_step=True)  # same J on every micro-batch/rank
         return int(p.jacobi_passes[int(torch.randint(len(p.jacobi_passes), (1,), generator=g))])
 
     def generate_cached(self, prompt_ids, **kwargs):

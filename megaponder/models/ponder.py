@@ -77,12 +77,27 @@ class PonderMixin:
         probs = torch.softmax(logits.float(), dim=-1).to(weight.dtype)
         return probs @ weight
 
-    def sample_generator(self, salt: int = 0) -> torch.Generator:
-        """CPU generator seeded from (ponder.sample_seed, training step, call in this step) in
-        training and from the seed alone in eval, so draws are reproducible across resumes."""
+    #: data-parallel layout of the draws (set_draw_layout); the single process is (0, 1)
+    _draw_offset, _draw_stride = 0, 1
+
+    def set_draw_layout(self, offset: int, stride: int) -> None:
+        """The i-th forward of a training step on this data-parallel rank is global
+        micro-batch ``i*stride + offset`` (the trainer's interleaved sharding: offset = dp
+        rank, stride = dp size), so each micro-batch's seeded draws equal the single process's."""
+        self._draw_offset, self._draw_stride = int(offset), int(stride)
+
+    def sample_generator(self, salt: int = 0, per_step: bool = False) -> torch.Generator:
+        """CPU generator seeded from (ponder.sample_seed, training step, global micro-batch of
+        this step) in training and from the seed alone in eval, so draws are reproducible
+        across resumes and identical for every parallel layout (set_draw_layout).
+        ``per_step``: one draw for the whole optimizer step (every micro-batch and every
+        data-parallel rank alike), for draws that change the *structure* of the forward (the
+        Jacobi count: ZeRO-3 needs the same module calls on every rank)."""
         if self.training:
-            call = self._calls_this_step
-            self._calls_this_step += 1
+            call = 0
+            if not per_step:
+                call = self._calls_this_step * self._draw_stride + self._draw_offset
+                self._calls_this_step += 1
             seed = (self.ponder_cfg.sample_seed * 1_000_003 + self.training_step * 7919 + call * 31 + salt)
         else:
             seed = self.ponder_cfg.sample_seed * 1_000_003 + 17 + salt

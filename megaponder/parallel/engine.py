@@ -105,6 +105,8 @@ class ParallelEngine:
         micro = split_micro_batches(batch, gas)
         if hasattr(self.module, "set_step"):
             self.module.set_step(self.step_count)
+        if hasattr(self.module, "set_draw_layout"):  # seeded draws keyed on the global micro-batch
+            self.module.set_draw_layout(self.topo.dp_rank, self.topo.dp)
         self.engine.train()
         sums: dict[str, float] = {}
         norm = None
@@ -193,7 +195,47 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
                                       betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
                  if lr_lambda is not None else None)
+    if cfg.parallel.zero_stage == 3:
+        prepare_zero3(model)
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, topo), mpu=topo.mpu() if dist.is_initialized() else None)
+    if ds_engine.zero_optimization_stage() == 3:
+        register_zero3_external_parameters(model)
     return ParallelEngine(ds_engine, model, cfg, topo)
+
+
+class PonderEmbeddingOp(torch.nn.Module):
+    """The model's ``ponder_embedding`` (softmax @ W_in) run as a submodule, for ZeRO-3.
+
+    ZeRO-3 gathers a module's parameters around that module's own forward and backward only,
+    and finds the backward through the module's *tensor* outputs. The pondering embedding
+    reads ``embed_in.weight`` outside ``embed_in``'s forward, and the model returns a
+    ModelOutput (no hooks fire for it), so the weight would be partitioned when the matmul's
+    backward needs it. As a parameter-less submodule with ``embed_in.weight`` registered as its
+    external parameter, the op gets the weight gathered for its forward and its backward."""
+
+    def __init__(self, fn):
+        super().__init__()
+        object.__setattr__(self, "_fn", fn)   # a bound method of the model: not a submodule
+
+    def forward(self, logits):
+        return self._fn(logits)
+
+
+def prepare_zero3(model: torch.nn.Module) -> None:
+    """Before ``deepspeed.initialize`` with ZeRO-3: route ``ponder_embedding`` through a
+    submodule (see :class:`PonderEmbeddingOp`)."""
+    if hasattr(model, "ponder_embedding") and not hasattr(model, "ponder_embedding_op"):
+        model.ponder_embedding_op = PonderEmbeddingOp(model.ponder_embedding)
+        # a plain instance attribute (not a second registration) shadows the class method
+        object.__setattr__(model, "ponder_embedding", model.ponder_embedding_op)
+
+
+def register_zero3_external_parameters(model: torch.nn.Module) -> None:
+    """After ``deepspeed.initialize`` with ZeRO-3: ``embed_in.weight`` is an external
+    parameter of the pondering-embedding op."""
+    from deepspeed.runtime.zero import register_external_parameter
+    op = getattr(model, "ponder_embedding_op", None)
+    if op is not None:
+        register_external_parameter(op, model.embed_in.weight)

@@ -23,6 +23,7 @@ counts each unique element exactly once (:func:`mark_norm_ownership`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn as nn
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
 from .state import Topology
-from .tensor import (ColumnParallelLinear, gather_seq, RowParallelLinear, VocabParallelEmbedding,
+from .tensor import (ColumnParallelLinear, copy_to_tp, gather_seq, RowParallelLinear, VocabParallelEmbedding,
                      register_sequence_parallel_grad_sync, vocab_parallel_cross_entropy,
                      vocab_parallel_ponder_embedding)
 
@@ -74,8 +75,20 @@ def _gathering_forward(inner, group):
     return forward
 
 
+def _tp_spec_forward(inner, group):
+    """The stack's attention-score bias (PonderLM-3's log-survival, a function of the
+    replicated router) is added to this rank's heads only: like any replicated tensor that
+    enters the TP region, its gradient must be summed over TP (copy_to_tp)."""
+    def forward(inputs_embeds, position_ids, spec=None, *args, **kwargs):
+        if spec is not None and spec.key_bias is not None and spec.key_bias.requires_grad:
+            spec = dataclasses.replace(spec, key_bias=copy_to_tp(spec.key_bias, group))
+        return inner(inputs_embeds, position_ids, spec, *args, **kwargs)
+    return forward
+
+
 def _apply_tp(model: nn.Module, topo: Topology) -> None:
     g, sp = topo.tp_group, topo.sequence_parallel
+    model.stack.forward = _tp_spec_forward(model.stack.forward, g)
     for layer in _layers(model.stack):
         attn, mlp = layer.attn, layer.mlp
         if attn.num_heads % topo.tp:
@@ -106,8 +119,8 @@ def mark_norm_ownership(model: nn.Module, topo: Topology) -> None:
     is set, or if the rank is model-parallel rank 0; ZeRO-1/2 skip ``ds_pipe_replicated``
     ones. We set the flags so that exactly one copy of every gradient element is counted:
     a TP-replicated parameter on TP rank 0 only, a pipeline-replicated one (embedding, head,
-    family extras) on pipeline rank 0 only."""
-    pp_local = {id(p) for p in model.stack.parameters()} if topo.pp > 1 else None
+    final LayerNorm, family extras) on pipeline rank 0 only."""
+    pp_local = {id(p) for p in model.stack.layers.parameters()} if topo.pp > 1 else None
     for p in model.parameters():
         sharded = getattr(p, "tp_sharded", False)
         local = pp_local is None or id(p) in pp_local

@@ -1,7 +1,6 @@
 """Looped pipeline parallelism for recurrent (weight-shared) stacks.
 
-Pipeline rank r holds layers [r*L/P, (r+1)*L/P) of the shared stack exactly once (the last
-rank also holds the final LayerNorm). :class:`PipelinedStack` replaces ``model.stack`` and
+Pipeline rank r holds layers [r*L/P, (r+1)*L/P) of the shared stack exactly once. :class:`PipelinedStack` replaces ``model.stack`` and
 keeps its signature ``stack(inputs_embeds, position_ids, spec, kv_hook) -> (hidden, kvs)``,
 so every family's control flow (K pondering passes, Jacobi passes over latent thoughts,
 gates, halting masks) runs unchanged on every pipeline rank: each call of the stack is one
@@ -12,10 +11,18 @@ The embedding, head and family extras are therefore replicated over the pipeline
 gradients are identical on every pipeline rank, so nothing has to be reduced over pp).
 
 K/V stay on the rank that owns the layer: ``kv_hook`` is called only there, and the
-returned ``kvs`` hold this rank's layers' (detached) K/V and ``None`` for the others.
-Gradient therefore does not flow through K/V reused across iterations
-(AdaPonderLM: set ``ponder.kv_reuse_grad: false``, which the single-process model honours
-too, and config validation demands with pp>1).
+returned ``kvs`` hold this rank's layers' K/V and ``None`` for the others. Gradient through
+K/V reused across iterations (AdaPonderLM's KV reuse, the pruning baselines) is routed on the
+owning rank, outside the pipeline's send/recv: the K/V handed back to the family are leaves of
+the *next* iteration's stage graph; that iteration's backward leaves their gradient in
+``.grad``, and the backward of the iteration that produced them (which always runs later: the
+next iteration's input depends on this one's output) feeds it into its own graph together with
+the output gradient. A hook raises if a K/V gradient ever arrived after its producer's
+backward had run (it would otherwise be lost silently).
+
+The final LayerNorm is applied after the broadcast, on every pipeline rank (it is replicated
+like the embedding and head), so families that call ``stack(..., apply_final_norm=False)``
+and ``stack.final_norm`` themselves (the loop baseline) work unchanged.
 
 Schedule. Each stack call is one custom autograd function whose backward walks the stages in
 reverse with explicit send/recv, so forward and backward are exactly the single-process math
@@ -62,6 +69,12 @@ def _broadcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
 _SPEC_TENSORS = ("q_index", "key_padding_mask", "segment_ids", "key_bias")
 
 
+def _late_kv_grad(grad):
+    raise RuntimeError("pipeline: a gradient for reused K/V arrived after the backward of the "
+                       "iteration that produced them; this family's iterations are not ordered "
+                       "through their outputs (report this: the K/V gradient would be lost)")
+
+
 class _LoopedStageFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stack: "PipelinedStack", position_ids, spec_meta, kv_hook, need_grad,
@@ -86,10 +99,25 @@ class _LoopedStageFn(torch.autograd.Function):
         else:
             out = y.detach()
         out = _broadcast(out, topo.pp_ranks[-1], topo.pp_group)
+        # K/V for the family's next iteration: leaves whose .grad the next iteration's
+        # backward fills; backward() below feeds it into this iteration's graph.
+        kv_pairs, handed = [], {}
+        for i, kv in kvs.items():
+            if kv is None:
+                continue
+            pair = []
+            for t in kv:
+                if need_grad and t.requires_grad:
+                    leaf = t.detach().requires_grad_()
+                    kv_pairs.append((t, leaf))
+                else:
+                    leaf = t.detach()
+                pair.append(leaf)
+            handed[i] = tuple(pair)
         ctx.stack, ctx.x, ctx.y = stack, x, y
         ctx.spec_vals = inner_spec_vals
-        ctx.n_spec = len(spec_vals)
-        stack._last_kvs = kvs
+        ctx.kv_pairs = kv_pairs
+        stack._last_kvs = handed
         return out
 
     @staticmethod
@@ -99,7 +127,14 @@ class _LoopedStageFn(torch.autograd.Function):
         nxt = topo.pp_ranks[topo.pp_rank + 1] if not topo.is_last_stage else None
         g = grad_out.contiguous() if nxt is None else _recv(ctx.y, nxt)
         x, y = ctx.x, ctx.y
-        torch.autograd.backward(y, g)
+        outs, grads = [y], [g]
+        for inner, leaf in ctx.kv_pairs:
+            if leaf.grad is not None:     # the next iteration attended to these K/V
+                outs.append(inner)
+                grads.append(leaf.grad)
+            leaf.grad = None
+            leaf.register_hook(_late_kv_grad)
+        torch.autograd.backward(outs, grads)
         gx = x.grad if x.grad is not None else torch.zeros_like(x)
         if prev is not None:
             _send(gx, prev)
@@ -113,7 +148,7 @@ class _LoopedStageFn(torch.autograd.Function):
                 spec_grads.append(gv)
             else:
                 spec_grads.append(None)
-        ctx.x = ctx.y = ctx.spec_vals = None
+        ctx.x = ctx.y = ctx.spec_vals = ctx.kv_pairs = None
         return (None, None, None, None, None, None, gx, *spec_grads)
 
 
@@ -129,7 +164,8 @@ class PipelinedStack(nn.Module):
         # A ModuleDict keyed by the global index keeps the single-device state-dict names
         # ("stack.layers.3.attn.qkv.weight") on whichever rank owns layer 3.
         self.layers = nn.ModuleDict({str(i): stack.layers[i] for i in self.owned})
-        self.final_norm = stack.final_norm if topo.is_last_stage else None
+        # replicated on every pipeline rank, applied after the broadcast (module docstring)
+        self.final_norm = stack.final_norm
         self._rotary = stack.layers[self.owned[0]].attn.rotary
         self._last_kvs = None
         self._anchor = torch.zeros((), requires_grad=True)
@@ -140,15 +176,14 @@ class PipelinedStack(nn.Module):
         for i in self.owned:
             x, kv = self.layers[str(i)](x, cos, sin, spec, kv_hook)
             kvs[i] = kv
-        if self.final_norm is not None:
-            x = self.final_norm(x)
         return x, kvs
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                spec: Optional[AttentionSpec] = None, kv_hook=None):
+                spec: Optional[AttentionSpec] = None, kv_hook=None, apply_final_norm: bool = True):
         spec = spec or AttentionSpec()
         if self.topo.pp == 1:
             hidden, kvs = self.run_local(inputs_embeds, position_ids, spec, kv_hook)
+            hidden = self.final_norm(hidden) if apply_final_norm else hidden
             return hidden, [kvs.get(i) for i in range(self.num_layers)]
         vals = [getattr(spec, name) for name in _SPEC_TENSORS]
         need_grad = torch.is_grad_enabled()
@@ -159,8 +194,6 @@ class PipelinedStack(nn.Module):
                                       inputs_embeds, *vals)
         kvs = self._last_kvs or {}
         self._last_kvs = None
-        out = []
-        for i in range(self.num_layers):
-            kv = kvs.get(i)
-            out.append(None if kv is None else (kv[0].detach(), kv[1].detach()))
-        return hidden, out
+        if apply_final_norm:
+            hidden = self.final_norm(hidden)
+        return hidden, [kvs.get(i) for i in range(self.num_layers)]

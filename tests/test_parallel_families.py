@@ -1,0 +1,150 @@
+"""Every pondering family under every parallel layout, against the single-process model.
+
+Families: ponderlm, adaponderlm, ponderlm2, ponderlm3, loop, pause, fixed_pruning,
+random_halting (tiny: d=32, 2 layers, 4 heads, vocab 128, seq 8, micro-batch 2, 2 micro-batches
+per step; settings in tests/parallel_checks.py FAMILY_PONDER make every recurrent feature act:
+halting happens, Jacobi counts differ between micro-batches, the bottom-k and compute losses
+are on). Layouts: tp2 ZeRO-1, pp2 ZeRO-1, dp2 ZeRO-1/2/3 (one 2-process spawn) and tp2 x pp2
+ZeRO-1 (one 4-process spawn); the 2-process spawn also runs tp2 with activation checkpointing
+and a tp2 bf16 run. AdaPonderLM under pp keeps ``kv_reuse_grad=true``: the gradient through
+reused K/V is routed inside the looped pipeline (megaponder/parallel/pipeline.py).
+
+Tolerances (fp32, 5 DeepSpeed AdamW steps, lr 1e-2, clipping at 0.5 active):
+  * losses and gradient norms: 1e-5 relative (the issue's bar; observed <= ~5e-7);
+  * final weights: 1e-5 relative L2 over all parameters and 2e-4 absolute per element. Adam
+    divides by sqrt(v): an entry whose gradient sits at rounding level (a q/k bias, a gate
+    bias whose gradient nearly cancels) moves by a different fraction of an lr-sized step
+    under any other summation order (observed up to ~8e-5 absolute, ~5e-6 relative L2);
+  * bf16 (tp2 ZeRO-1, 3 steps on one repeated batch, DeepSpeed's bf16 with fp32 master
+    weights and fp32 gradient accumulation): finite, the loss falls by > 30%, the first loss
+    (forward only, identical weights) within 1e-2 relative of fp32 (bf16 keeps 8 mantissa
+    bits, unit roundoff 2^-8 = 3.9e-3; observed 1e-4), and every later loss within 6e-2
+    (observed <= 3.3%): Adam turns gradient roundoff into lr-sized steps, so after the first
+    update the two runs walk apart by more than the forward roundoff.
+"""
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from parallel_checks import FAMILIES, run_family_checks
+
+LAYOUTS_2 = [("tp2_z1", 2, 1, 1), ("pp2_z1", 1, 2, 1), ("dp2_z1", 1, 1, 1),
+             ("dp2_z2", 1, 1, 2), ("dp2_z3", 1, 1, 3)]
+#: (name, tp, pp, zero, families, config overrides)
+EXTRA_2 = [("tp2_ckpt", 2, 1, 1, ["vanilla", "ponderlm", "adaponderlm", "ponderlm3"],
+            {"parallel.activation_checkpointing": True})]
+BF16_FAMILIES = ["vanilla", "ponderlm"]
+LAYOUTS_4 = [("tp2_pp2_z1", 2, 2, 1)]
+HALTING = ("adaponderlm", "fixed_pruning", "random_halting")
+
+_cache = {}
+
+
+def _results(world):
+    if world not in _cache:
+        if world == 2:
+            args = (LAYOUTS_2, None, 5, EXTRA_2, BF16_FAMILIES)
+        else:
+            args = (LAYOUTS_4, None, 5, [], [])
+        _cache[world] = run_distributed(run_family_checks, world, args, timeout=1200)
+    return _cache[world]
+
+
+def _check(res, rank0, family):
+    assert "error" not in res, res["error"]
+    for a, b in zip(res["losses"], res["ref_losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (res["losses"], res["ref_losses"])
+    for a, b in res["norms"]:
+        assert abs(a - b) <= 1e-5 * abs(b), res["norms"]
+    assert len(res["losses"]) >= 5
+    if family in HALTING:  # halting really happened, so K/V reuse was exercised
+        assert res["mean_iters"] < res["passes"] - 0.05, res["mean_iters"]
+    if rank0:
+        assert res["weights_rel_l2"] < 1e-5, res
+        assert res["weights_max_abs"] < 2e-4, res
+        if "roundtrip_abs" in res:
+            assert res["roundtrip_abs"] == 0.0, res
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", [lay[0] for lay in LAYOUTS_2])
+def test_family_two_processes(layout, family):
+    for rank, per_rank in enumerate(_results(2)):
+        _check(per_rank[layout][family], rank == 0, family)
+
+
+@pytest.mark.parametrize("family", EXTRA_2[0][4])
+def test_activation_checkpointing_tp2(family):
+    """tp2 with parallel.activation_checkpointing=true vs the single process without it."""
+    for rank, per_rank in enumerate(_results(2)):
+        _check(per_rank["tp2_ckpt"][family], rank == 0, family)
+
+
+@pytest.mark.parametrize("family", BF16_FAMILIES)
+def test_bf16_tp2_trains(family):
+    for per_rank in _results(2):
+        res = per_rank["bf16_tp2"][family]
+        assert "error" not in res, res["error"]
+        bf, fp = res["bf16_losses"], res["fp32_losses"]
+        assert all(torch.isfinite(torch.tensor(bf))), bf
+        assert bf[-1] < 0.7 * bf[0], bf                      # it trains (fp32: -45%)
+        assert abs(bf[0] - fp[0]) <= 1e-2 * abs(fp[0]), (bf, fp)  # forward roundoff only
+        for a, b in zip(bf, fp):
+            assert abs(a - b) <= 6e-2 * abs(b), (bf, fp)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_tp2_pp2_four_processes(family):
+    for rank, per_rank in enumerate(_results(4)):
+        _check(per_rank["tp2_pp2_z1"][family], rank == 0, family)
+
+
+@pytest.mark.parametrize("family", ["vanilla"] + FAMILIES)
+def test_activation_checkpointing_single_process(family):
+    """Same loss and gradients with per-layer activation checkpointing (one process)."""
+    import copy
+
+    from megaponder.models import build_model
+    from megaponder.parallel.parallelize import parallelize
+    from megaponder.parallel.state import Topology
+    from parallel_checks import family_config
+    cfg = family_config(family)
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    cfg.parallel.activation_checkpointing = True
+    ck = parallelize(copy.deepcopy(ref), cfg, Topology())
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 128, (2, 8), generator=g)
+    tgt = torch.randint(0, 128, (2, 8), generator=g)
+    for m in (ref, ck):
+        m.set_step(0)
+    a, b = ref(ids, targets=tgt).loss, ck(ids, targets=tgt).loss
+    a.backward()
+    b.backward()
+    assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
+    named = dict(ck.named_parameters())
+    for n, p in ref.named_parameters():
+        if p.grad is None:
+            assert named[n].grad is None
+            continue
+        assert torch.allclose(named[n].grad, p.grad, rtol=1e-5, atol=1e-7), n
+
+
+def test_adaponderlm_kv_reuse_gradient_matters():
+    """The pp parity above uses kv_reuse_grad=true in both runs; make sure that setting
+    changes the gradient with the test's halting settings (else the check would be vacuous)."""
+    from megaponder.models import build_model
+    from parallel_checks import family_config
+    grads = []
+    for flag in (True, False):
+        cfg = family_config("adaponderlm", kv_reuse_grad=flag)
+        torch.manual_seed(0)
+        m = build_model(cfg)
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(0, 128, (2, 8), generator=g)
+        tgt = torch.randint(0, 128, (2, 8), generator=g)
+        m.set_step(0)
+        m(ids, targets=tgt).loss.backward()
+        grads.append(m.stack.layers[0].attn.qkv.weight.grad.clone())
+    rel = (grads[0] - grads[1]).norm() / grads[0].norm()
+    assert rel > 1e-3, rel
