@@ -119,6 +119,7 @@ def analyze(run: dict, args) -> dict:
     subprocess.run(cmd, cwd=ROOT, check=True)
     res = json.load(open(os.path.join(ROOT, out) if not os.path.isabs(out) else out))
     res["command"] = " ".join(shlex.quote(c) for c in cmd)
+    res["run"] = run["name"]
     return res
 
 
@@ -136,7 +137,7 @@ def fmt_table(runs: list[dict], vanilla_time: float, vanilla_train_flops: float)
 
 
 def fmt_depth(res: dict) -> str:
-    lines = [f"**{res['family']}** ({res['tokens']:,} tokens, {res['windows']} windows of {res['seq_length']}, "
+    lines = [f"**{res.get('run', res['family'])}** ({res['tokens']:,} tokens, {res['windows']} windows of {res['seq_length']}, "
              f"iterations = {res['iteration_kind']}): mean NLL {res['mean_nll']:.3f}, mean iterations "
              f"{res['mean_iterations']:.3f}", "",
              f"- corr(NLL, iterations): Pearson r = {res['pearson']:.4f}, Spearman ρ = {res['spearman']:.4f}"]
@@ -245,7 +246,7 @@ def main() -> None:
             md += [fmt_depth(res), ""]
     md += ["", "### Commands", "", "```"] + [r["command"] for r in runs + iso[1:] + noise] + \
           [r["eval_command"] for r in runs + iso[1:] + noise] + [d["command"] for d in depth] + ["```"]
-    text = "\n".join(md) + "\n"
+    text = ("\n".join(md) + "\n").replace(ROOT + os.sep, "")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
         f.write(text)
