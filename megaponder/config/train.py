@@ -32,7 +32,8 @@ class TrainConfig:
     log_every: int = param(10, "Write a metrics.jsonl line every N steps.")
     save_every: int = param(0, "Checkpoint every N steps (0: only at the end).")
     eval_every: int = param(0, "Validation every N steps (0: only at the end).")
-    eval_batches: int = param(20, "Validation micro-batches per evaluation.")
+    eval_batches: int = param(20, "Validation micro-batches per rank per evaluation (with "
+                              "data.valid_path: the first windows of the validation files).")
     resume: bool = param(False, "Continue from checkpoints/latest in run_dir.")
     exit_at_step: Optional[int] = param(None, "Stop (after a checkpoint) once this step is reached, "
                                         "e.g. to fit a job's time limit; the schedule still spans "

@@ -56,17 +56,29 @@ def sequential_batches(dataset, seq_length: int, batch_size: int,
                        max_samples: Optional[int] = None) -> Iterable[dict]:
     """Non-overlapping windows of ``seq_length + 1`` tokens over the concatenation of all
     sequences of an indexed dataset, in file order: every token is predicted once (the
-    first one excepted), so the result is the dataset's perplexity, not a sample of it."""
+    first one excepted), so the result is the dataset's perplexity, not a sample of it.
+    Reads the files lazily, so a few windows of a huge validation set cost a few windows."""
     import numpy as np
 
-    stream = np.concatenate([np.asarray(dataset[i], dtype=np.int64) for i in range(len(dataset))])
-    n = (len(stream) - 1) // seq_length
-    if max_samples is not None:
-        n = min(n, max_samples)
-    if n == 0:
-        raise ValueError(f"the dataset holds {len(stream)} tokens, fewer than one window of "
-                         f"{seq_length + 1}; pass a smaller --seq-length")
-    for start in range(0, n, batch_size):
-        rows = [stream[i * seq_length: i * seq_length + seq_length + 1]
-                for i in range(start, min(n, start + batch_size))]
+    def windows():
+        buffer = np.empty(0, dtype=np.int64)
+        for i in range(len(dataset)):
+            buffer = np.concatenate([buffer, np.asarray(dataset[i], dtype=np.int64)])
+            while len(buffer) >= seq_length + 1:
+                yield buffer[: seq_length + 1]
+                buffer = buffer[seq_length:]  # the last token is the next window's first input
+
+    rows, produced = [], 0
+    for row in windows():
+        if max_samples is not None and produced >= max_samples:
+            break
+        rows.append(row)
+        produced += 1
+        if len(rows) == batch_size:
+            yield {"tokens": torch.from_numpy(np.stack(rows))}
+            rows = []
+    if rows:
         yield {"tokens": torch.from_numpy(np.stack(rows))}
+    if produced == 0:
+        raise ValueError(f"the dataset holds fewer than {seq_length + 1} tokens, not one window; "
+                         f"pass a smaller --seq-length")

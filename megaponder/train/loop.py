@@ -17,7 +17,7 @@ from ..config import Config, ConfigError
 from ..data.schedule import global_batch_size
 from ..models import build_model
 from . import checkpoint as ckpt
-from .evaluate import evaluate, model_inputs
+from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
 from .schedule import lr_multiplier
 
@@ -89,13 +89,29 @@ class Trainer:
                                               self.dp_size, self.consumed_samples,
                                               num_workers=self.cfg.data.num_workers)
 
-    def _valid_batches(self):
-        from ..data import build_data_iterator
+    def _valid_batches(self) -> list[dict]:
+        """The same batches at every evaluation, so the curve compares like with like. With
+        ``data.valid_path`` they are the first windows of the validation files in file order
+        (what ``megaponder eval`` reads), independent of the seed, so runs with different
+        seeds or families are scored on the same tokens; otherwise the held-out split."""
+        from ..config import _data_prefixes
+        from ..data import IndexedDataset, build_data_iterator
 
+        t = self.cfg.train
+        per_rank = t.eval_batches * t.micro_batch_size
+        if self.cfg.data.valid_path:
+            rows, wanted = [], per_rank * self.dp_size
+            for prefix in _data_prefixes(self.cfg.data.valid_path):
+                for batch in sequential_batches(IndexedDataset(prefix), self.cfg.data.seq_length,
+                                                batch_size=1, max_samples=wanted - len(rows)):
+                    rows.append(batch["tokens"])
+                if len(rows) >= wanted:
+                    break
+            mine = rows[self.dp_rank::self.dp_size]
+            return [{"tokens": torch.cat(mine[i:i + t.micro_batch_size])}
+                    for i in range(0, len(mine), t.micro_batch_size)]
         if self.valid_ds is None or len(self.valid_ds) == 0:
             return []
-        t = self.cfg.train
-        # The same validation batches at every evaluation, so the curve compares like with like.
         it = build_data_iterator(self.valid_ds, t.micro_batch_size, self.dp_rank, self.dp_size, 0)
         n = min(t.eval_batches, max(1, len(self.valid_ds) // (t.micro_batch_size * self.dp_size)))
         return [next(it) for _ in range(n)]
