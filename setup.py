@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "sentencepiece",
         "tokenizers",
+        "zstandard",  # the Pile and most pretraining corpora ship as .jsonl.zst
     ],
     extras_require={
         "hf": ["transformers>=4.40", "safetensors"],

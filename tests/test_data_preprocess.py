@@ -117,3 +117,19 @@ def test_cli_neox_spelling_summary_and_progress(tmp_path):
                        "HFTokenizer", "--tokenizer-model", tok, "--output-prefix", tmp_path / "y",
                        check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_zstd_input_equals_plain_jsonl(tmp_path):
+    """The Pile ships as .jsonl.zst: the compressed file gives byte-identical output."""
+    zstandard = pytest.importorskip("zstandard")
+    tok = neox_tokenizer_json()
+    rows = [{"text": f"In the beginning {i} was the word."} for i in range(40)]
+    plain = tmp_path / "in.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    packed = tmp_path / "in.jsonl.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    for name, src in (("plain", plain), ("zst", packed)):
+        preprocess(str(src), ["text"], "HFTokenizer", tok, str(tmp_path / name), **_quiet(workers=2))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"plain_text_document{ext}").read_bytes() == \
+            (tmp_path / f"zst_text_document{ext}").read_bytes()
