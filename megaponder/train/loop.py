@@ -108,13 +108,28 @@ class Trainer:
                 if len(rows) >= wanted:
                     break
             mine = rows[self.dp_rank::self.dp_size]
-            return [{"tokens": torch.cat(mine[i:i + t.micro_batch_size])}
-                    for i in range(0, len(mine), t.micro_batch_size)]
+            batches = [{"tokens": torch.cat(mine[i:i + t.micro_batch_size])}
+                       for i in range(0, len(mine), t.micro_batch_size)]
+            return [self._with_document_fields(b) for b in batches]
         if self.valid_ds is None or len(self.valid_ds) == 0:
             return []
         it = build_data_iterator(self.valid_ds, t.micro_batch_size, self.dp_rank, self.dp_size, 0)
         n = min(t.eval_batches, max(1, len(self.valid_ds) // (t.micro_batch_size * self.dp_size)))
         return [next(it) for _ in range(n)]
+
+    def _with_document_fields(self, batch: dict) -> dict:
+        """Document-aware packing for validation windows, as the training samples get it."""
+        d = self.cfg.data
+        if not (d.reset_position_ids or d.reset_attention_mask):
+            return batch
+        from ..data import build_tokenizer, packing
+
+        eod = build_tokenizer(d.tokenizer_type, d.tokenizer_model).eod
+        if d.reset_position_ids:
+            batch["position_ids"] = packing.position_ids(batch["tokens"], eod)
+        if d.reset_attention_mask:
+            batch["segment_ids"] = packing.segment_ids(batch["tokens"], eod)
+        return batch
 
     # -- checkpoints ----------------------------------------------------------------------
     def _load_init_weights(self, model, path: str) -> None:
