@@ -63,3 +63,15 @@ def test_config_reference_is_current():
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO_ROOT, "examples", "configs"))))
 def test_example_configs_load(name):
     load_config(os.path.join(REPO_ROOT, "examples", "configs", name), check_paths=False)
+
+
+def test_sequence_parallel_is_refused_for_pondering_families():
+    with pytest.raises(ConfigError, match=r"sequence_parallel is supported for the vanilla family only"):
+        load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                           "model.family=ponderlm"], check_paths=False)
+
+
+def test_adaponderlm_pipeline_keeps_the_reused_kv_gradient():
+    cfg = load_config(None, ["parallel.pp=2", "parallel.zero_stage=1", "model.family=adaponderlm",
+                             "ponder.kv_reuse_grad=true"], check_paths=False)
+    assert cfg.ponder.kv_reuse_grad

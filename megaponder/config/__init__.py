@@ -152,19 +152,13 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(d.seq_length % par.tp == 0,
              f"parallel.sequence_parallel splits the sequence over tp={par.tp} ranks, but "
              f"data.seq_length={d.seq_length} is not a multiple of it; change one of them.")
-        need(m.family in ("vanilla", "ponderlm", "loop"),
-             f"parallel.sequence_parallel is supported for vanilla/ponderlm/loop, not "
-             f"model.family={m.family} (its gates/masks mix positions); set it to false.")
+        need(m.family == "vanilla",
+             f"parallel.sequence_parallel is supported for the vanilla family only, not "
+             f"model.family={m.family} (its per-token pondering state is not sequence-sharded "
+             f"yet); set it to false.")
     if par.tp > 1:
         need(p.top_k == 0, f"ponder.top_k={p.top_k} is not supported with parallel.tp>1 "
              f"(the vocab-parallel pondering embedding uses the full softmax); set it to 0.")
-    if par.pp > 1 and m.family == "adaponderlm":
-        need(not p.kv_reuse_grad,
-             "parallel.pp>1 with adaponderlm keeps reused K/V on the owning stage without a "
-             "gradient edge between iterations; set ponder.kv_reuse_grad=false (the "
-             "single-process model then computes the same thing).")
-    need(t.precision != "fp16", "train.precision=fp16 is not supported (DeepSpeed refuses it "
-         "on CPU); use bf16 or fp32.")
     if world_size is not None:
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "
