@@ -4,10 +4,6 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
-# DeepSpeed JIT-builds a CPU comm op on every machine; keep the build inside this venv so that
-# other environments on the same machine (which rebuild it with their own flags) cannot
-# invalidate it or hold its lock while a distributed test waits for it.
-export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup train test clean-runs
 
@@ -19,8 +15,6 @@ $(STAMP): setup.py requirements/cpu.txt requirements/constraints.txt requirement
 	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -c "import torch; assert torch.version.cuda is None or torch.cuda.is_available(), 'a CUDA torch on a CPU machine'"
-	# build DeepSpeed's CPU shared-memory comm op once (~30 s) instead of inside a test
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	@touch $(STAMP)
 
 setup: $(STAMP)

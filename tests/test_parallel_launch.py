@@ -1,6 +1,7 @@
 """One 2-rank job per launcher: torchrun, the deepspeed launcher, mpirun (if installed) and
 the SLURM sbatch dry-run. Each runs megaponder.parallel.selftest (tp=2, 2 DeepSpeed steps);
 both tensor-parallel ranks must report the same losses."""
+import glob
 import json
 import os
 import shutil
@@ -23,8 +24,16 @@ def _env():
     return env
 
 
+def _deepspeed_shm_buffers():
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
 def _selftest_lines(cmd, env=None):
+    shm_before = _deepspeed_shm_buffers()
     proc = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=300)
+    # DeepSpeed's CPU shm comm op maps 69 MB per rank in /dev/shm and never unlinks it; megaponder
+    # keeps it from starting (parallel.state.skip_cpu_shm_comm_op). A leak here fills RAM run by run.
+    assert _deepspeed_shm_buffers() <= shm_before, "DeepSpeed left shared-memory buffers in /dev/shm"
     lines = [json.loads(l.split("SELFTEST ", 1)[1]) for l in
              (proc.stdout + proc.stderr).replace("SELFTEST", "\nSELFTEST").splitlines()
              if l.startswith("SELFTEST ")]

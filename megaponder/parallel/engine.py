@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .parallelize import gather_full_state_dict
-from .state import Topology
+from .state import Topology, skip_cpu_shm_comm_op
 
 Batch = dict
 
@@ -189,6 +189,7 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
     no JIT op to build), ``LambdaLR(lr_lambda)`` if given, DS config from the Config."""
     import deepspeed
 
+    skip_cpu_shm_comm_op()
     o = cfg.optim
     if optimizer is None:
         optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,

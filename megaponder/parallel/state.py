@@ -231,6 +231,26 @@ def build_topology(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) ->
                     dp_ranks=mine["dp"][1], sequence_parallel=sequence_parallel)
 
 
+def skip_cpu_shm_comm_op() -> None:
+    """Keep DeepSpeed's comm backend from building and mapping its CPU shared-memory op.
+
+    On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op (~30 s of g++)
+    when its comm backend starts and, when LOCAL_SIZE equals the world size, maps a 69 MB
+    /dev/shm buffer per rank that it never unlinks: every run leaks them until /dev/shm (RAM)
+    is full. Only DeepSpeed-Inference's ``inference_all_reduce`` uses the op; training talks
+    through torch.distributed. DeepSpeed consults its cached op-compatibility table before
+    building, so marking the op incompatible there skips both the compile and the buffers."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_distributed(tp: int = 1, pp: int = 1, *, backend: str = "auto",
                      sequence_parallel: bool = False, seed: Optional[int] = None) -> Topology:
     """Map the launcher's environment, initialise torch.distributed (through DeepSpeed so its
@@ -249,6 +269,7 @@ def init_distributed(tp: int = 1, pp: int = 1, *, backend: str = "auto",
         torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
     if not dist.is_initialized():
         import deepspeed
+        skip_cpu_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     topo = build_topology(tp, pp, sequence_parallel)
     if seed is not None:
