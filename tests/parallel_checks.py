@@ -153,7 +153,9 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
         ref_losses.append(total)
         norms.append((stats["grad_norm"], ref_norm))
     res = {"losses": losses, "ref_losses": ref_losses, "norms": norms,
-           "mean_iters": stats.get("mean_iters"), "passes": getattr(ref, "num_passes", None)}
+           "mean_iters": stats.get("mean_iters"), "passes": getattr(ref, "num_passes", None),
+           # activation checkpointing applied to which modules ("layer"/"iteration" markers)
+           "checkpointing": sorted({m._ckpt for m in model.modules() if getattr(m, "_ckpt", None)})}
     full = gather_full_state_dict(engine.module, topo)
     if full is not None:
         sd = ref.state_dict()

@@ -32,7 +32,11 @@ LAYOUTS_2 = [("tp2_z1", 2, 1, 1), ("pp2_z1", 1, 2, 1), ("dp2_z1", 1, 1, 1),
              ("dp2_z2", 1, 1, 2), ("dp2_z3", 1, 1, 3)]
 #: (name, tp, pp, zero, families, config overrides)
 EXTRA_2 = [("tp2_ckpt", 2, 1, 1, ["vanilla", "ponderlm", "adaponderlm", "ponderlm3"],
-            {"parallel.activation_checkpointing": True})]
+            {"parallel.activation_checkpointing": "layer"}),
+           # per-iteration recompute of the rank's own stage inside the looped pipeline, with
+           # K/V reuse (adaponderlm) and Jacobi passes over latent thoughts (ponderlm2)
+           ("pp2_ckpt_iter", 1, 2, 1, ["vanilla", "adaponderlm", "ponderlm2"],
+            {"parallel.activation_checkpointing": "iteration"})]
 BF16_FAMILIES = ["vanilla", "ponderlm"]
 LAYOUTS_4 = [("tp2_pp2_z1", 2, 2, 1)]
 HALTING = ("adaponderlm", "fixed_pruning", "random_halting")
@@ -73,11 +77,14 @@ def test_family_two_processes(layout, family):
         _check(per_rank[layout][family], rank == 0, family)
 
 
-@pytest.mark.parametrize("family", EXTRA_2[0][4])
-def test_activation_checkpointing_tp2(family):
-    """tp2 with parallel.activation_checkpointing=true vs the single process without it."""
+@pytest.mark.parametrize("layout,family", [(lay[0], fam) for lay in EXTRA_2 for fam in lay[4]])
+def test_activation_checkpointing_two_processes(layout, family):
+    """tp2 with per-layer and pp2 with per-iteration checkpointing vs the single process
+    without it."""
+    granularity = next(lay[5] for lay in EXTRA_2 if lay[0] == layout)["parallel.activation_checkpointing"]
     for rank, per_rank in enumerate(_results(2)):
-        _check(per_rank["tp2_ckpt"][family], rank == 0, family)
+        _check(per_rank[layout][family], rank == 0, family)
+        assert per_rank[layout][family]["checkpointing"] == [granularity]
 
 
 @pytest.mark.parametrize("family", BF16_FAMILIES)
@@ -99,9 +106,10 @@ def test_family_tp2_pp2_four_processes(family):
         _check(per_rank["tp2_pp2_z1"][family], rank == 0, family)
 
 
+@pytest.mark.parametrize("granularity", ["layer", "iteration"])
 @pytest.mark.parametrize("family", ["vanilla"] + FAMILIES)
-def test_activation_checkpointing_single_process(family):
-    """Same loss and gradients with per-layer activation checkpointing (one process)."""
+def test_activation_checkpointing_single_process(family, granularity):
+    """Same loss and gradients with activation checkpointing (one process)."""
     import copy
 
     from megaponder.models import build_model
@@ -111,16 +119,25 @@ def test_activation_checkpointing_single_process(family):
     cfg = family_config(family)
     torch.manual_seed(0)
     ref = build_model(cfg)
-    cfg.parallel.activation_checkpointing = True
+    cfg.parallel.activation_checkpointing = granularity
     ck = parallelize(copy.deepcopy(ref), cfg, Topology())
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (2, 8), generator=g)
     tgt = torch.randint(0, 128, (2, 8), generator=g)
     for m in (ref, ck):
         m.set_step(0)
+    calls, mlp = [], ck.stack.layers[0].mlp
+    mlp_forward = mlp.forward   # counted directly: module hooks do not fire in the recompute
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return mlp_forward(*args, **kwargs)
+    mlp.forward = counted
     a, b = ref(ids, targets=tgt).loss, ck(ids, targets=tgt).loss
+    forward_calls = len(calls)
     a.backward()
     b.backward()
+    assert len(calls) > forward_calls, "backward recomputed nothing: checkpointing is not active"
     assert abs(a.item() - b.item()) <= 1e-6 * abs(a.item())
     named = dict(ck.named_parameters())
     for n, p in ref.named_parameters():

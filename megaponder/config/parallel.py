@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .base import param
 
@@ -17,6 +18,10 @@ class ParallelConfig:
                                     "across the tensor-parallel group (requires tp>1).")
     pipeline_microbatches: int = param(1, "Micro-batches per pipeline step (>= pp keeps the "
                                        "pipeline busy).")
-    activation_checkpointing: bool = param(False, "Recompute each layer's activations in backward.")
+    activation_checkpointing: Literal["none", "layer", "iteration"] = param(
+        "none", "Recompute activations in backward instead of keeping them. layer: each layer "
+        "is recomputed on its own (keeps every layer's input, per iteration). iteration: this "
+        "rank's layers of one stack call (one pondering iteration / Jacobi pass) are recomputed "
+        "together (keeps one hidden state per iteration; peak adds one iteration's activations).")
     dist_backend: str = param("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU), "
                               "nccl or gloo.")

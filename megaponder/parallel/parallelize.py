@@ -140,30 +140,48 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
         model.stack = PipelinedStack(model.stack, topo)
     if topo.tp > 1:
         _apply_tp(model, topo)
-    if getattr(cfg.parallel, "activation_checkpointing", False):
-        apply_activation_checkpointing(model)
+    if cfg.parallel.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     mark_norm_ownership(model, topo)
     model._mp_topology = topo
     return model
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each layer in backward (non-reentrant torch checkpoint). The TP collectives
-    inside a layer run again in the recompute, identically on every TP rank."""
+def _checkpointed(fn):
+    """``fn`` recomputed in backward (non-reentrant torch checkpoint; the default RNG state is
+    restored for the recompute, so dropout masks repeat). TP collectives inside ``fn`` run
+    again in the recompute, identically on every TP rank."""
     from torch.utils.checkpoint import checkpoint
 
-    for layer in _layers(model.stack):
-        if getattr(layer, "_ckpt", False):
-            continue
-        inner = layer.forward
+    def wrapped(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
-        def wrapped(*args, _inner=inner, **kwargs):
-            if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+    return wrapped
 
-        layer.forward = wrapped
-        layer._ckpt = True
+
+def apply_activation_checkpointing(model: nn.Module, granularity: str = "layer") -> None:
+    """Recompute activations in backward, per ``layer`` or per ``iteration``.
+
+    ``iteration`` checkpoints one call of this rank's layers: the whole stack at pp=1, the
+    rank's own stage inside the looped pipeline otherwise (the pipeline's send/recv stay
+    outside the recompute). A recurrent model keeps one [B, T, d] tensor per iteration
+    instead of one per layer per iteration. K/V handed to the next iteration (KV reuse) are
+    outputs of the checkpointed call and stay alive as before."""
+    if granularity not in ("layer", "iteration"):
+        raise ValueError(f"activation checkpointing granularity {granularity!r}: use layer or iteration")
+    if granularity == "layer":
+        targets = list(_layers(model.stack))
+        method = "forward"
+    else:
+        targets = [model.stack]
+        method = "run_local" if isinstance(model.stack, PipelinedStack) else "forward"
+    for module in targets:
+        if getattr(module, "_ckpt", None):
+            raise RuntimeError(f"activation checkpointing ({module._ckpt}) is already applied")
+        setattr(module, method, _checkpointed(getattr(module, method)))
+        module._ckpt = granularity
 
 
 # --------------------------------------------------------------------------- state dicts
