@@ -36,7 +36,13 @@ EXTRA_2 = [("tp2_ckpt", 2, 1, 1, ["vanilla", "ponderlm", "adaponderlm", "ponderl
            # per-iteration recompute of the rank's own stage inside the looped pipeline, with
            # K/V reuse (adaponderlm) and Jacobi passes over latent thoughts (ponderlm2)
            ("pp2_ckpt_iter", 1, 2, 1, ["vanilla", "adaponderlm", "ponderlm2"],
-            {"parallel.activation_checkpointing": "iteration"})]
+            {"parallel.activation_checkpointing": "iteration"}),
+           # the chunked pipeline schedule with uneven row chunks (3 rows in 2 chunks), with
+           # K/V-reuse gradients (adaponderlm) and a key-bias gradient (ponderlm3) sliced per
+           # chunk; and the unchunked schedule
+           ("pp2_chunks_uneven", 1, 2, 1, ["adaponderlm", "ponderlm3"],
+            {"train.micro_batch_size": 3, "parallel.pipeline_chunks": 2}),
+           ("pp2_chunks1", 1, 2, 1, ["adaponderlm"], {"parallel.pipeline_chunks": 1})]
 BF16_FAMILIES = ["vanilla", "ponderlm"]
 LAYOUTS_4 = [("tp2_pp2_z1", 2, 2, 1)]
 HALTING = ("adaponderlm", "fixed_pruning", "random_halting")
@@ -78,13 +84,15 @@ def test_family_two_processes(layout, family):
 
 
 @pytest.mark.parametrize("layout,family", [(lay[0], fam) for lay in EXTRA_2 for fam in lay[4]])
-def test_activation_checkpointing_two_processes(layout, family):
-    """tp2 with per-layer and pp2 with per-iteration checkpointing vs the single process
-    without it."""
-    granularity = next(lay[5] for lay in EXTRA_2 if lay[0] == layout)["parallel.activation_checkpointing"]
+def test_extra_layouts_two_processes(layout, family):
+    """Checkpointing (per layer under tp2, per iteration under pp2) and pipeline chunking
+    variants vs the single process without them."""
+    overrides = next(lay[5] for lay in EXTRA_2 if lay[0] == layout)
     for rank, per_rank in enumerate(_results(2)):
-        _check(per_rank[layout][family], rank == 0, family)
-        assert per_rank[layout][family]["checkpointing"] == [granularity]
+        res = per_rank[layout][family]
+        _check(res, rank == 0, family)
+        if "parallel.activation_checkpointing" in overrides:
+            assert res["checkpointing"] == [overrides["parallel.activation_checkpointing"]]
 
 
 @pytest.mark.parametrize("family", BF16_FAMILIES)

@@ -109,3 +109,15 @@ def test_deepspeed_config_is_explicit():
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum_steps * 2
     with pytest.raises(ValueError, match="zero_stage"):
         deepspeed_config(_cfg(parallel__zero_stage=2), Topology(world_size=2, pp=2))
+
+
+def test_row_chunks_cover_the_batch_in_order():
+    from megaponder.parallel.pipeline import row_chunks
+    for batch in range(1, 9):
+        for chunks in range(1, 6):
+            sl = row_chunks(batch, chunks)
+            assert len(sl) == min(batch, chunks)
+            rows = [r for s in sl for r in range(s.start, s.stop)]
+            assert rows == list(range(batch))                      # contiguous, in order
+            sizes = [s.stop - s.start for s in sl]
+            assert max(sizes) - min(sizes) <= 1                    # as even as possible

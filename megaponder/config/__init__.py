@@ -129,6 +129,7 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
     # parallel layout
     need(par.tp >= 1 and par.pp >= 1, "parallel.tp and parallel.pp must be >= 1.")
+    need(par.pipeline_chunks >= 1, f"parallel.pipeline_chunks must be >= 1 (got {par.pipeline_chunks}).")
     need(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3 (got {par.zero_stage}).")
     if par.tp > 1:
         need(m.num_heads % par.tp == 0,

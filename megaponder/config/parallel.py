@@ -16,8 +16,12 @@ class ParallelConfig:
     zero_stage: int = param(0, "DeepSpeed ZeRO stage 0-3 (stages 2/3 cannot be combined with pp>1).")
     sequence_parallel: bool = param(False, "Shard LayerNorm/dropout regions over the sequence "
                                     "across the tensor-parallel group (requires tp>1).")
-    pipeline_microbatches: int = param(1, "Micro-batches per pipeline step (>= pp keeps the "
-                                       "pipeline busy).")
+    pipeline_chunks: int = param(4, "With pp>1, every stack call (one pondering iteration / "
+                                 "Jacobi pass) splits its micro-batch rows into this many "
+                                 "chunks that flow through the stages one after another, so "
+                                 "stage r works on chunk i while stage r+1 works on chunk i-1: "
+                                 "bubble (pp-1)/(chunks+pp-1) per stack call instead of "
+                                 "(pp-1)/pp. Capped at the micro-batch size; 1 = no overlap.")
     activation_checkpointing: Literal["none", "layer", "iteration"] = param(
         "none", "Recompute activations in backward instead of keeping them. layer: each layer "
         "is recomputed on its own (keeps every layer's input, per iteration). iteration: this "

@@ -174,7 +174,7 @@ class PonderLM(PonderMixin, CausalLM):
         for i in range(passes):
             hook = None
             if self.adaptive and i > 0:
-                hook = _reuse_hook(active, prev_kv, detach=not p.kv_reuse_grad)
+                hook = _ReuseKV(active, prev_kv, detach=not p.kv_reuse_grad)
             hidden, kvs = self.stack(e, position_ids, spec, kv_hook=hook)
             prev_kv = kvs
             if h_read is None or not self.adaptive:
@@ -258,17 +258,24 @@ class PonderLM(PonderMixin, CausalLM):
         return generate_cached(self, prompt_ids, **kwargs)
 
 
-def _reuse_hook(active: torch.Tensor, prev_kv, detach: bool):
-    """K,V <- where(m, K_new, K_prev) with m [B, T] broadcast to [B, 1, T, 1]."""
-    m = active[:, None, :, None]
+class _ReuseKV:
+    """KV reuse as a kv_hook: K,V <- where(m, K_new, K_prev), m [B, T] broadcast to
+    [B, 1, T, 1]. ``rows(sl)`` is the same hook for a slice of the batch rows (the pipeline
+    runs a stack call in row chunks; see megaponder/parallel/pipeline.py)."""
 
-    def hook(layer: int, k: torch.Tensor, v: torch.Tensor):
-        k_prev, v_prev = prev_kv[layer]
-        if detach:
+    def __init__(self, active: torch.Tensor, prev_kv, detach: bool):
+        self.active, self.prev_kv, self.detach = active, prev_kv, detach
+
+    def rows(self, sl: slice) -> "_ReuseKV":
+        prev = [None if kv is None else (kv[0][sl], kv[1][sl]) for kv in self.prev_kv]
+        return _ReuseKV(self.active[sl], prev, self.detach)
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        m = self.active[:, None, :, None]
+        k_prev, v_prev = self.prev_kv[layer]
+        if self.detach:
             k_prev, v_prev = k_prev.detach(), v_prev.detach()
         return torch.where(m, k, k_prev), torch.where(m, v, v_prev)
-
-    return hook
 
 
 @register_family("adaponderlm")

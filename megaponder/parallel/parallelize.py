@@ -137,7 +137,7 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
         raise RuntimeError("model is already parallelized")
     model._mp_full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if topo.pp > 1:
-        model.stack = PipelinedStack(model.stack, topo)
+        model.stack = PipelinedStack(model.stack, topo, chunks=cfg.parallel.pipeline_chunks)
     if topo.tp > 1:
         _apply_tp(model, topo)
     if cfg.parallel.activation_checkpointing != "none":
