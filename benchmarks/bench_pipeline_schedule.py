@@ -5,6 +5,7 @@ process running the whole model, all measured in the same run.
 
     .venv/bin/python benchmarks/bench_pipeline_schedule.py [--families vanilla ponderlm]
         [--chunks 1 2 4 8] [--hidden 256 --layers 8 --seq 256 --batch 8 --repeats 5]
+        [--shard-vocab-over-pp]
 
 Two gloo processes with one thread each (the pipeline ranks), and the single-process
 reference with one thread. Without chunking every stack call runs stage 0, then stage 1:
@@ -30,7 +31,8 @@ def _config(family, args, chunks, pp):
         f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
         f"model.num_heads={args.hidden // 64}", f"model.vocab_size={args.vocab}",
         f"model.max_position_embeddings={args.seq}", f"data.seq_length={args.seq}",
-        f"parallel.pp={pp}", f"parallel.pipeline_chunks={chunks}", "model.attention_backend=sdpa"],
+        f"parallel.pp={pp}", f"parallel.pipeline_chunks={chunks}", "model.attention_backend=sdpa",
+        f"parallel.shard_vocab_over_pp={args.shard_vocab_over_pp}"],
         check_paths=False)
 
 
@@ -90,6 +92,8 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--shard-vocab-over-pp", action="store_true",
+                   help="split the embedding and head over the pipeline ranks too")
     args = p.parse_args()
     if 1 not in args.chunks:
         args.chunks = [1] + args.chunks
@@ -117,7 +121,7 @@ def main():
         if proc.exitcode:
             sys.exit(f"a pipeline rank failed (exit code {proc.exitcode})")
 
-    print(f"pp=2, B={args.batch} T={args.seq} d={args.hidden} L={args.layers} V={args.vocab}, "
+    print(f"pp=2{' (shard_vocab_over_pp)' if args.shard_vocab_over_pp else ''}, B={args.batch} T={args.seq} d={args.hidden} L={args.layers} V={args.vocab}, "
           f"1 thread per process; time = slower rank's median forward+backward")
     print(f"{'family':<10} {'chunks':>6} {'/ chunks=1':>11} {'/ one process':>14} {'ideal':>7}")
     for family in args.families:

@@ -162,6 +162,9 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
         diff = sum((full[k] - sd[k]).double().square().sum() for k in sd).sqrt()
         res["weights_rel_l2"] = (diff / sum(sd[k].double().square().sum() for k in sd).sqrt()).item()
         res["weights_max_abs"] = max((full[k] - sd[k]).abs().max().item() for k in sd)
+        # for diagnosis when a tolerance trips: the tensor with the largest relative change
+        res["worst_tensor"] = max(((((full[k] - sd[k]).norm() / sd[k].norm().clamp(min=1e-12)).item(), k)
+                                   for k in sd))
     # round trip: shard the reference weights back in and gather them again
     if zero < 3:
         load_full_state_dict(engine.module, ref.state_dict(), topo)

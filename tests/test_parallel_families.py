@@ -42,7 +42,11 @@ EXTRA_2 = [("tp2_ckpt", 2, 1, 1, ["vanilla", "ponderlm", "adaponderlm", "ponderl
            # chunk; and the unchunked schedule
            ("pp2_chunks_uneven", 1, 2, 1, ["adaponderlm", "ponderlm3"],
             {"train.micro_batch_size": 3, "parallel.pipeline_chunks": 2}),
-           ("pp2_chunks1", 1, 2, 1, ["adaponderlm"], {"parallel.pipeline_chunks": 1})]
+           ("pp2_chunks1", 1, 2, 1, ["adaponderlm"], {"parallel.pipeline_chunks": 1}),
+           # embedding and head split over the pipeline ranks too
+           ("pp2_vocab_over_pp", 1, 2, 1, FAMILIES, {"parallel.shard_vocab_over_pp": True})]
+EXTRA_4 = [("tp2_pp2_vocab_over_pp", 2, 2, 1, ["vanilla", "adaponderlm", "ponderlm3"],
+            {"parallel.shard_vocab_over_pp": True})]
 BF16_FAMILIES = ["vanilla", "ponderlm"]
 LAYOUTS_4 = [("tp2_pp2_z1", 2, 2, 1)]
 HALTING = ("adaponderlm", "fixed_pruning", "random_halting")
@@ -55,12 +59,12 @@ def _results(world):
         if world == 2:
             args = (LAYOUTS_2, None, 5, EXTRA_2, BF16_FAMILIES)
         else:
-            args = (LAYOUTS_4, None, 5, [], [])
+            args = (LAYOUTS_4, None, 5, EXTRA_4, [])
         _cache[world] = run_distributed(run_family_checks, world, args, timeout=1200)
     return _cache[world]
 
 
-def _check(res, rank0, family):
+def _check(res, rank0, family, weight_rtol=1e-5, weight_atol=2e-4):
     assert "error" not in res, res["error"]
     for a, b in zip(res["losses"], res["ref_losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (res["losses"], res["ref_losses"])
@@ -70,8 +74,8 @@ def _check(res, rank0, family):
     if family in HALTING:  # halting really happened, so K/V reuse was exercised
         assert res["mean_iters"] < res["passes"] - 0.05, res["mean_iters"]
     if rank0:
-        assert res["weights_rel_l2"] < 1e-5, res
-        assert res["weights_max_abs"] < 2e-4, res
+        assert res["weights_rel_l2"] < weight_rtol, res
+        assert res["weights_max_abs"] < weight_atol, res
         if "roundtrip_abs" in res:
             assert res["roundtrip_abs"] == 0.0, res
 
@@ -83,14 +87,21 @@ def test_family_two_processes(layout, family):
         _check(per_rank[layout][family], rank == 0, family)
 
 
-@pytest.mark.parametrize("layout,family", [(lay[0], fam) for lay in EXTRA_2 for fam in lay[4]])
-def test_extra_layouts_two_processes(layout, family):
-    """Checkpointing (per layer under tp2, per iteration under pp2) and pipeline chunking
-    variants vs the single process without them."""
-    overrides = next(lay[5] for lay in EXTRA_2 if lay[0] == layout)
-    for rank, per_rank in enumerate(_results(2)):
+@pytest.mark.parametrize("world,layout,family", [(w, lay[0], fam) for w, extra in ((2, EXTRA_2), (4, EXTRA_4))
+                                                  for lay in extra for fam in lay[4]])
+def test_extra_layouts(world, layout, family):
+    """Checkpointing (per layer under tp2, per iteration under pp2), pipeline chunking variants
+    and the vocabulary split over pp vs the single process without them."""
+    overrides = next(lay[5] for lay in EXTRA_2 + EXTRA_4 if lay[0] == layout)
+    # With the vocabulary split over 4 ranks, every vocab-parallel sum (softmax, CE,
+    # pondering embedding) adds 4 partial sums in another order; Adam scales each coordinate's
+    # step to ~lr whatever its gradient's size, so rounding in small gradients becomes
+    # lr-sized weight differences (observed 1.6e-5 rel L2 / 3.3e-4 abs after 5 steps for
+    # adaponderlm, 6.4e-6 / 1.3e-4 without the split). Losses stay within 1e-5 at every step.
+    tol = {"weight_rtol": 5e-5, "weight_atol": 1e-3} if layout == "tp2_pp2_vocab_over_pp" else {}
+    for rank, per_rank in enumerate(_results(world)):
         res = per_rank[layout][family]
-        _check(res, rank == 0, family)
+        _check(res, rank == 0, family, **tol)
         if "parallel.activation_checkpointing" in overrides:
             assert res["checkpointing"] == [overrides["parallel.activation_checkpointing"]]
 

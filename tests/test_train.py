@@ -113,8 +113,9 @@ def _free_port():
 @pytest.mark.parametrize("layout", [
     ("parallel.tp=2",),
     ("parallel.pp=2", "parallel.zero_stage=1"),
+    ("parallel.pp=2", "parallel.shard_vocab_over_pp=true"),
     ("parallel.zero_stage=3", "train.micro_batch_size=2"),  # dp=2: same global batch of 4
-], ids=["tp2", "pp2-zero1", "dp2-zero3"])
+], ids=["tp2", "pp2-zero1", "pp2-vocab-over-pp", "dp2-zero3"])
 def test_cli_parallel_layouts_match_single_process(tmp_path, demo_data, layout):
     """The whole trainer (data sharding, seeding, parallelize, engine, checkpoint) under 2
     processes reproduces the single-process losses. 1e-5 relative: only the summation order

@@ -137,9 +137,19 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
              f"divides the head count.")
         need(m.ffn_size % par.tp == 0,
              f"parallel.tp={par.tp} does not divide the MLP width {m.ffn_size}.")
-        need(m.padded_vocab(par.tp) % par.tp == 0,
-             f"parallel.tp={par.tp} does not divide the padded vocabulary {m.padded_vocab(par.tp)}; "
-             f"set model.padded_vocab_size to a multiple of tp or leave it null.")
+    vocab_shards = par.tp * (par.pp if par.shard_vocab_over_pp and par.pp > 1 else 1)
+    need(m.padded_vocab() % vocab_shards == 0,
+         f"the padded vocabulary {m.padded_vocab()} does not split into {vocab_shards} equal "
+         f"shards (parallel.tp" + (" x parallel.pp, shard_vocab_over_pp" if vocab_shards != par.tp else "")
+         + f"); set model.padded_vocab_size or model.make_vocab_size_divisible_by to a multiple "
+         f"of {vocab_shards}.")
+    need(p.top_k == 0 or vocab_shards == 1,
+         f"ponder.top_k={p.top_k} is not supported with a vocabulary split over {vocab_shards} "
+         f"ranks (the vocab-parallel pondering embedding uses the full softmax); set it to 0.")
+    if par.shard_vocab_over_pp and par.pp > 1:
+        need(not par.sequence_parallel,
+             "parallel.shard_vocab_over_pp cannot be combined with parallel.sequence_parallel "
+             "(the embedding's reduce-scatter runs over the TP group); set one of them to false.")
     if par.pp > 1:
         need(m.num_layers % par.pp == 0,
              f"parallel.pp={par.pp} does not divide model.num_layers={m.num_layers}; choose pp "
@@ -167,8 +177,6 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
              f"supported: every TP rank would draw the same dropout mask for its own heads (the "
              f"per-TP-rank RNG stream is not wired into attention and its recompute yet). Set "
              f"model.attention_dropout=0 (Pythia's value); hidden_dropout is fine.")
-        need(p.top_k == 0, f"ponder.top_k={p.top_k} is not supported with parallel.tp>1 "
-             f"(the vocab-parallel pondering embedding uses the full softmax); set it to 0.")
     if world_size is not None:
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "

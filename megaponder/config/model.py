@@ -62,8 +62,10 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def padded_vocab(self, tp: int = 1) -> int:
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and head. Independent of the parallel layout, so checkpoints
+        move between layouts; tp (and pp with shard_vocab_over_pp) must divide it."""
         if self.padded_vocab_size is not None:
             return self.padded_vocab_size
-        multiple = self.make_vocab_size_divisible_by * tp
+        multiple = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // multiple) * multiple

@@ -22,6 +22,12 @@ class ParallelConfig:
                                  "stage r works on chunk i while stage r+1 works on chunk i-1: "
                                  "bubble (pp-1)/(chunks+pp-1) per stack call instead of "
                                  "(pp-1)/pp. Capped at the micro-batch size; 1 = no overlap.")
+    shard_vocab_over_pp: bool = param(False, "With pp>1, split the embedding and output head "
+                                      "over all tp x pp ranks of a model replica instead of "
+                                      "over tp only (replicated over pp). Saves (1 - 1/pp) of "
+                                      "their memory and of the head's per-iteration compute; "
+                                      "costs an all-reduce of the embedding output and of the "
+                                      "head-input gradient over tp x pp ranks.")
     activation_checkpointing: Literal["none", "layer", "iteration"] = param(
         "none", "Recompute activations in backward instead of keeping them. layer: each layer "
         "is recomputed on its own (keeps every layer's input, per iteration). iteration: this "

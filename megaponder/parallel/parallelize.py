@@ -18,6 +18,9 @@ The model code knows nothing about ranks. What changes:
   * SP (``parallel.sequence_parallel``): LayerNorm/dropout regions work on a 1/tp slice of
     the sequence; replicated parameters there get a TP gradient all-reduce hook.
   * PP: ``model.stack`` becomes a :class:`~megaponder.parallel.pipeline.PipelinedStack`.
+    The embedding and head are replicated over pp, or with ``parallel.shard_vocab_over_pp``
+    split over all tp x pp ranks of the replica (the same vocab-parallel layers and hooks,
+    over the model-parallel group).
 Every parameter is then tagged so that DeepSpeed's gradient-norm computation (clipping)
 counts each unique element exactly once (:func:`mark_norm_ownership`).
 """
@@ -33,13 +36,9 @@ import torch.nn as nn
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
 from .state import Topology
-from .tensor import (ColumnParallelLinear, copy_to_tp, gather_seq, RowParallelLinear, VocabParallelEmbedding,
+from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_seq, RowParallelLinear, VocabParallelEmbedding,
                      register_sequence_parallel_grad_sync, vocab_parallel_cross_entropy,
                      vocab_parallel_ponder_embedding)
-
-#: families whose forward only does token-wise work outside the stack, so the residual
-#: stream may be split along the sequence (sequence parallelism).
-SEQUENCE_PARALLEL_FAMILIES = ("vanilla", "ponderlm", "loop")
 
 
 # --------------------------------------------------------------------------- family hooks
@@ -57,9 +56,9 @@ class TensorParallelHooks:
                                                self._tp_sequence_parallel)
 
 
-def _with_hooks(model: nn.Module, topo: Topology) -> None:
+def _with_hooks(model: nn.Module, vocab_group, sequence_parallel: bool) -> None:
     cls = type(model)
-    attrs = {"_tp_group": topo.tp_group, "_tp_sequence_parallel": topo.sequence_parallel}
+    attrs = {"_tp_group": vocab_group, "_tp_sequence_parallel": sequence_parallel}
     model.__class__ = type(f"TensorParallel{cls.__name__}", (TensorParallelHooks, cls), attrs)
 
 
@@ -100,12 +99,30 @@ def _apply_tp(model: nn.Module, topo: Topology) -> None:
         attn.num_heads //= topo.tp
         mlp.fc1 = ColumnParallelLinear(mlp.fc1, g, sp)
         mlp.fc2 = RowParallelLinear(mlp.fc2, g, sp)
+
+
+def vocab_group(topo: Topology, cfg) -> tuple:
+    """(group, size) the embedding and head are split over: tp x pp with
+    ``parallel.shard_vocab_over_pp`` and pp > 1 (they are otherwise replicated over pp), else
+    the TP group. Size 1 means they stay whole."""
+    if topo.pp > 1 and cfg.parallel.shard_vocab_over_pp:
+        return topo.mp_group, topo.tp * topo.pp
+    return topo.tp_group, topo.tp
+
+
+def _apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> None:
+    """Vocab-parallel embedding and head over ``group``, and the family hooks (cross-entropy,
+    pondering embedding) that work on the split vocabulary."""
     tied = model.embed_out.weight is model.embed_in.weight
-    model.embed_in = VocabParallelEmbedding(model.embed_in, g, sp)
-    model.embed_out = ColumnParallelLinear(model.embed_out, g, sp)
+    model.embed_in = VocabParallelEmbedding(model.embed_in, group, sequence_parallel)
+    model.embed_out = ColumnParallelLinear(model.embed_out, group, sequence_parallel)
     if tied:
         model.embed_out.weight = model.embed_in.weight
-    _with_hooks(model, topo)
+    _with_hooks(model, group, sequence_parallel)
+
+
+def _apply_sequence_parallel_grad_sync(model: nn.Module, topo: Topology) -> None:
+    g, sp = topo.tp_group, topo.sequence_parallel
     if sp:
         replicated = [p for p in model.parameters() if not getattr(p, "tp_sharded", False)]
         model._sp_hooks = register_sequence_parallel_grad_sync(replicated, g)
@@ -123,7 +140,8 @@ def mark_norm_ownership(model: nn.Module, topo: Topology) -> None:
     pp_local = {id(p) for p in model.stack.layers.parameters()} if topo.pp > 1 else None
     for p in model.parameters():
         sharded = getattr(p, "tp_sharded", False)
-        local = pp_local is None or id(p) in pp_local
+        spans_pp = topo.pp > 1 and sharded and p.shard_group is topo.mp_group  # shard_vocab_over_pp
+        local = pp_local is None or id(p) in pp_local or spans_pp
         count_here = (sharded or topo.tp_rank == 0) and (local or topo.pp_rank == 0)
         p.tensor_model_parallel = count_here
         p.model_parallel = count_here
@@ -140,6 +158,11 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
         model.stack = PipelinedStack(model.stack, topo, chunks=cfg.parallel.pipeline_chunks)
     if topo.tp > 1:
         _apply_tp(model, topo)
+    group, shards = vocab_group(topo, cfg)
+    if shards > 1:
+        _apply_vocab_parallel(model, group, topo.sequence_parallel)
+    if topo.tp > 1:
+        _apply_sequence_parallel_grad_sync(model, topo)
     if cfg.parallel.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     mark_norm_ownership(model, topo)
@@ -211,11 +234,11 @@ def gather_full_state_dict(model: nn.Module, topo: Optional[Topology] = None) ->
         for name, tensor in model.state_dict(keep_vars=True).items():
             p = named.get(name, tensor)
             t = tensor.detach()
-            dim = getattr(p, "partition_dim", None)
-            if getattr(p, "tp_sharded", False) and topo.tp > 1:
-                parts = [torch.empty_like(t) for _ in range(topo.tp)]
-                dist.all_gather(parts, t.contiguous(), group=topo.tp_group)
-                t = torch.cat(parts, dim=dim)
+            group = getattr(p, "shard_group", None)
+            if getattr(p, "tp_sharded", False) and _size(group) > 1:
+                parts = [torch.empty_like(t) for _ in range(_size(group))]
+                dist.all_gather(parts, t.contiguous(), group=group)
+                t = torch.cat(parts, dim=p.partition_dim)
             local[name] = t.cpu().clone()
     if topo.tp_rank != 0 or topo.dp_rank != 0:
         return None
@@ -244,8 +267,8 @@ def shard_state_dict(full_state: dict, model: nn.Module, topo: Optional[Topology
             raise KeyError(f"shard_state_dict: '{name}' missing from the full state dict")
         t = full_state[name]
         p = named.get(name)
-        if p is not None and getattr(p, "tp_sharded", False) and topo.tp > 1:
-            t = t.chunk(topo.tp, dim=p.partition_dim)[topo.tp_rank]
+        if p is not None and getattr(p, "tp_sharded", False) and _size(p.shard_group) > 1:
+            t = t.chunk(_size(p.shard_group), dim=p.partition_dim)[_rank(p.shard_group)]
         out[name] = t.clone()
     return out
 

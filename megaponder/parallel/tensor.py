@@ -181,12 +181,14 @@ def reduce_scatter_seq(x, group):
 
 
 # --------------------------------------------------------------------------- layers
-def _mark(p: nn.Parameter, dim: int) -> nn.Parameter:
-    """Record that ``p`` is split over TP along ``dim`` (contiguous chunks, rank order).
+def _mark(p: nn.Parameter, dim: int, group) -> nn.Parameter:
+    """Record that ``p`` is split over ``group`` (the TP group; for the embedding and head
+    possibly the tp x pp group) along ``dim``, in contiguous chunks in group-rank order.
     (DeepSpeed's ``tensor_model_parallel`` flag is set later by parallelize, which knows
     whether this rank's copy counts towards the gradient norm.)"""
     p.tp_sharded = True
     p.partition_dim = dim
+    p.shard_group = group
     return p
 
 
@@ -205,8 +207,8 @@ class ColumnParallelLinear(nn.Module):
         # input_is_gathered: the caller already entered the TP region (gather_seq / copy_to_tp)
         self.input_is_gathered = input_is_gathered
         self.in_features, self.out_features = full.in_features, full.out_features // n
-        self.weight = _mark(nn.Parameter(_chunk(full.weight, n, r, 0)), 0)
-        self.bias = None if full.bias is None else _mark(nn.Parameter(_chunk(full.bias, n, r, 0)), 0)
+        self.weight = _mark(nn.Parameter(_chunk(full.weight, n, r, 0)), 0, group)
+        self.bias = None if full.bias is None else _mark(nn.Parameter(_chunk(full.bias, n, r, 0)), 0, group)
 
     def forward(self, x):
         if not self.input_is_gathered:
@@ -224,7 +226,7 @@ class RowParallelLinear(nn.Module):
         n, r = _size(group), _rank(group)
         self.group, self.sequence_parallel = group, sequence_parallel
         self.in_features, self.out_features = full.in_features // n, full.out_features
-        self.weight = _mark(nn.Parameter(_chunk(full.weight, n, r, 1)), 1)
+        self.weight = _mark(nn.Parameter(_chunk(full.weight, n, r, 1)), 1, group)
         self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
 
     def forward(self, x):
@@ -245,7 +247,7 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = full.num_embeddings, full.embedding_dim
         self.per_rank = full.num_embeddings // n
         self.start = r * self.per_rank
-        self.weight = _mark(nn.Parameter(_chunk(full.weight, n, r, 0)), 0)
+        self.weight = _mark(nn.Parameter(_chunk(full.weight, n, r, 0)), 0, group)
 
     def forward(self, ids):
         local = ids - self.start

@@ -139,9 +139,9 @@ class Trainer:
                       "parallel_residual")
         diffs = [f"model.{k}: checkpoint {getattr(src, k)}, this run {getattr(dst, k)}"
                  for k in shape_keys if getattr(src, k) != getattr(dst, k)]
-        if src.padded_vocab() != dst.padded_vocab(self.topo.tp):
+        if src.padded_vocab() != dst.padded_vocab():
             diffs.append(f"padded vocabulary: checkpoint {src.padded_vocab()}, this run "
-                         f"{dst.padded_vocab(self.topo.tp)} (set model.padded_vocab_size)")
+                         f"{dst.padded_vocab()} (set model.padded_vocab_size)")
         if diffs:
             raise ConfigError(f"train.init_checkpoint {folder} has a different backbone shape:\n  - "
                               + "\n  - ".join(diffs)
