@@ -175,6 +175,44 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
     return res
 
 
+def dropout_checks(topo, sp=False):
+    """tp with attention dropout (and, under SP, hidden dropout): the masks come from the
+    per-TP-rank stream (the default stream is left untouched, so replicated regions stay in
+    step across TP ranks) and activation checkpointing, per layer and per iteration, replays
+    them exactly (same loss and gradients as without checkpointing)."""
+    from megaponder.models import build_model
+    from megaponder.parallel.parallelize import parallelize
+    from megaponder.parallel.state import RNG, seed_everything
+    cfg = tiny_config(topo.tp, topo.pp, 0, sp)
+    cfg.model.attention_dropout = 0.3
+    cfg.model.hidden_dropout = 0.2 if sp else 0.0
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+    runs, out = {}, {}
+    for granularity in ("none", "layer", "iteration"):
+        cfg.parallel.activation_checkpointing = granularity
+        model = parallelize(copy.deepcopy(ref), cfg, topo)
+        model.train()
+        seed_everything(7, topo)
+        default_before, tp_before = torch.get_rng_state(), RNG.state_dict()["tp"]
+        loss = model(ids, targets=ids).loss
+        out["default_stream_untouched"] = torch.equal(default_before, torch.get_rng_state())
+        out["tp_stream_advanced"] = not torch.equal(tp_before, RNG.state_dict()["tp"])
+        loss.backward()
+        runs[granularity] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    base_loss, base_grads = runs["none"]
+    out["ckpt_loss_rel"] = max(abs(l - base_loss) / abs(base_loss) for l, _ in runs.values())
+    out["ckpt_grad_rel"] = max(((g[n] - base_grads[n]).norm() / base_grads[n].norm().clamp(min=1e-30)).item()
+                               for _, g in runs.values() for n in base_grads)
+    # dropout is on: the loss differs from the same weights in eval mode
+    model.eval()
+    with torch.no_grad():
+        out["eval_loss"] = model(ids, targets=ids).loss.item()
+    out["train_loss"] = base_loss
+    return out
+
+
 def run_checks(rank, world, plan):
     """plan: list of (name, kind, tp, pp, zero, sp); returns {name: result}."""
     from megaponder.parallel.state import build_topology, seed_everything
@@ -184,6 +222,8 @@ def run_checks(rank, world, plan):
         seed_everything(1234, topo)
         if kind == "fwd":
             out[name] = forward_backward_parity(topo, sp)
+        elif kind == "dropout":
+            out[name] = dropout_checks(topo, sp)
         else:
             out[name] = training_parity(topo, zero, sp)
         out[name]["topology"] = topo.describe()

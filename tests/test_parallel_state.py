@@ -81,9 +81,6 @@ def _cfg(**par):
     ({"parallel__sequence_parallel": True}, "tp > 1"),
     ({"parallel__tp": 2, "parallel__sequence_parallel": True, "data__seq_length": 7}, "seq_length"),
     ({"parallel__tp": 2, "ponder__top_k": 5}, "top_k"),
-    ({"parallel__tp": 2, "model__attention_dropout": 0.1}, "attention_dropout"),
-    ({"parallel__tp": 2, "parallel__sequence_parallel": True, "model__hidden_dropout": 0.1},
-     "hidden_dropout"),
     ({"parallel__tp": 2, "parallel__sequence_parallel": True, "model__family": "ponderlm"},
      "vanilla family only"),
 ])

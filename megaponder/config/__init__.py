@@ -163,20 +163,10 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(d.seq_length % par.tp == 0,
              f"parallel.sequence_parallel splits the sequence over tp={par.tp} ranks, but "
              f"data.seq_length={d.seq_length} is not a multiple of it; change one of them.")
-        need(m.hidden_dropout == 0.0,
-             f"model.hidden_dropout={m.hidden_dropout} with parallel.sequence_parallel is not "
-             f"supported: every TP rank would draw the same mask for its own sequence chunk. Set "
-             f"model.hidden_dropout=0 (Pythia's value) or sequence_parallel=false.")
         need(m.family == "vanilla",
              f"parallel.sequence_parallel is supported for the vanilla family only, not "
              f"model.family={m.family} (its per-token pondering state is not sequence-sharded "
              f"yet); set it to false.")
-    if par.tp > 1:
-        need(m.attention_dropout == 0.0,
-             f"model.attention_dropout={m.attention_dropout} with parallel.tp={par.tp} is not "
-             f"supported: every TP rank would draw the same dropout mask for its own heads (the "
-             f"per-TP-rank RNG stream is not wired into attention and its recompute yet). Set "
-             f"model.attention_dropout=0 (Pythia's value); hidden_dropout is fine.")
     if world_size is not None:
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
-from .state import Topology
+from .state import RNG, Topology
 from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_seq, RowParallelLinear, VocabParallelEmbedding,
                      register_sequence_parallel_grad_sync, vocab_parallel_cross_entropy,
                      vocab_parallel_ponder_embedding)
@@ -97,6 +97,10 @@ def _apply_tp(model: nn.Module, topo: Topology) -> None:
             attn.forward = _gathering_forward(attn.forward, g)
         attn.out = RowParallelLinear(attn.out, g, sp)
         attn.num_heads //= topo.tp
+        if attn.dropout_p > 0:   # each rank's heads get their own masks
+            attn.forward = _in_tp_rng_stream(attn.forward)
+        if sp and layer.dropout.p > 0:   # the residual stream is a sequence shard here
+            layer.dropout.forward = _in_tp_rng_stream(layer.dropout.forward)
         mlp.fc1 = ColumnParallelLinear(mlp.fc1, g, sp)
         mlp.fc2 = RowParallelLinear(mlp.fc2, g, sp)
 
@@ -171,16 +175,26 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
 
 
 def _checkpointed(fn):
-    """``fn`` recomputed in backward (non-reentrant torch checkpoint; the default RNG state is
-    restored for the recompute, so dropout masks repeat). TP collectives inside ``fn`` run
-    again in the recompute, identically on every TP rank."""
+    """``fn`` recomputed in backward (non-reentrant torch checkpoint). Dropout masks repeat in
+    the recompute: torch restores the default RNG stream, ``RNG.checkpoint_contexts`` the
+    per-TP-rank one. TP collectives inside ``fn`` run again, identically on every TP rank."""
     from torch.utils.checkpoint import checkpoint
 
     def wrapped(*args, **kwargs):
         if not torch.is_grad_enabled():
             return fn(*args, **kwargs)
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=RNG.checkpoint_contexts,
+                          **kwargs)
 
+    return wrapped
+
+
+def _in_tp_rng_stream(fn):
+    """``fn`` drawing its random numbers from the per-TP-rank stream (dropout on tensors that
+    are split over TP: the local heads' attention probabilities, sequence-parallel shards)."""
+    def wrapped(*args, **kwargs):
+        with RNG.tensor_parallel():
+            return fn(*args, **kwargs)
     return wrapped
 
 

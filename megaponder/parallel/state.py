@@ -364,6 +364,35 @@ class RNGStreams:
             torch.cuda.set_rng_state(cur)
             torch.cuda.manual_seed(base)
 
+    def state_dict(self) -> dict:
+        return {"tp": self._tp_state, "tp_cuda": self._tp_cuda_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._tp_state, self._tp_cuda_state = state["tp"], state["tp_cuda"]
+
+    def checkpoint_contexts(self):
+        """(forward, recompute) context managers for ``torch.utils.checkpoint``'s
+        ``context_fn``: the recompute replays the per-TP-rank stream from where the forward
+        started, so recomputed dropout masks equal the forward's (torch restores only the
+        default stream), and leaves the stream where the forward left it."""
+        snapshot = {}
+
+        @contextlib.contextmanager
+        def forward():
+            snapshot["state"] = self.state_dict()
+            yield
+
+        @contextlib.contextmanager
+        def recompute():
+            current = self.state_dict()
+            self.load_state_dict(snapshot["state"])
+            try:
+                yield
+            finally:
+                self.load_state_dict(current)
+
+        return forward(), recompute()
+
     @contextlib.contextmanager
     def tensor_parallel(self):
         if self._tp_state is None:
