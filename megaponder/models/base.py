@@ -13,6 +13,8 @@ Conventions every family follows:
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -45,6 +47,29 @@ def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
     b, t = input_ids.shape
     return torch.arange(t, device=input_ids.device).expand(b, t)
+
+
+def fixed_token_stats(input_ids: torch.Tensor, iterations: float) -> dict:
+    """``return_token_stats=True`` (every family's forward accepts it) adds
+    ``stats["token_iterations"]``, a detached float [B, T] tensor of the backbone iterations each
+    token executes at inference (megaponder/analysis/depth.py). Fixed-depth families fill it
+    with their constant depth."""
+    return {"token_iterations": torch.full(tuple(input_ids.shape), float(iterations),
+                                           device=input_ids.device)}
+
+
+def with_fixed_token_stats(forward):
+    """Decorates the forward of a fixed-depth family (every token runs the same number of
+    iterations): ``return_token_stats=True`` adds :func:`fixed_token_stats` with the
+    forward's own ``stats["mean_iters"]`` (1 when it reports none)."""
+    @functools.wraps(forward)
+    def wrapped(self, input_ids, targets=None, position_ids=None, attention_mask=None,
+                segment_ids=None, return_token_stats: bool = False):
+        out = forward(self, input_ids, targets, position_ids, attention_mask, segment_ids)
+        if return_token_stats:
+            out.stats.update(fixed_token_stats(input_ids, out.stats.get("mean_iters", 1.0)))
+        return out
+    return wrapped
 
 
 class CausalLM(nn.Module):
@@ -90,12 +115,9 @@ class CausalLM(nn.Module):
         return []
 
     # -- vanilla forward ------------------------------------------------------------------
+    @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None, return_token_stats: bool = False) -> ModelOutput:
-        if return_token_stats:  # every family accepts it; see fixed_token_stats
-            out = self.forward(input_ids, targets, position_ids, attention_mask, segment_ids)
-            out.stats.update(fixed_token_stats(input_ids, 1.0))
-            return out
+                segment_ids=None) -> ModelOutput:
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         hidden, _ = self.stack(self.embed(input_ids), position_ids,
@@ -106,15 +128,6 @@ class CausalLM(nn.Module):
         lm_loss = self.lm_loss(logits, targets)
         return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss,
                            stats={"mean_iters": 1.0, "flops_ratio": 1.0})
-
-
-def fixed_token_stats(input_ids: torch.Tensor, iterations: float) -> dict:
-    """``return_token_stats=True`` (every family's forward accepts it) adds
-    ``stats["token_iterations"]``, a detached float [B, T] tensor of the backbone iterations each
-    token executes at inference (megaponder/analysis/depth.py). Fixed-depth families fill it
-    with their constant depth."""
-    return {"token_iterations": torch.full(tuple(input_ids.shape), float(iterations),
-                                           device=input_ids.device)}
 
 
 def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

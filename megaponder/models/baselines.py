@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, PonderConfig
-from .base import ModelOutput, default_position_ids, fixed_token_stats
+from .base import ModelOutput, default_position_ids, with_fixed_token_stats
 from .latent import LatentLM
 from .ponder import PonderLM, valid_token_mask
 from .registry import register_family
@@ -33,12 +33,9 @@ class LoopLM(PonderLM):
     def input_embeddings(self, input_ids):
         return self.embed(input_ids)
 
+    @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None, return_token_stats: bool = False) -> ModelOutput:
-        if return_token_stats:
-            out = self.forward(input_ids, targets, position_ids, attention_mask, segment_ids)
-            out.stats.update(fixed_token_stats(input_ids, out.stats["mean_iters"]))
-            return out
+                segment_ids=None) -> ModelOutput:
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         spec = self.attention_spec(attention_mask, segment_ids)
@@ -134,12 +131,9 @@ class PauseLM(LatentLM):
     def extra_parameter_names(self) -> list[str]:
         return ["pause_embedding"]
 
+    @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None, return_token_stats: bool = False) -> ModelOutput:
-        if return_token_stats:
-            out = self.forward(input_ids, targets, position_ids, attention_mask, segment_ids)
-            out.stats.update(fixed_token_stats(input_ids, out.stats["mean_iters"]))
-            return out
+                segment_ids=None) -> ModelOutput:
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         e0 = self.token_embeddings(input_ids)
