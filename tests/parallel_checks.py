@@ -277,9 +277,10 @@ def run_family_checks(rank, world, layouts, families=None, steps=5, extra=(), bf
         jobs.append(("bf16_tp2", world, 1, 1, list(bf16_families), "bf16"))
     topos = {}
     for name, tp, pp, zero, fams, overrides in jobs:
-        if (tp, pp) not in topos:
-            topos[(tp, pp)] = build_topology(tp, pp)
-        topo = topos[(tp, pp)]
+        sp = isinstance(overrides, dict) and overrides.get("parallel.sequence_parallel", False)
+        if (tp, pp, sp) not in topos:
+            topos[(tp, pp, sp)] = build_topology(tp, pp, sp)
+        topo = topos[(tp, pp, sp)]
         out[name] = {}
         for family in fams:
             seed_everything(1234, topo)

@@ -65,10 +65,15 @@ def test_example_configs_load(name):
     load_config(os.path.join(REPO_ROOT, "examples", "configs", name), check_paths=False)
 
 
-def test_sequence_parallel_is_refused_for_pondering_families():
-    with pytest.raises(ConfigError, match=r"sequence_parallel is supported for the vanilla family only"):
+def test_sequence_parallel_families():
+    # vertical pondering families shard inside the stack; latent layouts and loop are refused
+    for family in ("vanilla", "ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
         load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
-                           "model.family=ponderlm"], check_paths=False)
+                           f"model.family={family}"], check_paths=False)
+    for family in ("ponderlm2", "ponderlm3", "pause", "loop"):
+        with pytest.raises(ConfigError, match=rf"not model.family={family}"):
+            load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                               f"model.family={family}"], check_paths=False)
 
 
 def test_adaponderlm_pipeline_keeps_the_reused_kv_gradient():

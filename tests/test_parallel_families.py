@@ -44,9 +44,13 @@ EXTRA_2 = [("tp2_ckpt", 2, 1, 1, ["vanilla", "ponderlm", "adaponderlm", "ponderl
             {"train.micro_batch_size": 3, "parallel.pipeline_chunks": 2}),
            ("pp2_chunks1", 1, 2, 1, ["adaponderlm"], {"parallel.pipeline_chunks": 1}),
            # embedding and head split over the pipeline ranks too
-           ("pp2_vocab_over_pp", 1, 2, 1, FAMILIES, {"parallel.shard_vocab_over_pp": True})]
+           ("pp2_vocab_over_pp", 1, 2, 1, FAMILIES, {"parallel.shard_vocab_over_pp": True}),
+           # sequence parallelism inside the stack (the vertical pondering families)
+           ("tp2_sp", 2, 1, 1, ["ponderlm", "adaponderlm", "fixed_pruning", "random_halting"],
+            {"parallel.sequence_parallel": True})]
 EXTRA_4 = [("tp2_pp2_vocab_over_pp", 2, 2, 1, ["vanilla", "adaponderlm", "ponderlm3"],
-            {"parallel.shard_vocab_over_pp": True})]
+            {"parallel.shard_vocab_over_pp": True}),
+           ("tp2_pp2_sp", 2, 2, 1, ["adaponderlm"], {"parallel.sequence_parallel": True})]
 BF16_FAMILIES = ["vanilla", "ponderlm"]
 LAYOUTS_4 = [("tp2_pp2_z1", 2, 2, 1)]
 HALTING = ("adaponderlm", "fixed_pruning", "random_halting")

@@ -81,8 +81,8 @@ def _cfg(**par):
     ({"parallel__sequence_parallel": True}, "tp > 1"),
     ({"parallel__tp": 2, "parallel__sequence_parallel": True, "data__seq_length": 7}, "seq_length"),
     ({"parallel__tp": 2, "ponder__top_k": 5}, "top_k"),
-    ({"parallel__tp": 2, "parallel__sequence_parallel": True, "model__family": "ponderlm"},
-     "vanilla family only"),
+    ({"parallel__tp": 2, "parallel__sequence_parallel": True, "model__family": "ponderlm2"},
+     "model.family=ponderlm2"),
 ])
 def test_config_refuses_unsupported_layouts(changes, needle):
     with pytest.raises(ConfigError) as err:

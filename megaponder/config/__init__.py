@@ -163,10 +163,11 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(d.seq_length % par.tp == 0,
              f"parallel.sequence_parallel splits the sequence over tp={par.tp} ranks, but "
              f"data.seq_length={d.seq_length} is not a multiple of it; change one of them.")
-        need(m.family == "vanilla",
-             f"parallel.sequence_parallel is supported for the vanilla family only, not "
-             f"model.family={m.family} (its per-token pondering state is not sequence-sharded "
-             f"yet); set it to false.")
+        sp_families = ("vanilla", "ponderlm", "adaponderlm", "fixed_pruning", "random_halting")
+        need(m.family in sp_families,
+             f"parallel.sequence_parallel is supported for {', '.join(sp_families)}, not "
+             f"model.family={m.family} (its stack calls are not full-length final-normed "
+             f"sequences: latent-thought layouts, the loop baseline); set it to false.")
     if world_size is not None:
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "

@@ -15,7 +15,9 @@ class ParallelConfig:
     pp: int = param(1, "Pipeline-parallel degree.")
     zero_stage: int = param(0, "DeepSpeed ZeRO stage 0-3 (stages 2/3 cannot be combined with pp>1).")
     sequence_parallel: bool = param(False, "Shard LayerNorm/dropout regions over the sequence "
-                                    "across the tensor-parallel group (requires tp>1).")
+                                    "across the tensor-parallel group (requires tp>1). Vanilla: "
+                                    "the whole model; ponderlm, adaponderlm, fixed_pruning, "
+                                    "random_halting: inside the stack; other families: refused.")
     pipeline_chunks: int = param(4, "With pp>1, every stack call (one pondering iteration / "
                                  "Jacobi pass) splits its micro-batch rows into this many "
                                  "chunks that flow through the stages one after another, so "

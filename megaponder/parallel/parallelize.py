@@ -36,7 +36,8 @@ import torch.nn as nn
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
 from .state import RNG, Topology
-from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_seq, RowParallelLinear, VocabParallelEmbedding,
+from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_from_tp, gather_seq,
+                     RowParallelLinear, scatter_to_tp, VocabParallelEmbedding,
                      register_sequence_parallel_grad_sync, vocab_parallel_cross_entropy,
                      vocab_parallel_ponder_embedding)
 
@@ -105,6 +106,25 @@ def _apply_tp(model: nn.Module, topo: Topology) -> None:
         mlp.fc2 = RowParallelLinear(mlp.fc2, g, sp)
 
 
+#: families whose stack is called on full-length, final-normed sequences with only token-wise
+#: work outside it; vanilla shards the whole model, these shard inside the stack only.
+SEQUENCE_PARALLEL_STACK_FAMILIES = ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting")
+
+
+def _sequence_sharded_stack(inner, group):
+    """Sequence parallelism inside the stack only (pondering families). The family's
+    per-iteration work (head, pondering embedding, gates, halting masks, K/V-reuse) runs on
+    full-length tensors replicated over TP, so each stack call takes its rank's sequence
+    chunk of the replicated input (backward: all-gather) and all-gathers its output
+    (backward: keep own chunk, the incoming gradient being replicated). Inside, the layers
+    and the final LayerNorm run sequence-parallel as for vanilla."""
+    def forward(inputs_embeds, position_ids, spec=None, kv_hook=None, apply_final_norm=True):
+        hidden, kvs = inner(scatter_to_tp(inputs_embeds, group, 1), position_ids, spec,
+                            kv_hook=kv_hook, apply_final_norm=apply_final_norm)
+        return gather_from_tp(hidden, group, 1), kvs
+    return forward
+
+
 def vocab_group(topo: Topology, cfg) -> tuple:
     """(group, size) the embedding and head are split over: tp x pp with
     ``parallel.shard_vocab_over_pp`` and pp > 1 (they are otherwise replicated over pp), else
@@ -125,11 +145,10 @@ def _apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> N
     _with_hooks(model, group, sequence_parallel)
 
 
-def _apply_sequence_parallel_grad_sync(model: nn.Module, topo: Topology) -> None:
-    g, sp = topo.tp_group, topo.sequence_parallel
-    if sp:
-        replicated = [p for p in model.parameters() if not getattr(p, "tp_sharded", False)]
-        model._sp_hooks = register_sequence_parallel_grad_sync(replicated, g)
+def _apply_sequence_parallel_grad_sync(module: nn.Module, topo: Topology) -> None:
+    if topo.sequence_parallel:
+        replicated = [p for p in module.parameters() if not getattr(p, "tp_sharded", False)]
+        module._sp_hooks = register_sequence_parallel_grad_sync(replicated, topo.tp_group)
 
 
 def mark_norm_ownership(model: nn.Module, topo: Topology) -> None:
@@ -160,13 +179,20 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
     model._mp_full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if topo.pp > 1:
         model.stack = PipelinedStack(model.stack, topo, chunks=cfg.parallel.pipeline_chunks)
+    stack_only_sp = topo.sequence_parallel and cfg.model.family != "vanilla"
+    if stack_only_sp and cfg.model.family not in SEQUENCE_PARALLEL_STACK_FAMILIES:
+        raise ValueError(f"sequence parallelism is not supported for family {cfg.model.family}")
     if topo.tp > 1:
         _apply_tp(model, topo)
+    if stack_only_sp:
+        model.stack.forward = _sequence_sharded_stack(model.stack.forward, topo.tp_group)
     group, shards = vocab_group(topo, cfg)
     if shards > 1:
-        _apply_vocab_parallel(model, group, topo.sequence_parallel)
+        _apply_vocab_parallel(model, group, topo.sequence_parallel and not stack_only_sp)
     if topo.tp > 1:
-        _apply_sequence_parallel_grad_sync(model, topo)
+        # the parameters used on sequence shards: the whole model's replicated ones for
+        # vanilla, the stack's (LayerNorms, row-parallel biases, final norm) otherwise
+        _apply_sequence_parallel_grad_sync(model.stack if stack_only_sp else model, topo)
     if cfg.parallel.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     mark_norm_ownership(model, topo)
