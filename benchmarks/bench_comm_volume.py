@@ -18,7 +18,10 @@ forward: 1 for vanilla, K+1 for ponderlm; 4 bytes in fp32):
        + pondering embedding (n-1)*(bs + bs(h+1))
   SP   layers 8nL*bsh (all-gather/reduce-scatter pairs, half the wire bytes of an all-reduce
        each) + embedding 2bsh + head 2n*bsh + CE 3bs + pondering emb (n-1)(bs + 2bs(h+1))
-       + TP-replicated grads (LayerNorms, row biases, final norm) (6hL + 2h)
+       + TP-replicated grads (LayerNorms, row biases, final norm) (6hL + 2h).
+       Pondering families shard inside the stack only: the layers' 8nL*bsh, the stack output's
+       all-gather and the input's backward all-gather 2n*bsh, the embedding and head as TP
+       (bsh + n*bsh), CE 3bs, pondering embedding (n-1)(bs + bs(h+1)), stack grads 6hL + 2h
   PP   looped pipeline: per stack call (P-1) sends + 1 broadcast forward, the same backward:
        2nP*bsh; Megatron's interleaved pipeline with nP virtual stages sends 2(nP-1)*bsh
   DP   ZeRO-0 all-reduce of the gradients: Psi (=params*4 bytes) per step;
@@ -145,13 +148,18 @@ class Counter:
         self.bytes[(lab if n > 4096 else "small", kind)] += n
 
 
-def analytic(name, tp, pp, zero, sp, n, a, params):
+def analytic(family, name, tp, pp, zero, sp, n, a, params):
     b, s, h, L = a.batch, a.seq, a.hidden, a.layers
     bsh, bs, f = b * s * h, b * s, 4
     if name.startswith("dp"):
         return {"Megatron": None, "full": {0: 1, 1: 2, 2: 2, 3: 3}[zero] * params * f}
     if pp > 1:
         return {"Megatron": 2 * (n * pp - 1) * bsh * f, "full": 2 * n * pp * bsh * f}
+    if sp and family != "vanilla":   # SP inside the stack; embedding and head as plain TP
+        layers = 8 * n * L * bsh
+        full = (layers + 2 * n * bsh + bsh + n * bsh + 3 * bs + (n - 1) * (bs + bs * (h + 1))
+                + 6 * h * L + 2 * h)
+        return {"Megatron": layers * f, "full": full * f}
     if sp:
         layers = 8 * n * L * bsh
         full = layers + 2 * bsh + 2 * n * bsh + 3 * bs + (n - 1) * (bs + 2 * bs * (h + 1)) + 6 * h * L + 2 * h
@@ -174,8 +182,6 @@ def _worker(rank, world, port, a, queue):
     rows = []
     for family, steps in FAMILIES:
         for name, tp, pp, zero, sp in LAYOUTS:
-            if sp and family != "vanilla":
-                continue   # ponderlm + sequence parallelism fails (docs/parallelism.md, limitations)
             topo = build_topology(tp, pp, sp)
             seed_everything(0, topo)
             cfg = _config(family, steps, tp, pp, zero, sp, a)
@@ -236,7 +242,7 @@ def main(argv=None):
         big = {k: v for k, v in total.items() if k[0] in (grp, "world")}
         small = sum(v for k, v in total.items() if k[0] not in (grp, "world"))
         measured = sum(big.values())
-        an = analytic(name, tp, pp, zero, sp, n, a, params)
+        an = analytic(family, name, tp, pp, zero, sp, n, a, params)
         kinds = ", ".join(f"{k[1]} {v / 1e6:.3f}" for k, v in sorted(big.items()))
         meg = an["Megatron"]
         fam = family if family == "vanilla" else f"{family} (n={n})"
