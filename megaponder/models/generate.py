@@ -1,8 +1,9 @@
 """KV-cached incremental inference for every family (docs/families.md "Inference").
 
-``make_decoder(model)`` returns a decoder for one sequence (batch row); ``decoder.feed(ids)``
-appends tokens ([1, n]) and returns their logits ([1, n, V]); any chunking of a sequence into
-``feed`` calls gives the same logits as the model's training forward (tests check 1e-5 fp32):
+``make_decoder(model)`` returns a decoder; ``decoder.feed(ids)`` appends tokens ([B, n] for
+the vertical families, [1, n] for the latent ones) and returns their logits ([B, n, V]); any
+chunking of a sequence into ``feed`` calls gives the same logits as the model's training
+forward (tests check 1e-5 fp32):
 
 * vertical families (vanilla, ponderlm, adaponderlm, fixed_pruning, random_halting) keep one
   K/V cache per iteration and layer. At iteration i only the rows still active are computed
@@ -18,9 +19,11 @@ appends tokens ([1, n]) and returns their logits ([1, n, V]); any chunking of a 
   w >= tau (hard pruning); pruned steps are neither computed nor cached, kept latent keys carry
   their log w as an additive key bias.
 
-Rows of a batch are decoded one after another (exact; the packed multi-row compaction of
-DESIGN.md "Halting-aware packing" is future work). Decoders record what they executed
-(``activity``) for megaponder/models/flops.py.
+Vertical families decode a batch of rows in lockstep with cross-row compaction (DESIGN.md
+"Halting-aware packing" (2)): each iteration runs the stack on the still-active tokens of all
+rows packed left-aligned into one buffer; latent families decode row by row. Decoders record
+what they executed (``activity``, and the padding the packing cost: ``computed_slots`` vs
+``active_slots``) for megaponder/models/flops.py.
 """
 from __future__ import annotations
 
@@ -39,95 +42,135 @@ def _cat(past, new):
     return new if past is None else torch.cat([past, new], dim=2)
 
 
+def _pack(mask: torch.Tensor):
+    """Left-align each row's True entries: (idx [B, A], valid [B, A]) with A the largest row
+    count; padding slots point at some False position of their row and are never written."""
+    counts = mask.sum(1)
+    width = int(counts.max())
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
+    return idx, valid
+
+
+def _scatter_valid(dst_ext: torch.Tensor, dim: int, idx: torch.Tensor, valid: torch.Tensor,
+                   src: torch.Tensor) -> None:
+    """dst_ext[..., idx, ...] = src along ``dim`` for valid slots; ``dst_ext`` has one extra
+    trailing slot on ``dim`` that absorbs the invalid ones."""
+    target = torch.where(valid, idx, dst_ext.shape[dim] - 1)
+    shape = [1] * src.dim()
+    shape[0] = target.shape[0]
+    shape[dim] = target.shape[1]
+    dst_ext.scatter_(dim, target.view(shape).expand_as(src), src)
+
+
 class VerticalDecoder:
-    """vanilla / ponderlm / adaponderlm / fixed_pruning / random_halting, one row."""
+    """vanilla / ponderlm / adaponderlm / fixed_pruning / random_halting, a batch of rows fed
+    in lockstep ([B, n] per ``feed``).
+
+    Cross-row compaction: at every iteration the tokens still active in *all* rows are packed
+    left-aligned into one [B, A] buffer (A = the most active tokens of any row), the stack
+    runs on that buffer only (queries: the packed tokens at their positions; keys: the row's
+    whole cache, halted tokens from their reused K/V), and results are scattered back. Rows
+    with fewer active tokens than A compute padding slots that are discarded
+    (``computed_slots`` vs ``active_slots`` counts them)."""
 
     def __init__(self, model, seed: int = 0):
         self.model = model
         self.passes = getattr(model, "num_passes", 1)
         self.adaptive = getattr(model, "adaptive", False)
         self.layers = len(model.stack.layers)
-        self.caches = [[None] * self.layers for _ in range(self.passes)]  # (k, v) [1, H, Tc, D]
+        self.caches = [[None] * self.layers for _ in range(self.passes)]  # (k, v) [B, H, Tc, D]
         self.tc = 0
-        self.activity: list[torch.Tensor] = []  # per feed: [P, n] bool
+        self.activity: list[torch.Tensor] = []  # per feed: [P, B, n] bool
+        self.computed_slots = 0   # query slots the stack ran (padding included)
+        self.active_slots = 0     # of which belonged to tokens that needed them
         self.generator = torch.Generator().manual_seed(seed)
 
     def _embed(self, ids):
         m = self.model
         return m.input_embeddings(ids) if hasattr(m, "input_embeddings") else m.embed(ids)
 
-    def _pass(self, i, e, pos, compute_idx, write_mask, chunk_prev):
-        """Run iteration i on the rows ``compute_idx`` of the chunk; rows with write_mask write
-        their new K/V, the others keep chunk_prev's (reuse)."""
+    def _pass(self, i, e, pos, idx, valid, active, chunk_prev):
+        """Iteration i on the packed tokens ``idx`` ([B, A], ``valid`` slots real): the active
+        ones write their new K/V into the chunk, all others keep chunk_prev's (reuse)."""
         new_chunk = [None] * self.layers
         cache = self.caches[i]
+        write = valid & active.gather(1, idx)
+        n = e.shape[1]
+
+        def written(prev, new):   # prev [B, H, n, D] with the packed rows of new written
+            ext = torch.cat([prev, prev[:, :, :1]], dim=2)   # + one discard slot
+            _scatter_valid(ext.transpose(1, 2), 1, idx, write, new.transpose(1, 2))
+            return ext[:, :, :n]
 
         def hook(layer, k, v):
-            if chunk_prev is None:
+            if chunk_prev is None:   # first iteration: every token computed, in order
                 ck, cv = k, v
             else:
-                ck, cv = chunk_prev[layer][0].clone(), chunk_prev[layer][1].clone()
-                w = write_mask[compute_idx]
-                ck[:, :, compute_idx[w]] = k[:, :, w]
-                cv[:, :, compute_idx[w]] = v[:, :, w]
+                ck, cv = written(chunk_prev[layer][0], k), written(chunk_prev[layer][1], v)
             new_chunk[layer] = (ck, cv)
             past = cache[layer]
             if past is None:
                 return ck, cv
             return _cat(past[0], ck), _cat(past[1], cv)
 
-        spec = AttentionSpec(q_index=self.tc + compute_idx)
-        hidden, _ = self.model.stack(e[:, compute_idx], pos[:, compute_idx], spec, kv_hook=hook)
+        d = e.shape[-1]
+        spec = AttentionSpec(q_index=self.tc + idx)
+        hidden, _ = self.model.stack(e.gather(1, idx.unsqueeze(-1).expand(-1, -1, d)),
+                                     pos.gather(1, idx), spec, kv_hook=hook)
+        self.computed_slots += idx.numel()
+        self.active_slots += int(valid.sum())
         return hidden, new_chunk
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         m, P = self.model, self.passes
-        n = ids.shape[1]
+        b, n = ids.shape
         dev = ids.device
-        pos = torch.arange(self.tc, self.tc + n, device=dev).unsqueeze(0)
+        pos = torch.arange(self.tc, self.tc + n, device=dev).unsqueeze(0).expand(b, n)
         e = self._embed(ids)
-        readout = None
-        active = torch.ones(n, dtype=torch.bool, device=dev)
+        readout = None   # [B, n + 1, V]: the extra slot absorbs padding
+        active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
         if self.adaptive and m.family in ("fixed_pruning", "random_halting"):
-            u = torch.rand(n, generator=self.generator).to(dev)
-            plan = m.threshold_plan(u)  # [P, n]
+            u = torch.rand(b, n, generator=self.generator).to(dev)
+            plan = m.threshold_plan(u)  # [P, B, n]
         final_readout = self.adaptive and m.ponder_cfg.halted_readout == "final"
         acts = [active.clone()]
         chunk_prev = None
-        all_rows = torch.arange(n, device=dev)
         for i in range(P):
             last = i == P - 1
             compute_mask = active | (final_readout and last)
-            compute_idx = all_rows[compute_mask]
-            if compute_idx.numel() == 0:  # every row of the chunk has halted
+            if not compute_mask.any():  # every token of the batch has halted
                 new_chunk = chunk_prev
                 if not last:
                     acts.append(active.clone())
             else:
-                hidden, new_chunk = self._pass(i, e, pos, compute_idx, active, chunk_prev)
-                logits = m.head(hidden)
+                idx, valid = _pack(compute_mask)
+                hidden, new_chunk = self._pass(i, e, pos, idx, valid, active, chunk_prev)
+                logits = m.head(hidden)   # [B, A, V]
                 if readout is None:
-                    readout = torch.zeros(1, n, logits.shape[-1], dtype=logits.dtype, device=dev)
-                # last_active: every active row's latest logits; final: the last pass for all
-                readout[:, compute_idx] = logits
-                if not last:
-                    rows_act = compute_idx  # == active rows when not last
+                    readout = torch.zeros(b, n + 1, logits.shape[-1], dtype=logits.dtype, device=dev)
+                # last_active: every active token's latest logits; final: the last pass for all
+                _scatter_valid(readout, 1, idx, valid, logits)
+                if not last:   # computed tokens == active tokens here
                     if plan is not None:
-                        cont = plan[i + 1][rows_act]
-                        s = None
+                        cont, s = plan[i + 1].gather(1, idx) & valid, None
+                    elif self.adaptive:
+                        s = m.gate_values(i, hidden)
+                        cont = valid & (s >= m.ponder_cfg.tau)
                     else:
-                        s = m.gate_values(i, hidden) if self.adaptive else None
-                        cont = (s[0] >= m.ponder_cfg.tau) if s is not None else torch.ones_like(rows_act, dtype=torch.bool)
-                    new_active = torch.zeros_like(active)
-                    new_active[rows_act[cont]] = True
+                        cont, s = valid, None
+                    new_active = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+                    _scatter_valid(new_active, 1, idx, cont, cont)
                     if cont.any():
-                        upd = m.ponder_update(logits[:, cont])
-                        w = s[:, cont].to(e.dtype).unsqueeze(-1) if s is not None else 1.0
+                        rows, slots = cont.nonzero(as_tuple=True)
+                        tokens = idx[rows, slots]
+                        upd = m.ponder_update(logits[rows, slots].unsqueeze(0))[0]
+                        w = s[rows, slots].to(e.dtype).unsqueeze(-1) if s is not None else 1.0
                         e = e.clone()
-                        e[:, rows_act[cont]] = e[:, rows_act[cont]] + w * upd
-                    active = new_active
+                        e[rows, tokens] = e[rows, tokens] + w * upd
+                    active = new_active[:, :n]
                     acts.append(active.clone())
             for layer in range(self.layers):
                 past = self.caches[i][layer]
@@ -136,18 +179,31 @@ class VerticalDecoder:
             chunk_prev = new_chunk
         self.tc += n
         self.activity.append(torch.stack(acts))
-        return readout
+        return readout[:, :n]
 
     def executed(self) -> torch.Tensor:
-        return torch.cat(self.activity, dim=1)  # [P, T]
+        return torch.cat(self.activity, dim=2)  # [P, B, T]
+
+    def row(self, b: int) -> "_RowView":
+        return _RowView(self, b)
+
+
+class _RowView:
+    """One row of a batched decoder, for per-sequence accounting (``executed()`` [P, T])."""
+
+    def __init__(self, decoder, b: int):
+        self.decoder, self.b = decoder, b
+
+    def executed(self) -> torch.Tensor:
+        return self.decoder.executed()[:, self.b]
 
 
 class LoopDecoder(VerticalDecoder):
     @torch.no_grad()
     def feed(self, ids):
         m = self.model
-        n = ids.shape[1]
-        pos = torch.arange(self.tc, self.tc + n, device=ids.device).unsqueeze(0)
+        b, n = ids.shape
+        pos = torch.arange(self.tc, self.tc + n, device=ids.device).unsqueeze(0).expand(b, n)
         x = m.embed(ids)
         spec = AttentionSpec(q_index=torch.arange(self.tc, self.tc + n, device=ids.device))
         for i in range(self.passes):
@@ -160,7 +216,9 @@ class LoopDecoder(VerticalDecoder):
 
             x, _ = m.stack(x, pos, spec, kv_hook=hook, apply_final_norm=False)
         self.tc += n
-        self.activity.append(torch.ones(self.passes, n, dtype=torch.bool))
+        self.computed_slots += self.passes * b * n
+        self.active_slots += self.passes * b * n
+        self.activity.append(torch.ones(self.passes, b, n, dtype=torch.bool))
         return m.head(m.stack.final_norm(x))
 
 
@@ -251,16 +309,24 @@ def make_decoder(model, seed: int = 0):
 def decode_logits(model, input_ids: torch.Tensor, chunk: Optional[int] = None, seed: int = 0,
                   return_decoders: bool = False):
     """Logits [B, T, V] of ``input_ids`` through the cached decoder, ``chunk`` tokens per
-    ``feed`` call (None: the whole row at once, i.e. a compacted prefill)."""
-    outs, decs = [], []
-    for b in range(input_ids.shape[0]):
+    ``feed`` call (None: the whole row at once, i.e. a compacted prefill). Vertical families
+    decode all rows in lockstep with cross-row compaction; latent families row by row.
+    ``return_decoders``: also one object per row whose ``executed()`` is its activity."""
+    step = chunk or input_ids.shape[1]
+    if isinstance(model, LatentLM):
+        outs, rows = [], []
+        for b in range(input_ids.shape[0]):
+            dec = make_decoder(model, seed)
+            row = input_ids[b:b + 1]
+            outs.append(torch.cat([dec.feed(row[:, s:s + step]) for s in range(0, row.shape[1], step)], dim=1))
+            rows.append(dec)
+        logits = torch.cat(outs, dim=0)
+    else:
         dec = make_decoder(model, seed)
-        row = input_ids[b:b + 1]
-        step = chunk or row.shape[1]
-        outs.append(torch.cat([dec.feed(row[:, s:s + step]) for s in range(0, row.shape[1], step)], dim=1))
-        decs.append(dec)
-    logits = torch.cat(outs, dim=0)
-    return (logits, decs) if return_decoders else logits
+        logits = torch.cat([dec.feed(input_ids[:, s:s + step])
+                            for s in range(0, input_ids.shape[1], step)], dim=1)
+        rows = [dec.row(b) for b in range(input_ids.shape[0])]
+    return (logits, rows) if return_decoders else logits
 
 
 @torch.no_grad()
