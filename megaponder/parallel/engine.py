@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .parallelize import gather_full_state_dict
-from .state import Topology, skip_cpu_shm_comm_op
+from .state import Topology, collective_device, skip_cpu_shm_comm_op
 
 Batch = dict
 
@@ -111,6 +111,9 @@ class ParallelEngine:
         sums: dict[str, float] = {}
         norm = None
         for i, mb in enumerate(micro):
+            # the data pipeline yields CPU tensors; the model lives on the engine's device
+            mb = {k: v.to(self.engine.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                  for k, v in mb.items()}
             out = self.engine(**mb)
             self.engine.backward(out.loss)
             if i == gas - 1 and self.engine.zero_optimization_stage() == 0:
@@ -150,9 +153,9 @@ class ParallelEngine:
         if self.topo.dp == 1 or not vals:
             return dict(vals)
         keys = sorted(vals)
-        t = torch.tensor([vals[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([vals[k] for k in keys], dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, group=self.topo.dp_group)
-        return {k: float(v) / self.topo.dp for k, v in zip(keys, t)}
+        return {k: v / self.topo.dp for k, v in zip(keys, t.tolist())}
 
     # -- checkpoints ------------------------------------------------------------------
     def full_state_dict(self) -> Optional[dict]:

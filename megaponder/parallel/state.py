@@ -231,6 +231,14 @@ def build_topology(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) ->
                     dp_ranks=mine["dp"][1], sequence_parallel=sequence_parallel)
 
 
+def collective_device() -> torch.device:
+    """Where tensors handed to torch.distributed collectives must live: NCCL moves CUDA
+    tensors only, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def skip_cpu_shm_comm_op() -> None:
     """Keep DeepSpeed's comm backend from building and mapping its CPU shared-memory op.
 

@@ -35,8 +35,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
     if progress:
         from tqdm import tqdm
         iterator = tqdm(batches, desc="eval", unit="batch", leave=False)
+    device = next(model.parameters()).device
     for batch in iterator:
-        inputs = model_inputs(batch)
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         out = model(**inputs)
         n = float((inputs["targets"] != -100).sum())
         totals += torch.tensor([_scalar(out.lm_loss) * n,
@@ -44,7 +45,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
                                 _scalar(out.stats.get("flops_ratio", 1.0)) * n, n],
                                dtype=torch.float64)
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(totals, group=group)  # data-parallel ranks hold different batches
+        from ..parallel.state import collective_device
+        reduced = totals.to(collective_device())
+        torch.distributed.all_reduce(reduced, group=group)  # DP ranks hold different batches
+        totals = reduced.cpu()
     model.train(was_training)
     n = max(totals[3].item(), 1.0)
     loss = totals[0].item() / n
