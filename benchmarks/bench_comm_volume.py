@@ -16,10 +16,11 @@ forward: 1 for vanilla, K+1 for ponderlm; 4 bytes in fp32):
   TP   layers 4nL*bsh (2 fwd all-reduces: attn.out, fc2; 2 bwd: qkv and fc1 input) -- Megatron;
        + embedding fwd bsh + head-input bwd n*bsh + vocab-parallel CE 3bs
        + pondering embedding (n-1)*(bs + bs(h+1))
-  SP   layers 8nL*bsh (all-gather/reduce-scatter pairs, half the wire bytes of an all-reduce
-       each) + embedding 2bsh + head 2n*bsh + CE 3bs + pondering emb (n-1)(bs + 2bs(h+1))
+  SP   layers 10nL*bsh (all-gather/reduce-scatter pairs, half the wire bytes of an all-reduce
+       each, plus the backward re-gather of the qkv and fc1 inputs, which are not stored)
+       + embedding 2bsh + head 3n*bsh (its input is re-gathered in the backward too) + CE 3bs + pondering emb (n-1)(bs + 2bs(h+1))
        + TP-replicated grads (LayerNorms, row biases, final norm) (6hL + 2h).
-       Pondering families shard inside the stack only: the layers' 8nL*bsh, the stack output's
+       Pondering families shard inside the stack only: the layers' 10nL*bsh, the stack output's
        all-gather and the input's backward all-gather 2n*bsh, the embedding and head as TP
        (bsh + n*bsh), CE 3bs, pondering embedding (n-1)(bs + bs(h+1)), stack grads 6hL + 2h
   PP   looped pipeline: per stack call (P-1) sends + 1 broadcast forward, the same backward:
@@ -156,13 +157,13 @@ def analytic(family, name, tp, pp, zero, sp, n, a, params):
     if pp > 1:
         return {"Megatron": 2 * (n * pp - 1) * bsh * f, "full": 2 * n * pp * bsh * f}
     if sp and family != "vanilla":   # SP inside the stack; embedding and head as plain TP
-        layers = 8 * n * L * bsh
+        layers = 10 * n * L * bsh
         full = (layers + 2 * n * bsh + bsh + n * bsh + 3 * bs + (n - 1) * (bs + bs * (h + 1))
                 + 6 * h * L + 2 * h)
         return {"Megatron": layers * f, "full": full * f}
     if sp:
-        layers = 8 * n * L * bsh
-        full = layers + 2 * bsh + 2 * n * bsh + 3 * bs + (n - 1) * (bs + 2 * bs * (h + 1)) + 6 * h * L + 2 * h
+        layers = 10 * n * L * bsh
+        full = layers + 2 * bsh + 3 * n * bsh + 3 * bs + (n - 1) * (bs + 2 * bs * (h + 1)) + 6 * h * L + 2 * h
         return {"Megatron": layers * f, "full": full * f}
     layers = 4 * n * L * bsh
     full = layers + bsh + n * bsh + 3 * bs + (n - 1) * (bs + bs * (h + 1))

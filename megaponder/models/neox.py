@@ -62,9 +62,10 @@ class NeoXAttention(nn.Module):
         self.dropout_p = cfg.attention_dropout
 
     def forward(self, x, cos, sin, spec: AttentionSpec, kv_hook: Optional[KVHook] = None):
-        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        b, t = qkv.shape[:2]   # from the projection: a sequence-parallel x is only a shard
         # [B, T, H, 3D] -> three [B, H, T, D]; the per-head interleave is NeoX's layout.
-        q, k, v = self.qkv(x).view(b, t, self.num_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
+        q, k, v = qkv.view(b, t, self.num_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if kv_hook is not None:
             k, v = kv_hook(self.layer_index, k, v)

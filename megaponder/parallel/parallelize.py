@@ -36,7 +36,7 @@ import torch.nn as nn
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
 from .state import RNG, Topology
-from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_from_tp, gather_seq,
+from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_from_tp,
                      RowParallelLinear, scatter_to_tp, VocabParallelEmbedding,
                      register_sequence_parallel_grad_sync, vocab_parallel_cross_entropy,
                      vocab_parallel_ponder_embedding)
@@ -69,12 +69,6 @@ def _layers(stack) -> list:
     return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
-def _gathering_forward(inner, group):
-    def forward(x, *args, **kwargs):
-        return inner(gather_seq(x, group), *args, **kwargs)
-    return forward
-
-
 def _tp_spec_forward(inner, group):
     """The stack's attention-score bias (PonderLM-3's log-survival, a function of the
     replicated router) is added to this rank's heads only: like any replicated tensor that
@@ -93,9 +87,7 @@ def _apply_tp(model: nn.Module, topo: Topology) -> None:
         attn, mlp = layer.attn, layer.mlp
         if attn.num_heads % topo.tp:
             raise ValueError(f"tp={topo.tp} does not divide num_heads={attn.num_heads}")
-        attn.qkv = ColumnParallelLinear(attn.qkv, g, sp, input_is_gathered=sp)
-        if sp:  # NeoXAttention reads the sequence length from its input: gather it first
-            attn.forward = _gathering_forward(attn.forward, g)
+        attn.qkv = ColumnParallelLinear(attn.qkv, g, sp)
         attn.out = RowParallelLinear(attn.out, g, sp)
         attn.num_heads //= topo.tp
         if attn.dropout_p > 0:   # each rank's heads get their own masks

@@ -130,19 +130,6 @@ class _ScatterToTP(torch.autograd.Function):
         return all_gather(g, ctx.group, ctx.dim), None, None
 
 
-class _GatherSeq(torch.autograd.Function):
-    """Sequence parallel: all-gather along seq forward, reduce-scatter backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return reduce_scatter(g, ctx.group, 1), None
-
-
 class _ReduceScatterSeq(torch.autograd.Function):
     """Sequence parallel: reduce-scatter along seq forward, all-gather backward."""
 
@@ -172,10 +159,6 @@ def scatter_to_tp(x, group, dim=-1):
     return x if _size(group) == 1 else _ScatterToTP.apply(x, group, dim)
 
 
-def gather_seq(x, group):
-    return x if _size(group) == 1 else _GatherSeq.apply(x, group)
-
-
 def reduce_scatter_seq(x, group):
     return x if _size(group) == 1 else _ReduceScatterSeq.apply(x, group)
 
@@ -196,24 +179,47 @@ def _chunk(t: torch.Tensor, n: int, r: int, dim: int) -> torch.Tensor:
     return t.detach().chunk(n, dim=dim)[r].clone()
 
 
+class _SequenceGatheredLinear(torch.autograd.Function):
+    """Sequence-parallel input to a column-parallel matmul: y = all_gather_seq(x) W^T + b.
+    Only the local sequence shard of x is kept for the backward, which all-gathers it again
+    for the weight gradient (Megatron's trade: one more all-gather instead of holding the
+    full-sequence input of every such layer); the input gradient is reduce-scattered."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(all_gather(x, group, 1), weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        full = all_gather(x, ctx.group, 1)
+        grad_x = reduce_scatter(g.matmul(weight), ctx.group, 1)
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_w = g2.t().matmul(full.reshape(-1, full.shape[-1]))
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W split by output rows; output stays split (gather_output=False)."""
+    """y = x W^T + b with W split by output rows; output stays split (gather_output=False).
+    Under sequence parallelism x arrives as a sequence shard and is gathered here."""
 
     def __init__(self, full: nn.Linear, group, sequence_parallel: bool = False,
-                 gather_output: bool = False, input_is_gathered: bool = False):
+                 gather_output: bool = False):
         super().__init__()
         n, r = _size(group), _rank(group)
         self.group, self.sequence_parallel, self.gather_output = group, sequence_parallel, gather_output
-        # input_is_gathered: the caller already entered the TP region (gather_seq / copy_to_tp)
-        self.input_is_gathered = input_is_gathered
         self.in_features, self.out_features = full.in_features, full.out_features // n
         self.weight = _mark(nn.Parameter(_chunk(full.weight, n, r, 0)), 0, group)
         self.bias = None if full.bias is None else _mark(nn.Parameter(_chunk(full.bias, n, r, 0)), 0, group)
 
     def forward(self, x):
-        if not self.input_is_gathered:
-            x = gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        if self.sequence_parallel and _size(self.group) > 1:
+            y = _SequenceGatheredLinear.apply(x, self.weight, self.bias, self.group)
+        else:
+            y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
         return gather_from_tp(y, self.group, -1) if self.gather_output else y
 
 
