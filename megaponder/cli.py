@@ -34,12 +34,19 @@ def _load_tokenizer(folder: str, override: str | None):
     return build_tokenizer(kind, path)
 
 
+def _device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _generate(args) -> int:
     from .infer import generate
     from .train.checkpoint import load_model, resolve_checkpoint
 
     folder = resolve_checkpoint(args.checkpoint)
-    model = load_model(folder)
+    model = load_model(folder).to(_device(args.device))
     tok = _load_tokenizer(folder, args.tokenizer_model)
     prompt = tok.encode(args.prompt)
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
@@ -56,7 +63,7 @@ def _eval(args) -> int:
     from .train.evaluate import evaluate, sequential_batches
 
     folder = resolve_checkpoint(args.checkpoint)
-    model = load_model(folder)
+    model = load_model(folder).to(_device(args.device))
     cfg = read_checkpoint_config(folder)
     seq = args.seq_length or cfg.data.seq_length
     if args.threads:
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer-model", default=None, help="override the checkpoint's tokenizer")
     p.add_argument("--ids", action="store_true", help="print token ids (JSON) instead of text")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint on an indexed dataset")
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-samples", type=int, default=None, help="stop after this many windows")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_eval)
     return parser
 

@@ -20,7 +20,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature
         return model.generate_cached(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_k=top_k, vocab_size=vocab_size, eos_id=eos_id, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
     new: list[int] = []
     for _ in range(max_new_tokens):
         logits = model(ids).logits[0, -1].float()
@@ -30,11 +31,13 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature
         new.append(next_id)
         if eos_id is not None and next_id == eos_id:
             break
-        ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+        ids = torch.cat([ids, torch.tensor([[next_id]], device=dev)], dim=1)
     return new
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator) -> int:
+    # sampled on the CPU with a CPU generator: the same seed gives the same tokens on any device
+    logits = logits.detach().float().cpu()
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits / temperature
