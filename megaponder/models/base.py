@@ -14,7 +14,6 @@ Conventions every family follows:
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass, field
 from typing import Optional

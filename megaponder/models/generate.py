@@ -52,17 +52,6 @@ def _pack(mask: torch.Tensor):
     return idx, valid
 
 
-def _scatter_valid(dst_ext: torch.Tensor, dim: int, idx: torch.Tensor, valid: torch.Tensor,
-                   src: torch.Tensor) -> None:
-    """dst_ext[..., idx, ...] = src along ``dim`` for valid slots; ``dst_ext`` has one extra
-    trailing slot on ``dim`` that absorbs the invalid ones."""
-    target = torch.where(valid, idx, dst_ext.shape[dim] - 1)
-    shape = [1] * src.dim()
-    shape[0] = target.shape[0]
-    shape[dim] = target.shape[1]
-    dst_ext.scatter_(dim, target.view(shape).expand_as(src), src)
-
-
 class VerticalDecoder:
     """vanilla / ponderlm / adaponderlm / fixed_pruning / random_halting, a batch of rows fed
     in lockstep ([B, n] per ``feed``).
@@ -95,13 +84,13 @@ class VerticalDecoder:
         ones write their new K/V into the chunk, all others keep chunk_prev's (reuse)."""
         new_chunk = [None] * self.layers
         cache = self.caches[i]
-        write = valid & active.gather(1, idx)
-        n = e.shape[1]
+        rows, slots = (valid & active.gather(1, idx)).nonzero(as_tuple=True)  # writers
+        tokens = idx[rows, slots]
 
-        def written(prev, new):   # prev [B, H, n, D] with the packed rows of new written
-            ext = torch.cat([prev, prev[:, :, :1]], dim=2)   # + one discard slot
-            _scatter_valid(ext.transpose(1, 2), 1, idx, write, new.transpose(1, 2))
-            return ext[:, :, :n]
+        def written(prev, new):   # prev [B, H, n, D] with the active packed tokens of new
+            out = prev.clone()
+            out[rows, :, tokens] = new[rows, :, slots]
+            return out
 
         def hook(layer, k, v):
             if chunk_prev is None:   # first iteration: every token computed, in order
@@ -129,7 +118,7 @@ class VerticalDecoder:
         dev = ids.device
         pos = torch.arange(self.tc, self.tc + n, device=dev).unsqueeze(0).expand(b, n)
         e = self._embed(ids)
-        readout = None   # [B, n + 1, V]: the extra slot absorbs padding
+        readout = None
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
         if self.adaptive and m.family in ("fixed_pruning", "random_halting"):
@@ -150,9 +139,10 @@ class VerticalDecoder:
                 hidden, new_chunk = self._pass(i, e, pos, idx, valid, active, chunk_prev)
                 logits = m.head(hidden)   # [B, A, V]
                 if readout is None:
-                    readout = torch.zeros(b, n + 1, logits.shape[-1], dtype=logits.dtype, device=dev)
+                    readout = torch.zeros(b, n, logits.shape[-1], dtype=logits.dtype, device=dev)
                 # last_active: every active token's latest logits; final: the last pass for all
-                _scatter_valid(readout, 1, idx, valid, logits)
+                rows, slots = valid.nonzero(as_tuple=True)
+                readout[rows, idx[rows, slots]] = logits[rows, slots]
                 if not last:   # computed tokens == active tokens here
                     if plan is not None:
                         cont, s = plan[i + 1].gather(1, idx) & valid, None
@@ -161,16 +151,16 @@ class VerticalDecoder:
                         cont = valid & (s >= m.ponder_cfg.tau)
                     else:
                         cont, s = valid, None
-                    new_active = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
-                    _scatter_valid(new_active, 1, idx, cont, cont)
-                    if cont.any():
-                        rows, slots = cont.nonzero(as_tuple=True)
-                        tokens = idx[rows, slots]
+                    rows, slots = cont.nonzero(as_tuple=True)
+                    tokens = idx[rows, slots]
+                    new_active = torch.zeros_like(active)
+                    new_active[rows, tokens] = True
+                    if rows.numel():
                         upd = m.ponder_update(logits[rows, slots].unsqueeze(0))[0]
                         w = s[rows, slots].to(e.dtype).unsqueeze(-1) if s is not None else 1.0
                         e = e.clone()
                         e[rows, tokens] = e[rows, tokens] + w * upd
-                    active = new_active[:, :n]
+                    active = new_active
                     acts.append(active.clone())
             for layer in range(self.layers):
                 past = self.caches[i][layer]
@@ -179,7 +169,7 @@ class VerticalDecoder:
             chunk_prev = new_chunk
         self.tc += n
         self.activity.append(torch.stack(acts))
-        return readout[:, :n]
+        return readout
 
     def executed(self) -> torch.Tensor:
         return torch.cat(self.activity, dim=2)  # [P, B, T]
