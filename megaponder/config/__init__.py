@@ -18,7 +18,7 @@ import yaml
 from .base import ConfigError, coerce, field_docs, from_dict, param, to_dict
 from .data import DataConfig
 from .model import FAMILIES, ModelConfig
-from .parallel import ParallelConfig
+from .parallel import SEQUENCE_PARALLEL_FAMILIES, ParallelConfig
 from .ponder import PonderConfig
 from .train import OptimConfig, TrainConfig
 
@@ -163,9 +163,8 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(d.seq_length % par.tp == 0,
              f"parallel.sequence_parallel splits the sequence over tp={par.tp} ranks, but "
              f"data.seq_length={d.seq_length} is not a multiple of it; change one of them.")
-        sp_families = ("vanilla", "ponderlm", "adaponderlm", "fixed_pruning", "random_halting")
-        need(m.family in sp_families,
-             f"parallel.sequence_parallel is supported for {', '.join(sp_families)}, not "
+        need(m.family in SEQUENCE_PARALLEL_FAMILIES,
+             f"parallel.sequence_parallel is supported for {', '.join(SEQUENCE_PARALLEL_FAMILIES)}, not "
              f"model.family={m.family} (its stack calls are not full-length final-normed "
              f"sequences: latent-thought layouts, the loop baseline); set it to false.")
     if world_size is not None:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..config.parallel import SEQUENCE_PARALLEL_FAMILIES
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
 from .state import RNG, Topology
@@ -96,11 +97,6 @@ def _apply_tp(model: nn.Module, topo: Topology) -> None:
             layer.dropout.forward = _in_tp_rng_stream(layer.dropout.forward)
         mlp.fc1 = ColumnParallelLinear(mlp.fc1, g, sp)
         mlp.fc2 = RowParallelLinear(mlp.fc2, g, sp)
-
-
-#: families whose stack is called on full-length, final-normed sequences with only token-wise
-#: work outside it; vanilla shards the whole model, these shard inside the stack only.
-SEQUENCE_PARALLEL_STACK_FAMILIES = ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting")
 
 
 def _sequence_sharded_stack(inner, group):
@@ -172,7 +168,7 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
     if topo.pp > 1:
         model.stack = PipelinedStack(model.stack, topo, chunks=cfg.parallel.pipeline_chunks)
     stack_only_sp = topo.sequence_parallel and cfg.model.family != "vanilla"
-    if stack_only_sp and cfg.model.family not in SEQUENCE_PARALLEL_STACK_FAMILIES:
+    if topo.sequence_parallel and cfg.model.family not in SEQUENCE_PARALLEL_FAMILIES:
         raise ValueError(f"sequence parallelism is not supported for family {cfg.model.family}")
     if topo.tp > 1:
         _apply_tp(model, topo)
