@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _configs import ROOT, sized_config  # noqa: E402  (benchmarks/_configs.py)
+
 sys.path.insert(0, ROOT)
 
 GRANULARITIES = ("none", "layer", "iteration")
@@ -58,22 +59,16 @@ def measure(family: str, granularity: str, args, topo=None) -> dict:
     tp2 / tp2+sp (this process is one of two tensor-parallel ranks, ``topo`` given)."""
     import torch
 
-    from megaponder.config import load_config
     from megaponder.models import build_model
     from megaponder.parallel.parallelize import parallelize
     from megaponder.parallel.state import Topology
 
     torch.set_num_threads(args.threads)
-    overrides = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
-                 f"model.num_heads={args.hidden // 64}", f"model.vocab_size={args.vocab}",
-                 f"model.max_position_embeddings={args.seq}", f"data.seq_length={args.seq}",
-                 "model.attention_backend=sdpa"]
     if topo is None:
-        overrides.append(f"parallel.activation_checkpointing={granularity}")
+        extra = [f"parallel.activation_checkpointing={granularity}"]
     else:
-        overrides += [f"parallel.tp={topo.tp}", f"parallel.sequence_parallel={topo.sequence_parallel}"]
-    name = "tiny.yml" if family == "vanilla" else f"tiny-{family}.yml"
-    cfg = load_config(os.path.join(ROOT, "examples", "configs", name), overrides, check_paths=False)
+        extra = [f"parallel.tp={topo.tp}", f"parallel.sequence_parallel={topo.sequence_parallel}"]
+    cfg = sized_config(family, args.hidden, args.layers, args.vocab, args.seq, extra)
     torch.manual_seed(0)
     model = parallelize(build_model(cfg), cfg, topo or Topology())
     model.train()

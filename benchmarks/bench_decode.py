@@ -19,12 +19,12 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _configs import ROOT, sized_config  # noqa: E402  (benchmarks/_configs.py)
+
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from megaponder.config import load_config  # noqa: E402
 from megaponder.models import build_model  # noqa: E402
 from megaponder.models.generate import decode_logits  # noqa: E402
 
@@ -52,10 +52,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = load_config(os.path.join(ROOT, "examples", "configs", "tiny-adaponderlm.yml"), [
-        f"model.hidden_size={a.hidden}", f"model.num_layers={a.layers}",
-        f"model.num_heads={a.hidden // 64}", f"model.vocab_size={a.vocab}",
-        f"model.max_position_embeddings={a.seq}", "model.attention_backend=sdpa"], check_paths=False)
+    cfg = sized_config("adaponderlm", a.hidden, a.layers, a.vocab, a.seq)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))

@@ -20,20 +20,15 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _configs import ROOT, sized_config  # noqa: E402  (benchmarks/_configs.py)
+
 sys.path.insert(0, ROOT)
 
 
 def _config(family, args, chunks, pp):
-    from megaponder.config import load_config
-    name = "tiny.yml" if family == "vanilla" else f"tiny-{family}.yml"
-    return load_config(os.path.join(ROOT, "examples", "configs", name), [
-        f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
-        f"model.num_heads={args.hidden // 64}", f"model.vocab_size={args.vocab}",
-        f"model.max_position_embeddings={args.seq}", f"data.seq_length={args.seq}",
-        f"parallel.pp={pp}", f"parallel.pipeline_chunks={chunks}", "model.attention_backend=sdpa",
-        f"parallel.shard_vocab_over_pp={args.shard_vocab_over_pp}"],
-        check_paths=False)
+    return sized_config(family, args.hidden, args.layers, args.vocab, args.seq, [
+        f"parallel.pp={pp}", f"parallel.pipeline_chunks={chunks}",
+        f"parallel.shard_vocab_over_pp={args.shard_vocab_over_pp}"])
 
 
 def _time_steps(model, args):

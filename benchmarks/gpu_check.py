@@ -22,7 +22,8 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _configs import ROOT, tiny_config_path  # noqa: E402  (benchmarks/_configs.py)
+
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
@@ -94,7 +95,7 @@ def check_training(device, quick, steps, peak_tflops) -> list:
     failures, rows = [], []
     for family in ("vanilla", "adaponderlm"):
         if quick:
-            path = os.path.join(ROOT, "examples", "configs", "tiny.yml" if family == "vanilla" else "tiny-adaponderlm.yml")
+            path = tiny_config_path(family)
             extra = ["data.seq_length=64", "train.micro_batch_size=4"]
         else:
             path = os.path.join(ROOT, "examples", "configs", "pythia-160m-adaponderlm.yml")
