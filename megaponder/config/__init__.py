@@ -21,6 +21,7 @@ from .model import FAMILIES, ModelConfig
 from .parallel import SEQUENCE_PARALLEL_FAMILIES, ParallelConfig
 from .ponder import PonderConfig
 from .train import OptimConfig, TrainConfig
+from .yaml_io import load_yaml_file, parse_yaml
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
@@ -51,10 +52,12 @@ def _apply_override(tree: dict, assignment: str) -> None:
     parts = key.strip().split(".")
     node = tree
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: '{part}' is a value, not a section.")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node = child
+    # the value is YAML, so lists and mappings work: --set data.path=[a,b] (see docs/config.md)
+    node[parts[-1]] = parse_yaml(raw, f"--set {key}") if raw.strip() else ""
 
 
 def config_from_dict(tree: dict, check_paths: bool = True) -> Config:
@@ -69,8 +72,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), *,
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"Config file '{path}' does not exist.")
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+        tree = load_yaml_file(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections "
                               f"(model:, train:, ...).")
@@ -126,6 +128,8 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(getattr(t, name) > 0, f"train.{name} must be positive (got {getattr(t, name)}).")
     need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
     need(o.lr > 0, f"optim.lr must be positive (got {o.lr}).")
+    need(bool(t.run_dir.strip()), "train.run_dir is empty; give the run a directory (e.g. "
+         "train.run_dir=runs/my-run) instead of writing into the current one.")
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
     # parallel layout
     need(par.tp >= 1 and par.pp >= 1, "parallel.tp and parallel.pp must be >= 1.")
@@ -185,6 +189,8 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         if t.init_checkpoint is not None:
             need(os.path.exists(t.init_checkpoint),
                  f"train.init_checkpoint: '{t.init_checkpoint}' does not exist.")
+    if len(problems) == 1:
+        raise ConfigError(f"Invalid configuration: {problems[0]}")
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 
