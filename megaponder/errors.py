@@ -35,6 +35,10 @@ class DataError(UserError, ValueError):
     """A dataset (``.bin``/``.idx``, tokenizer, vocabulary) does not fit the run."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user named (data, tokenizer, input) does not exist."""
+
+
 def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get("MEGAPONDER_DEBUG", "").lower() not in ("", "0", "false", "no")
 

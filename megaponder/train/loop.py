@@ -37,6 +37,10 @@ class Trainer:
         self.dp_size, self.dp_rank = self.topo.dp, self.topo.dp_rank
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        # ids beyond the vocabulary, another tokenizer, empty files: one clear error before any
+        # model is built (megaponder/data/checks.py)
+        from ..data.checks import check_data_fits
+        check_data_fits(cfg, log=lambda msg: _log0(self.rank, msg))
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         os.makedirs(self.ckpt_root, exist_ok=True)
