@@ -66,14 +66,16 @@ def one_line(err: BaseException) -> str:
 
 
 def _write_elastic_error_file(message: str) -> None:
-    # torchrun reads this JSON and prints "message" as the failure's root cause; a plain string
-    # message is shown as is (no traceback), with the file's "timestamp" ordering failures.
+    # torchrun reads this JSON (the layout its @record decorator writes) and prints
+    # "py_callstack" as the failure's "traceback" line: our one line instead of a traceback.
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
+    data = {"message": {"message": message, "extraInfo": {
+        "py_callstack": message, "timestamp": str(int(time.time()))}}}
     try:
         with open(path, "w") as f:
-            json.dump({"message": message, "timestamp": str(int(time.time()))}, f)
+            json.dump(data, f)
     except OSError:
         pass  # the report on stderr still stands
 

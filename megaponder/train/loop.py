@@ -246,6 +246,8 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                else:  # batch jobs (progress_bar=false): one plain line per logged step
+                    _log0(self.rank, _log_line(record, t.steps))
             if bar is not None:
                 bar.update(1)
             if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
@@ -280,6 +282,17 @@ class Trainer:
                 ("wall time", f"{s['wall_s']:.1f} s"),
                 ("checkpoint", s["checkpoint"])]
         print("\n[megaponder] training finished\n" + format_summary(rows), flush=True)
+
+
+def _log_line(record: dict, total_steps: int) -> str:
+    """``step 10/100 | loss 5.1234 | lr 1.00e-03 | ...`` for logs without a progress bar."""
+    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}",
+             f"lr {record['lr']:.2e}", f"tokens {record['tokens']:,}",
+             f"tok/s {record['tokens_per_s']:,.0f}"]
+    for key in ("grad_norm", "mean_iters", "val_loss", "val_ppl"):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{key} {record[key]:.4g}")
+    return " | ".join(parts)
 
 
 def _maybe_float(value) -> Optional[float]:
