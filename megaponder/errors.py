@@ -45,7 +45,7 @@ def debug_enabled(flag: bool = False) -> bool:
 
 def _rank() -> int:
     """This process's rank from whichever launcher started it, without touching torch."""
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 0
