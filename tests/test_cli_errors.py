@@ -126,3 +126,17 @@ def test_progress_bar_off_prints_plain_log_lines(tmp_path):
     assert [l.split(" | ")[0] for l in lines] == ["[megaponder] step 1/2", "[megaponder] step 2/2"]
     assert all(" | loss " in l and " | lr " in l for l in lines)
     assert "\r" not in proc.stdout + proc.stderr  # no progress-bar redraws in a batch log
+
+
+def test_tp_that_cannot_split_the_padded_vocabulary_is_refused():
+    """The padded vocabulary does not depend on tp (checkpoints move between layouts), so a tp
+    that does not divide it is an error naming both keys, as docs/config.md says."""
+    from megaponder.config import ConfigError, load_config
+    base = ["model.vocab_size=1000", "model.num_heads=4", "model.hidden_size=64"]
+    cfg = load_config(TINY_YML, base + ["model.make_vocab_size_divisible_by=8", "parallel.tp=2"],
+                      check_paths=False)
+    assert cfg.model.padded_vocab() == 1000  # not rounded up to 8 x tp = 16
+    with pytest.raises(ConfigError, match=r"padded vocabulary 1000 does not split into 16 equal "
+                                          r"shards \(parallel.tp\); set model.padded_vocab_size"):
+        load_config(TINY_YML, base + ["model.make_vocab_size_divisible_by=8", "parallel.tp=16",
+                                      "model.num_heads=16"], check_paths=False)

@@ -108,6 +108,8 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(m.hidden_size % m.num_heads == 0,
              f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}; "
              f"choose a head count that divides it (e.g. {_divisor_near(m.hidden_size, m.num_heads)}).")
+    need(m.make_vocab_size_divisible_by > 0, f"model.make_vocab_size_divisible_by must be "
+         f"positive (got {m.make_vocab_size_divisible_by}); GPT-NeoX uses 128.")
     need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct must lie in [0, 1] (got {m.rotary_pct}).")
     if m.padded_vocab_size is not None:
         need(m.padded_vocab_size >= m.vocab_size,
@@ -127,7 +129,7 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         need(getattr(t, name) > 0, f"train.{name} must be positive (got {getattr(t, name)}).")
     need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
-    need(o.lr > 0, f"optim.lr must be positive (got {o.lr}).")
+    need(0 < o.lr < float("inf"), f"optim.lr must be a positive finite number (got {o.lr}).")
     need(bool(t.run_dir.strip()), "train.run_dir is empty; give the run a directory (e.g. "
          "train.run_dir=runs/my-run) instead of writing into the current one.")
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
@@ -142,11 +144,15 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(m.ffn_size % par.tp == 0,
              f"parallel.tp={par.tp} does not divide the MLP width {m.ffn_size}.")
     vocab_shards = par.tp * (par.pp if par.shard_vocab_over_pp and par.pp > 1 else 1)
-    need(m.padded_vocab() % vocab_shards == 0,
-         f"the padded vocabulary {m.padded_vocab()} does not split into {vocab_shards} equal "
-         f"shards (parallel.tp" + (" x parallel.pp, shard_vocab_over_pp" if vocab_shards != par.tp else "")
-         + f"); set model.padded_vocab_size or model.make_vocab_size_divisible_by to a multiple "
-         f"of {vocab_shards}.")
+    if m.make_vocab_size_divisible_by > 0 and vocab_shards >= 1:
+        # Unlike Megatron (multiple = divisible_by x tp), the padded vocabulary does not depend
+        # on the layout, so a checkpoint moves between layouts; a tp that cannot split it is
+        # refused here rather than silently padded further.
+        need(m.padded_vocab() % vocab_shards == 0,
+             f"the padded vocabulary {m.padded_vocab()} does not split into {vocab_shards} equal "
+             f"shards (parallel.tp" + (" x parallel.pp, shard_vocab_over_pp" if vocab_shards != par.tp else "")
+             + f"); set model.padded_vocab_size or model.make_vocab_size_divisible_by to a multiple "
+             f"of {vocab_shards}.")
     need(p.top_k == 0 or vocab_shards == 1,
          f"ponder.top_k={p.top_k} is not supported with a vocabulary split over {vocab_shards} "
          f"ranks (the vocab-parallel pondering embedding uses the full softmax); set it to 0.")
@@ -196,8 +202,12 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
 
 
 def _divisor_near(n: int, k: int) -> int:
-    divisors = [x for x in range(1, n + 1) if n % x == 0]
-    return min(divisors, key=lambda x: abs(x - k))
+    """The divisor of n nearest to k (searching outwards from k: bounded work for any n)."""
+    for d in range(0, min(max(k, n - k), 1 << 16) + 1):
+        for c in (k - d, k + d):
+            if 1 <= c <= n and n % c == 0:
+                return c
+    return 1
 
 
 def _type_name(tp) -> str:

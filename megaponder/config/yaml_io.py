@@ -42,9 +42,10 @@ class _StrictLoader(yaml.SafeLoader):
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML ``text``; ``source`` names it in errors (a file path or ``--set key``)."""
-    loader = _StrictLoader(text)
-    loader.source = source
+    loader = None
     try:
+        loader = _StrictLoader(text)  # its reader already rejects control characters
+        loader.source = source
         return loader.get_single_data()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -54,7 +55,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as e:  # e.g. a reader error on a control character
         raise ConfigError(f"{source}: YAML error: {' '.join(str(e).split())}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml_file(path: str) -> Any:
