@@ -230,7 +230,18 @@ def reference_markdown() -> str:
              "Generated from the dataclasses in `megaponder/config/` by "
              "`python -m megaponder.config > docs/config.md`; a test keeps it current.", "",
              "Every key can be set in YAML (nested sections) or on the command line with "
-             "`--set section.key=value`.", ""]
+             "`--set section.key=value`.", "",
+             "A `--set` value is read as YAML, so lists and mappings work: "
+             "`--set data.path=[data/a_text_document,data/b_text_document]`, a weighted blend "
+             "`--set 'data.path=[0.7, data/a, 0.3, data/b]'`, `--set ponder.jacobi_passes=[1,2]`; a "
+             "single value for a list key becomes a one-element list (`--set data.path=data/a`). "
+             "Quote the whole argument in the shell when it contains spaces. An empty value "
+             "(`--set train.run_dir=`) is the empty string, which validation refuses for paths.", "",
+             "Config files are read strictly: a YAML syntax error is reported as "
+             "`FILE:LINE:COLUMN: YAML syntax error: ...`, and a key given twice in one mapping (at any "
+             "depth, e.g. two `train:` sections) is an error naming the key and both lines instead "
+             "of the second silently replacing the first. YAML merge keys (`<<: *anchor`) may still "
+             "be overridden.", ""]
     for section in dataclasses.fields(Config):
         lines += [f"## `{section.name}`", "", section.metadata["help"], "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]
