@@ -28,7 +28,7 @@ from .indexed import IndexedDataset, get_bin_path
 
 META_SUFFIX = ".meta.json"
 META_FORMAT = "megaponder-dataset-meta"
-FULL_SCAN_BYTES = 4 << 30      # scan every token up to 4 GiB of .bin (about 1-2 s)
+FULL_SCAN_BYTES = 4 << 30      # scan every token up to 4 GiB of .bin (~1 GiB/s on a loaded 2-core machine)
 SAMPLE_WINDOWS = 256           # beyond that: this many windows of SAMPLE_WINDOW_BYTES
 SAMPLE_WINDOW_BYTES = 4 << 20
 
