@@ -44,8 +44,11 @@ def test_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert len(_ours(proc.stderr)) == 1 and VOCAB_MSG in _ours(proc.stderr)[0]
     assert proc.stderr.strip().splitlines()[-1].startswith("megaponder: ")  # the last line
     assert "Traceback" not in proc.stderr
-    proc = _run(cmd[:3] + ["--debug"] + cmd[3:])
-    assert proc.returncode == 2 and "Traceback" in proc.stderr and "DataError" in proc.stderr
+    # --debug: the traceback too (a config error: it fails before the heavy imports, cheaper)
+    proc = _run([sys.executable, "-m", "megaponder", "--debug", "train", "--config", TINY_YML,
+                 "--set", "model.num_heads=3"])
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("megaponder: Invalid configuration: ")
 
 
 def test_debug_environment_variable_shows_the_traceback(monkeypatch):
