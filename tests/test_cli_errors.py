@@ -87,6 +87,7 @@ def test_user_error_under_torchrun_is_printed_once_and_is_torchruns_root_cause(t
     ("model:\n  family: [vanilla\ntrain: {}\n", r"bad.yml:3:6: YAML syntax error: expected ',' or ']'"),
     ("train:\n  steps: 3\n  seed: 1\n  steps: 4\n",
      r"bad.yml:4:3: duplicated key 'steps' \(first at line 2, again at line 4\)"),
+    ("train:\n  steps: 3\n\x01\n", r"bad.yml:3:1: YAML syntax error: character #x0001 is not allowed"),
     ("model: {}\ntrain: {steps: 3}\ndata: {}\ntrain: {seed: 2}\n",
      r"bad.yml:4:1: duplicated key 'train' \(first at line 2, again at line 4\)"),
 ])

@@ -52,7 +52,12 @@ def parse_yaml(text: str, source: str) -> Any:
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         what = str(e.problem or "invalid YAML") + (f" ({e.context})" if e.context else "")
         raise ConfigError(f"{where}: YAML syntax error: {what}.") from None
-    except yaml.YAMLError as e:  # e.g. a reader error on a control character
+    except yaml.reader.ReaderError as e:  # a control character: it has a position, no mark
+        before = text[:e.position]
+        line, col = before.count("\n") + 1, e.position - (before.rfind("\n") + 1) + 1
+        raise ConfigError(f"{source}:{line}:{col}: YAML syntax error: character #x{e.character:04x} "
+                          f"is not allowed in YAML; remove it.") from None
+    except yaml.YAMLError as e:
         raise ConfigError(f"{source}: YAML error: {' '.join(str(e).split())}") from None
     finally:
         if loader is not None:
