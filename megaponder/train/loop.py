@@ -55,7 +55,7 @@ class Trainer:
         if cfg.ponder.freeze_backbone:
             trainable = set(model.extra_parameter_names())
             if not trainable:
-                raise ValueError(f"ponder.freeze_backbone=true but family '{cfg.model.family}' "
+                raise ConfigError(f"ponder.freeze_backbone=true but family '{cfg.model.family}' "
                                  f"has no gate/router parameters to train.")
             for name, p in model.named_parameters():
                 p.requires_grad_(name in trainable)
