@@ -190,3 +190,26 @@ def test_lone_surrogate_record_is_skipped_and_counted(tmp_path, kind):
     ds = IndexedDataset(str(tmp_path / "s_text_document"))
     assert ds.num_documents == 2
     assert json.load(open(meta_path(str(tmp_path / "s_text_document"))))["documents"] == 2
+
+
+def test_merge_carries_the_sidecar_over_and_a_failed_merge_keeps_the_old_output(tmp_path):
+    from conftest_data import run_tool
+
+    tok = neox_tokenizer_json()
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    preprocess(write_jsonl(tmp_path / "a.jsonl", GOOD[:1]), ["text"], "HFTokenizer", tok, a, **_quiet())
+    preprocess(write_jsonl(tmp_path / "b.jsonl", GOOD[1:]), ["text"], "HFTokenizer", tok, b, **_quiet())
+    a, b, out = a + "_text_document", b + "_text_document", str(tmp_path / "ab")
+    run_tool("merge_datasets.py", "--inputs", a, b, "--output-prefix", out)
+    ma, mb, merged = read_meta(a), read_meta(b), read_meta(out)
+    assert merged["max_token_id"] == max(ma["max_token_id"], mb["max_token_id"])
+    assert merged["documents"] == 2 and merged["tokens"] == ma["tokens"] + mb["tokens"]
+    before = [open(out + ext, "rb").read() for ext in (".bin", ".idx", ".meta.json")]
+    proc = run_tool("merge_datasets.py", "--inputs", a, str(tmp_path / "missing"),
+                    "--output-prefix", out, check=False)
+    assert proc.returncode == 2
+    assert [open(out + ext, "rb").read() for ext in (".bin", ".idx", ".meta.json")] == before
+    # an input without a sidecar (e.g. made by Megatron): the merged output gets none
+    _write(str(tmp_path / "plain"), [[1, 2, 3]])
+    run_tool("merge_datasets.py", "--inputs", a, str(tmp_path / "plain"), "--output-prefix", out)
+    assert not os.path.exists(meta_path(out))

@@ -58,6 +58,30 @@ def write_meta(prefix: str, tokenizer, tokenizer_type: str, append_eod: bool) ->
     return meta
 
 
+def write_merged_meta(inputs: list[str], prefix: str) -> Optional[dict]:
+    """Sidecar of ``prefix``, the concatenation of ``inputs`` (tools/merge_datasets.py): written
+    when every input has one and all name the same tokenizer, else none (the train-start checks
+    then scan the data). Any old sidecar at ``prefix`` is removed either way."""
+    if os.path.exists(meta_path(prefix)):
+        os.remove(meta_path(prefix))
+    metas = [read_meta(p) for p in inputs]
+    if not metas or any(m is None for m in metas) or \
+            len({m["tokenizer"]["fingerprint"] for m in metas}) != 1:
+        return None
+    ds = IndexedDataset(prefix)
+    nonempty = [m for m in metas if m["max_token_id"] >= 0]
+    meta = dict(metas[0], sequences=len(ds), documents=ds.num_documents, tokens=ds.num_tokens,
+                min_token_id=min((m["min_token_id"] for m in nonempty), default=0),
+                max_token_id=max((m["max_token_id"] for m in nonempty), default=-1),
+                append_eod=all(m.get("append_eod") for m in metas), dtype=ds.dtype.name,
+                bin_bytes=os.path.getsize(get_bin_path(prefix)))
+    tmp = meta_path(prefix) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, meta_path(prefix))
+    return meta
+
+
 def read_meta(prefix: str) -> Optional[dict]:
     """The sidecar if it exists, is readable and describes this ``.bin``; else None."""
     path = meta_path(prefix)
