@@ -11,7 +11,7 @@ used to surface as a raw ``IndexError`` at step 0 or, worse, train silently:
 ``tools/preprocess_data.py`` therefore writes a sidecar ``PREFIX.meta.json`` next to
 ``PREFIX.bin``/``.idx`` holding the tokenizer's fingerprint (sha256 of its vocabulary), its
 vocabulary size and the min/max token id. When the sidecar is there (and describes this
-``.bin``: same byte size) the checks read it; otherwise the ``.bin`` is scanned with numpy —
+files: same .bin and .idx sizes) the checks read it; otherwise the ``.bin`` is scanned with numpy —
 all of it up to :data:`FULL_SCAN_BYTES`, beyond that :data:`SAMPLE_WINDOWS` evenly spaced
 windows (a bounded sample, which can miss a rare bad id; the log line says which was done).
 """
@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import DataError
-from .indexed import IndexedDataset, get_bin_path
+from .indexed import IndexedDataset, get_bin_path, get_idx_path
 
 META_SUFFIX = ".meta.json"
 META_FORMAT = "megaponder-dataset-meta"
@@ -50,6 +50,7 @@ def write_meta(prefix: str, tokenizer, tokenizer_type: str, append_eod: bool) ->
         "sequences": len(ds), "documents": ds.num_documents, "tokens": ds.num_tokens,
         "min_token_id": lo, "max_token_id": hi, "dtype": ds.dtype.name,
         "bin_bytes": os.path.getsize(get_bin_path(prefix)),
+        "idx_bytes": os.path.getsize(get_idx_path(prefix)),
     }
     tmp = meta_path(prefix) + ".tmp"
     with open(tmp, "w") as f:
@@ -74,7 +75,8 @@ def write_merged_meta(inputs: list[str], prefix: str) -> Optional[dict]:
                 min_token_id=min((m["min_token_id"] for m in nonempty), default=0),
                 max_token_id=max((m["max_token_id"] for m in nonempty), default=-1),
                 append_eod=all(m.get("append_eod") for m in metas), dtype=ds.dtype.name,
-                bin_bytes=os.path.getsize(get_bin_path(prefix)))
+                bin_bytes=os.path.getsize(get_bin_path(prefix)),
+                idx_bytes=os.path.getsize(get_idx_path(prefix)))
     tmp = meta_path(prefix) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -95,8 +97,9 @@ def read_meta(prefix: str) -> Optional[dict]:
                         f"scan the data) or re-run tools/preprocess_data.py.") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         return None
-    if meta.get("bin_bytes") != os.path.getsize(get_bin_path(prefix)):
-        return None  # the .bin was rewritten by another tool: the sidecar no longer applies
+    if (meta.get("bin_bytes"), meta.get("idx_bytes")) != (os.path.getsize(get_bin_path(prefix)),
+                                                          os.path.getsize(get_idx_path(prefix))):
+        return None  # the files were rewritten by another tool: the sidecar no longer applies
     return meta
 
 
