@@ -1,6 +1,6 @@
 """Checks that the data fits the model and tokenizer, run once at train start.
 
-The MMIDIDX ``.idx`` records neither the tokenizer nor the largest token id, so three mistakes
+The MMIDIDX ``.idx`` records neither the tokenizer nor the largest token id, so these mistakes
 used to surface as a raw ``IndexError`` at step 0 or, worse, train silently:
 
 - token ids at or beyond ``model.vocab_size`` (data made for a larger vocabulary);
@@ -10,7 +10,7 @@ used to surface as a raw ``IndexError`` at step 0 or, worse, train silently:
 
 ``tools/preprocess_data.py`` therefore writes a sidecar ``PREFIX.meta.json`` next to
 ``PREFIX.bin``/``.idx`` holding the tokenizer's fingerprint (sha256 of its vocabulary), its
-vocabulary size and the min/max token id. When the sidecar is there (and describes this
+vocabulary size and the min/max token id. When the sidecar is there (and describes these
 files: same .bin and .idx sizes) the checks read it; otherwise the ``.bin`` is scanned with numpy —
 all of it up to :data:`FULL_SCAN_BYTES`, beyond that :data:`SAMPLE_WINDOWS` evenly spaced
 windows (a bounded sample, which can miss a rare bad id; the log line says which was done).
