@@ -4,6 +4,11 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Where torch comes from. Empty: pip's own configuration (on the project's CPU machines it serves
+# the CPU wheel). Elsewhere PyPI's Linux torch is the large CUDA build; for a CPU-only build use
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (used for torch alone, before everything else; the pins then find it installed).
+TORCH_INDEX ?=
 
 .PHONY: setup train test clean-runs
 
@@ -11,6 +16,7 @@ PYTEST_ARGS ?=
 # nothing changed and re-installs when a pin moves.
 $(STAMP): setup.py requirements/cpu.txt requirements/constraints.txt requirements/nodeps.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q --index-url $(TORCH_INDEX) -c requirements/constraints.txt torch)
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -r requirements/cpu.txt -c requirements/constraints.txt
 	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
 	$(BIN)/pip install -q --no-deps -e .

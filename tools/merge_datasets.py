@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megaponder.data.checks import write_merged_meta  # noqa: E402
 from megaponder.data.indexed import (DatasetFormatError, IndexedDataset,  # noqa: E402
                                      IndexedDatasetBuilder, get_bin_path, get_idx_path)
 
@@ -30,15 +31,25 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.output_prefix)
     if out in {os.path.abspath(x) for x in prefixes}:
         p.error("--output-prefix must differ from every input")
+    # written under a temporary prefix and renamed at the end: a failed merge keeps old outputs
+    tmp = args.output_prefix + ".merge-tmp"
     try:
         first = IndexedDataset(prefixes[0])
-        builder = IndexedDatasetBuilder(get_bin_path(args.output_prefix), first.dtype)
+        builder = IndexedDatasetBuilder(get_bin_path(tmp), first.dtype)
         for prefix in prefixes:
             builder.add_index(prefix)
-        builder.finalize(get_idx_path(args.output_prefix))
+        builder.finalize(get_idx_path(tmp))
+        for path in (get_bin_path, get_idx_path):
+            os.replace(path(tmp), path(args.output_prefix))
     except (DatasetFormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for path in (get_bin_path, get_idx_path):
+            if os.path.exists(path(tmp)):
+                os.remove(path(tmp))
+    # the tokenizer sidecar carries over when all inputs share one (megaponder/data/checks.py)
+    write_merged_meta(prefixes, args.output_prefix)
     merged = IndexedDataset(args.output_prefix)
     print(f"merged {len(prefixes)} datasets -> {args.output_prefix}.bin/.idx: "
           f"{merged.num_documents} documents, {len(merged)} sequences, {merged.num_tokens} tokens")

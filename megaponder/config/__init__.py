@@ -21,6 +21,7 @@ from .model import FAMILIES, ModelConfig
 from .parallel import SEQUENCE_PARALLEL_FAMILIES, ParallelConfig
 from .ponder import PonderConfig
 from .train import OptimConfig, TrainConfig
+from .yaml_io import load_yaml_file, parse_yaml
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
@@ -51,10 +52,12 @@ def _apply_override(tree: dict, assignment: str) -> None:
     parts = key.strip().split(".")
     node = tree
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: '{part}' is a value, not a section.")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node = child
+    # the value is YAML, so lists and mappings work: --set data.path=[a,b] (see docs/config.md)
+    node[parts[-1]] = parse_yaml(raw, f"--set {key}") if raw.strip() else ""
 
 
 def config_from_dict(tree: dict, check_paths: bool = True) -> Config:
@@ -69,8 +72,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), *,
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"Config file '{path}' does not exist.")
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+        tree = load_yaml_file(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections "
                               f"(model:, train:, ...).")
@@ -106,6 +108,8 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(m.hidden_size % m.num_heads == 0,
              f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}; "
              f"choose a head count that divides it (e.g. {_divisor_near(m.hidden_size, m.num_heads)}).")
+    need(m.make_vocab_size_divisible_by > 0, f"model.make_vocab_size_divisible_by must be "
+         f"positive (got {m.make_vocab_size_divisible_by}); GPT-NeoX uses 128.")
     need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct must lie in [0, 1] (got {m.rotary_pct}).")
     if m.padded_vocab_size is not None:
         need(m.padded_vocab_size >= m.vocab_size,
@@ -125,7 +129,9 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         need(getattr(t, name) > 0, f"train.{name} must be positive (got {getattr(t, name)}).")
     need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
-    need(o.lr > 0, f"optim.lr must be positive (got {o.lr}).")
+    need(0 < o.lr < float("inf"), f"optim.lr must be a positive finite number (got {o.lr}).")
+    need(bool(t.run_dir.strip()), "train.run_dir is empty; give the run a directory (e.g. "
+         "train.run_dir=runs/my-run) instead of writing into the current one.")
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
     # parallel layout
     need(par.tp >= 1 and par.pp >= 1, "parallel.tp and parallel.pp must be >= 1.")
@@ -138,11 +144,15 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(m.ffn_size % par.tp == 0,
              f"parallel.tp={par.tp} does not divide the MLP width {m.ffn_size}.")
     vocab_shards = par.tp * (par.pp if par.shard_vocab_over_pp and par.pp > 1 else 1)
-    need(m.padded_vocab() % vocab_shards == 0,
-         f"the padded vocabulary {m.padded_vocab()} does not split into {vocab_shards} equal "
-         f"shards (parallel.tp" + (" x parallel.pp, shard_vocab_over_pp" if vocab_shards != par.tp else "")
-         + f"); set model.padded_vocab_size or model.make_vocab_size_divisible_by to a multiple "
-         f"of {vocab_shards}.")
+    if m.make_vocab_size_divisible_by > 0 and vocab_shards >= 1:
+        # Unlike Megatron (multiple = divisible_by x tp), the padded vocabulary does not depend
+        # on the layout, so a checkpoint moves between layouts; a tp that cannot split it is
+        # refused here rather than silently padded further.
+        need(m.padded_vocab() % vocab_shards == 0,
+             f"the padded vocabulary {m.padded_vocab()} does not split into {vocab_shards} equal "
+             f"shards (parallel.tp" + (" x parallel.pp, shard_vocab_over_pp" if vocab_shards != par.tp else "")
+             + f"); set model.padded_vocab_size or model.make_vocab_size_divisible_by to a multiple "
+             f"of {vocab_shards}.")
     need(p.top_k == 0 or vocab_shards == 1,
          f"ponder.top_k={p.top_k} is not supported with a vocabulary split over {vocab_shards} "
          f"ranks (the vocab-parallel pondering embedding uses the full softmax); set it to 0.")
@@ -185,13 +195,19 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         if t.init_checkpoint is not None:
             need(os.path.exists(t.init_checkpoint),
                  f"train.init_checkpoint: '{t.init_checkpoint}' does not exist.")
+    if len(problems) == 1:
+        raise ConfigError(f"Invalid configuration: {problems[0]}")
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 def _divisor_near(n: int, k: int) -> int:
-    divisors = [x for x in range(1, n + 1) if n % x == 0]
-    return min(divisors, key=lambda x: abs(x - k))
+    """The divisor of n nearest to k (searching outwards from k: bounded work for any n)."""
+    for d in range(0, min(max(k, n - k), 1 << 16) + 1):
+        for c in (k - d, k + d):
+            if 1 <= c <= n and n % c == 0:
+                return c
+    return 1
 
 
 def _type_name(tp) -> str:
@@ -214,7 +230,18 @@ def reference_markdown() -> str:
              "Generated from the dataclasses in `megaponder/config/` by "
              "`python -m megaponder.config > docs/config.md`; a test keeps it current.", "",
              "Every key can be set in YAML (nested sections) or on the command line with "
-             "`--set section.key=value`.", ""]
+             "`--set section.key=value`.", "",
+             "A `--set` value is read as YAML, so lists and mappings work: "
+             "`--set data.path=[data/a_text_document,data/b_text_document]`, a weighted blend "
+             "`--set 'data.path=[0.7, data/a, 0.3, data/b]'`, `--set ponder.jacobi_passes=[1,2]`; a "
+             "single value for a list key becomes a one-element list (`--set data.path=data/a`). "
+             "Quote the whole argument in the shell when it contains spaces. An empty value "
+             "(`--set train.run_dir=`) is the empty string, which validation refuses for paths.", "",
+             "Config files are read strictly: a YAML syntax error is reported as "
+             "`FILE:LINE:COLUMN: YAML syntax error: ...`, and a key given twice in one mapping (at any "
+             "depth, e.g. two `train:` sections) is an error naming the key and both lines instead "
+             "of the second silently replacing the first. YAML merge keys (`<<: *anchor`) may still "
+             "be overridden.", ""]
     for section in dataclasses.fields(Config):
         lines += [f"## `{section.name}`", "", section.metadata["help"], "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]

@@ -8,8 +8,10 @@ import types
 import typing
 from typing import Any
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased as what is wrong and what to change."""
 
 
@@ -92,14 +94,15 @@ def coerce(value: Any, tp, where: str) -> Any:
 
 def from_dict(cls, data: dict | None, where: str = ""):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got "
+                          f"{type(data).__name__} {data!r:.60}.")
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"Unknown config key '{_join(where, key)}'.{_nearest(key, names)}")
+            raise ConfigError(f"Unknown config key '{_join(where, str(key))}'.{_nearest(str(key), names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:

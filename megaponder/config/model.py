@@ -26,9 +26,11 @@ class ModelConfig:
                            "(loop, pause, fixed_pruning, random_halting).")
     vocab_size: int = param(8192, "Tokenizer vocabulary size (before padding).")
     make_vocab_size_divisible_by: int = param(128, "Pad the embedding/head rows up to a multiple of "
-                                              "this (GPT-NeoX default 128; with tensor parallelism the "
-                                              "multiple is this times tp). Pythia checkpoints are padded "
-                                              "to 50304.")
+                                              "this (GPT-NeoX default 128). Unlike Megatron, the padding "
+                                              "does not grow with tp, so checkpoints move between "
+                                              "layouts; parallel.tp must divide the padded vocabulary "
+                                              "(validation refuses it otherwise). Pythia checkpoints are "
+                                              "padded to 50304.")
     padded_vocab_size: Optional[int] = param(None, "Explicit padded vocabulary (overrides the "
                                              "divisible-by rule); conversion from Hugging Face sets it "
                                              "to the checkpoint's embedding rows.")

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import DataError
 from . import index_cache
 from .blending import BlendedDataset, normalize, per_dataset_samples
 from .indexed import IndexedDataset
@@ -103,7 +104,7 @@ def parse_blend(paths: Optional[Sequence]) -> tuple[list[str], Optional[list[flo
 
     if len(items) >= 2 and is_number(items[0]):
         if len(items) % 2 or not all(is_number(w) for w in items[0::2]):
-            raise ValueError(f"data.path {items}: a weighted blend alternates weight, prefix, "
+            raise DataError(f"data.path {items}: a weighted blend alternates weight, prefix, "
                              f"weight, prefix …")
         return [str(p) for p in items[1::2]], [float(w) for w in items[0::2]]
     return [str(p) for p in items], None
@@ -139,8 +140,8 @@ def _build_one_split(data_cfg, prefixes, weights, split_index, whole, seed, num_
         if len(docs) == 0:
             if len(prefixes) == 1:
                 return None
-            raise ValueError(f"{prefix}: data.split '{data_cfg.split}' leaves no sequences for "
-                             f"the {name} split of this blended dataset.")
+            raise DataError(f"{prefix}.idx: data.split '{data_cfg.split}' leaves none of its "
+                            f"{len(ds)} sequences for the {name} split of this blended dataset.")
         parts.append(GPTDataset(ds, docs, count, data_cfg.seq_length, seed, mode,
                                 f"{name}{'_' + str(k) if len(prefixes) > 1 else ''}",
                                 _cache_dir(data_cfg, prefix), eod, pad, data_cfg.reset_position_ids,
@@ -160,7 +161,7 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
     load them after a barrier (every rank must call this)."""
     prefixes, weights = parse_blend(data_cfg.path)
     if not prefixes:
-        raise ValueError("data.path is empty; point it at a dataset prefix (e.g. "
+        raise DataError("data.path is empty; point it at a dataset prefix (e.g. "
                          "data/demo/train_text_document).")
     eod, pad = None, 0
     if data_cfg.reset_position_ids or data_cfg.reset_attention_mask:
@@ -175,7 +176,11 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
         train = _build_one_split(data_cfg, prefixes, weights, 0, whole_train, seed,
                                  num_train_samples, eod, pad)
         if train is None:
-            raise ValueError(f"data.split '{data_cfg.split}' leaves no training sequences.")
+            n = len(IndexedDataset(prefixes[0]))
+            raise DataError(f"{prefixes[0]}.idx holds {n} sequence(s), and data.split "
+                            f"'{data_cfg.split}' leaves none of them for training"
+                            + (" (the dataset is empty: did preprocessing skip every record?)"
+                               if n == 0 else "; give training a larger share or more data."))
         valid = None
         if num_valid_samples > 0:
             if valid_prefixes:

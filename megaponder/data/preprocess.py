@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import MissingFileError
 from .indexed import IndexedDatasetBuilder, best_token_dtype, get_bin_path, get_idx_path
 from .tokenizer import build_tokenizer
 
@@ -68,6 +69,17 @@ def open_input(path: str):
                              f"installed; decompress it first (zstd -d) or install zstandard.")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
     return open(path, "rb")
+
+
+def _rejected_reason(key: str, parts: list[str], err: Exception) -> str:
+    """Why the tokenizer refused a record. A lone surrogate ("\\ud800" in the JSON) is valid JSON
+    but not encodable text: SentencePiece raises TypeError, HF tokenizers a UnicodeEncodeError."""
+    for part in parts:
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"undecodable text: '{key}' holds an unpaired surrogate"
+    return f"tokenizer error: '{key}' rejected ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
 
 
 def _category(reason: str) -> str:
@@ -140,8 +152,8 @@ def process_range(path: str, start: int, end: Optional[int], first_line: int, ke
         flat = [p for _, _, parts in pending for p in parts]
         try:
             encoded = tok.encode_batch(flat)
-        except UnicodeEncodeError:
-            encoded = None  # a lone surrogate somewhere: redo one by one to find it
+        except Exception:  # noqa: BLE001 — one record the tokenizer rejects: redo one by one to find it
+            encoded = None
         pos, tokens_out = 0, 0
         for line, key, parts in pending:
             if encoded is not None:
@@ -149,11 +161,12 @@ def process_range(path: str, start: int, end: Optional[int], first_line: int, ke
             else:
                 try:
                     ids = [tok.encode(p) for p in parts]
-                except UnicodeEncodeError:
+                except Exception as e:  # noqa: BLE001 — skipped and counted, never fatal
                     ids = None
+                    reason = _rejected_reason(key, parts, e)
             pos += len(parts)
             if ids is None:
-                bad(line, key, f"undecodable text: '{key}' holds an unpaired surrogate")
+                bad(line, key, reason)
                 continue
             lengths = [len(x) for x in ids]
             if sum(lengths) == 0:
@@ -253,7 +266,7 @@ def preprocess(input_path: str, json_keys: list[str], tokenizer_type: str, token
     from tqdm import tqdm
 
     if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"--input {input_path} does not exist.")
+        raise MissingFileError(f"--input {input_path} does not exist.")
     json_keys = list(dict.fromkeys(json_keys))  # drop repeated keys, keep order
     tok = build_tokenizer(tokenizer_type, tokenizer_model)  # fail fast on a bad model
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
@@ -263,10 +276,14 @@ def preprocess(input_path: str, json_keys: list[str], tokenizer_type: str, token
     common = dict(keys=json_keys, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                   append_eod=append_eod)
     compressed = input_path.endswith((".gz", ".zst"))
+    # Everything is written under tmp_dir (same file system as the outputs) and renamed into
+    # place only at the end: an interrupted or failed run never touches previous outputs.
     tmp_dir = output_prefix + ".preprocess-tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of a killed run
+    os.makedirs(tmp_dir)
+    staged = os.path.join(tmp_dir, "out")
     source = input_path
     if compressed and workers > 1:
-        os.makedirs(tmp_dir, exist_ok=True)
         source = os.path.join(tmp_dir, "input.jsonl")
         print(f"decompressing {input_path} to {source} for {workers} workers", file=err)
         with open_input(input_path) as src, open(source, "wb") as dst:
@@ -284,21 +301,43 @@ def preprocess(input_path: str, json_keys: list[str], tokenizer_type: str, token
         bar.set_postfix_str(f"{tokens_seen / elapsed:,.0f} tok/s", refresh=False)
 
     try:
-        ranges = split_byte_ranges(source, workers) if workers > 1 else [(0, None, 0)]
-        if len(ranges) == 1:
-            results = [process_range(source, ranges[0][0], ranges[0][1], ranges[0][2],
-                                     out_prefix=output_prefix, progress_sink=on_progress, **common)]
-        else:
-            results = _run_workers(source, ranges, output_prefix, tmp_dir, common, on_progress)
+        try:
+            ranges = split_byte_ranges(source, workers) if workers > 1 else [(0, None, 0)]
+            if len(ranges) == 1:
+                results = [process_range(source, ranges[0][0], ranges[0][1], ranges[0][2],
+                                         out_prefix=staged, progress_sink=on_progress, **common)]
+            else:
+                results = _run_workers(source, ranges, staged, tmp_dir, common, on_progress)
+        finally:
+            bar.close()
+        elapsed = time.time() - t0
+        summary = _summarize(results, json_keys, output_prefix, elapsed, tok, append_eod, input_path)
+        summary["written"] = _publish(staged, output_prefix, json_keys, summary, tok,
+                                      tokenizer_type, append_eod)
     finally:
-        bar.close()
-    if os.path.isdir(tmp_dir):
         shutil.rmtree(tmp_dir, ignore_errors=True)
-
-    elapsed = time.time() - t0
-    summary = _summarize(results, json_keys, output_prefix, elapsed, tok, append_eod, input_path)
     _print_summary(summary, results, out, err)
     return summary
+
+
+def _publish(staged: str, output_prefix: str, keys: list[str], summary: dict, tok,
+             tokenizer_type: str, append_eod: bool) -> list[str]:
+    """Move each key's finished files into place; a key without documents keeps whatever was
+    there before (an empty .bin/.idx would only fail later, at train time)."""
+    from .checks import meta_path, write_meta
+
+    written = []
+    for key in keys:
+        if summary["documents"][key] == 0:
+            continue
+        src, dst = output_prefix_for(staged, key), output_prefix_for(output_prefix, key)
+        write_meta(src, tok, tokenizer_type, append_eod)
+        if os.path.exists(meta_path(dst)):
+            os.remove(meta_path(dst))  # never leave a sidecar describing the old files
+        for path in (get_bin_path, get_idx_path, meta_path):
+            os.replace(path(src), path(dst))
+        written.append(dst)
+    return written
 
 
 def _run_workers(source, ranges, output_prefix, tmp_dir, common, on_progress) -> list[ShardResult]:
@@ -392,7 +431,11 @@ def _print_summary(s: dict, results, out, err) -> None:
     print(f"preprocess summary: {s['lines']} lines in {s['seconds']:.2f}s "
           f"({s['docs_per_s']:,.0f} docs/s, {s['tokens_per_s']:,.0f} tokens/s)", file=out)
     for key, prefix in s["outputs"].items():
+        if s["documents"][key] == 0:
+            print(f"  {key}: no documents (every record was bad); nothing written, "
+                  f"{prefix}.bin/.idx left as they were", file=out)
+            continue
         print(f"  {key}: {s['documents'][key]} documents, {s['tokens'][key]} tokens "
-              f"({s['dtype']}) -> {prefix}.bin/.idx", file=out)
+              f"({s['dtype']}) -> {prefix}.bin/.idx (+ .meta.json)", file=out)
     reasons = ", ".join(f"{k}: {v}" for k, v in s["bad_by_reason"].items()) or "none"
     print(f"  bad records skipped: {s['bad_records']} ({reasons})", file=out)

@@ -37,6 +37,10 @@ class Trainer:
         self.dp_size, self.dp_rank = self.topo.dp, self.topo.dp_rank
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        # ids beyond the vocabulary, another tokenizer, empty files: one clear error before any
+        # model is built (megaponder/data/checks.py)
+        from ..data.checks import check_data_fits
+        check_data_fits(cfg, log=lambda msg: _log0(self.rank, msg))
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         os.makedirs(self.ckpt_root, exist_ok=True)
@@ -51,7 +55,7 @@ class Trainer:
         if cfg.ponder.freeze_backbone:
             trainable = set(model.extra_parameter_names())
             if not trainable:
-                raise ValueError(f"ponder.freeze_backbone=true but family '{cfg.model.family}' "
+                raise ConfigError(f"ponder.freeze_backbone=true but family '{cfg.model.family}' "
                                  f"has no gate/router parameters to train.")
             for name, p in model.named_parameters():
                 p.requires_grad_(name in trainable)
@@ -242,6 +246,8 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                else:  # batch jobs (progress_bar=false): one plain line per logged step
+                    _log0(self.rank, _log_line(record, t.steps))
             if bar is not None:
                 bar.update(1)
             if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
@@ -276,6 +282,17 @@ class Trainer:
                 ("wall time", f"{s['wall_s']:.1f} s"),
                 ("checkpoint", s["checkpoint"])]
         print("\n[megaponder] training finished\n" + format_summary(rows), flush=True)
+
+
+def _log_line(record: dict, total_steps: int) -> str:
+    """``step 10/100 | loss 5.1234 | lr 1.00e-03 | ...`` for logs without a progress bar."""
+    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}",
+             f"lr {record['lr']:.2e}", f"tokens {record['tokens']:,}",
+             f"tok/s {record['tokens_per_s']:,.0f}"]
+    for key in ("grad_norm", "mean_iters", "val_loss", "val_ppl"):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{key} {record[key]:.4g}")
+    return " | ".join(parts)
 
 
 def _maybe_float(value) -> Optional[float]:

@@ -1,0 +1,101 @@
+"""User errors and how the command line reports them.
+
+A :class:`UserError` is a problem with what the user gave megaponder — a config, a data file, a
+checkpoint — phrased as what is wrong and what to change. The command line prints it as one
+line, ``megaponder: <message>``, on stderr and exits with code 2; the traceback would only bury
+the message, so it is shown only with ``megaponder --debug ...`` or ``MEGAPONDER_DEBUG=1``.
+
+Under a multi-process launcher every rank usually hits the same error (they read the same
+config and files), so only rank 0 prints it. A rank that fails alone is still reported: every
+failing rank writes its message into torchrun's error file (``TORCHELASTIC_ERROR_FILE``), which
+torchrun shows as the root cause in its ``ChildFailedError`` summary — the last block it prints.
+
+Subclass :class:`UserError` (together with the builtin it replaces, e.g. ``ValueError``, so that
+existing ``except ValueError`` code keeps working) for any new kind of user-facing error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from typing import Callable
+
+#: exit code of a run stopped by a user error (argparse uses the same for bad arguments)
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A problem in the user's input; the CLI prints the message alone, once."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset (``.bin``/``.idx``, tokenizer, vocabulary) does not fit the run."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user named (data, tokenizer, input) does not exist."""
+
+
+def debug_enabled(flag: bool = False) -> bool:
+    return flag or os.environ.get("MEGAPONDER_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def _rank() -> int:
+    """This process's rank from whichever launcher started it, without touching torch."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def one_line(err: BaseException) -> str:
+    """The message as one line: a multi-line message (e.g. a list of config problems) keeps
+    its items, joined with ' | '."""
+    text = str(err).strip() or type(err).__name__
+    parts = [re.sub(r"^- ", "", p.strip()) for p in text.splitlines()]
+    parts = [p for p in parts if p]
+    if not parts:
+        return type(err).__name__
+    head, items = parts[0], parts[1:]
+    if items and head.endswith(":"):  # "Invalid configuration:" followed by its items
+        return f"{head} " + " | ".join(items)
+    return " | ".join(parts)
+
+
+def _write_elastic_error_file(message: str) -> None:
+    # torchrun reads this JSON (the layout its @record decorator writes) and prints
+    # "py_callstack" as the failure's "traceback" line: our one line instead of a traceback.
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message, "extraInfo": {
+        "py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # the report on stderr still stands
+
+
+def report(err: BaseException, *, debug: bool = False, stream=None) -> int:
+    """Print ``err`` the user-error way and return the exit code."""
+    stream = stream or sys.stderr
+    message = f"megaponder: {one_line(err)}"
+    if debug_enabled(debug):
+        traceback.print_exception(err, file=stream)
+    _write_elastic_error_file(message)
+    if _rank() == 0 or debug_enabled(debug):
+        stream.write(message + "\n")
+        stream.flush()
+    return USER_ERROR_EXIT
+
+
+def run_reporting_user_errors(func: Callable[[], int], *, debug: bool = False) -> int:
+    """Run a CLI command; a :class:`UserError` becomes one line on stderr and exit code 2."""
+    try:
+        return func()
+    except UserError as err:
+        return report(err, debug=debug)
