@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -94,6 +95,9 @@ def _checkpoint_tokenizer(folder: str, override: Optional[str] = None):
     return build_tokenizer("HFTokenizer" if path.endswith(".json") else "SentencePieceTokenizer", path)
 
 
+# lm_eval.models is imported above on purpose: lm-eval 0.4.13 fills its model registry with the
+# built-in models (hf, vllm, ...) only while the registry is empty, so registering ours first
+# would hide `hf` from every later simple_evaluate(model="hf") in the same process.
 @register_model("megaponder")
 class MegaponderLM(TemplateLM):
     """``lm_eval`` model over a megaponder checkpoint (run dir or checkpoint folder).
