@@ -231,3 +231,28 @@ def test_unknown_task_is_one_clear_line(ada_run, capsys):
     msg = str(err.value)
     assert "\n" not in msg and "no_such_task_xyz" in msg and "megaponder_kjv_cloze" in msg
     assert "megaponder_kjv_cloze," not in msg.split("unknown task(s)")[1].split(":")[0]
+
+
+def test_counted_iterations_are_what_the_cached_decoder_executes(ada_run):
+    """mean_iters/flops_ratio come from the forward's token_iterations; with halting switched
+    on (a gate threshold that splits the tokens) they match the KV-cached decoder's activity."""
+    from megaponder.models.generate import decode_logits
+
+    lm = MegaponderLM(ada_run)
+    ids = torch.tensor([lm.tok.encode(PAIRS[1][0] + PAIRS[1][1] + " " + PAIRS[0][0])])
+    for tau in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8, 0.1, 0.9):
+        lm.model.ponder_cfg.tau = tau
+        iters = lm.model(ids, return_token_stats=True).stats["token_iterations"][0]
+        if 1 < len(set(iters.tolist())):
+            break
+    else:
+        pytest.fail("no gate threshold halts some tokens and not others")
+    _, (row,) = decode_logits(lm.model, ids, chunk=3, return_decoders=True)
+    assert torch.equal(_vertical_activity(iters, lm.model.num_passes), row.executed().bool())
+
+
+def test_missing_eval_extra_is_one_clear_line(monkeypatch, ada_run):
+    monkeypatch.setitem(sys.modules, "megaponder.evaluation.harness", None)  # as if lm_eval were absent
+    with pytest.raises(SystemExit) as err:
+        main(["lm-eval", "--checkpoint", ada_run, "--tasks", "megaponder_kjv_cloze"])
+    assert "pip install 'megaponder[eval]'" in str(err.value) and "\n" not in str(err.value)
