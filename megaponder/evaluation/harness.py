@@ -269,6 +269,12 @@ def run_lm_eval(args) -> int:
 
     from .tasks import OFFLINE_TASKS, ensure_offline_tasks
 
+    from ..train.checkpoint import resolve_checkpoint
+
+    try:  # before the task index is built: a wrong path should fail in a second
+        checkpoint = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as err:
+        raise SystemExit(f"megaponder lm-eval: {err}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise SystemExit("megaponder lm-eval: --tasks is empty; name at least one task")
@@ -278,7 +284,7 @@ def run_lm_eval(args) -> int:
     task_manager = _task_manager(tasks, include)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = MegaponderLM(args.checkpoint, batch_size=args.batch_size, device=args.device,
+    lm = MegaponderLM(checkpoint, batch_size=args.batch_size, device=args.device,
                       max_length=args.max_length, tokenizer_model=args.tokenizer_model, seed=args.seed)
     tracker = None
     if args.output_path:
@@ -286,7 +292,8 @@ def run_lm_eval(args) -> int:
         tracker = EvaluationTracker(output_path=args.output_path)
     gen_kwargs = args.gen_kwargs
     results = simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=_limit(args.limit),
+        # model_args is ignored for an LM object, but names the --output_path subfolder
+        model=lm, model_args=f"pretrained={checkpoint}", tasks=tasks, num_fewshot=args.num_fewshot, limit=_limit(args.limit),
         task_manager=task_manager, log_samples=args.log_samples, evaluation_tracker=tracker,
         gen_kwargs=gen_kwargs, bootstrap_iters=args.bootstrap_iters,
         random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
