@@ -256,3 +256,31 @@ def test_missing_eval_extra_is_one_clear_line(monkeypatch, ada_run):
     with pytest.raises(SystemExit) as err:
         main(["lm-eval", "--checkpoint", ada_run, "--tasks", "megaponder_kjv_cloze"])
     assert "pip install 'megaponder[eval]'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_latent_family_batched_scoring_and_counts(demo, tmp_path):
+    """PonderLM-3 (latent, router-pruned steps): batched == one by one, and the counter's
+    whole-row ratio is flops.py's for the executed steps. A freshly initialised checkpoint in
+    the saved format is enough here (what is tested is the scoring, not the model's quality)."""
+    from megaponder.config import Config, ModelConfig
+    from megaponder.models import build_model
+    from megaponder.models.flops import flops_ratio_from_activity
+    from megaponder.train.checkpoint import write_model_files
+
+    cfg = Config(model=ModelConfig(family="ponderlm3", vocab_size=8192, hidden_size=32, num_layers=2,
+                                   num_heads=2, max_position_embeddings=128))
+    cfg.ponder.steps = 2
+    torch.manual_seed(0)
+    write_model_files(str(tmp_path), cfg, build_model(cfg).state_dict(), {"step": 0, "family": "ponderlm3"},
+                      os.path.join(demo, "tokenizer.model"))
+    one, many = MegaponderLM(str(tmp_path), batch_size=1), MegaponderLM(str(tmp_path), batch_size=4)
+    a = one.loglikelihood(_instances(PAIRS), disable_tqdm=True)
+    b = many.loglikelihood(_instances(PAIRS), disable_tqdm=True)
+    for (x, gx), (y, gy) in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-4) and gx == gy
+    s = many.compute_summary()
+    assert s == pytest.approx(one.compute_summary()) and 1.0 <= s["mean_iters"] <= 3.0
+    steps = torch.tensor([3.0, 1.0, 2.0, 2.0, 1.0])
+    whole = ComputeCounter(one.model)
+    whole.add(steps, 0)
+    assert whole.summary()["flops_ratio"] == pytest.approx(flops_ratio_from_activity(one.model, steps, 5), rel=1e-12)
