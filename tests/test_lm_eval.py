@@ -70,9 +70,22 @@ def hf_tokenized(demo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vanilla_run(hf_tokenized, tmp_path_factory):
+def hf_tokenizer_run(hf_tokenized, tmp_path_factory):
+    """family -> a run trained (once) with the `tokenizers` json, so its export carries it."""
     data, tok = hf_tokenized
-    return _train(tmp_path_factory.mktemp("runs") / "vanilla", data, tok, "model.vocab_size=512")
+    runs = {}
+
+    def get(family):
+        if family not in runs:
+            runs[family] = _train(tmp_path_factory.mktemp("runs") / family, data, tok,
+                                  "model.vocab_size=512", f"model.family={family}")
+        return runs[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def vanilla_run(hf_tokenizer_run):
+    return hf_tokenizer_run("vanilla")
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +205,7 @@ def test_loglikelihood_rolling_and_generate_until(ada_run):
 
 
 @pytest.mark.parametrize("family", ["vanilla"])  # the trust_remote_code export adds the other families
-def test_hf_route_gives_the_native_loglikelihoods(family, vanilla_run, demo, tmp_path):
+def test_hf_route_gives_the_native_loglikelihoods(family, hf_tokenizer_run, demo, tmp_path):
     """tools/convert_checkpoint.py --to hf, then lm-eval's own `hf` model (what
     `lm_eval --model hf --model_args pretrained=DIR` builds) on the offline tasks: the same
     per-request log-likelihoods as the native class on the checkpoint."""
@@ -200,9 +213,10 @@ def test_hf_route_gives_the_native_loglikelihoods(family, vanilla_run, demo, tmp
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    run = hf_tokenizer_run(family)
     hf_dir = tmp_path / "hf"
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"), "--from",
-                    "megaponder", "--to", "hf", "--input", vanilla_run, "--output", str(hf_dir)],
+                    "megaponder", "--to", "hf", "--input", run, "--output", str(hf_dir)],
                    check=True, capture_output=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
     tasks_dir = ensure_offline_tasks(demo)
     tasks = list(OFFLINE_TASKS)
@@ -216,7 +230,7 @@ def test_hf_route_gives_the_native_loglikelihoods(family, vanilla_run, demo, tmp
 
     remote = ",trust_remote_code=True" if family != "vanilla" else ""
     hf_res, hf_ll = per_request("hf", f"pretrained={hf_dir},dtype=float32,device=cpu{remote}")
-    nat_res, nat_ll = per_request(MegaponderLM(vanilla_run))
+    nat_res, nat_ll = per_request(MegaponderLM(run))
     assert hf_ll.keys() == nat_ll.keys() and len(hf_ll) == 4 + 16
     for key in hf_ll:
         assert hf_ll[key] == pytest.approx(nat_ll[key], abs=1e-3), key
