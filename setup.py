@@ -26,6 +26,8 @@ setup(
         # (pip install --no-build-isolation 'megaponder[gpu]').
         "gpu": ["flash-attn>=2.5"],
         "mpi": ["mpi4py"],
+        # `megaponder lm-eval` (docs/evaluation.md); lm-eval's `hf` model needs accelerate
+        "eval": ["lm_eval==0.4.13", "accelerate==1.15.0"],
         "dev": ["pytest", "pytest-timeout", "transformers>=4.40", "megatron-core", "tensorboard"],
     },
     entry_points={"console_scripts": ["megaponder=megaponder.cli:main"]},

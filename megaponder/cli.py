@@ -3,6 +3,7 @@
     megaponder train    --config FILE.yml [--set key.sub=value]...
     megaponder generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
     megaponder eval     --checkpoint DIR --data PREFIX
+    megaponder lm-eval  --checkpoint DIR --tasks T1,T2 [--limit N] ...
 """
 from __future__ import annotations
 
@@ -74,6 +75,15 @@ def _eval(args) -> int:
     return 0
 
 
+def _lm_eval(args) -> int:
+    try:
+        from .evaluation.harness import run_lm_eval
+    except ImportError as err:  # lm_eval is an optional extra
+        raise SystemExit(f"megaponder lm-eval needs lm-evaluation-harness ({err}); install it with "
+                         f"pip install 'megaponder[eval]' (lm_eval==0.4.13 and accelerate)")
+    return run_lm_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megaponder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint (docs/evaluation.md)")
+    from .evaluation.cli_args import add_lm_eval_arguments
+    add_lm_eval_arguments(p)
+    p.set_defaults(func=_lm_eval)
     return parser
 
 
