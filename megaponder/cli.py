@@ -115,12 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .train.guards import TrainingDiverged
 
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"megaponder: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:  # too many skipped steps: not a crash, no traceback
+        print(f"megaponder: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits 0)
+        print("megaponder: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
