@@ -50,6 +50,11 @@ class CheckpointError(ConfigError):
     A ConfigError, so the command line prints it as one line (exit 2)."""
 
 
+class UnsafeCheckpoint(CheckpointError):
+    """A file that pickles code (or classes outside the allow-list). Never a reason to fall
+    back to an older checkpoint silently: someone changed the run dir."""
+
+
 def tag_for_step(step: int) -> str:
     return f"global_step{step}"
 
@@ -99,7 +104,7 @@ def safe_load(path: str, map_location: Any = "cpu", what: str = "checkpoint file
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
+        raise UnsafeCheckpoint(
             f"{what} {path} holds pickled objects other than tensors and plain values; "
             f"refusing to load it (it could run code): {_first_line(err)}") from None
     except Exception as err:  # truncated zip, bad magic, short read, ...
@@ -229,7 +234,8 @@ def prune(ckpt_root: str, keep_last: int) -> list[str]:
 def verify_checkpoint(folder: str, rank: int = 0, world_size: int = 1) -> Optional[str]:
     """What is wrong with checkpoint ``folder`` for resuming on ``rank`` of ``world_size``, or
     None. No collectives: rank r fully reads (``weights_only``) every world_size-th file, so
-    the ranks together read the checkpoint once; the caller combines the verdicts."""
+    the ranks together read the checkpoint once; the caller combines the verdicts. An unsafe
+    file is reported with the prefix :data:`UNSAFE` (the caller stops instead of falling back)."""
     try:
         read_meta(folder)
         read_checkpoint_config(folder)
@@ -245,9 +251,14 @@ def verify_checkpoint(folder: str, rank: int = 0, world_size: int = 1) -> Option
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             for path in files[rank::world_size]:
                 safe_load(path)
+    except UnsafeCheckpoint as err:
+        return UNSAFE + str(err)
     except CheckpointError as err:
         return str(err)
     return None
+
+
+UNSAFE = "unsafe: "
 
 
 def resume_candidates(ckpt_root: str) -> list[str]:

@@ -195,3 +195,11 @@ def train_config_problems(t) -> list[str]:
         except ValueError as err:
             problems.append(str(err) + ".")
     return problems
+
+
+def fault_step_sleep() -> None:
+    """``MEGAPONDER_FAULT_STEP_SLEEP=SECONDS`` slows every step down, so the signal and kill
+    tests can hit a run of a tiny model mid-way. Test-only."""
+    delay = os.environ.get("MEGAPONDER_FAULT_STEP_SLEEP")
+    if delay:
+        time.sleep(float(delay))

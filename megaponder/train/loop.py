@@ -16,7 +16,7 @@ from ..config import Config, ConfigError
 from ..data.schedule import global_batch_size
 from ..models import build_model
 from . import checkpoint as ckpt
-from .guards import StopRequest, TrainingDiverged, any_rank
+from .guards import StopRequest, TrainingDiverged, any_rank, fault_step_sleep
 from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
 from .schedule import lr_multiplier
@@ -243,6 +243,12 @@ class Trainer:
         candidates = ckpt.resume_candidates(self.ckpt_root)
         for folder in candidates:
             problem = ckpt.verify_checkpoint(folder, self.rank, self.topo.world_size)
+            unsafe = problem is not None and problem.startswith(ckpt.UNSAFE)
+            if unsafe:
+                problem = problem[len(ckpt.UNSAFE):]
+            if any_rank(unsafe):  # every rank stops, with the file if it found it
+                raise ckpt.UnsafeCheckpoint(problem or f"another rank found an unsafe file in "
+                                                       f"{folder}; refusing to resume from it.")
             if problem is not None:
                 print(f"[megaponder] warning: rank {self.rank}: cannot resume from {folder}: "
                       f"{problem}", flush=True)
@@ -285,6 +291,7 @@ class Trainer:
         micro_batches = [model_inputs(next(self.train_iter))
                          for _ in range(self.cfg.train.grad_accum_steps)]
         self.engine.step_count = self.step  # drives set_step (halting warm-up, seeded draws)
+        fault_step_sleep()  # no-op unless a crash test asks for it
         return self.engine.train_step(micro_batches)
 
     def validate(self) -> dict:
@@ -386,11 +393,19 @@ def _unigram_baseline(cfg: Config) -> Optional[float]:
 
 
 def train(cfg: Config) -> dict:
-    trainer = Trainer(cfg)
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         summary = trainer.run()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return summary
+    except BaseException:
+        # an error exit with a live gloo group can abort at interpreter shutdown ("terminate
+        # called without an active exception", rc 134) instead of the CLI's one line and code
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
     finally:
-        trainer.close()  # the run-dir lock; the kernel also drops it if we are killed
+        if trainer is not None:
+            trainer.close()  # the run-dir lock; the kernel also drops it if we are killed
