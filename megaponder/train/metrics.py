@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import warnings
 from typing import Optional
 
@@ -41,7 +42,10 @@ class MetricsWriter:
         reads as one uninterrupted run."""
         if not os.path.exists(self.path):
             return
-        kept = [json.dumps(r) + "\n" for r in _parse_lines(self.path) if r.get("step", 0) <= step]
+        # the end-of-run validation line of the job that saved `step` goes too: an uninterrupted
+        # run has none there (and a resumed finished run writes its own again)
+        kept = [json.dumps(r) + "\n" for r in _parse_lines(self.path) if r.get("step", 0) < step
+                or (r.get("step") == step and "loss" in r)]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
@@ -98,7 +102,8 @@ def _start_wandb(run_dir: str, project: str, name: Optional[str] = None,
         raise ImportError("train.wandb_project is set but the wandb package is not installed "
                           "(pip install wandb).") from None
     id_file = os.path.join(run_dir, "wandb_id")
-    run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+    # secrets, not random: drawing from the global Python RNG would change the training run
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else secrets.token_hex(4)
     with open(id_file, "w") as f:
         f.write(run_id + "\n")
     return wandb.init(project=project, name=name or os.path.basename(os.path.abspath(run_dir)),

@@ -83,8 +83,8 @@ def claim_run_dir(run_dir: str, ckpt_root: str, resume, overwrite: bool):
     lock.acquire()
     try:
         notes = ckpt.recover(ckpt_root)
-        has_checkpoint = bool(ckpt.complete_tags(ckpt_root)) or \
-            ckpt.latest_tag(ckpt_root, must_exist=False) is not None
+        latest = ckpt.latest_tag(ckpt_root, must_exist=False)  # refuses a latest out of the run
+        has_checkpoint = latest is not None or bool(ckpt.complete_tags(ckpt_root))
         if resume is True and not has_checkpoint:
             raise ConfigError(f"train.resume=true but {ckpt_root} holds no complete checkpoint; "
                               f"use train.resume=auto to start from step 0 when there is none.")
