@@ -369,3 +369,36 @@ def test_run_dir_lock_and_fresh_start_rules(tmp_path):
     lock, resumes, notes = claim_run_dir(str(run_dir), str(root), "auto", False)
     lock.release()  # auto without a checkpoint: a fresh start that clears the old metrics
     assert not resumes and not (run_dir / "metrics.jsonl").exists() and notes
+
+
+def test_stop_request_signals_and_deadline():
+    """In-process: the handlers the loop installs (the end-to-end tests send real SIGTERMs)."""
+    from megaponder.train.guards import StopRequest, signal_from_name
+
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest("usr1")
+    try:
+        assert stop.local_reason() is None and not stop.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop() and stop.local_reason() == "SIGUSR1"
+        stop.reason = None
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: save and stop, no KeyboardInterrupt
+        assert stop.local_reason() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR1) is before
+    stop = StopRequest(exit_after_minutes=1e-4)  # 6 ms
+    assert not stop.should_stop()
+    time.sleep(0.01)
+    assert stop.should_stop() and stop.local_reason() == "train.exit_after_minutes"
+    stop.close()
+    assert signal_from_name("SIGTERM") == signal.SIGTERM == signal_from_name("15")
+    from megaponder.config import ConfigError, load_config
+    with pytest.raises(ConfigError) as err:
+        load_config(os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml"),
+                    ["train.preempt_signal=SIGKILL", "train.keep_last=-1", "train.run_dir="],
+                    check_paths=False)
+    for problem in ("cannot be caught", "train.keep_last must be >= 0", "train.run_dir is empty"):
+        assert problem in str(err.value)
