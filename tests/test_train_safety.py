@@ -402,3 +402,29 @@ def test_stop_request_signals_and_deadline():
                     check_paths=False)
     for problem in ("cannot be caught", "train.keep_last must be >= 0", "train.run_dir is empty"):
         assert problem in str(err.value)
+
+
+def test_loss_guard_spike_rule_and_counters():
+    from megaponder.train.guards import LossGuard, injected_nan_steps
+
+    g = LossGuard(spike_factor=2.0, spike_warmup=3)
+    for loss in (4.0, 4.2, 3.8):
+        assert g.local_flag([loss], 1.0) == 0  # warm-up: the rule is not armed yet
+        g.update([loss], skipped=False)
+    assert abs(g.running_mean() - 4.0) < 0.01  # bias-corrected EMA
+    assert g.local_flag([7.9], 1.0) == 0 and g.local_flag([8.1, 8.1], 1.0) == 1
+    assert g.local_flag([3.0], float("inf")) == 1 and g.local_flag([float("nan"), 3.0], 1.0) == 1
+    g.update([8.1], skipped=True)
+    g.update([9.0], skipped=True)
+    assert (g.skipped_total, g.skipped_in_row) == (2, 2)
+    restored = LossGuard(2.0, 3)
+    restored.load_state_dict(g.state_dict())  # what a checkpoint carries
+    assert restored.state_dict() == g.state_dict()
+    g.update([4.0], skipped=False)
+    assert (g.skipped_total, g.skipped_in_row) == (2, 0)
+    assert LossGuard().local_flag([1e9], 1.0) == 0  # off by default
+    os.environ["MEGAPONDER_FAULT_NAN"] = "1@3, 0@4,1@7"
+    try:
+        assert injected_nan_steps(1) == {3, 7} and injected_nan_steps(0) == {4}
+    finally:
+        del os.environ["MEGAPONDER_FAULT_NAN"]

@@ -143,10 +143,14 @@ class ParallelEngine:
                 sums[k] = sums.get(k, 0.0) + float(v) / gas
         if self.base_optimizer is not None:
             self.base_optimizer.skip_next = False
-        if not self.engine.was_step_applied() and self.engine.lr_scheduler is not None:
-            # DeepSpeed leaves the schedule where it was after a skipped step; megaponder keeps
-            # it a function of the step number (the skipped batch is consumed all the same)
-            self.engine.lr_scheduler.step()
+        if not self.engine.was_step_applied():
+            # DeepSpeed's ZeRO/bf16 optimizers skipped it themselves (non-finite reduced
+            # gradients; their check is global, so every rank agrees)
+            skip = True
+            if self.engine.lr_scheduler is not None:
+                # DeepSpeed leaves the schedule where it was after a skipped step; megaponder
+                # keeps it a function of the step number (the batch is consumed all the same)
+                self.engine.lr_scheduler.step()
         self.guard.update(losses, skip)
         self.step_count += 1
         stats = self._dp_mean(sums)
