@@ -340,17 +340,17 @@ class Trainer:
                     self.save()
                 if self.step != last_step and stop.should_stop():
                     return self._stop_early(stop.local_reason() or "a stop request on another rank", bar)
+            if bar is not None:
+                bar.close()
+            final_val = self.validate()
+            self.metrics.write({"step": self.step, "val_loss": final_val["loss"], "val_ppl": final_val["ppl"],
+                                "val_mean_iters": final_val["mean_iters"],
+                                "val_flops_ratio": final_val["flops_ratio"],
+                                "tokens": self.consumed_samples * self.cfg.data.seq_length,
+                                "time_s": round(time.time() - start, 3)})
+            self.save()  # a signal now is held until the final checkpoint is out (exit 0 anyway)
         finally:
             stop.close()
-        if bar is not None:
-            bar.close()
-        final_val = self.validate()
-        self.metrics.write({"step": self.step, "val_loss": final_val["loss"], "val_ppl": final_val["ppl"],
-                            "val_mean_iters": final_val["mean_iters"],
-                            "val_flops_ratio": final_val["flops_ratio"],
-                            "tokens": self.consumed_samples * self.cfg.data.seq_length,
-                            "time_s": round(time.time() - start, 3)})
-        self.save()
         self.metrics.close()
         summary = {"steps": self.step, "val_ppl": final_val["ppl"], "val_loss": final_val["loss"],
                    "mean_iters": final_val["mean_iters"], "flops_ratio": final_val["flops_ratio"],
