@@ -129,9 +129,9 @@ def test_reference_skips_the_poisoned_step_and_logs_to_wandb(reference):
 
 
 def test_sigterm_sigkill_and_resaves_reproduce_the_uninterrupted_losses(tmp_path, demo_data, reference):
-    """SIGTERM mid-run saves and exits 0; two SIGKILLs (one at a random moment, one inside
-    the re-save of an existing tag, where the old folder is moved aside) and a truncated newest
-    checkpoint later, the resumed runs still give the reference losses."""
+    """SIGTERM mid-run saves and exits 0; three SIGKILLs later (two at random moments, one
+    inside the re-save of an existing tag, where the old folder is moved aside) and a truncated
+    newest checkpoint, the resumed runs still give the reference losses."""
     run_dir, rng = tmp_path / "run", random.Random(0)
     slow = {**NAN_AT_3, "MEGAPONDER_FAULT_STEP_SLEEP": "0.15"}
     proc = start(run_dir, demo_data, env=slow)
@@ -143,21 +143,31 @@ def test_sigterm_sigkill_and_resaves_reproduce_the_uninterrupted_losses(tmp_path
     first_stop = ckpt.tag_step(open(run_dir / "checkpoints" / "latest").read().strip())
     assert 5 <= first_stop < STEPS
 
-    # a plain restart of a used run dir is refused; resume=auto continues
-    _, err = run(run_dir, demo_data, rc=2)
-    assert "already holds a run" in err and "Traceback" not in err
+    # resume=auto continues; SIGKILL at a random moment of the next steps (saves included)
     proc = start(run_dir, demo_data, "train.resume=auto", env=slow)
     wait_for_lines(proc, run_dir, first_stop + 1)
-    time.sleep(rng.uniform(0.0, 0.6))  # anywhere in the next steps, including a save
+    with pytest.raises(RunDirBusy, match=f"in use by pid {proc.pid} "):  # a second trainer
+        claim_run_dir(str(run_dir), str(run_dir / "checkpoints"), "auto", False)
+    time.sleep(rng.uniform(0.0, 0.6))
     proc.kill()
     proc.communicate()
 
-    # the newest checkpoint gets damaged: resume falls back to the previous complete one
+    # the newest checkpoint gets damaged: resume falls back to the previous complete one (with
+    # a warning naming the file); SIGKILL that run at a random moment too, then finish
     newest = ckpt.resume_candidates(str(run_dir / "checkpoints"))[0]
     with open(os.path.join(newest, "model.pt"), "r+b") as f:
         f.truncate(100)
-    out, _ = run(run_dir, demo_data, "train.resume=auto", env=NAN_AT_3)
+    proc = start(run_dir, demo_data, "train.resume=auto", env=slow)
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if "resumed from" in line:
+            break
     assert "cannot resume from" in out and "model.pt is damaged" in out, out[-2000:]
+    time.sleep(rng.uniform(0.2, 0.8))
+    proc.kill()
+    proc.communicate()
+    run(run_dir, demo_data, "train.resume=auto", env=NAN_AT_3)
 
     # resuming the finished run re-saves its tag: SIGKILL between moving the old one aside and
     # moving the new one in, then resume again
