@@ -438,3 +438,22 @@ def test_loss_guard_spike_rule_and_counters():
         assert injected_nan_steps(1) == {3, 7} and injected_nan_steps(0) == {4}
     finally:
         del os.environ["MEGAPONDER_FAULT_NAN"]
+
+
+def test_rng_state_round_trips_under_weights_only(tmp_path):
+    """The RNG file is plain tensors/values (weights_only loads it); files of older
+    megaponder versions (numpy's state tuple) still load, through numpy's array class only."""
+    import numpy as np
+
+    def draw():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    for legacy in (False, True):
+        state = ckpt.rng_state()
+        if legacy:
+            state = {**state, "numpy": np.random.get_state(), "python": random.getstate()}
+        path = tmp_path / f"rank0-{legacy}.pt"
+        torch.save(state, path)
+        expected = draw()
+        ckpt.set_rng_state(ckpt.load_rng_file(str(path)))
+        assert draw() == expected

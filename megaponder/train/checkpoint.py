@@ -96,13 +96,16 @@ def _write_atomic(path: str, text: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def safe_load(path: str, map_location: Any = "cpu", what: str = "checkpoint file") -> Any:
+def safe_load(path: str, map_location: Any = "cpu", what: str = "checkpoint file",
+              allow: tuple = ()) -> Any:
     """``torch.load(weights_only=True)`` with one-line errors naming the file: refuses pickled
-    code (anything but tensors and plain containers/numbers/strings) and damaged files."""
+    code (anything but tensors, plain containers/numbers/strings and the ``allow`` classes)
+    and damaged files."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} {path} is missing.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpoint(
             f"{what} {path} holds pickled objects other than tensors and plain values; "
@@ -132,14 +135,27 @@ def rng_state() -> dict:
     return state
 
 
+def legacy_rng_globals() -> tuple:
+    """RNG files written before megaponder stored them as plain values hold numpy's state
+    array: numpy's array reconstruction only (no object arrays: those need more globals)."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    return (np.dtype, np.ndarray, core.multiarray._reconstruct, type(np.dtype(np.uint32)))
+
+
+def load_rng_file(path: str) -> dict:
+    return safe_load(path, what="RNG state", allow=legacy_rng_globals())
+
+
 def set_rng_state(state: dict) -> None:
     from ..parallel.state import RNG
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    np.random.set_state(n)
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["state"]), p["gauss"])
+    random.setstate(p)
     if "tensor_parallel" in state:
         RNG.load_state_dict(state["tensor_parallel"])
     if "cuda" in state and torch.cuda.is_available():
@@ -250,7 +266,7 @@ def verify_checkpoint(folder: str, rank: int = 0, world_size: int = 1) -> Option
         from ..parallel.engine import deepspeed_safe_globals
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             for path in files[rank::world_size]:
-                safe_load(path)
+                load_rng_file(path) if os.path.basename(os.path.dirname(path)) == "rng" else safe_load(path)
     except UnsafeCheckpoint as err:
         return UNSAFE + str(err)
     except CheckpointError as err:

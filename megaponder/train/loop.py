@@ -149,6 +149,8 @@ class Trainer:
                 outcome = {"resumes": resumes, "notes": notes}
             except ConfigError as err:
                 outcome = {"error": err}
+            except OSError as err:  # unwritable or vanished run dir: same one line on every rank
+                outcome = {"error": ConfigError(f"train.run_dir={self.run_dir}: {err}")}
         box = [outcome]
         torch.distributed.broadcast_object_list(box, src=0)
         outcome = box[0]
@@ -230,7 +232,7 @@ class Trainer:
                 f"(weights only, fresh optimizer).")
         client = self.engine.load(folder)
         self.step, self.consumed_samples = client["step"], client["consumed_samples"]
-        state = ckpt.safe_load(os.path.join(folder, "rng", f"rank{self.rank}.pt"), what="RNG state")
+        state = ckpt.load_rng_file(os.path.join(folder, "rng", f"rank{self.rank}.pt"))
         ckpt.set_rng_state(state)
         if "loss_guard" in state:
             self.engine.guard.load_state_dict(state["loss_guard"])
