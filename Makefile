@@ -27,7 +27,7 @@ setup: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/python tools/prepare_demo_corpus.py --output-dir data/demo
-	$(BIN)/megaponder train --config examples/configs/quickstart.yml
+	$(BIN)/megaponder train --config examples/configs/quickstart.yml --set train.resume=auto
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)

@@ -62,6 +62,7 @@ def train(name: str, family: str, args, extra: list[str], run_dir: str = None) -
     run_dir = run_dir or os.path.join(args.out_dir, name)
     sets = [f"train.run_dir={run_dir}", f"train.steps={args.steps}", "train.eval_every=0",
             f"train.eval_batches={args.eval_batches}", "train.save_every=0", "train.progress_bar=false",
+            "train.overwrite=true",  # a re-run (without --skip-existing) trains afresh
             f"train.log_every={max(1, args.steps // 10)}"]
     if args.threads:
         sets.append(f"train.threads={args.threads}")

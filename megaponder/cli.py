@@ -132,9 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import run_reporting_user_errors
+    from .train.guards import TrainingDiverged
+
+    def command() -> int:
+        try:
+            return args.func(args)
+        except TrainingDiverged as err:  # too many skipped steps: not a crash, no traceback
+            print(f"megaponder: {err}", file=sys.stderr)
+            return 3
+        except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits 0)
+            print("megaponder: interrupted", file=sys.stderr)
+            return 130
 
     # a UserError (config, data, checkpoint) -> one line on stderr, exit 2; see errors.py
-    return run_reporting_user_errors(lambda: args.func(args), debug=args.debug)
+    return run_reporting_user_errors(command, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -129,9 +129,9 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         need(getattr(t, name) > 0, f"train.{name} must be positive (got {getattr(t, name)}).")
     need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
+    from ..train.guards import train_config_problems  # run-safety keys (train/guards.py)
+    problems.extend(train_config_problems(t))
     need(0 < o.lr < float("inf"), f"optim.lr must be a positive finite number (got {o.lr}).")
-    need(bool(t.run_dir.strip()), "train.run_dir is empty; give the run a directory (e.g. "
-         "train.run_dir=runs/my-run) instead of writing into the current one.")
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
     # parallel layout
     need(par.tp >= 1 and par.pp >= 1, "parallel.tp and parallel.pp must be >= 1.")

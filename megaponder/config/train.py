@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .base import param
 
@@ -34,7 +34,31 @@ class TrainConfig:
     eval_every: int = param(0, "Validation every N steps (0: only at the end).")
     eval_batches: int = param(20, "Validation micro-batches per rank per evaluation (with "
                               "data.valid_path: the first windows of the validation files).")
-    resume: bool = param(False, "Continue from checkpoints/latest in run_dir.")
+    resume: Union[bool, Literal["auto"]] = param(
+        False, "Continue from checkpoints/latest in run_dir (an error when there is none); "
+        "`auto`: continue when a checkpoint exists, else start from step 0 (for requeued jobs). "
+        "A damaged newest checkpoint falls back to the previous complete one with a warning.")
+    overwrite: bool = param(False, "Allow a start from step 0 on a run_dir that holds an "
+                            "earlier run (its checkpoints/ and metrics.jsonl are deleted); "
+                            "without it such a start is refused.")
+    keep_last: int = param(0, "Keep only the N newest checkpoints (0: keep all); the one "
+                           "`latest` names is never deleted.")
+    max_skipped_steps: int = param(10, "Stop the run (non-zero exit, no checkpoint) after this "
+                                   "many updates in a row were skipped for a NaN/Inf loss or "
+                                   "gradient norm or a loss spike.")
+    loss_spike_factor: float = param(0.0, "Skip an update whose loss exceeds this factor times "
+                                     "the running mean of earlier losses (0: off; e.g. 3).")
+    loss_spike_warmup: int = param(20, "Good steps before the loss spike rule applies.")
+    preempt_signal: Optional[str] = param(None, "An extra signal (e.g. SIGUSR1) that, like "
+                                          "SIGTERM and SIGINT, finishes the current step, "
+                                          "saves a checkpoint and exits 0.")
+    exit_after_minutes: float = param(0.0, "Save and exit 0 after this many minutes of "
+                                      "training (0: off), to end inside a job's time limit.")
+    wandb_project: Optional[str] = param(None, "Log the metrics.jsonl records to this Weights "
+                                         "& Biases project from rank 0 (offline with "
+                                         "WANDB_MODE=offline).")
+    wandb_run_name: Optional[str] = param(None, "W&B run name (default: the run_dir's name).")
+    wandb_entity: Optional[str] = param(None, "W&B entity (team or user); default: yours.")
     exit_at_step: Optional[int] = param(None, "Stop (after a checkpoint) once this step is reached, "
                                         "e.g. to fit a job's time limit; the schedule still spans "
                                         "train.steps and train.resume=true continues the run.")

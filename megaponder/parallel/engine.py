@@ -16,6 +16,7 @@ ZeRO 2/3 with pp>1 is refused at config time (megaponder.config.validate).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Iterable, Optional, Union
 
@@ -85,9 +86,15 @@ def split_micro_batches(batch: Union[Batch, list], n: int) -> list[Batch]:
 class ParallelEngine:
     """A DeepSpeed engine plus the topology; ``train_step`` is one optimizer step."""
 
-    def __init__(self, ds_engine, model, cfg, topo: Topology):
+    def __init__(self, ds_engine, model, cfg, topo: Topology, base_optimizer=None):
+        from ..train.guards import LossGuard, injected_nan_steps
+
         self.engine, self.model, self.cfg, self.topo = ds_engine, model, cfg, topo
         self.step_count = 0
+        self.base_optimizer = base_optimizer
+        t = cfg.train
+        self.guard = LossGuard(getattr(t, "loss_spike_factor", 0.0), getattr(t, "loss_spike_warmup", 20))
+        self._nan_steps = injected_nan_steps(topo.rank)
 
     @property
     def module(self):
@@ -100,7 +107,8 @@ class ParallelEngine:
         (``input_ids``, ``targets``, optional ``position_ids``/``attention_mask``/
         ``segment_ids``). Returns floats averaged over micro-batches and DP ranks:
         ``loss``, ``lm_loss``, every numeric entry of ``ModelOutput.stats``, plus
-        ``grad_norm`` and ``lr``."""
+        ``grad_norm``, ``lr`` and ``skipped`` (1.0 when the update was skipped on every rank
+        for a non-finite or spiking loss, see megaponder.train.guards)."""
         gas = self.cfg.train.grad_accum_steps
         micro = split_micro_batches(batch, gas)
         if hasattr(self.module, "set_step"):
@@ -110,29 +118,63 @@ class ParallelEngine:
         self.engine.train()
         sums: dict[str, float] = {}
         norm = None
+        losses: list[float] = []
+        skip = False
         for i, mb in enumerate(micro):
             # the data pipeline yields CPU tensors; the model lives on the engine's device
             mb = {k: v.to(self.engine.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                   for k, v in mb.items()}
             out = self.engine(**mb)
-            self.engine.backward(out.loss)
-            if i == gas - 1 and self.engine.zero_optimization_stage() == 0:
-                norm = self._plain_grad_norm()  # ZeRO-0 does not record the norm it clips with
+            loss, lm_loss = out.loss, out.lm_loss if out.lm_loss is not None else out.loss
+            if self.step_count + 1 in self._nan_steps:  # fault injection (tests only)
+                loss, lm_loss = loss * float("nan"), lm_loss * float("nan")
+            losses.append(float(loss.detach()))
+            self.engine.backward(loss)
+            if i == gas - 1:
+                if self.engine.zero_optimization_stage() == 0:
+                    norm = self._plain_grad_norm()  # ZeRO-0 does not record the norm it clips with
+                skip = self._decide_skip(losses, norm)
             self.engine.step()
-            vals = {"loss": out.loss.detach().float(), "lm_loss": out.lm_loss.detach().float()
-                    if out.lm_loss is not None else out.loss.detach().float()}
+            vals = {"loss": loss.detach().float(), "lm_loss": lm_loss.detach().float()}
             for k, v in (out.stats or {}).items():
                 if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
                     vals[k] = torch.as_tensor(v, dtype=torch.float32).detach()
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / gas
+        if self.base_optimizer is not None:
+            self.base_optimizer.skip_next = False
+        if not self.engine.was_step_applied():
+            # DeepSpeed's ZeRO/bf16 optimizers skipped it themselves (non-finite reduced
+            # gradients; their check is global, so every rank agrees)
+            skip = True
+            if self.engine.lr_scheduler is not None:
+                # DeepSpeed leaves the schedule where it was after a skipped step; megaponder
+                # keeps it a function of the step number (the batch is consumed all the same)
+                self.engine.lr_scheduler.step()
+        self.guard.update(losses, skip)
         self.step_count += 1
         stats = self._dp_mean(sums)
         if norm is None:
             norm = self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(norm) if norm is not None else float("nan")
         stats["lr"] = float(self.engine.get_lr()[0])
+        stats["skipped"] = float(skip)
         return stats
+
+    def _decide_skip(self, losses: list[float], grad_norm: Optional[float]) -> bool:
+        """One all-reduce: skip this update on every rank if any rank saw a non-finite loss
+        or gradient norm (or a loss spike). The base optimizer then leaves weights and state
+        alone; DeepSpeed's ZeRO/bf16 optimizers also skip non-finite reduced gradients."""
+        from ..train.guards import any_rank
+
+        skip = any_rank(self.guard.local_flag(losses, grad_norm))
+        if skip:
+            if self.base_optimizer is None or not hasattr(self.base_optimizer, "skip_next"):
+                raise RuntimeError("a non-finite or spiking loss needs the step skipped, but the "
+                                   "optimizer passed to build_engine cannot skip a step; use the "
+                                   "default (megaponder.train.guards.SkippableAdamW).")
+            self.base_optimizer.skip_next = True
+        return skip
 
     def _plain_grad_norm(self) -> float:
         from deepspeed.runtime.utils import clip_grad_norm_
@@ -178,11 +220,51 @@ class ParallelEngine:
 
     def load(self, ckpt_dir: str) -> dict:
         """Resume from :meth:`save` (same layout: tp, pp, dp, ZeRO stage). Returns the
-        client state."""
-        _, client = self.engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="state")
+        client state. DeepSpeed's files are read with ``weights_only=True`` (see
+        :func:`weights_only_loads`)."""
+        with weights_only_loads():
+            _, client = self.engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="state")
         client = client or {}
         self.step_count = int(client.get("megaponder_step", self.step_count))
         return client
+
+
+def deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoint files (ZeRO optimizer
+    states: the loss scaler, the stage enum; bf16: fragment addresses). Found by
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3, fp32 and bf16 states."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside runs with ``weights_only=True``, whatever its call site
+    asks for: DeepSpeed's checkpoint engine passes ``weights_only=False``, which would run any
+    code pickled into a shared run dir. TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides an explicit
+    argument (torch.serialization), and the allow-list admits DeepSpeed's own classes. A
+    refused or damaged file becomes a CheckpointError naming it."""
+    import pickle
+
+    from ..train.checkpoint import CheckpointError
+
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"a DeepSpeed state file holds pickled objects other than tensors "
+                              f"and DeepSpeed's own classes; refusing to load it (it could run "
+                              f"code): {str(err).splitlines()[0][:300]}") from None
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def build_engine(model: torch.nn.Module, cfg, topo: Topology,
@@ -192,11 +274,13 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
     no JIT op to build), ``LambdaLR(lr_lambda)`` if given, DS config from the Config."""
     import deepspeed
 
+    from ..train.guards import SkippableAdamW
+
     skip_cpu_shm_comm_op()
     o = cfg.optim
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
-                                      betas=(o.beta1, o.beta2), eps=o.eps)
+    if optimizer is None:  # AdamW that can skip a non-finite step (train/guards.py)
+        optimizer = SkippableAdamW(param_groups(model, o.weight_decay), lr=o.lr,
+                                   betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
                  if lr_lambda is not None else None)
     if cfg.parallel.zero_stage == 3:
@@ -206,7 +290,7 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
         config=deepspeed_config(cfg, topo), mpu=topo.mpu() if dist.is_initialized() else None)
     if ds_engine.zero_optimization_stage() == 3:
         register_zero3_external_parameters(model)
-    return ParallelEngine(ds_engine, model, cfg, topo)
+    return ParallelEngine(ds_engine, model, cfg, topo, base_optimizer=optimizer)
 
 
 class PonderEmbeddingOp(torch.nn.Module):

@@ -6,7 +6,6 @@ ZeRO, gradient accumulation, clipping and bf16 behave the same on a laptop and o
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Optional
@@ -17,6 +16,7 @@ from ..config import Config, ConfigError
 from ..data.schedule import global_batch_size
 from ..models import build_model
 from . import checkpoint as ckpt
+from .guards import StopRequest, TrainingDiverged, any_rank, fault_step_sleep
 from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
 from .schedule import lr_multiplier
@@ -43,7 +43,7 @@ class Trainer:
         check_data_fits(cfg, log=lambda msg: _log0(self.rank, msg))
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
-        os.makedirs(self.ckpt_root, exist_ok=True)
+        self.lock, self.resumes = self._claim_run_dir()
 
         # Every rank builds the same full model from the same seed; parallelize() then keeps
         # its shard. Only afterwards do the ranks get their own streams (per pipeline stage,
@@ -66,12 +66,15 @@ class Trainer:
         self.model = self.engine.module
 
         self.step, self.consumed_samples = 0, 0
-        if cfg.train.resume:
+        if self.resumes:
             self._resume()
         if self.rank == 0:
             with open(os.path.join(self.run_dir, "config.yml"), "w") as f:
                 f.write(cfg.to_yaml())
-        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.train.tensorboard, self.step)
+        t = cfg.train
+        wandb = (dict(project=t.wandb_project, name=t.wandb_run_name, entity=t.wandb_entity,
+                      config=cfg.to_dict()) if t.wandb_project else None)
+        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, t.tensorboard, self.step, wandb)
         self._build_data()
 
     # -- data -----------------------------------------------------------------------------
@@ -136,6 +139,36 @@ class Trainer:
         return batch
 
     # -- checkpoints ----------------------------------------------------------------------
+    def _claim_run_dir(self):
+        """Rank 0 locks the run dir and decides fresh start / resume (runlock.py); every rank
+        gets the same decision or the same one-line error."""
+        from .runlock import claim_run_dir
+
+        lock, outcome = None, None
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            try:
+                lock, resumes, notes = claim_run_dir(self.run_dir, self.ckpt_root,
+                                                     self.cfg.train.resume, self.cfg.train.overwrite)
+                outcome = {"resumes": resumes, "notes": notes}
+            except ConfigError as err:
+                outcome = {"error": err}
+            except OSError as err:  # unwritable or vanished run dir: same one line on every rank
+                outcome = {"error": ConfigError(f"train.run_dir={self.run_dir}: {err}")}
+        box = [outcome]
+        torch.distributed.broadcast_object_list(box, src=0)
+        outcome = box[0]
+        if "error" in outcome:
+            raise outcome["error"]
+        for note in outcome["notes"]:
+            _log0(self.rank, note)
+        return lock, outcome["resumes"]
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def _load_init_weights(self, model, path: str) -> None:
         folder = ckpt.resolve_checkpoint(path)
         src, dst = ckpt.read_checkpoint_config(folder).model, self.cfg.model
@@ -150,7 +183,7 @@ class Trainer:
             raise ConfigError(f"train.init_checkpoint {folder} has a different backbone shape:\n  - "
                               + "\n  - ".join(diffs)
                               + "\nSet the run's model section to the checkpoint's (its config.yml).")
-        state = torch.load(os.path.join(folder, ckpt.MODEL_FILE), map_location="cpu", weights_only=True)
+        state = ckpt.safe_load(os.path.join(folder, ckpt.MODEL_FILE), what="train.init_checkpoint weights")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise RuntimeError(f"train.init_checkpoint {folder}: unexpected tensors {unexpected[:5]}")
@@ -162,7 +195,12 @@ class Trainer:
               + (f" ({len(missing)} new {self.cfg.model.family} tensors)" if missing else ""))
 
     def save(self) -> None:
-        """Collective. Every rank writes into a staging folder; rank 0 publishes it."""
+        """Collective. Every rank writes into a staging folder; rank 0 publishes it (never
+        non-finite weights: ``latest`` stays on the last good checkpoint)."""
+        if any_rank(not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())):
+            raise TrainingDiverged(f"step {self.step}: the weights hold NaN/Inf; not saving, "
+                                   f"checkpoints/latest stays on the last good checkpoint. Lower "
+                                   f"optim.lr or raise optim.warmup_steps and resume from it.")
         tag = ckpt.tag_for_step(self.step)
         stage = ckpt.staging_dir(self.ckpt_root, tag)
         if self.rank == 0:
@@ -170,7 +208,8 @@ class Trainer:
         torch.distributed.barrier()
         self.engine.save(stage, client_state={"step": self.step,
                                               "consumed_samples": self.consumed_samples})
-        torch.save(ckpt.rng_state(), os.path.join(stage, "rng", f"rank{self.rank}.pt"))
+        torch.save({**ckpt.rng_state(), "loss_guard": self.engine.guard.state_dict()},
+                   os.path.join(stage, "rng", f"rank{self.rank}.pt"))
         if self.rank == 0:
             meta = {"step": self.step, "consumed_samples": self.consumed_samples,
                     "tokens": self.consumed_samples * self.cfg.data.seq_length,
@@ -180,15 +219,13 @@ class Trainer:
         torch.distributed.barrier()
         if self.rank == 0:
             ckpt.publish(self.ckpt_root, tag)
+            for old in ckpt.prune(self.ckpt_root, self.cfg.train.keep_last):
+                _log0(self.rank, f"train.keep_last={self.cfg.train.keep_last}: deleted {old}")
         torch.distributed.barrier()
+        self.saved_step = self.step
 
     def _resume(self) -> None:
-        tag = ckpt.latest_tag(self.ckpt_root)
-        if tag is None:
-            _log0(self.rank, f"train.resume=true but {self.ckpt_root} has no complete checkpoint; "
-                             f"starting from step 0")
-            return
-        folder = os.path.join(self.ckpt_root, tag)
+        folder = self._resumable_checkpoint()
         meta = ckpt.read_meta(folder)
         layout = (meta.get("tp"), meta.get("pp"), meta.get("dp"))
         if layout != (self.topo.tp, self.topo.pp, self.topo.dp):
@@ -199,16 +236,68 @@ class Trainer:
                 f"(weights only, fresh optimizer).")
         client = self.engine.load(folder)
         self.step, self.consumed_samples = client["step"], client["consumed_samples"]
-        rng_file = os.path.join(folder, "rng", f"rank{self.rank}.pt")
-        if os.path.exists(rng_file):
-            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        state = ckpt.load_rng_file(os.path.join(folder, "rng", f"rank{self.rank}.pt"))
+        ckpt.set_rng_state(state)
+        if "loss_guard" in state:
+            self.engine.guard.load_state_dict(state["loss_guard"])
+        self.saved_step = self.step
         _log0(self.rank, f"resumed from {folder} at step {self.step}")
 
+    def _resumable_checkpoint(self) -> str:
+        """The newest checkpoint every rank can read; a damaged newer one is skipped with a
+        warning (each rank reads a share of the files, one all-reduce per candidate)."""
+        candidates = ckpt.resume_candidates(self.ckpt_root)
+        for folder in candidates:
+            problem = ckpt.verify_checkpoint(folder, self.rank, self.topo.world_size)
+            unsafe = problem is not None and problem.startswith(ckpt.UNSAFE)
+            if unsafe:
+                problem = problem[len(ckpt.UNSAFE):]
+            if any_rank(unsafe):  # every rank stops, with the file if it found it
+                raise ckpt.UnsafeCheckpoint(problem or f"another rank found an unsafe file in "
+                                                       f"{folder}; refusing to resume from it.")
+            if problem is not None:
+                print(f"[megaponder] warning: rank {self.rank}: cannot resume from {folder}: "
+                      f"{problem}", flush=True)
+            if not any_rank(problem is not None):
+                if folder != candidates[0]:
+                    _log0(self.rank, f"warning: resuming from the older checkpoint {folder}")
+                return folder
+        raise ckpt.CheckpointError(f"no checkpoint in {self.ckpt_root} can be resumed from (all "
+                                   f"{len(candidates)} damaged, see the warnings above); restore "
+                                   f"one or start over with train.overwrite=true.")
+
     # -- the loop -------------------------------------------------------------------------
+    def _check_skipped(self, skipped: float) -> None:
+        g, limit = self.engine.guard, self.cfg.train.max_skipped_steps
+        if skipped:
+            _log0(self.rank, f"warning: step {self.step}: non-finite or spiking loss/grad norm on "
+                             f"some rank; update skipped ({g.skipped_in_row} in a row, "
+                             f"{g.skipped_total} in all)")
+        if g.skipped_in_row >= limit:
+            raise TrainingDiverged(
+                f"stopping at step {self.step}: {g.skipped_in_row} updates in a row were skipped "
+                f"for NaN/Inf or spiking losses (train.max_skipped_steps={limit}); "
+                f"checkpoints/latest stays on the last good checkpoint. Lower optim.lr, raise "
+                f"optim.warmup_steps or check the data, then resume.")
+
+    def _stop_early(self, reason: str, bar) -> dict:
+        """After a stop request: save (unless this step is saved), tell how to continue."""
+        if bar is not None:
+            bar.close()
+        if getattr(self, "saved_step", None) != self.step:
+            self.save()
+        self.metrics.close()
+        folder = os.path.join(self.ckpt_root, ckpt.tag_for_step(self.step))
+        _log0(self.rank, f"{reason}: stopped after step {self.step} of {self.cfg.train.steps}; "
+                         f"saved {folder}. Continue with the same command plus "
+                         f"--set train.resume=auto")
+        return {"steps": self.step, "stopped": reason, "checkpoint": folder}
+
     def train_step(self) -> dict:
         micro_batches = [model_inputs(next(self.train_iter))
                          for _ in range(self.cfg.train.grad_accum_steps)]
         self.engine.step_count = self.step  # drives set_step (halting warm-up, seeded draws)
+        fault_step_sleep()  # no-op unless a crash test asks for it
         return self.engine.train_step(micro_batches)
 
     def validate(self) -> dict:
@@ -227,40 +316,49 @@ class Trainer:
                          f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
         start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
         last_step = min(t.steps, t.exit_at_step or t.steps)
-        while self.step < last_step:
-            stats = self.train_step()
-            self.step += 1
-            self.consumed_samples += self.global_batch
-            tokens = self.consumed_samples * self.cfg.data.seq_length
-            elapsed = time.time() - start
-            if self.step % t.log_every == 0 or self.step == last_step:
-                total_loss = stats.pop("loss")
-                record = {"step": self.step, "loss": stats.pop("lm_loss"), "total_loss": total_loss,
-                          "lr": stats.pop("lr"), "tokens": tokens, "time_s": round(elapsed, 3),
-                          "tokens_per_s": round((tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
-                          "grad_norm": _maybe_float(stats.pop("grad_norm")), **stats}
-                if t.eval_every and self.step % t.eval_every == 0 and self.step != last_step:
-                    val = self.validate()
-                    record.update({"val_loss": val["loss"], "val_ppl": val["ppl"]})
-                self.metrics.write(record)
+        stop = StopRequest(t.preempt_signal, t.exit_after_minutes)  # SIGTERM etc. (guards.py)
+        try:
+            while self.step < last_step:
+                stats = self.train_step()
+                self.step += 1
+                self.consumed_samples += self.global_batch
+                skipped = stats.pop("skipped")
+                tokens = self.consumed_samples * self.cfg.data.seq_length
+                elapsed = time.time() - start
+                if self.step % t.log_every == 0 or self.step == last_step:
+                    total_loss = stats.pop("loss")
+                    record = {"step": self.step, "loss": stats.pop("lm_loss"), "total_loss": total_loss,
+                              "lr": stats.pop("lr"), "tokens": tokens, "time_s": round(elapsed, 3),
+                              "tokens_per_s": round((tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
+                              "grad_norm": _maybe_float(stats.pop("grad_norm")),
+                              "skipped_steps": self.engine.guard.skipped_total, **stats}
+                    if t.eval_every and self.step % t.eval_every == 0 and self.step != last_step:
+                        val = self.validate()
+                        record.update({"val_loss": val["loss"], "val_ppl": val["ppl"]})
+                    self.metrics.write(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                    else:  # batch jobs (progress_bar=false): one plain line per logged step
+                        _log0(self.rank, _log_line(record, t.steps))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
-                else:  # batch jobs (progress_bar=false): one plain line per logged step
-                    _log0(self.rank, _log_line(record, t.steps))
+                    bar.update(1)
+                self._check_skipped(skipped)
+                if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
+                    self.save()
+                if self.step != last_step and stop.should_stop():
+                    return self._stop_early(stop.local_reason() or "a stop request on another rank", bar)
             if bar is not None:
-                bar.update(1)
-            if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
-                self.save()
-        if bar is not None:
-            bar.close()
-        final_val = self.validate()
-        self.metrics.write({"step": self.step, "val_loss": final_val["loss"], "val_ppl": final_val["ppl"],
-                            "val_mean_iters": final_val["mean_iters"],
-                            "val_flops_ratio": final_val["flops_ratio"],
-                            "tokens": self.consumed_samples * self.cfg.data.seq_length,
-                            "time_s": round(time.time() - start, 3)})
-        self.save()
+                bar.close()
+            final_val = self.validate()
+            self.metrics.write({"step": self.step, "val_loss": final_val["loss"], "val_ppl": final_val["ppl"],
+                                "val_mean_iters": final_val["mean_iters"],
+                                "val_flops_ratio": final_val["flops_ratio"],
+                                "tokens": self.consumed_samples * self.cfg.data.seq_length,
+                                "time_s": round(time.time() - start, 3)})
+            self.save()  # a signal now is held until the final checkpoint is out (exit 0 anyway)
+        finally:
+            stop.close()
         self.metrics.close()
         summary = {"steps": self.step, "val_ppl": final_val["ppl"], "val_loss": final_val["loss"],
                    "mean_iters": final_val["mean_iters"], "flops_ratio": final_val["flops_ratio"],
@@ -296,10 +394,8 @@ def _log_line(record: dict, total_steps: int) -> str:
 
 
 def _maybe_float(value) -> Optional[float]:
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
+    # NaN stays NaN (Python's json writes it as NaN): a null would hide a diverging run
+    return None if value is None else float(value)
 
 
 def _unigram_baseline(cfg: Config) -> Optional[float]:
@@ -316,9 +412,19 @@ def _unigram_baseline(cfg: Config) -> Optional[float]:
 
 
 def train(cfg: Config) -> dict:
-    trainer = Trainer(cfg)
+    trainer = None
     try:
-        return trainer.run()
-    finally:
+        trainer = Trainer(cfg)
+        summary = trainer.run()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+        return summary
+    except BaseException:
+        # an error exit with a live gloo group can abort at interpreter shutdown ("terminate
+        # called without an active exception", rc 134) instead of the CLI's one line and code
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()  # the run-dir lock; the kernel also drops it if we are killed
