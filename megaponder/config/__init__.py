@@ -124,6 +124,10 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     # training loop
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         need(getattr(t, name) > 0, f"train.{name} must be positive (got {getattr(t, name)}).")
+    if t.global_batch_size is not None:
+        need(t.global_batch_size > 0 and t.global_batch_size % max(t.micro_batch_size, 1) == 0,
+             f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
+             f"train.micro_batch_size={t.micro_batch_size}.")
     need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
     need(o.lr > 0, f"optim.lr must be positive (got {o.lr}).")
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
@@ -171,6 +175,11 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "
              f"multiple of {par.tp * par.pp} processes or change parallel.tp/pp.")
+        if t.global_batch_size and world_size % (par.tp * par.pp) == 0 and t.micro_batch_size > 0:
+            from ..data.schedule import batch_mismatch_message
+            dp = world_size // (par.tp * par.pp)
+            need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                 batch_mismatch_message(t.global_batch_size, t.micro_batch_size, dp))
     if check_paths:
         prefixes = _data_prefixes(d.path) + _data_prefixes(d.valid_path)
         for prefix in prefixes:

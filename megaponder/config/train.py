@@ -26,7 +26,15 @@ class TrainConfig:
     steps: int = param(100, "Number of optimizer steps.")
     seed: int = param(1234, "The one seed that makes a run reproducible.")
     micro_batch_size: int = param(8, "Sequences per micro-batch per data-parallel rank.")
-    grad_accum_steps: int = param(1, "Micro-batches accumulated per optimizer step.")
+    grad_accum_steps: int = param(1, "Micro-batches accumulated per optimizer step (derived "
+                                  "when train.global_batch_size is set).")
+    global_batch_size: Optional[int] = param(None, "Sequences per optimizer step over all "
+                                             "data-parallel ranks (Megatron's convention: "
+                                             "micro_batch_size x dp x grad_accum_steps). When set, "
+                                             "grad_accum_steps is derived from the world size, so "
+                                             "the config means the same batch on any number of "
+                                             "ranks (and a run resumes on another layout); it must "
+                                             "be a multiple of micro_batch_size x dp.")
     precision: Literal["fp32", "bf16"] = param("fp32", "Training precision (fp16 is not "
                                                 "supported: DeepSpeed refuses it on CPU).")
     log_every: int = param(10, "Write a metrics.jsonl line every N steps.")

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..config import Config, ConfigError
-from ..data.schedule import global_batch_size
+from ..data.schedule import global_batch_size, grad_accum_for
 from ..models import build_model
 from . import checkpoint as ckpt
 from .evaluate import evaluate, model_inputs, sequential_batches
@@ -35,6 +35,8 @@ class Trainer:
         self.topo = topology_from_config(cfg)  # validate(world_size) + process groups
         self.rank = self.topo.rank
         self.dp_size, self.dp_rank = self.topo.dp, self.topo.dp_rank
+        # train.global_batch_size fixes the batch; the accumulation follows the world size
+        cfg.train.grad_accum_steps = grad_accum_for(cfg.train, self.dp_size)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = cfg.train.run_dir
