@@ -31,14 +31,14 @@ def megaponder(*args, check=True):
     return proc
 
 
-def train(run_dir, data, *extra):
+def train(run_dir, data, *extra, check=True):
     sets = TINY + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
                    f"data.valid_path=[{data}/validation_text_document]",
                    f"data.tokenizer_model={data}/tokenizer.model", *extra]
     args = ["train", "--config", os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml")]
     for s in sets:
         args += ["--set", s]
-    return megaponder(*args)
+    return megaponder(*args, check=check)
 
 
 def losses(run_dir):

@@ -43,6 +43,11 @@ class TrainConfig:
     eval_batches: int = param(20, "Validation micro-batches per rank per evaluation (with "
                               "data.valid_path: the first windows of the validation files).")
     resume: bool = param(False, "Continue from checkpoints/latest in run_dir.")
+    save_universal: bool = param(True, "Also write a layout-free copy of the training state "
+                                 "into every checkpoint (universal/: full fp32 weight and Adam "
+                                 "moments per parameter), so train.resume works on another "
+                                 "(tp, pp, dp, ZeRO stage); costs about 3x the fp32 model size "
+                                 "of disk per checkpoint.")
     exit_at_step: Optional[int] = param(None, "Stop (after a checkpoint) once this step is reached, "
                                         "e.g. to fit a job's time limit; the schedule still spans "
                                         "train.steps and train.resume=true continues the run.")

@@ -17,6 +17,7 @@ from ..config import Config, ConfigError
 from ..data.schedule import global_batch_size, grad_accum_for
 from ..models import build_model
 from . import checkpoint as ckpt
+from . import reshard
 from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
 from .schedule import lr_multiplier
@@ -169,11 +170,14 @@ class Trainer:
         self.engine.save(stage, client_state={"step": self.step,
                                               "consumed_samples": self.consumed_samples})
         torch.save(ckpt.rng_state(), os.path.join(stage, "rng", f"rank{self.rank}.pt"))
+        if self.cfg.train.save_universal:  # layout-free state: resume on another layout
+            reshard.save_universal(self.engine, stage)
         if self.rank == 0:
             meta = {"step": self.step, "consumed_samples": self.consumed_samples,
                     "tokens": self.consumed_samples * self.cfg.data.seq_length,
                     "family": self.cfg.model.family, "tp": self.topo.tp, "pp": self.topo.pp,
-                    "dp": self.topo.dp}
+                    "dp": self.topo.dp, "zero_stage": self.cfg.parallel.zero_stage,
+                    "global_batch": self.global_batch}
             ckpt.write_model_files(stage, self.cfg, None, meta, self.cfg.data.tokenizer_model)
         torch.distributed.barrier()
         if self.rank == 0:
@@ -188,13 +192,14 @@ class Trainer:
             return
         folder = os.path.join(self.ckpt_root, tag)
         meta = ckpt.read_meta(folder)
-        layout = (meta.get("tp"), meta.get("pp"), meta.get("dp"))
-        if layout != (self.topo.tp, self.topo.pp, self.topo.dp):
-            raise RuntimeError(
-                f"{folder} was saved with tp,pp,dp={layout} but this job runs "
-                f"{(self.topo.tp, self.topo.pp, self.topo.dp)}. Exact resume needs the same layout; "
-                f"to change it, start a new run with --set train.init_checkpoint={folder} "
-                f"(weights only, fresh optimizer).")
+        reshard.check_global_batch(folder, meta, self.global_batch)
+        here = (self.topo.tp, self.topo.pp, self.topo.dp, self.cfg.parallel.zero_stage)
+        layout = (meta.get("tp"), meta.get("pp"), meta.get("dp"), meta.get("zero_stage", here[3]))
+        if layout != here:
+            reshard.resume_on_new_layout(self, folder, meta)
+            _log0(self.rank, f"resumed from {folder} at step {self.step} on a new layout: "
+                             f"tp,pp,dp,zero {layout} -> {here} (RNG streams re-seeded)")
+            return
         client = self.engine.load(folder)
         self.step, self.consumed_samples = client["step"], client["consumed_samples"]
         rng_file = os.path.join(folder, "rng", f"rank{self.rank}.pt")
