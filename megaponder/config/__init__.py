@@ -128,6 +128,15 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(t.global_batch_size > 0 and t.global_batch_size % max(t.micro_batch_size, 1) == 0,
              f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
              f"train.micro_batch_size={t.micro_batch_size}.")
+    for i, phase in enumerate(t.phases):
+        last = i == len(t.phases) - 1
+        need(phase.tokens is None and last or phase.tokens is not None and phase.tokens > 0,
+             f"train.phases[{i}].tokens must be a positive token count"
+             + ("" if last else " (only the last phase may leave it null: until train.steps)") + ".")
+        need(phase.lr is None or phase.lr > 0, f"train.phases[{i}].lr must be positive (or null).")
+    need(not (t.phases and p.freeze_backbone),
+         "ponder.freeze_backbone=true and train.phases both freeze the backbone; with phases set "
+         "train.phases[i].freeze_backbone per phase and ponder.freeze_backbone=false.")
     need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
     need(o.lr > 0, f"optim.lr must be positive (got {o.lr}).")
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")

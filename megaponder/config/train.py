@@ -21,6 +21,22 @@ class OptimConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One phase of ``train.phases`` (e.g. AdaPonderLM's gate-only phase, then joint training)."""
+
+    tokens: Optional[float] = param(None, "Length of the phase in training tokens (e.g. 1e9, the "
+                                    "AdaPonderLM paper's gate phase), rounded up to whole "
+                                    "optimizer steps of global batch x seq_length; null (last "
+                                    "phase only): until train.steps.")
+    freeze_backbone: bool = param(False, "Train only the family's own parameters (gates, routers, "
+                                  "pause embedding) in this phase: the backbone's gradients are "
+                                  "zeroed and its learning rate is 0, so AdamW (weight decay "
+                                  "included) leaves it bit-identical.")
+    lr: Optional[float] = param(None, "Peak learning rate in this phase (the run's warm-up/cosine "
+                                "multiplier still applies); null: optim.lr.")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = param("runs/default", "Run directory: config.yml, metrics.jsonl, checkpoints/.")
     steps: int = param(100, "Number of optimizer steps.")
@@ -43,6 +59,10 @@ class TrainConfig:
     eval_batches: int = param(20, "Validation micro-batches per rank per evaluation (with "
                               "data.valid_path: the first windows of the validation files).")
     resume: bool = param(False, "Continue from checkpoints/latest in run_dir.")
+    phases: list[PhaseConfig] = param(None, "Phase schedule of one run, in order, e.g. "
+                                      "[{tokens: 1.0e9, freeze_backbone: true}, {tokens: null}] "
+                                      "(continued pretraining: gate-only, then joint). Empty: one "
+                                      "phase (ponder.freeze_backbone applies).", factory=list)
     save_universal: bool = param(True, "Also write a layout-free copy of the training state "
                                  "into every checkpoint (universal/: full fp32 weight and Adam "
                                  "moments per parameter), so train.resume works on another "

@@ -18,6 +18,7 @@ from ..data.schedule import global_batch_size, grad_accum_for
 from ..models import build_model
 from . import checkpoint as ckpt
 from . import reshard
+from .phases import PhaseSchedule
 from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
 from .schedule import lr_multiplier
@@ -63,6 +64,8 @@ class Trainer:
         self.engine = build_engine(model, cfg, self.topo,
                                    lr_lambda=lambda step: lr_multiplier(step, cfg.train.steps, cfg.optim))
         self.model = self.engine.module
+        self.phases = (PhaseSchedule(cfg, self.engine, self.global_batch * cfg.data.seq_length)
+                       if cfg.train.phases else None)
 
         self.step, self.consumed_samples = 0, 0
         if cfg.train.resume:
@@ -212,7 +215,11 @@ class Trainer:
         micro_batches = [model_inputs(next(self.train_iter))
                          for _ in range(self.cfg.train.grad_accum_steps)]
         self.engine.step_count = self.step  # drives set_step (halting warm-up, seeded draws)
-        return self.engine.train_step(micro_batches)
+        phase = self.phases.apply(self.step) if self.phases is not None else None
+        stats = self.engine.train_step(micro_batches)
+        if phase is not None:
+            stats["phase"] = phase
+        return stats
 
     def validate(self) -> dict:
         return evaluate(self.model, self._valid_batches(), group=self.topo.dp_group)
