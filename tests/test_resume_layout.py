@@ -1,6 +1,6 @@
 """Resume on another parallel layout (tp, pp, dp, ZeRO stage) and train.global_batch_size:
-a run saved under 2 processes continues in 1 process with the losses of the uninterrupted
-run, through the real CLI (DeepSpeed engine, gloo, demo corpus)."""
+a run continues through a chain of layouts (tp=2 -> pp=2 -> dp=2 -> 1 process) with the
+losses of the uninterrupted run, through the real CLI (DeepSpeed engine, gloo, demo corpus)."""
 import json
 import os
 
@@ -11,7 +11,7 @@ from test_train import demo_data, losses, train, train_distributed  # noqa: F401
 # rotary_pct=1: see test_train.test_cli_parallel_layouts_match_single_process (Adam turns the
 # rounding noise of exactly-zero gradients into sign-dependent steps under partial rotary).
 # global batch 4 on every layout: 1 process x 2 micro-batches of 2, or 2 data-parallel ranks x 1.
-COMMON = ("train.steps=6", "model.rotary_pct=1.0", "train.micro_batch_size=2",
+COMMON = ("train.steps=8", "model.rotary_pct=1.0", "train.micro_batch_size=2",
           "train.global_batch_size=4")
 
 
@@ -22,43 +22,44 @@ def straight(tmp_path_factory, demo_data):  # noqa: F811
     return run
 
 
-@pytest.mark.parametrize("layout", [
-    ("parallel.tp=2",),
-    ("parallel.pp=2", "parallel.zero_stage=1"),
-    ("parallel.zero_stage=2",),          # dp=2
-], ids=["tp2", "pp2-zero1", "dp2-zero2"])
-def test_saved_on_two_processes_resumes_on_one(tmp_path, demo_data, straight, layout):  # noqa: F811
-    straight = losses(straight)
-    """Steps 1-3 under 2 processes, then 4-6 in 1 process from the step-3 checkpoint: equal to
-    the uninterrupted 1-process run within 1e-4 (the 2-process part differs from it by
-    all-reduce summation order only, 1e-5 relative in test_train; the resumed part inherits that
-    and adds nothing: weights and Adam moments are copied exactly)."""
+def test_resume_chain_across_layouts_matches_the_uninterrupted_run(tmp_path, demo_data, straight):  # noqa: F811
+    """Steps 1-2 at tp=2 (ZeRO-0), 3-4 at pp=2 (ZeRO-1), 5-6 at dp=2 (ZeRO-2), 7-8 in one
+    process, each segment resumed from the previous one's checkpoint: every save layout
+    (tp, pp, dp x ZeRO 0/1/2) and every load path (ZeRO-1/2 flat partitions, ZeRO-0 torch
+    state). Losses equal the uninterrupted single-process run within 1e-4: the two-process
+    steps differ from it by all-reduce summation order (1e-5 relative in test_train); a
+    layout change adds nothing (weights and Adam moments are copied exactly)."""
     run = tmp_path / "run"
-    train_distributed(run, demo_data, 2, *COMMON, "train.exit_at_step=3", *layout)
-    meta = json.load(open(run / "checkpoints" / "global_step3" / "meta.json"))
-    assert meta["global_batch"] == 4 and (meta["tp"], meta["pp"], meta["dp"]) != (1, 1, 1)
+    segments = [("parallel.tp=2",), ("parallel.pp=2", "parallel.zero_stage=1"),
+                ("parallel.zero_stage=2",)]
+    for i, layout in enumerate(segments):
+        resume = ("train.resume=true",) if i else ()
+        out = train_distributed(run, demo_data, 2, *COMMON, f"train.exit_at_step={2 * i + 2}",
+                                *layout, *resume)
+        if i:
+            assert "on a new layout" in out.stdout + out.stderr
+        meta = json.load(open(run / "checkpoints" / f"global_step{2 * i + 2}" / "meta.json"))
+        assert meta["global_batch"] == 4 and meta["step"] == 2 * i + 2
     proc = train(run, demo_data, *COMMON, "train.resume=true")
     assert "on a new layout" in proc.stdout + proc.stderr
-    got = losses(run)
-    assert sorted(got) == list(range(1, 7))
-    for step in range(1, 7):
-        assert abs(got[step] - straight[step]) <= 1e-4, (step, got[step], straight[step])
-    assert straight[6] < straight[1]
+    want, got = losses(straight), losses(run)
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    for step in want:
+        assert abs(got[step] - want[step]) <= 1e-4, (step, got[step], want[step])
+    assert want[8] < want[1]
 
 
-def test_resume_with_another_global_batch_fails_with_one_line(tmp_path, demo_data, straight):  # noqa: F811
+def test_resume_with_another_global_batch_is_refused_in_one_line():
     """The data position is a count of samples: another global batch would continue another
-    run. One clear line, exit 2, the saved checkpoint untouched."""
-    import shutil
-    run = tmp_path / "run"
-    shutil.copytree(straight, run)
-    before = sorted(os.listdir(run / "checkpoints"))
-    proc = train(run, demo_data, "train.steps=8", "model.rotary_pct=1.0", "train.micro_batch_size=2",
-                 "train.global_batch_size=2", "train.resume=true", check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "global batch of 4" in proc.stderr and "train.global_batch_size=4" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert sorted(os.listdir(run / "checkpoints")) == before
+    run (a ConfigError: the command line prints it as one line, exit 2)."""
+    from megaponder.config import ConfigError
+    from megaponder.train.reshard import check_global_batch
+
+    check_global_batch("ckpt", {"global_batch": 4}, 4)
+    with pytest.raises(ConfigError) as err:
+        check_global_batch("runs/x/checkpoints/global_step3", {"global_batch": 4}, 2)
+    msg = str(err.value)
+    assert "\n" not in msg and "global batch of 4" in msg and "train.global_batch_size=4" in msg
 
 
 def test_layout_that_cannot_hold_the_model_is_refused():

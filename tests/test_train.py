@@ -101,6 +101,7 @@ def train_distributed(run_dir, data, nproc, *extra):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def _free_port():
