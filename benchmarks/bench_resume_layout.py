@@ -48,6 +48,8 @@ def run(run_dir, data, nproc, *sets):
 
 CASES = [  # name, saved layout (nproc, sets), resumed layout (nproc, sets)
     ("dp=2 ZeRO-3 -> 1 process ZeRO-0", (2, ["parallel.zero_stage=3"]), (1, [])),
+    ("1 process ZeRO-0 -> dp=2 ZeRO-3", (1, []), (2, ["parallel.zero_stage=3"])),
+    ("dp=2 ZeRO-2 -> 1 process ZeRO-3", (2, ["parallel.zero_stage=2"]), (1, ["parallel.zero_stage=3"])),
     ("bf16 ZeRO-1 -> bf16 ZeRO-2", (1, ["train.precision=bf16", "parallel.zero_stage=1"]),
      (1, ["train.precision=bf16", "parallel.zero_stage=2"])),
 ]

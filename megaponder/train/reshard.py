@@ -10,11 +10,13 @@ holding the full fp32 master weight and Adam's two moments::
     universal/zero/<param name>/exp_avg.pt
     universal/zero/<param name>/exp_avg_sq.pt
 
-This is the per-parameter layout of DeepSpeed's universal checkpoint (``ds_to_universal``),
-written directly at save time instead of by an offline conversion, because DeepSpeed's
-converter only understands Megatron-DeepSpeed's TP naming and ZeRO >= 1 checkpoints, while
-megaponder's tensor/pipeline parallelism is its own (megaponder/parallel/parallelize.py knows
-how every local shard maps to its full parameter) and ZeRO-0 is a common choice here.
+The layout is modeled on DeepSpeed's universal checkpoint (``ds_to_universal``: one folder
+of full fp32/exp_avg/exp_avg_sq tensors per parameter), but written directly at save time
+instead of by the offline conversion: that conversion needs the model to describe its
+TP-sharded parameters the Megatron-DeepSpeed way (``universal_checkpoint_info``) and reads
+ZeRO >= 1 checkpoints, while megaponder's tensor/pipeline parallelism is its own
+(megaponder/parallel/parallelize.py knows how every local shard maps to its full parameter)
+and ZeRO-0 is a common choice here.
 torch.distributed.checkpoint would need every entry as a DTensor on a device mesh; ZeRO's
 flat, parameter-unaligned partitions and megaponder's plain-tensor TP shards are neither.
 
@@ -24,7 +26,8 @@ the data-parallel group, :func:`~megaponder.parallel.parallelize.full_tensor` ov
 (or vocabulary) shard group; one rank writes it and drops it before the next parameter, so no
 rank ever holds more than one parameter's full state. Loading reads each file memory-mapped and
 keeps this rank's slice (``local_shard``), then hands it to ``safe_set_full_fp32_param`` /
-``safe_set_full_optimizer_state`` (ZeRO 1-2, bf16) or the torch optimizer's state (ZeRO-0).
+``safe_set_full_optimizer_state`` (ZeRO 1-3, bf16; under ZeRO-3 the working partitions are
+then refreshed from the fp32 masters) or the torch optimizer's state (ZeRO-0).
 
 What carries over and what does not (docs/training.md, "Resume on another layout"):
 weights, Adam moments and step, the learning-rate schedule, step and consumed samples (so the
@@ -86,10 +89,15 @@ def _local_state(param, inner) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if hasattr(param, "ds_id"):   # ZeRO-3
+        if not param.requires_grad:   # no optimizer state: gather the partitioned weight
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([param]):
+                fp32 = param.detach().float().clone()
+            return {"fp32": fp32, "exp_avg": torch.zeros_like(fp32), "exp_avg_sq": torch.zeros_like(fp32)}
         out = {"fp32": safe_get_full_fp32_param(param)}
         for key in STATE_KEYS[1:]:
             out[key] = safe_get_full_optimizer_state(param, key)
-        return out
+        return {k: v.reshape(param.ds_shape) for k, v in out.items()}
     if hasattr(param, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer
         out = {"fp32": safe_get_full_fp32_param(param)}
         for key in STATE_KEYS[1:]:
@@ -169,30 +177,37 @@ def load_universal(pengine, folder: str) -> int:
         raise ResumeError(f"{folder} has no layout-free state ({UNIVERSAL_DIR}/), so it can only "
                           f"resume on the layout it was saved with (see its meta.json).")
     meta = json.load(open(os.path.join(root, "meta.json")))
-    if pengine.engine.zero_optimization_stage() == 3:
-        raise ResumeError("resuming on another layout into parallel.zero_stage=3 is not "
-                          "supported; resume with parallel.zero_stage 0, 1 or 2 (then switch to 3 "
-                          "on the next resume from that run's checkpoint at the same layout).")
+    zero3 = pengine.engine.zero_optimization_stage() == 3
     model = pengine.module
     inner = _inner_optimizer(pengine.engine)
     step = int(meta["adam_step"])
     step_t = torch.tensor(float(step), dtype=torch.float32)
     shapes = getattr(model, "_mp_full_shapes", {})
     optimized = {id(p) for g in inner.param_groups for p in g["params"]}
+    ds_opt = pengine.engine.optimizer
     if any(_deepspeed_owned(p) for p in model.parameters()):
-        # ZeRO-1/2 and DeepSpeed's bf16 optimizer keep Adam's moments on flat fp32 partitions
-        # that the first step creates lazily; create them here (the first step then finds
-        # them, as after a same-layout load) and link every parameter's view into them.
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                inner.state[flat] = {"step": step_t.clone(), "exp_avg": torch.zeros_like(flat),
-                                     "exp_avg_sq": torch.zeros_like(flat)}
-        pengine.engine.optimizer._lazy_init_hp_params_optimizer_state()
+        # ZeRO-1/2/3 and DeepSpeed's bf16 optimizer keep Adam's moments on flat fp32
+        # partitions that the first step creates lazily; create them here (the first step then
+        # finds them, as after a same-layout load) and, ZeRO-1/2/bf16, link every parameter's
+        # view into them.
+        flats = (ds_opt.fp32_partitioned_groups_flat if zero3
+                 else [flat for group in inner.param_groups for flat in group["params"]])
+        for flat in flats:
+            inner.state[flat] = {"step": step_t.clone(), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+        if not zero3:
+            ds_opt._lazy_init_hp_params_optimizer_state()
     with torch.no_grad():
         for name, param in model.named_parameters():
             d = os.path.join(root, "zero", name)
             vals = {k: local_shard(_read(d, k, shapes.get(name)), param) for k in STATE_KEYS}
-            param.data.copy_(vals["fp32"].to(param.dtype))
+            if zero3 and not param.requires_grad:   # partitioned, outside the optimizer
+                import deepspeed
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    param.data.copy_(vals["fp32"].to(param.dtype))
+                continue
+            if not zero3:   # ZeRO-3: the parameter's own storage is a partition (set below)
+                param.data.copy_(vals["fp32"].to(param.dtype))
             if _deepspeed_owned(param):
                 safe_set_full_fp32_param(param, vals["fp32"])
                 for key in STATE_KEYS[1:]:
@@ -201,6 +216,9 @@ def load_universal(pengine, folder: str) -> int:
                 inner.state[param] = {"step": step_t.clone(),
                                       "exp_avg": vals["exp_avg"].clone().to(param.dtype),
                                       "exp_avg_sq": vals["exp_avg_sq"].clone().to(param.dtype)}
+    if zero3:   # the working (possibly low-precision) partitions from the fp32 masters
+        for i in range(len(ds_opt.fp16_groups)):
+            ds_opt._reassign_or_swap_out_partitioned_parameters(i)
     if dist.is_initialized():
         dist.barrier()
     return step
