@@ -38,8 +38,10 @@ def test_resume_chain_across_layouts_matches_the_uninterrupted_run(tmp_path, dem
                                 *layout, *resume)
         if i:
             assert "on a new layout" in out.stdout + out.stderr
-        meta = json.load(open(run / "checkpoints" / f"global_step{2 * i + 2}" / "meta.json"))
+        ckpt = run / "checkpoints" / f"global_step{2 * i + 2}"
+        meta = json.load(open(ckpt / "meta.json"))
         assert meta["global_batch"] == 4 and meta["step"] == 2 * i + 2
+        _universal_weights_equal_model_pt(ckpt)
     proc = train(run, demo_data, *COMMON, "train.resume=true")
     assert "on a new layout" in proc.stdout + proc.stderr
     want, got = losses(straight), losses(run)
@@ -47,6 +49,17 @@ def test_resume_chain_across_layouts_matches_the_uninterrupted_run(tmp_path, dem
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-4, (step, got[step], want[step])
     assert want[8] < want[1]
+
+
+def _universal_weights_equal_model_pt(ckpt):
+    """Every parameter's layout-free fp32 master is the consolidated weight, full-shaped."""
+    import torch
+    full = torch.load(ckpt / "model.pt", weights_only=True)
+    saved = sorted(os.listdir(ckpt / "universal" / "zero"))
+    assert saved == sorted(full)
+    for name in saved:
+        part = torch.load(ckpt / "universal" / "zero" / name / "fp32.pt", weights_only=True)["param"]
+        assert torch.equal(part, full[name]), name
 
 
 def test_resume_with_another_global_batch_is_refused_in_one_line():
