@@ -31,14 +31,14 @@ def megaponder(*args, check=True):
     return proc
 
 
-def train(run_dir, data, *extra):
+def train(run_dir, data, *extra, check=True):
     sets = TINY + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
                    f"data.valid_path=[{data}/validation_text_document]",
                    f"data.tokenizer_model={data}/tokenizer.model", *extra]
     args = ["train", "--config", os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml")]
     for s in sets:
         args += ["--set", s]
-    return megaponder(*args)
+    return megaponder(*args, check=check)
 
 
 def losses(run_dir):
@@ -101,6 +101,7 @@ def train_distributed(run_dir, data, nproc, *extra):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def _free_port():

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Convert checkpoints between Hugging Face Pythia and megaponder.
+"""Convert checkpoints between Hugging Face Pythia and megaponder, and GPT-NeoX native ones in.
 
   python tools/convert_checkpoint.py --from hf --to megaponder --input HF_DIR --output DIR \\
       [--family adaponderlm] [--tp N] [--pp N] [--vocab-size 50277]
   python tools/convert_checkpoint.py --from megaponder --to hf --input RUN_OR_CKPT --output HF_DIR
+  python tools/convert_checkpoint.py --from neox --to megaponder --input NEOX_DIR/global_stepN \
+      --config NEOX.yml --output DIR [--family F] [--tp N] [--pp N] [--vocab-size 50277]
 
 HF_DIR is a ``save_pretrained`` folder of ``GPTNeoXForCausalLM`` (e.g. a downloaded
 EleutherAI/pythia-410m). ``--family`` starts any pondering family from the Pythia weights
 (gates/routers initialised from the config defaults) for continued pretraining.
+``--from neox`` reads a GPT-NeoX training checkpoint (layer_XX-model_YY-model_states.pt of a
+pipeline model, or mp_rank_YY_model_states.pt) at any model-parallel size, with the run's YAML.
 """
 import argparse
 import os
@@ -20,13 +24,15 @@ def main(argv=None) -> int:
     from megaponder.config import FAMILIES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="src", choices=["hf", "megaponder"], required=True)
+    p.add_argument("--from", dest="src", choices=["hf", "megaponder", "neox"], required=True)
     p.add_argument("--to", dest="dst", choices=["hf", "megaponder"], required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--family", default="vanilla", choices=FAMILIES)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree the run will use")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree the run will use")
+    p.add_argument("--config", nargs="+", default=None,
+                   help="--from neox: the GPT-NeoX run's config YAML(s), merged in order")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="real tokenizer vocabulary (Pythia: 50277); default: the HF embedding rows")
     args = p.parse_args(argv)
@@ -35,7 +41,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from megaponder.convert.checkpoint import hf_to_megaponder_checkpoint, megaponder_to_hf_checkpoint
 
-    if args.src == "hf":
+    if args.src == "neox":
+        if args.dst != "megaponder":
+            p.error("--from neox converts to megaponder only (then --from megaponder --to hf)")
+        if not args.config:
+            p.error("--from neox needs --config NEOX.yml (the run's GPT-NeoX config)")
+        from megaponder.convert.neox_native import NeoXCheckpointError, neox_to_megaponder_checkpoint
+        try:
+            cfg = neox_to_megaponder_checkpoint(args.input, args.config, args.output, args.family,
+                                                args.tp, args.pp, args.vocab_size)
+        except NeoXCheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote megaponder {cfg.model.family} checkpoint to {args.output} from GPT-NeoX "
+              f"{args.input} ({cfg.model.num_layers} layers, d={cfg.model.hidden_size})")
+    elif args.src == "hf":
         cfg = hf_to_megaponder_checkpoint(args.input, args.output, args.family, args.tp, args.pp,
                                           args.vocab_size)
         print(f"wrote megaponder {cfg.model.family} checkpoint to {args.output} "

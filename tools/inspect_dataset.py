@@ -45,7 +45,7 @@ def _show(tok, tokens, as_tokens, max_chars):
 def main(argv=None) -> int:
     from megaponder.config import DataConfig, load_config
     from megaponder.data import IndexedDataset, build_train_valid_datasets, step_micro_batches
-    from megaponder.data.schedule import global_batch_size, run_num_samples
+    from megaponder.data.schedule import global_batch_size, grad_accum_for, run_num_samples
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", nargs="+", help="dataset prefix (or Megatron-style weighted list)")
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if args.config:
         cfg = load_config(args.config, args.set, check_paths=False)
         data_cfg, seed = cfg.data, cfg.train.seed
-        mbs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+        mbs, accum = cfg.train.micro_batch_size, grad_accum_for(cfg.train, args.dp_size)
         n_train, _ = run_num_samples(cfg, args.dp_size)
     else:
         if not args.data:

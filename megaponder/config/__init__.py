@@ -128,6 +128,19 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     # training loop
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         need(getattr(t, name) > 0, f"train.{name} must be positive (got {getattr(t, name)}).")
+    if t.global_batch_size is not None:
+        need(t.global_batch_size > 0 and t.global_batch_size % max(t.micro_batch_size, 1) == 0,
+             f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
+             f"train.micro_batch_size={t.micro_batch_size}.")
+    for i, phase in enumerate(t.phases):
+        last = i == len(t.phases) - 1
+        need(phase.tokens is None and last or phase.tokens is not None and phase.tokens > 0,
+             f"train.phases[{i}].tokens must be a positive token count"
+             + ("" if last else " (only the last phase may leave it null: until train.steps)") + ".")
+        need(phase.lr is None or phase.lr > 0, f"train.phases[{i}].lr must be positive (or null).")
+    need(not (t.phases and p.freeze_backbone),
+         "ponder.freeze_backbone=true and train.phases both freeze the backbone; with phases set "
+         "train.phases[i].freeze_backbone per phase and ponder.freeze_backbone=false.")
     need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
     from ..train.guards import train_config_problems  # run-safety keys (train/guards.py)
     problems.extend(train_config_problems(t))
@@ -181,6 +194,11 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "
              f"multiple of {par.tp * par.pp} processes or change parallel.tp/pp.")
+        if t.global_batch_size and world_size % (par.tp * par.pp) == 0 and t.micro_batch_size > 0:
+            from ..data.schedule import batch_mismatch_message
+            dp = world_size // (par.tp * par.pp)
+            need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                 batch_mismatch_message(t.global_batch_size, t.micro_batch_size, dp))
     if check_paths:
         prefixes = _data_prefixes(d.path) + _data_prefixes(d.valid_path)
         for prefix in prefixes:

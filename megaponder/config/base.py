@@ -134,3 +134,6 @@ def field_docs(cls, prefix: str = ""):
         else:
             default = "(required)"
         yield key, tp, default, f.metadata.get("help", "")
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(item):   # a list of sections: document one entry's keys
+            yield from field_docs(item, key + "[]")

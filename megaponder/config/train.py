@@ -21,12 +21,36 @@ class OptimConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One phase of ``train.phases`` (e.g. AdaPonderLM's gate-only phase, then joint training)."""
+
+    tokens: Optional[float] = param(None, "Length of the phase in training tokens (e.g. 1e9, the "
+                                    "AdaPonderLM paper's gate phase), rounded up to whole "
+                                    "optimizer steps of global batch x seq_length; null (last "
+                                    "phase only): until train.steps.")
+    freeze_backbone: bool = param(False, "Train only the family's own parameters (gates, routers, "
+                                  "pause embedding) in this phase: the backbone's gradients are "
+                                  "zeroed and its learning rate is 0, so AdamW (weight decay "
+                                  "included) leaves it bit-identical.")
+    lr: Optional[float] = param(None, "Peak learning rate in this phase (the run's warm-up/cosine "
+                                "multiplier still applies); null: optim.lr.")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = param("runs/default", "Run directory: config.yml, metrics.jsonl, checkpoints/.")
     steps: int = param(100, "Number of optimizer steps.")
     seed: int = param(1234, "The one seed that makes a run reproducible.")
     micro_batch_size: int = param(8, "Sequences per micro-batch per data-parallel rank.")
-    grad_accum_steps: int = param(1, "Micro-batches accumulated per optimizer step.")
+    grad_accum_steps: int = param(1, "Micro-batches accumulated per optimizer step (derived "
+                                  "when train.global_batch_size is set).")
+    global_batch_size: Optional[int] = param(None, "Sequences per optimizer step over all "
+                                             "data-parallel ranks (Megatron's convention: "
+                                             "micro_batch_size x dp x grad_accum_steps). When set, "
+                                             "grad_accum_steps is derived from the world size, so "
+                                             "the config means the same batch on any number of "
+                                             "ranks (and a run resumes on another layout); it must "
+                                             "be a multiple of micro_batch_size x dp.")
     precision: Literal["fp32", "bf16"] = param("fp32", "Training precision (fp16 is not "
                                                 "supported: DeepSpeed refuses it on CPU).")
     log_every: int = param(10, "Write a metrics.jsonl line every N steps.")
@@ -59,6 +83,15 @@ class TrainConfig:
                                          "WANDB_MODE=offline).")
     wandb_run_name: Optional[str] = param(None, "W&B run name (default: the run_dir's name).")
     wandb_entity: Optional[str] = param(None, "W&B entity (team or user); default: yours.")
+    phases: list[PhaseConfig] = param(None, "Phase schedule of one run, in order, e.g. "
+                                      "[{tokens: 1.0e9, freeze_backbone: true}, {tokens: null}] "
+                                      "(continued pretraining: gate-only, then joint). Empty: one "
+                                      "phase (ponder.freeze_backbone applies).", factory=list)
+    save_universal: bool = param(True, "Also write a layout-free copy of the training state "
+                                 "into every checkpoint (universal/: full fp32 weight and Adam "
+                                 "moments per parameter), so train.resume works on another "
+                                 "(tp, pp, dp, ZeRO stage); costs about 3x the fp32 model size "
+                                 "of disk per checkpoint.")
     exit_at_step: Optional[int] = param(None, "Stop (after a checkpoint) once this step is reached, "
                                         "e.g. to fit a job's time limit; the schedule still spans "
                                         "train.steps and train.resume=true continues the run.")

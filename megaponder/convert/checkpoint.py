@@ -39,6 +39,19 @@ def hf_to_megaponder_checkpoint(hf_dir: str, output: str, family: str = "vanilla
     """
     hf = _load_hf(hf_dir)
     model_cfg: ModelConfig = model_config_from_hf(hf.config)
+    backbone = hf_to_megaponder(hf.state_dict(), model_cfg.num_layers)
+    tokenizer = os.path.join(hf_dir, "tokenizer.json")
+    return write_backbone_checkpoint(model_cfg, backbone, output, family, tp, pp, vocab_size,
+                                     source=hf_dir,
+                                     tokenizer=tokenizer if os.path.exists(tokenizer) else None)
+
+
+def write_backbone_checkpoint(model_cfg: ModelConfig, backbone: dict, output: str, family: str,
+                              tp: int, pp: int, vocab_size: Optional[int], source: str,
+                              tokenizer: Optional[str] = None) -> Config:
+    """A megaponder checkpoint of ``family`` from backbone tensors under megaponder names
+    (any importer: Hugging Face, GPT-NeoX native); ``tp``/``pp`` are the layout recorded for
+    the run that trains from it."""
     if vocab_size is not None:
         model_cfg.vocab_size = vocab_size
     model_cfg.family = family
@@ -46,7 +59,6 @@ def hf_to_megaponder_checkpoint(hf_dir: str, output: str, family: str = "vanilla
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
     cfg.data.tokenizer_type = "HFTokenizer"
     validate(cfg, check_paths=False)
-    backbone = hf_to_megaponder(hf.state_dict(), model_cfg.num_layers)
     from ..models import build_model
 
     model = build_model(cfg)
@@ -56,10 +68,8 @@ def hf_to_megaponder_checkpoint(hf_dir: str, output: str, family: str = "vanilla
         from ..models.ponder import init_family_from_backbone
 
         init_family_from_backbone(model, backbone)
-    tokenizer = os.path.join(hf_dir, "tokenizer.json")
-    meta = {"step": 0, "source": os.path.abspath(hf_dir), "family": family, "tp": tp, "pp": pp}
-    write_model_files(output, cfg, model.state_dict(), meta,
-                      tokenizer if os.path.exists(tokenizer) else None)
+    meta = {"step": 0, "source": os.path.abspath(source), "family": family, "tp": tp, "pp": pp}
+    write_model_files(output, cfg, model.state_dict(), meta, tokenizer)
     return cfg
 
 

@@ -52,14 +52,22 @@ def deepspeed_config(cfg, topo: Topology) -> dict:
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """GPT-NeoX's split: no weight decay on biases and LayerNorm parameters."""
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 split: Optional[set] = None) -> list[dict]:
+    """GPT-NeoX's split: no weight decay on biases and LayerNorm parameters. With ``split``
+    (the family's own parameter names, for train.phases) each of the two is split again into
+    family parameters first and backbone parameters, tagged ``"backbone": bool``, so a phase
+    can set the backbone's learning rate alone (megaponder/train/phases.py)."""
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if param.ndim < 2 else decay).append((name, param))
+    groups = []
+    for backbone in ((False, True) if split is not None else (None,)):
+        for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            params = [p for n, p in members if backbone is None or (n not in split) == backbone]
+            groups.append({"params": params, "weight_decay": wd}
+                          | ({} if backbone is None else {"backbone": backbone}))
     return [g for g in groups if g["params"]]
 
 
@@ -279,7 +287,8 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
     skip_cpu_shm_comm_op()
     o = cfg.optim
     if optimizer is None:  # AdamW that can skip a non-finite step (train/guards.py)
-        optimizer = SkippableAdamW(param_groups(model, o.weight_decay), lr=o.lr,
+        split = set(model.extra_parameter_names()) if cfg.train.phases else None
+        optimizer = SkippableAdamW(param_groups(model, o.weight_decay, split), lr=o.lr,
                                    betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
                  if lr_lambda is not None else None)

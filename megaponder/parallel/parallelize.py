@@ -241,6 +241,27 @@ def _local_params(model: nn.Module) -> dict:
     return named
 
 
+def full_tensor(local: torch.Tensor, param) -> torch.Tensor:
+    """The single-device value of ``local``, this rank's part of (a tensor shaped like)
+    ``param``: all-gathered over the parameter's shard group when it is TP / vocab sharded.
+    Collective over that group."""
+    group = getattr(param, "shard_group", None)
+    if not getattr(param, "tp_sharded", False) or _size(group) <= 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def local_shard(full: torch.Tensor, param) -> torch.Tensor:
+    """This rank's part of ``full`` (a single-device tensor shaped like ``param``'s full
+    form): the inverse of :func:`full_tensor`, without communication."""
+    group = getattr(param, "shard_group", None)
+    if not getattr(param, "tp_sharded", False) or _size(group) <= 1:
+        return full
+    return full.chunk(_size(group), dim=param.partition_dim)[_rank(group)]
+
+
 def _zero3_gather(model: nn.Module):
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
@@ -260,14 +281,7 @@ def gather_full_state_dict(model: nn.Module, topo: Optional[Topology] = None) ->
     local: dict = {}
     with _zero3_gather(model):
         for name, tensor in model.state_dict(keep_vars=True).items():
-            p = named.get(name, tensor)
-            t = tensor.detach()
-            group = getattr(p, "shard_group", None)
-            if getattr(p, "tp_sharded", False) and _size(group) > 1:
-                parts = [torch.empty_like(t) for _ in range(_size(group))]
-                dist.all_gather(parts, t.contiguous(), group=group)
-                t = torch.cat(parts, dim=p.partition_dim)
-            local[name] = t.cpu().clone()
+            local[name] = full_tensor(tensor.detach(), named.get(name, tensor)).cpu().clone()
     if topo.tp_rank != 0 or topo.dp_rank != 0:
         return None
     if topo.pp > 1:
@@ -293,11 +307,8 @@ def shard_state_dict(full_state: dict, model: nn.Module, topo: Optional[Topology
     for name in model.state_dict().keys():
         if name not in full_state:
             raise KeyError(f"shard_state_dict: '{name}' missing from the full state dict")
-        t = full_state[name]
         p = named.get(name)
-        if p is not None and getattr(p, "tp_sharded", False) and _size(p.shard_group) > 1:
-            t = t.chunk(_size(p.shard_group), dim=p.partition_dim)[_rank(p.shard_group)]
-        out[name] = t.clone()
+        out[name] = (local_shard(full_state[name], p) if p is not None else full_state[name]).clone()
     return out
 
 

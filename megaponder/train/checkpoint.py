@@ -253,13 +253,16 @@ def verify_checkpoint(folder: str, rank: int = 0, world_size: int = 1) -> Option
     the ranks together read the checkpoint once; the caller combines the verdicts. An unsafe
     file is reported with the prefix :data:`UNSAFE` (the caller stops instead of falling back)."""
     try:
-        read_meta(folder)
+        meta = read_meta(folder)
         read_checkpoint_config(folder)
         for name in (META_FILE, MODEL_FILE, "deepspeed"):
             if not os.path.exists(os.path.join(folder, name)):
                 return f"{os.path.join(folder, name)} is missing"
+        # A resume on another world size re-seeds the RNG streams (train/reshard.py), so only
+        # a same-size resume needs this rank's own RNG file.
+        saved_world = meta.get("tp", 1) * meta.get("pp", 1) * meta.get("dp", 1)
         own_rng = os.path.join(folder, "rng", f"rank{rank}.pt")
-        if not os.path.isfile(own_rng):
+        if saved_world == world_size and not os.path.isfile(own_rng):
             return f"{own_rng} is missing"
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
                        if f.endswith(".pt"))

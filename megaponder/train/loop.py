@@ -13,10 +13,12 @@ from typing import Optional
 import torch
 
 from ..config import Config, ConfigError
-from ..data.schedule import global_batch_size
+from ..data.schedule import global_batch_size, grad_accum_for
 from ..models import build_model
 from . import checkpoint as ckpt
 from .guards import StopRequest, TrainingDiverged, any_rank, fault_step_sleep
+from . import reshard
+from .phases import PhaseSchedule
 from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
 from .schedule import lr_multiplier
@@ -35,6 +37,8 @@ class Trainer:
         self.topo = topology_from_config(cfg)  # validate(world_size) + process groups
         self.rank = self.topo.rank
         self.dp_size, self.dp_rank = self.topo.dp, self.topo.dp_rank
+        # train.global_batch_size fixes the batch; the accumulation follows the world size
+        cfg.train.grad_accum_steps = grad_accum_for(cfg.train, self.dp_size)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         # ids beyond the vocabulary, another tokenizer, empty files: one clear error before any
@@ -64,6 +68,8 @@ class Trainer:
         self.engine = build_engine(model, cfg, self.topo,
                                    lr_lambda=lambda step: lr_multiplier(step, cfg.train.steps, cfg.optim))
         self.model = self.engine.module
+        self.phases = (PhaseSchedule(cfg, self.engine, self.global_batch * cfg.data.seq_length)
+                       if cfg.train.phases else None)
 
         self.step, self.consumed_samples = 0, 0
         if self.resumes:
@@ -210,11 +216,14 @@ class Trainer:
                                               "consumed_samples": self.consumed_samples})
         torch.save({**ckpt.rng_state(), "loss_guard": self.engine.guard.state_dict()},
                    os.path.join(stage, "rng", f"rank{self.rank}.pt"))
+        if self.cfg.train.save_universal:  # layout-free state: resume on another layout
+            reshard.save_universal(self.engine, stage)
         if self.rank == 0:
             meta = {"step": self.step, "consumed_samples": self.consumed_samples,
                     "tokens": self.consumed_samples * self.cfg.data.seq_length,
                     "family": self.cfg.model.family, "tp": self.topo.tp, "pp": self.topo.pp,
-                    "dp": self.topo.dp}
+                    "dp": self.topo.dp, "zero_stage": self.cfg.parallel.zero_stage,
+                    "global_batch": self.global_batch}
             ckpt.write_model_files(stage, self.cfg, None, meta, self.cfg.data.tokenizer_model)
         torch.distributed.barrier()
         if self.rank == 0:
@@ -227,13 +236,14 @@ class Trainer:
     def _resume(self) -> None:
         folder = self._resumable_checkpoint()
         meta = ckpt.read_meta(folder)
-        layout = (meta.get("tp"), meta.get("pp"), meta.get("dp"))
-        if layout != (self.topo.tp, self.topo.pp, self.topo.dp):
-            raise RuntimeError(
-                f"{folder} was saved with tp,pp,dp={layout} but this job runs "
-                f"{(self.topo.tp, self.topo.pp, self.topo.dp)}. Exact resume needs the same layout; "
-                f"to change it, start a new run with --set train.init_checkpoint={folder} "
-                f"(weights only, fresh optimizer).")
+        reshard.check_global_batch(folder, meta, self.global_batch)
+        here = (self.topo.tp, self.topo.pp, self.topo.dp, self.cfg.parallel.zero_stage)
+        layout = (meta.get("tp"), meta.get("pp"), meta.get("dp"), meta.get("zero_stage", here[3]))
+        if layout != here:
+            reshard.resume_on_new_layout(self, folder, meta)
+            _log0(self.rank, f"resumed from {folder} at step {self.step} on a new layout: "
+                             f"tp,pp,dp,zero {layout} -> {here} (RNG streams re-seeded)")
+            return
         client = self.engine.load(folder)
         self.step, self.consumed_samples = client["step"], client["consumed_samples"]
         state = ckpt.load_rng_file(os.path.join(folder, "rng", f"rank{self.rank}.pt"))
@@ -298,7 +308,11 @@ class Trainer:
                          for _ in range(self.cfg.train.grad_accum_steps)]
         self.engine.step_count = self.step  # drives set_step (halting warm-up, seeded draws)
         fault_step_sleep()  # no-op unless a crash test asks for it
-        return self.engine.train_step(micro_batches)
+        phase = self.phases.apply(self.step) if self.phases is not None else None
+        stats = self.engine.train_step(micro_batches)
+        if phase is not None:
+            stats["phase"] = phase
+        return stats
 
     def validate(self) -> dict:
         return evaluate(self.model, self._valid_batches(), group=self.topo.dp_group)
