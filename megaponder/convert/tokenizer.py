@@ -58,6 +58,12 @@ def export_tokenizer(path: str, output: str, model_max_length: int | None = None
     tok = load_megaponder_tokenizer(path)
     backend, special = _fast_backend(tok)
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
+    if isinstance(tok, SentencePieceTokenizer):
+        # SentencePiece never parses control pieces (<unk>, <s>) out of text, and it applies
+        # the dummy prefix before isolating user-defined ones (<|endoftext|>); transformers'
+        # added-token splitting would do neither. The converted pipeline handles user-defined
+        # pieces itself, so the special tokens are not split out of text.
+        kwargs["split_special_tokens"] = True
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
                                    **special, **kwargs)
     fast.save_pretrained(output)

@@ -614,12 +614,17 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
             steps = step + 1
             if output_scores:
                 scores.append(step_scores)
-            if stopping_criteria is not None:
-                done = stopping_criteria(torch.cat([input_ids, new[:, :steps]], dim=1),
-                                         step_scores.to(input_ids.device))
-                if isinstance(done, bool) or (torch.is_tensor(done) and done.dim() == 0):
-                    done = [bool(done)] * b
-                finished = [f or bool(d) for f, d in zip(finished, done)]
+            if stopping_criteria:
+                # a StoppingCriteriaList, a plain list of criteria or one callable; each may
+                # answer one bool for the batch or one per row
+                criteria = stopping_criteria if isinstance(stopping_criteria, (list, tuple)) \
+                    else [stopping_criteria]
+                seqs = torch.cat([input_ids, new[:, :steps]], dim=1)
+                for criterion in criteria:
+                    done = criterion(seqs, step_scores.to(input_ids.device))
+                    if isinstance(done, bool) or (torch.is_tensor(done) and done.dim() == 0):
+                        done = [bool(done)] * b
+                    finished = [f or bool(d) for f, d in zip(finished, done)]
             if all(finished) or step == max_new_tokens - 1:
                 break
             for r in range(b):
