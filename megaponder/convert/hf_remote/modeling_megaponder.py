@@ -521,8 +521,11 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         """megaponder's adaptive KV-cached decoding.
 
         Batched with LEFT padding through ``attention_mask`` (``tokenizer.padding_side =
-        "left"``): each row is decoded from its real tokens with its own caches, all rows
-        advance one token per step, so a row's tokens do not depend on the others.
+        "left"``). Vertical families and loop decode the batch in one decoder (batched caches,
+        padding hidden from attention, positions counted over a row's real tokens, the active
+        tokens of all rows packed per iteration); latent families decode each row with its
+        own cache. Either way all rows advance one token per step and a row's tokens are the
+        ones it gets alone.
         Greedy unless ``do_sample`` (then ``temperature``, ``top_k``; draws come from a CPU
         generator seeded with ``seed``, as ``megaponder generate --seed``). Sampling never
         picks a padding row of the vocabulary. A row stops at ``eos_token_id`` (kept) or when
@@ -588,10 +591,11 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
                 raise ValueError("generate() needs LEFT padding: set tokenizer.padding_side = "
                                  "'left' (a row's real tokens must be the last ones)")
             prompts.append(input_ids[r, t - n_real:])
-        decoders = [make_decoder(self, seed) for _ in range(b)]
+        if self.family in LATENT:
+            rows = _RowByRow(self, seed, prompts)
+        else:
+            rows = _Lockstep(self, seed, input_ids, mask)
         samplers = [torch.Generator().manual_seed(seed) for _ in range(b)]
-        logits = [dec.feed(pr.unsqueeze(0))[0, -1].float() for dec, pr in zip(decoders, prompts)]
-        iters = [[dec.token_iterations()[-1]] for dec in decoders]
         finished = [False] * b
         count = [0] * b  # tokens each row generated
         new = torch.full((b, max_new_tokens), int(pad), dtype=torch.long, device=input_ids.device)
@@ -599,16 +603,16 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         scores = []
         steps = 0
         for step in range(max_new_tokens):
-            step_scores = torch.full((b, logits[0].shape[-1]), float("-inf"))
+            step_scores = torch.full((b, rows.logits[0].shape[-1]), float("-inf"))
             for r in range(b):
                 if finished[r]:
                     continue
-                row_logits = logits[r][:vocab]
+                row_logits = rows.logits[r][:vocab]
                 step_scores[r, :vocab] = row_logits.cpu()
                 nxt = _sample_next(row_logits, temperature, top_k, samplers[r])
                 new[r, step] = nxt
                 count[r] += 1
-                iter_out[r, step] = iters[r][-1]
+                iter_out[r, step] = rows.iterations[r]
                 if nxt in eos_ids:
                     finished[r] = True
             steps = step + 1
@@ -627,11 +631,7 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
                     finished = [f or bool(d) for f, d in zip(finished, done)]
             if all(finished) or step == max_new_tokens - 1:
                 break
-            for r in range(b):
-                if not finished[r]:
-                    fed = new[r, step].view(1, 1)
-                    logits[r] = decoders[r].feed(fed)[0, -1].float()
-                    iters[r].append(decoders[r].token_iterations()[-1])
+            rows.step(new[:, step], [r for r in range(b) if not finished[r]])
         self.train(was_training)
         sequences = torch.cat([input_ids, new[:, :steps]], dim=1)
         iter_out = iter_out[:, :steps]
@@ -640,6 +640,41 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
             return MegaponderGenerateOutput(sequences=sequences, iterations=iter_out,
                                             scores=tuple(scores) if output_scores else None)
         return sequences
+
+
+class _RowByRow:
+    """Latent families: one decoder (one cache) per row, fed the row's real tokens; rows
+    advance in lockstep so batch-level stopping criteria see the whole batch."""
+
+    def __init__(self, model, seed, prompts):
+        self.decoders = [make_decoder(model, seed) for _ in prompts]
+        self.logits = [d.feed(p.unsqueeze(0))[0, -1].float() for d, p in zip(self.decoders, prompts)]
+        self.iterations = [d.last_iterations()[0] for d in self.decoders]
+
+    def step(self, tokens, alive):
+        for r in alive:
+            self.logits[r] = self.decoders[r].feed(tokens[r].view(1, 1))[0, -1].float()
+            self.iterations[r] = self.decoders[r].last_iterations()[0]
+
+
+class _Lockstep:
+    """Vertical families and loop: the whole left-padded batch in one decoder (batched
+    caches, cross-row compaction of the active tokens); padding is hidden from attention,
+    positions count a row's real tokens, each row draws its own random halting plan, so a
+    row's tokens are those it gets alone. Finished rows keep being fed (their pad token) and
+    are ignored."""
+
+    def __init__(self, model, seed, input_ids, mask):
+        self.decoder = make_decoder(model, seed, rows=input_ids.shape[0])
+        out = self.decoder.feed(input_ids, mask)
+        self.logits = [row.float() for row in out[:, -1]]
+        self.iterations = self.decoder.last_iterations()
+
+    def step(self, tokens, alive):
+        out = self.decoder.feed(tokens.view(-1, 1))
+        for r in alive:
+            self.logits[r] = out[r, -1].float()
+        self.iterations = self.decoder.last_iterations()
 
 
 def _sample_next(logits, temperature: float, top_k: int, generator) -> int:
@@ -687,7 +722,7 @@ class VerticalDecoder:
     and layer; iteration i computes only the still-active tokens, a halted token's K/V of its
     last active iteration is copied into the later caches without compute."""
 
-    def __init__(self, model, seed: int = 0):
+    def __init__(self, model, seed: int = 0, rows: int = 1):
         self.model = model
         self.passes = model.num_passes
         self.adaptive = model.adaptive
@@ -695,9 +730,31 @@ class VerticalDecoder:
         self.caches = [[None] * self.layers for _ in range(self.passes)]
         self.tc = 0
         self.activity = []
-        self.generator = torch.Generator().manual_seed(seed)
+        # one generator per row: a row's halting draws do not depend on the rest of the batch
+        self.generators = [torch.Generator().manual_seed(seed) for _ in range(rows)]
+        self.key_mask = None   # [B, Tc] True for real (non-padding) keys
+        self.seen = None       # [B] real tokens fed so far (the next position)
 
-    def _pass(self, i, e, pos, idx, valid, active, chunk_prev):
+    def _positions(self, ids, mask):
+        """Positions of a chunk (a row's real tokens count from 0) and the key padding mask
+        over cache + chunk (None while nothing is padding)."""
+        b, n = ids.shape
+        seen = self.seen if self.seen is not None else torch.zeros(b, dtype=torch.long, device=ids.device)
+        pos = (seen.unsqueeze(1) + mask.long().cumsum(1) - 1).clamp_min(0)
+        self.seen = seen + mask.long().sum(1)
+        self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
+        return pos, (None if bool(self.key_mask.all()) else self.key_mask)
+
+    def _draws(self, mask):
+        """Halting priorities u [B, n]: each row draws for its real tokens from its generator."""
+        u = torch.zeros(mask.shape)
+        for r in range(mask.shape[0]):
+            k = int(mask[r].sum())
+            if k:
+                u[r, mask[r].cpu()] = torch.rand(1, k, generator=self.generators[r])[0]
+        return u
+
+    def _pass(self, i, e, pos, idx, valid, active, chunk_prev, key_mask):
         new_chunk = [None] * self.layers
         cache = self.caches[i]
         rows, slots = (valid & active.gather(1, idx)).nonzero(as_tuple=True)
@@ -720,22 +777,25 @@ class VerticalDecoder:
             return _cat(past[0], ck), _cat(past[1], cv)
 
         d = e.shape[-1]
-        spec = AttentionSpec(q_index=self.tc + idx)
+        spec = AttentionSpec(q_index=self.tc + idx, key_padding_mask=key_mask)
         hidden, _ = self.model.stack(e.gather(1, idx.unsqueeze(-1).expand(-1, -1, d)),
                                      pos.gather(1, idx), spec, kv_hook=hook)
         return hidden, new_chunk
 
-    def feed(self, ids):
+    def feed(self, ids, mask=None):
+        """ids [B, n] -> logits [B, n, V]; ``mask`` [B, n] marks real tokens (False: left
+        padding, computed at the first iteration only and never attended to)."""
         m, P = self.model, self.passes
         b, n = ids.shape
         dev = ids.device
-        pos = torch.arange(self.tc, self.tc + n, device=dev).unsqueeze(0).expand(b, n)
+        mask = torch.ones(b, n, dtype=torch.bool, device=dev) if mask is None else mask.bool().to(dev)
+        pos, key_mask = self._positions(ids, mask)
         e = m.input_embeddings(ids)
         readout = None
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
         if m.family in PLANNED:
-            plan = m.threshold_plan(torch.rand(b, n, generator=self.generator).to(dev))
+            plan = m.threshold_plan(self._draws(mask).to(dev))
         final_readout = self.adaptive and m.ponder_cfg.halted_readout == "final"
         acts = [active.clone()]
         chunk_prev = None
@@ -748,7 +808,7 @@ class VerticalDecoder:
                     acts.append(active.clone())
             else:
                 idx, valid = _pack(compute_mask)
-                hidden, new_chunk = self._pass(i, e, pos, idx, valid, active, chunk_prev)
+                hidden, new_chunk = self._pass(i, e, pos, idx, valid, active, chunk_prev, key_mask)
                 logits = m.head(hidden)
                 if readout is None:
                     readout = torch.zeros(b, n, logits.shape[-1], dtype=logits.dtype, device=dev)
@@ -762,6 +822,7 @@ class VerticalDecoder:
                         cont = valid & (s >= m.ponder_cfg.tau)
                     else:
                         cont, s = valid, None
+                    cont = cont & mask.gather(1, idx)   # padding stops after the first iteration
                     rows, slots = cont.nonzero(as_tuple=True)
                     tokens = idx[rows, slots]
                     new_active = torch.zeros_like(active)
@@ -782,18 +843,20 @@ class VerticalDecoder:
         self.activity.append(torch.stack(acts))
         return readout
 
-    def token_iterations(self) -> list:
-        """Iterations each fed token executed (row 0)."""
-        return torch.cat(self.activity, dim=2)[:, 0].sum(0).tolist()
+    def last_iterations(self) -> list:
+        """Iterations the last fed token of each row executed."""
+        return [float(x) for x in self.activity[-1][:, :, -1].sum(0).tolist()]
 
 
 class LoopDecoder(VerticalDecoder):
-    def feed(self, ids):
+    def feed(self, ids, mask=None):
         m = self.model
         b, n = ids.shape
-        pos = torch.arange(self.tc, self.tc + n, device=ids.device).unsqueeze(0).expand(b, n)
+        mask = torch.ones(b, n, dtype=torch.bool, device=ids.device) if mask is None else mask.bool()
+        pos, key_mask = self._positions(ids, mask)
         x = m.embed(ids)
-        spec = AttentionSpec(q_index=torch.arange(self.tc, self.tc + n, device=ids.device))
+        spec = AttentionSpec(q_index=torch.arange(self.tc, self.tc + n, device=ids.device),
+                             key_padding_mask=key_mask)
         for i in range(self.passes):
             cache = self.caches[i]
 
@@ -879,13 +942,13 @@ class LatentDecoder:
             self.tc_token += 1
         return torch.cat(out, dim=1)
 
-    def token_iterations(self) -> list:
-        return [float(n) for n in self.steps_executed]
+    def last_iterations(self) -> list:
+        return [float(self.steps_executed[-1])]
 
 
-def make_decoder(model, seed: int = 0):
+def make_decoder(model, seed: int = 0, rows: int = 1):
     if model.family in LATENT:
         return LatentDecoder(model, seed)
     if model.family == "loop":
-        return LoopDecoder(model, seed)
-    return VerticalDecoder(model, seed)
+        return LoopDecoder(model, seed, rows)
+    return VerticalDecoder(model, seed, rows)
