@@ -135,6 +135,11 @@ CHECKER = textwrap.dedent(r'''
             stop = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                                   max_new_tokens=ref["new"], stopping_criteria=[StopAfter(t, 2)])
             r["stopped_len"] = stop.shape[1] - t
+            eos = singles[0][1]   # row 0 ends at its second token; row 1 at its own first eos
+            out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=ref["new"], eos_token_id=eos, pad_token_id=-1)
+            r["eos_rows"] = [row[t:].tolist() for row in out]
+            r["eos_eos"], r["eos_iters"] = eos, model.last_generation_iterations
             try:
                 model.generate(torch.tensor([prompts[0]]), num_beams=2, max_new_tokens=2)
                 r["beam_error"] = None
@@ -260,6 +265,12 @@ def test_generate_sampling_dict_output_stopping_and_refusals(exported, family):
     assert r["sampled"] == ref["sampled"], "seeded sampling differs from megaponder generate"
     assert r["stopped_len"] == 2, "stopping_criteria not honoured"
     assert r["beam_error"] and "num_beams" in r["beam_error"]
+    # eos: kept, then pad_token_id; each row stops on its own
+    eos, width = r["eos_eos"], len(r["eos_rows"][0])
+    for row, single, iters, got_iters in zip(r["eos_rows"], r["single"], r["single_iters"], r["eos_iters"]):
+        n = single.index(eos) + 1 if eos in single else len(single)
+        assert row == single[:n] + [-1] * (width - n)
+        assert got_iters == iters[:n]
 
 
 def test_sentencepiece_converted_to_fast_tokenizer(exported):

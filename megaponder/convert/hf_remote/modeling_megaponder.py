@@ -661,8 +661,8 @@ class _Lockstep:
     """Vertical families and loop: the whole left-padded batch in one decoder (batched
     caches, cross-row compaction of the active tokens); padding is hidden from attention,
     positions count a row's real tokens, each row draws its own random halting plan, so a
-    row's tokens are those it gets alone. Finished rows keep being fed (their pad token) and
-    are ignored."""
+    row's tokens are those it gets alone. Finished rows keep being fed (token 0) and are
+    ignored."""
 
     def __init__(self, model, seed, input_ids, mask):
         self.decoder = make_decoder(model, seed, rows=input_ids.shape[0])
@@ -671,7 +671,9 @@ class _Lockstep:
         self.iterations = self.decoder.last_iterations()
 
     def step(self, tokens, alive):
-        out = self.decoder.feed(tokens.view(-1, 1))
+        ids = torch.zeros_like(tokens)   # finished rows: any valid id (pad_token_id may be -1)
+        ids[alive] = tokens[alive]
+        out = self.decoder.feed(ids.view(-1, 1))
         for r in alive:
             self.logits[r] = out[r, -1].float()
         self.iterations = self.decoder.last_iterations()
