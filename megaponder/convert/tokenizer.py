@@ -30,6 +30,11 @@ def _fast_backend(tok: Tokenizer):
     if isinstance(tok, SentencePieceTokenizer):
         from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
+        if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):
+            import transformers
+
+            raise ValueError(f"converting {tok.path} to a fast tokenizer needs transformers >= 5 "
+                             f"(installed: {transformers.__version__}); pip install -U transformers")
         proto = import_protobuf().ModelProto()
         with open(tok.path, "rb") as f:
             proto.ParseFromString(f.read())
