@@ -343,3 +343,23 @@ def test_cli_generate_decodes_prompt_and_continuation_together(exported, capsys)
     new = ids[len(sp.encode("In the beginning")):]
     if sp.id_to_piece(new[0]).startswith("\u2581"):   # word-initial: the space must be there
         assert text[len("In the beginning")] == " "
+
+
+def test_export_without_tokenizer_still_generates(exported, tmp_path):
+    """No tokenizer with the checkpoint: the export has none and no eos; generate() runs to
+    max_new_tokens and equals megaponder's decoder."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    _, refs, _ = exported
+    cfg, model = copy.deepcopy(refs["adaponderlm"]["cfg"]), refs["adaponderlm"]["model"]
+    cfg.data.tokenizer_model = str(tmp_path / "missing.model")
+    write_model_files(str(tmp_path / "ck"), cfg, model.state_dict(), {"step": 0})
+    assert _tool().main(["--from", "megaponder", "--to", "hf", "--input", str(tmp_path / "ck"),
+                         "--output", str(tmp_path / "hf")]) == 0
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    out = hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=3)
+    assert out[0, len(PROMPTS[0]):].tolist() == generate(model, PROMPTS[0], 3, temperature=0.0,
+                                                         vocab_size=cfg.model.vocab_size)

@@ -33,6 +33,7 @@ class MegaponderConfig(PretrainedConfig):
                  use_parallel_residual: bool = True, layer_norm_eps: float = 1e-5,
                  tie_word_embeddings: bool = False, ponder: Optional[dict] = None,
                  keep_fractions: Optional[list] = None, megaponder_config: Optional[dict] = None,
+                 eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
                  **kwargs):
         if family not in REMOTE_FAMILIES:
             raise ValueError(f"MegaponderConfig: unknown family '{family}'; expected one of "
@@ -52,4 +53,7 @@ class MegaponderConfig(PretrainedConfig):
         self.ponder = dict(ponder or {})
         self.keep_fractions = keep_fractions
         self.megaponder_config = megaponder_config
+        # set explicitly: transformers 5 no longer gives every config these attributes, and
+        # an export without a tokenizer has neither
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

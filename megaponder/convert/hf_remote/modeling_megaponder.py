@@ -559,12 +559,12 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         do_sample = bool(opt("do_sample", do_sample, False))
         temperature = float(opt("temperature", temperature, 1.0)) if do_sample else 0.0
         top_k = int(opt("top_k", top_k, 0)) if do_sample else 0
-        eos = opt("eos_token_id", eos_token_id, self.config.eos_token_id)
+        eos = opt("eos_token_id", eos_token_id, getattr(self.config, "eos_token_id", None))
         if torch.is_tensor(eos):
             eos = eos.tolist()
         eos_ids = (set() if eos is None
                    else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])})
-        pad = opt("pad_token_id", pad_token_id, self.config.pad_token_id)
+        pad = opt("pad_token_id", pad_token_id, getattr(self.config, "pad_token_id", None))
         if pad is None:
             pad = min(eos_ids) if eos_ids else 0
         b, t = input_ids.shape
