@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from conftest_data import demo_corpus_dir
+from conftest_data import demo_corpus_dir, neox_tokenizer_json
 
 pytest.importorskip("transformers")
 
@@ -311,17 +311,26 @@ def test_export_of_missing_checkpoint_is_one_line(tmp_path, capsys):
 
 
 def test_hf_json_tokenizer_is_copied(exported, tmp_path):
-    """A checkpoint whose tokenizer is a ``tokenizers`` json exports that file unchanged."""
+    """A checkpoint whose tokenizer is a ``tokenizers`` json (GPT-NeoX-20B's, as Pythia uses)
+    exports that file byte for byte, and AutoTokenizer encodes like megaponder's HFTokenizer."""
+    from transformers import AutoTokenizer
+
+    from megaponder.data.tokenizer import HFTokenizer
+
     root, refs, _ = exported
-    tok_json = root / "hf-vanilla" / "tokenizer.json"  # a real tokenizers file (converted above)
+    tok_json = neox_tokenizer_json()
     cfg, model = refs["vanilla"]["cfg"], refs["vanilla"]["model"]
     ck = tmp_path / "ck"
-    write_model_files(str(ck), cfg, model.state_dict(), {"step": 0}, str(tok_json))
+    write_model_files(str(ck), cfg, model.state_dict(), {"step": 0}, tok_json)
     assert _tool().main(["--from", "megaponder", "--to", "hf", "--input", str(ck),
                          "--output", str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == tok_json.read_bytes()
-    cfg_json = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
-    assert cfg_json["eos_token"] == "<|endoftext|>"
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == open(tok_json, "rb").read()
+    ours, theirs = HFTokenizer(tok_json), AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    lines = refs["vanilla"]["lines"][:100]
+    assert [theirs(line, add_special_tokens=False)["input_ids"] for line in lines] == \
+        [ours.encode(line) for line in lines]
+    assert theirs.eos_token == "<|endoftext|>" and theirs.eos_token_id == ours.eod
+    assert theirs.pad_token_id == ours.pad
 
 
 def test_cli_generate_decodes_prompt_and_continuation_together(exported, capsys):
