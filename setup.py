@@ -21,7 +21,7 @@ setup(
         "zstandard",  # the Pile and most pretraining corpora ship as .jsonl.zst
     ],
     extras_require={
-        "hf": ["transformers>=4.40", "safetensors"],
+        "hf": ["transformers>=4.40", "safetensors", "protobuf"],
         # GPU-only: flash-attn builds against a CUDA torch with nvcc
         # (pip install --no-build-isolation 'megaponder[gpu]').
         "gpu": ["flash-attn>=2.5"],

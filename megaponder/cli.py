@@ -52,7 +52,9 @@ def _generate(args) -> int:
     prompt = tok.encode(args.prompt)
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
                    vocab_size=tok.vocab_size, eos_id=tok.eod, seed=args.seed)
-    print(args.prompt + tok.decode(new) if not args.ids else json.dumps(prompt + new))
+    # decode prompt and continuation together: decoding the new ids alone drops the word
+    # boundary SentencePiece keeps on the first new piece ("beginning" + "of" -> "beginningof")
+    print(tok.decode(prompt + new) if not args.ids else json.dumps(prompt + new))
     return 0
 
 

@@ -12,6 +12,10 @@ EleutherAI/pythia-410m). ``--family`` starts any pondering family from the Pythi
 (gates/routers initialised from the config defaults) for continued pretraining.
 ``--from neox`` reads a GPT-NeoX training checkpoint (layer_XX-model_YY-model_states.pt of a
 pipeline model, or mp_rank_YY_model_states.pt) at any model-parallel size, with the run's YAML.
+
+``--to hf`` writes vanilla as GPTNeoXForCausalLM and every other family as a self-contained
+``trust_remote_code`` model (docs/sharing.md); ``--from hf`` of such an export restores the
+megaponder checkpoint exactly.
 """
 import argparse
 import os
@@ -41,31 +45,35 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from megaponder.convert.checkpoint import hf_to_megaponder_checkpoint, megaponder_to_hf_checkpoint
 
-    if args.src == "neox":
-        if args.dst != "megaponder":
-            p.error("--from neox converts to megaponder only (then --from megaponder --to hf)")
-        if not args.config:
-            p.error("--from neox needs --config NEOX.yml (the run's GPT-NeoX config)")
-        from megaponder.convert.neox_native import NeoXCheckpointError, neox_to_megaponder_checkpoint
-        try:
+    if args.src == "megaponder" and (args.family != "vanilla" or args.tp != 1 or args.pp != 1):
+        p.error("--family/--tp/--pp apply to --from hf and --from neox only")
+    try:
+        if args.src == "neox":
+            if args.dst != "megaponder":
+                p.error("--from neox converts to megaponder only (then --from megaponder --to hf)")
+            if not args.config:
+                p.error("--from neox needs --config NEOX.yml (the run's GPT-NeoX config)")
+            from megaponder.convert.neox_native import neox_to_megaponder_checkpoint
             cfg = neox_to_megaponder_checkpoint(args.input, args.config, args.output, args.family,
                                                 args.tp, args.pp, args.vocab_size)
-        except NeoXCheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote megaponder {cfg.model.family} checkpoint to {args.output} from GPT-NeoX "
-              f"{args.input} ({cfg.model.num_layers} layers, d={cfg.model.hidden_size})")
-    elif args.src == "hf":
-        cfg = hf_to_megaponder_checkpoint(args.input, args.output, args.family, args.tp, args.pp,
-                                          args.vocab_size)
-        print(f"wrote megaponder {cfg.model.family} checkpoint to {args.output} "
-              f"({cfg.model.num_layers} layers, d={cfg.model.hidden_size}); train from it with "
-              f"--set train.init_checkpoint={args.output}")
-    else:
-        if args.family != "vanilla" or args.tp != 1 or args.pp != 1:
-            p.error("--family/--tp/--pp apply to --from hf only")
-        megaponder_to_hf_checkpoint(args.input, args.output)
-        print(f"wrote Hugging Face GPTNeoXForCausalLM to {args.output}")
+            print(f"wrote megaponder {cfg.model.family} checkpoint to {args.output} from GPT-NeoX "
+                  f"{args.input} ({cfg.model.num_layers} layers, d={cfg.model.hidden_size})")
+        elif args.src == "hf":
+            cfg = hf_to_megaponder_checkpoint(args.input, args.output, args.family, args.tp, args.pp,
+                                              args.vocab_size)
+            print(f"wrote megaponder {cfg.model.family} checkpoint to {args.output} "
+                  f"({cfg.model.num_layers} layers, d={cfg.model.hidden_size}); train from it with "
+                  f"--set train.init_checkpoint={args.output}")
+        else:
+            written = megaponder_to_hf_checkpoint(args.input, args.output)
+            remote = "" if written == "GPTNeoXForCausalLM" else " (load with trust_remote_code=True)"
+            print(f"wrote Hugging Face {written} to {args.output}{remote}")
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        # one line saying what is wrong (NeoXCheckpointError and checkpoint errors included);
+        # a missing or unreadable input fails before --output is made
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"convert_checkpoint: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,17 +6,14 @@ trainer shards at start-up. So one converted folder serves every parallel layout
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import warnings
 from typing import Optional
 
 import torch
 
 from ..config import Config, ModelConfig, validate
-from ..train.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
-from .hf import HF_HEAD_NAMES, hf_config_from_model_config, hf_to_megaponder, megaponder_to_hf, model_config_from_hf
+from ..train.checkpoint import write_model_files
+from .hf import hf_to_megaponder, model_config_from_hf
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -37,6 +34,10 @@ def hf_to_megaponder_checkpoint(hf_dir: str, output: str, family: str = "vanilla
     ``vocab_size`` is the tokenizer's real size (Pythia: 50277 of 50304 rows); by default the
     HF config's (padded) size is used for both.
     """
+    from .hf_export import import_export, is_megaponder_export
+
+    if is_megaponder_export(hf_dir):  # our own remote-code export: same tensors and config
+        return import_export(hf_dir, output, family, tp if tp != 1 else None, pp if pp != 1 else None)
     hf = _load_hf(hf_dir)
     model_cfg: ModelConfig = model_config_from_hf(hf.config)
     backbone = hf_to_megaponder(hf.state_dict(), model_cfg.num_layers)
@@ -73,30 +74,10 @@ def write_backbone_checkpoint(model_cfg: ModelConfig, backbone: dict, output: st
     return cfg
 
 
-def megaponder_to_hf_checkpoint(path: str, output: str) -> None:
-    """Save a megaponder checkpoint's backbone as a ``GPTNeoXForCausalLM`` folder.
+def megaponder_to_hf_checkpoint(path: str, output: str) -> str:
+    """Save a megaponder checkpoint as a Hugging Face folder: vanilla as
+    ``GPTNeoXForCausalLM``, every other family as the self-contained ``trust_remote_code``
+    ``MegaponderForCausalLM`` (megaponder/convert/hf_export.py). Returns the class written."""
+    from .hf_export import export_checkpoint
 
-    Hugging Face's GPTNeoX runs one pass; a pondering family's recurrence, gates and routers
-    cannot be expressed there, so they are written beside it (``megaponder_extras.pt``) and
-    a warning says that the HF model is the backbone only.
-    """
-    from transformers import GPTNeoXForCausalLM
-
-    folder = resolve_checkpoint(path)
-    cfg = read_checkpoint_config(folder)
-    model = load_model(folder)
-    hf = GPTNeoXForCausalLM(hf_config_from_model_config(cfg.model))
-    head_name = next(n for n in HF_HEAD_NAMES if n in hf.state_dict())
-    state = model.state_dict()
-    hf.load_state_dict(megaponder_to_hf(state, cfg.model.num_layers, head_name), strict=True)
-    hf.save_pretrained(output)
-    extras = {k: v for k, v in state.items() if k in set(model.extra_parameter_names())}
-    if cfg.model.family != "vanilla":
-        warnings.warn(f"'{cfg.model.family}' exported as its GPT-NeoX backbone only: Hugging Face "
-                      f"runs a single pass. Gates/routers are in megaponder_extras.pt.")
-        torch.save(extras, os.path.join(output, "megaponder_extras.pt"))
-        with open(os.path.join(output, "megaponder_family.json"), "w") as f:
-            json.dump({"family": cfg.model.family, "ponder": cfg.to_dict()["ponder"]}, f, indent=2)
-    tok = os.path.join(folder, "tokenizer.json")
-    if os.path.exists(tok):
-        shutil.copyfile(tok, os.path.join(output, "tokenizer.json"))
+    return export_checkpoint(path, output)

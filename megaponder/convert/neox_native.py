@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from ..config import ModelConfig
+from ..errors import UserError
 
 # GPT-NeoX name (legacy, as in Pythia's files / newer) -> megaponder name suffix, and merge rule
 _LAYER_TENSORS = [
@@ -61,7 +62,7 @@ _LAYER_TENSORS = [
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attention\.(bias|masked_bias)|_extra_state)$")
 
 
-class NeoXCheckpointError(ValueError):
+class NeoXCheckpointError(UserError, ValueError):
     """A GPT-NeoX checkpoint folder or config megaponder cannot read; the message says why."""
 
 
