@@ -3,6 +3,7 @@
     megaponder train    --config FILE.yml [--set key.sub=value]...
     megaponder generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
     megaponder eval     --checkpoint DIR --data PREFIX
+    megaponder fprinciple {1d,digits,lm} ...   (docs/analysis.md)
 """
 from __future__ import annotations
 
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_eval)
+
+    from .analysis.fprinciple_cli import add_parser as add_fprinciple_parser
+    add_fprinciple_parser(sub)  # megaponder fprinciple {1d,digits,lm}
     return parser
 
 

@@ -68,6 +68,8 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yml"), "w") as f:
                 f.write(cfg.to_yaml())
         self.metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.train.tensorboard, self.step)
+        from ..analysis.fprinciple_monitor import build_monitor
+        self.fprinciple = build_monitor(cfg, self.run_dir, self.rank)  # None unless analysis.fprinciple_every
         self._build_data()
 
     # -- data -----------------------------------------------------------------------------
@@ -223,6 +225,8 @@ class Trainer:
                          f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
         start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
         last_step = min(t.steps, t.exit_at_step or t.steps)
+        if self.fprinciple is not None and self.step == 0:
+            self.fprinciple.maybe_log(0, self.model, self.metrics)  # the step-0 baseline
         while self.step < last_step:
             stats = self.train_step()
             self.step += 1
@@ -244,6 +248,8 @@ class Trainer:
                                     tok_s=f"{record['tokens_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
+            if self.fprinciple is not None:
+                self.fprinciple.maybe_log(self.step, self.model, self.metrics)
             if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
                 self.save()
         if bar is not None:
