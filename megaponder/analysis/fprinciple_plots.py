@@ -107,22 +107,22 @@ def plot_digits(results: Sequence[dict], path: str) -> str:
 
 def plot_lm_curves(curves: dict, baselines: dict, path: str, title: str = "") -> str:
     """e_low / e_high per δ against a step-like axis (``curves``: label -> {"x": [...],
-    "rows": [[{delta, e_low, e_high}...] per x]}); baselines as horizontal lines."""
+    "rows": [[{fraction, e_low, e_high}...] per x]}); baselines as horizontal lines."""
     plt = _plt()
-    deltas = sorted({row["delta"] for c in curves.values() for rows in c["rows"] for row in rows})
+    deltas = sorted({row["fraction"] for c in curves.values() for rows in c["rows"] for row in rows})
     fig, axes = plt.subplots(1, len(deltas), figsize=(3.2 * len(deltas), 3.2), squeeze=False)
     for j, delta in enumerate(deltas):
         ax = axes[0, j]
         for label, c in curves.items():
-            lows = [next(r["e_low"] for r in rows if r["delta"] == delta) for rows in c["rows"]]
-            highs = [next(r["e_high"] for r in rows if r["delta"] == delta) for rows in c["rows"]]
+            lows = [next(r["e_low"] for r in rows if r["fraction"] == delta) for rows in c["rows"]]
+            highs = [next(r["e_high"] for r in rows if r["fraction"] == delta) for rows in c["rows"]]
             line, = ax.plot(c["x"], lows, "-o", ms=3, label=f"{label} low")
             ax.plot(c["x"], highs, "--s", ms=3, color=line.get_color(), label=f"{label} high")
         for k, (name, rows) in enumerate(baselines.items()):
-            row = next(r for r in rows if r["delta"] == delta)
+            row = next(r for r in rows if r["fraction"] == delta)
             ax.axhline(row["e_low"], color=f"C{k + 5}", lw=0.8, ls="-", label=f"{name} low")
             ax.axhline(row["e_high"], color=f"C{k + 5}", lw=0.8, ls=":", label=f"{name} high")
-        ax.set_title(f"δ={delta:g}", fontsize=9)
+        ax.set_title(f"δ={delta:g}·median sq. distance", fontsize=9)
         ax.set_xlabel(next(iter(curves.values())).get("xlabel", "step"))
         if j == 0:
             ax.set_ylabel("relative error")
