@@ -107,8 +107,6 @@ def format_rows(title_rows: list[tuple[str, list[dict]]]) -> str:
 
 
 def cmd_lm(args) -> int:
-    import torch
-
     from ..train.checkpoint import load_model, read_checkpoint_config
     from .fprinciple import fprinciple_over_checkpoints, iteration_distributions, jacobi_distributions, probe_for_run
     from .fprinciple_plots import plot_lm_curves
