@@ -208,6 +208,7 @@ def _recording_head(model):
     iteration, the last call being the readout)."""
     calls: list[torch.Tensor] = []
     original = model.head
+    own = model.__dict__.get("head")  # an instance-level head (e.g. swapped in) to restore
 
     def head(hidden):
         logits = original(hidden)
@@ -218,7 +219,10 @@ def _recording_head(model):
     try:
         yield calls
     finally:
-        del model.head  # back to the class method
+        if own is None:
+            del model.head  # back to the class method
+        else:
+            model.head = own
 
 
 def iteration_distributions(model, contexts: torch.Tensor, vocab_size: int, batch_size: int = 256) -> list[torch.Tensor]:
