@@ -28,6 +28,7 @@ from typing import Optional
 from .fprinciple import LMProbe, build_lm_probe, read_tokens
 
 PROBE_FILE = "fprinciple_probe.json"
+WARN_SHARE = 0.05  # tell the user once if the probe takes more than this share of the run
 
 
 def metric_keys(rows: list[dict]) -> dict:
@@ -50,14 +51,24 @@ class FPrincipleMonitor:
         self.probe: LMProbe = build_lm_probe(tokens, cfg.model.vocab_size, a.fprinciple_context,
                                              a.fprinciple_probes, a.fprinciple_seed)
         self.build_seconds = time.time() - t0
+        self.started, self.spent, self.warned = None, 0.0, False
 
     def maybe_log(self, step: int, model, metrics) -> Optional[dict]:
         if step % self.every:
             return None
         t0 = time.time()
+        self.started = self.started or t0
         rows = self.probe.model_errors(model)
-        record = {"step": step, **metric_keys(rows), "fprinciple/seconds": round(time.time() - t0, 3)}
+        seconds = time.time() - t0
+        self.spent += seconds
+        record = {"step": step, **metric_keys(rows), "fprinciple/seconds": round(seconds, 3)}
         metrics.write(record)
+        share = self.spent / max(time.time() - self.started, 1e-9)
+        if step > 0 and share > WARN_SHARE and not self.warned and self.write_files:
+            self.warned = True
+            print(f"[megaponder] the F-Principle probe has taken {100 * share:.0f}% of the run's time "
+                  f"so far; raise analysis.fprinciple_every (now {self.every}) or lower "
+                  f"analysis.fprinciple_probes (now {len(self.probe.contexts)}).", flush=True)
         if step == 0 and self.write_files:
             desc = self.probe.describe()
             desc["baselines"]["step0"] = rows
