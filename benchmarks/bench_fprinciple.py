@@ -12,8 +12,8 @@
    the documented interval (analysis.fprinciple_every=50): the probe's share of the wall time
    (its own logged seconds / the run's wall time, both under the same machine load), then the
    per-iteration view of its final checkpoint.
-4. Tiny PonderLM (200 steps): per-iteration view; tiny PonderLM-2 (200 steps): e_low / e_high
-   against the number of Jacobi passes J = 0..4 of the final checkpoint.
+4. Tiny PonderLM (--steps): per-iteration view; tiny PonderLM-2 with ponder.steps = 1 and 3
+   (--steps): e_low / e_high against the number of Jacobi passes J = 0..4 of the final checkpoint.
 
 Runs one at a time with one thread each (the machine is shared); ``--skip-existing`` reuses
 finished runs.
@@ -135,11 +135,17 @@ def main() -> int:
         log = os.path.join(out, "ponderlm-iter.log")
         sh(["fprinciple", "lm", "--run", run, "--per-iteration", "--threads", "1", "--out", run + "-iter"], log)
         report += ["## Tiny PonderLM: per pondering iteration", "", "```", open(log).read().strip(), "```", ""]
-        run = os.path.join(out, "tiny-ponderlm2")
-        train("tiny-ponderlm2.yml", run, args.steps, 50, args.skip_existing, ["train.eval_every=0"])
-        log = os.path.join(out, "ponderlm2-jacobi.log")
-        sh(["fprinciple", "lm", "--run", run, "--jacobi", "0,1,2,3,4", "--threads", "1", "--out", run + "-jacobi"], log)
-        report += ["## Tiny PonderLM-2: Jacobi passes", "", "```", open(log).read().strip(), "```", ""]
+        # K latent steps form a causal (triangular) system: Jacobi reaches its fixed point after
+        # at most K passes, so K = 1 (the tiny config) says little; K = 3 shows the approach
+        for k in (1, 3):
+            run = os.path.join(out, f"tiny-ponderlm2-k{k}")
+            train("tiny-ponderlm2.yml", run, args.steps, 50, args.skip_existing,
+                  ["train.eval_every=0", f"ponder.steps={k}"])
+            log = os.path.join(out, f"ponderlm2-k{k}-jacobi.log")
+            sh(["fprinciple", "lm", "--run", run, "--jacobi", "0,1,2,3,4", "--threads", "1",
+                "--out", run + "-jacobi"], log)
+            report += [f"## Tiny PonderLM-2 (ponder.steps={k}): Jacobi passes", "", "```",
+                       open(log).read().strip(), "```", ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         f.write("\n".join(report) + "\n")

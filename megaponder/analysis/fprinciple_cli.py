@@ -152,7 +152,8 @@ def cmd_lm(args) -> int:
     if args.out:
         _dump(os.path.join(args.out, "fprinciple_lm.json"), result)
         print("wrote", plot_lm_curves(curves, result["baselines"], os.path.join(args.out, "fprinciple_lm.png"),
-                                      title=f"LM probe: {checkpoints[-1]}"))
+                                      title=f"LM probe: {cfg.model.family}, "
+                                            f"{os.path.basename(os.path.normpath(last))}"))
     return 0
 
 
