@@ -5,10 +5,10 @@
 
 1. ``megaponder fprinciple 1d --init both`` and ``digits --init both`` (MLP): the toy
    reproductions, small vs large initialisation.
-2. Tiny vanilla model (examples/configs/tiny.yml, 200 steps) with the in-training probe every
+2. Tiny vanilla model (examples/configs/tiny.yml, --vanilla-steps 200) with the in-training probe every
    10 steps: e_low / e_high per δ beside the unigram, bigram and step-0 baselines.
-3. The quickstart (examples/configs/quickstart.yml: AdaPonderLM, 400 steps; ``--quickstart-exit``
-   stops it early with the same schedule) with the probe at
+3. The quickstart (examples/configs/quickstart.yml: AdaPonderLM, 400 steps; ``--quickstart-exit``,
+   default 150, stops it early with the same schedule) with the probe at
    the documented interval (analysis.fprinciple_every=50): the probe's share of the wall time
    (its own logged seconds / the run's wall time, both under the same machine load), then the
    per-iteration view of its final checkpoint.
@@ -91,8 +91,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="runs/fprinciple")
     p.add_argument("--output", default="benchmarks/results/fprinciple.md")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--quickstart-exit", type=int, default=400,
+    p.add_argument("--steps", type=int, default=100, help="steps of the tiny PonderLM / PonderLM-2 runs")
+    p.add_argument("--vanilla-steps", type=int, default=200, help="steps of the tiny vanilla run")
+    p.add_argument("--quickstart-exit", type=int, default=150,
                    help="stop the quickstart at this step (train.exit_at_step; the schedule still "
                         "spans 400 steps), to measure the probe's share on a shorter run")
     p.add_argument("--skip-existing", action="store_true")
@@ -102,7 +103,7 @@ def main() -> int:
     os.makedirs(out, exist_ok=True)
     parts = set(args.parts.split(","))
     report = ["# F-Principle measurements", "", "Produced by `python benchmarks/bench_fprinciple.py "
-              f"--out-dir {args.out_dir} --output {args.output}` (one thread per run).", ""]
+              + " ".join(sys.argv[1:]) + "` (one thread per run).", ""]
     if "toy" in parts:
         for exp in ("1d", "digits"):
             log = os.path.join(out, f"{exp}.log")
@@ -110,7 +111,7 @@ def main() -> int:
             report += [f"## `megaponder fprinciple {exp} --init both`", "", "```", open(log).read().strip(), "```", ""]
     if "vanilla" in parts:
         run = os.path.join(out, "tiny")
-        train("tiny.yml", run, args.steps, 10, args.skip_existing, ["train.eval_every=0"])
+        train("tiny.yml", run, args.vanilla_steps, 10, args.skip_existing, ["train.eval_every=0"])
         table, info = curve_table(run)
         report += ["## Tiny vanilla, probe every 10 steps", "", table, "",
                    f"probe: {len(info['probe_seconds'])} runs, mean {sum(info['probe_seconds']) / len(info['probe_seconds']):.2f} s each; "
