@@ -4,6 +4,7 @@
     megaponder generate --checkpoint DIR --prompt TEXT [--max-new-tokens N]
     megaponder eval     --checkpoint DIR --data PREFIX
     megaponder lm-eval  --checkpoint DIR --tasks T1,T2 [--limit N] ...
+    megaponder fprinciple {1d,digits,lm} ...   (docs/analysis.md)
 """
 from __future__ import annotations
 
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli_args import add_lm_eval_arguments
     add_lm_eval_arguments(p)
     p.set_defaults(func=_lm_eval)
+    from .analysis.fprinciple_cli import add_parser as add_fprinciple_parser
+    add_fprinciple_parser(sub)  # megaponder fprinciple {1d,digits,lm}
     return parser
 
 

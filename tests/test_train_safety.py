@@ -250,6 +250,9 @@ def test_planted_pickles_and_outside_latest_are_refused_everywhere(tmp_path, ref
     source = reference[0] / "checkpoints" / f"global_step{STEPS}"
     marker = tmp_path / "pwned"
     files = sorted(p.relative_to(source) for p in source.rglob("*.pt"))
+    # universal/ holds three files per parameter, all read by the same loader: plant in one
+    universal = [f for f in files if f.parts[0] == "universal"]
+    files = [f for f in files if f.parts[0] != "universal"] + universal[:1]
     assert {str(f) for f in files} >= {"model.pt", "rng/rank0.pt",
                                        "deepspeed/state/mp_rank_00_model_states.pt"}
     for rel in files:
@@ -268,11 +271,10 @@ def test_planted_pickles_and_outside_latest_are_refused_everywhere(tmp_path, ref
             run_dir = str(folder.parent.parent)
             assert cli(["eval", "--checkpoint", run_dir, "--data", "x", "--device", "cpu"]) == 2
             assert cli(["generate", "--checkpoint", run_dir, "--prompt", "a", "--device", "cpu"]) == 2
-            with pytest.raises((SystemExit, ckpt.CheckpointError)):
-                convert(["--from", "megaponder", "--to", "hf", "--input", run_dir,
-                         "--output", str(tmp_path / "hf")])
+            assert convert(["--from", "megaponder", "--to", "hf", "--input", run_dir,
+                            "--output", str(tmp_path / "hf")]) == 2
             err = capsys.readouterr().err
-            assert err.count("refusing to load it") == 2 and "Traceback" not in err
+            assert err.count("refusing to load it") == 3 and "Traceback" not in err
     assert not marker.exists()
 
     # `latest` naming anything but a global_step<N> folder of the same checkpoints/ folder

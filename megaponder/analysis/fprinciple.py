@@ -1,158 +1,316 @@
-"""Frequency-Principle diagnostics for language models (filtering method).
+"""A spectral probe of next-token prediction (the F-Principle filtering method on an LM).
 
-Xu et al. (arXiv 1807.01251, 1901.06523) show that networks trained from small
-initialisation fit the low-frequency part of the target first. The *filtering method*
-splits the target y and the network output h into a low-frequency part (Gaussian smoothing
-in input space) and the high-frequency rest, and tracks the relative error of each over
-training (shared/docs/papers.md §5.2(c)):
+The filtering method (megaponder/analysis/spectral.py) needs a target *function* y(x) and
+the network's output h(x) *of the same input*. For a language model we define, per probe i:
 
-    y_low_i  = sum_j G(x_i - x_j) y_j / sum_j G(x_i - x_j),   G(x) = exp(-|x|^2 / (2 delta))
-    y_high   = y - y_low                      (same for h)
-    e_low    = ||y_low - h_low|| / ||y_low||,  e_high = ||y_high - h_high|| / ||y_high||
+* **x_i** — a c-token context, embedded with a *fixed reference table* (default: a seeded
+  Gaussian table, N(0, 1/e) per entry, e = 64 dimensions per token, independent of any
+  model) and concatenated. With that table |x_i − x_j|² ≈ 2 × (number of context positions
+  where the two contexts differ), so "low frequency" has a plain meaning here: smooth
+  over contexts that share tokens; the highest frequency is a function of the exact context.
+* **y_i** — the empirical next-token distribution of that context in the scanned training
+  tokens (a function of x, not a noisy one-hot sample: with one-hot targets even the true
+  conditional distribution has e_high far from 0, so a large e_high would say nothing).
+* **h_i** — the model's next-token distribution computed from *those c tokens only* (the
+  model is run on the c-token sequence; position c−1's prediction), so h is a function of x.
 
-For next-token prediction (the recipe of §5.5): x_i is the concatenation of the input
-embeddings of the ``context`` tokens before position i (from one fixed *reference* table, so
-x does not move while the model trains), y_i the one-hot next token, h_i the model's
-predicted distribution at i (with its full context).
+Probes are N distinct contexts drawn from random positions of the training tokens (frequent
+contexts are drawn more often, as training sees them). δ grid: fractions (0.05, 0.1, 0.2,
+0.5, 1) of the median squared distance between probes (≈ 2c with the random table).
 
-The vocabulary makes y and h wide (N x |V|). With K the row-normalised kernel and D = y - h,
-||K D||_F^2 = trace(K^T K D D^T), so one N x N Gram matrix D D^T per checkpoint serves every
-delta; y y^T is just "same next token". Cost: one N x N x |V| product per checkpoint.
+Baseline rows come with every probe: **unigram** (the training unigram distribution for every
+x: ignores x, so e_high = 1 exactly) and **bigram** (the empirical distribution given only the
+last context token: a lower-frequency function of x); the trainer adds the **step-0** model.
+
+Cost (``LMProbe.errors``): one forward over N × c tokens, then D Dᵀ (N² |V| multiply-adds,
+D = Y − H) and 2 N² per δ — the kernels enter as precomputed Kᵀ K and (I − K)ᵀ(I − K), since
+‖K D‖² = ⟨Kᵀ K, D Dᵀ⟩. Memory: a few N × |V| float64 matrices (N = 512, |V| = 8192: 34 MB each).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Optional
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from .spectral import gaussian_kernels, median_squared_distance, squared_distances
+
+DELTA_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+__all__ = ["DELTA_FRACTIONS", "LMProbe", "build_lm_probe", "random_reference", "read_tokens",
+           "context_distributions", "iteration_distributions", "jacobi_distributions",
+           "initial_model", "probe_for_run", "fprinciple_over_checkpoints"]
+
+
+def random_reference(vocab_size: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
+    """The default reference table: seeded N(0, 1/dim) entries, so |e_a − e_b|² ≈ 2 for a ≠ b."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(vocab_size, dim, generator=g, dtype=torch.float64) / dim ** 0.5
+
+
+def read_tokens(prefixes: Sequence[str], max_tokens: int) -> np.ndarray:
+    """The first ``max_tokens`` tokens of the given indexed datasets, in file order."""
+    from ..data import IndexedDataset
+
+    parts, total = [], 0
+    for prefix in prefixes:
+        tokens = IndexedDataset(prefix).all_tokens()[: max_tokens - total]
+        parts.append(np.asarray(tokens, dtype=np.int64))
+        total += len(parts[-1])
+        if total >= max_tokens:
+            break
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _context_keys(windows: np.ndarray, vocab_size: int) -> np.ndarray:
+    """One exact int64 key per row of token ids (base-|V| digits, or np.unique's labels when
+    |V|^c does not fit in 62 bits)."""
+    c = windows.shape[1]
+    if vocab_size ** c < 2 ** 62:
+        keys = np.zeros(len(windows), np.int64)
+        for j in range(c):
+            keys = keys * vocab_size + windows[:, j]
+        return keys
+    return np.unique(windows, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
 
 @dataclass
-class ProbeSet:
-    """Fixed positions to probe: windows of tokens and where in each window to look."""
+class LMProbe:
+    contexts: torch.Tensor  # [N, c] distinct contexts (token ids)
+    target: torch.Tensor  # [N, V] float64: empirical next-token distribution of each context
+    counts: torch.Tensor  # [N] occurrences of each context in the scanned tokens
+    x: torch.Tensor  # [N, c*e] reference embedding of each context
+    fractions: list[float]  # δ = fraction × median squared distance between probes
+    vocab_size: int
+    meta: dict = field(default_factory=dict)
+    baselines: dict = field(default_factory=dict)  # name -> [N, V] predicted distributions
 
-    windows: torch.Tensor  # [W, L] token ids (inputs), read left to right
-    rows: torch.Tensor  # [N] window index of each probe
-    cols: torch.Tensor  # [N] position in the window (>= context)
-    targets: torch.Tensor  # [N] next token at (row, col)
+    def __post_init__(self):
+        sq = squared_distances(self.x)
+        # the scale of the input cloud sets what "low frequency" means, hence relative δ
+        self.median_sq = median_squared_distance(sq)
+        self.deltas = [f * self.median_sq for f in self.fractions]
+        eye = torch.eye(len(self.x), dtype=torch.float64)
+        # the quadratic forms of the errors: ‖K D‖² = <KᵀK, D Dᵀ>, ‖(I−K) D‖² = <(I−K)ᵀ(I−K), D Dᵀ>
+        self._forms = {}
+        y_gram = self.target @ self.target.T
+        for delta, k in gaussian_kernels(sq, self.deltas).items():
+            low, high = k.T @ k, (eye - k).T @ (eye - k)
+            self._forms[delta] = (low, high, float((low * y_gram).sum()), float((high * y_gram).sum()))
+        self._y_gram = y_gram
+
+    def errors(self, probs: torch.Tensor) -> list[dict]:
+        """e_low / e_high per δ for predicted distributions ``probs`` [N, V]."""
+        d = self.target - probs.double()
+        d_gram = d @ d.T
+        rows = []
+        for (delta, (low, high, y_low2, y_high2)), frac in zip(self._forms.items(), self.fractions):
+            rows.append({"delta": delta, "fraction": frac,
+                         "e_low": (max(float((low * d_gram).sum()), 0.0) / max(y_low2, 1e-300)) ** 0.5,
+                         "e_high": (max(float((high * d_gram).sum()), 0.0) / max(y_high2, 1e-300)) ** 0.5})
+        return rows
+
+    def baseline_rows(self) -> dict:
+        return {name: self.errors(probs) for name, probs in self.baselines.items()}
+
+    def model_errors(self, model, batch_size: int = 256) -> list[dict]:
+        return self.errors(context_distributions(model, self.contexts, self.vocab_size, batch_size))
+
+    def describe(self) -> dict:
+        return {**self.meta, "num_probes": len(self.contexts), "context": self.contexts.shape[1],
+                "deltas": self.deltas, "delta_fractions": self.fractions,
+                "median_sq_distance": self.median_sq, "probe_counts_mean": float(self.counts.double().mean()),
+                "baselines": self.baseline_rows()}
 
 
-def sample_probes(stream: np.ndarray, seq_length: int, num_samples: int, context: int,
-                  seed: int = 0) -> ProbeSet:
-    """``num_samples`` probe positions from non-overlapping windows of a token stream."""
-    n_windows = (len(stream) - 1) // seq_length
-    if n_windows == 0:
-        raise ValueError(f"{len(stream)} tokens are fewer than one window of {seq_length + 1}")
+def build_lm_probe(tokens: np.ndarray, vocab_size: int, context: int = 3, num_probes: int = 512,
+                   seed: int = 0, reference: Optional[torch.Tensor] = None, embed_dim: int = 64,
+                   fractions: Sequence[float] = DELTA_FRACTIONS) -> LMProbe:
+    """Probe N distinct ``context``-token contexts of a token stream (see the module docstring)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if len(tokens) <= context:
+        raise ValueError(f"{len(tokens)} tokens are too few for {context}-token contexts")
+    if tokens.max() >= vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} >= vocab_size {vocab_size}")
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, context + 1)
+    keys = _context_keys(windows[:, :context], vocab_size)
     rng = np.random.default_rng(seed)
-    per_window = max(1, -(-num_samples // n_windows))
-    rows, cols = [], []
-    for w in rng.permutation(n_windows):
-        picks = rng.choice(np.arange(context, seq_length), size=min(per_window, seq_length - context),
-                           replace=False)
-        rows += [w] * len(picks)
-        cols += list(picks)
-        if len(rows) >= num_samples:
-            break
-    rows, cols = np.array(rows[:num_samples]), np.array(cols[:num_samples])
-    used = np.unique(rows)
-    remap = {w: i for i, w in enumerate(used)}
-    windows = np.stack([stream[w * seq_length: w * seq_length + seq_length + 1] for w in used])
-    windows = torch.from_numpy(windows.astype(np.int64))
-    r = torch.tensor([remap[w] for w in rows])
-    c = torch.from_numpy(cols.astype(np.int64))
-    return ProbeSet(windows=windows[:, :-1], rows=r, cols=c, targets=windows[r, c + 1])
+    # random positions; their first distinct contexts (frequent contexts are likelier)
+    order = rng.permutation(len(windows))[: max(num_probes * 20, 1000)]
+    _, first = np.unique(keys[order], return_index=True)
+    picked = order[np.sort(first)][:num_probes]
+    if len(picked) < 2:
+        raise ValueError("the token stream has fewer than 2 distinct contexts to probe")
+    probe_keys = keys[picked]
+    sort = np.argsort(probe_keys)
+    pos = np.searchsorted(probe_keys[sort], keys).clip(max=len(picked) - 1)
+    hit = probe_keys[sort][pos] == keys
+    rows = sort[pos[hit]]
+    counts = np.zeros((len(picked), vocab_size))
+    np.add.at(counts, (rows, windows[hit, context]), 1.0)
+    n = counts.sum(1)
+    target = torch.from_numpy(counts / n[:, None])
+    contexts = torch.from_numpy(np.ascontiguousarray(windows[picked, :context]))
+
+    unigram = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    unigram /= unigram.sum()
+    # bigram: next-token distribution given the last context token only
+    last = contexts[:, -1].numpy()
+    uniq = np.unique(last)
+    at = np.searchsorted(uniq, tokens[:-1]).clip(max=len(uniq) - 1)
+    seen = uniq[at] == tokens[:-1]
+    big_rows = np.zeros((len(uniq), vocab_size))
+    np.add.at(big_rows, (at[seen], tokens[1:][seen]), 1.0)
+    big = big_rows[np.searchsorted(uniq, last)]
+    big /= big.sum(1, keepdims=True)
+
+    ref = random_reference(vocab_size, embed_dim, seed) if reference is None else reference.double()
+    x = ref[contexts].reshape(len(picked), -1)
+    meta = {"scanned_tokens": int(len(tokens)), "seed": seed,
+            "reference": "random" if reference is None else "given", "embed_dim": int(ref.shape[1])}
+    return LMProbe(contexts=contexts, target=target, counts=torch.from_numpy(n), x=x,
+                   fractions=list(fractions), vocab_size=vocab_size, meta=meta,
+                   baselines={"unigram": torch.from_numpy(unigram).expand(len(picked), -1),
+                              "bigram": torch.from_numpy(big)})
 
 
-def probe_inputs(probes: ProbeSet, embedding: torch.Tensor, context: int) -> torch.Tensor:
-    """x_i: the reference embeddings of the ``context`` tokens ending at the probe position,
-    concatenated and standardised per dimension (so no single direction dominates |x|)."""
-    offsets = torch.arange(-context + 1, 1)
-    ids = probes.windows[probes.rows.unsqueeze(1), probes.cols.unsqueeze(1) + offsets]
-    x = embedding[ids].reshape(len(probes.rows), -1).double()
-    return (x - x.mean(0)) / (x.std(0) + 1e-12)
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
-@torch.no_grad()
-def predicted_distributions(model, probes: ProbeSet, vocab_size: int, batch_size: int = 8) -> torch.Tensor:
-    """h_i: the model's next-token distribution at each probe (real vocabulary only)."""
-    out = torch.empty(len(probes.rows), vocab_size, dtype=torch.float64)
-    for start in range(0, len(probes.windows), batch_size):
-        chunk = probes.windows[start: start + batch_size]
-        probs = torch.softmax(model(chunk).logits[..., :vocab_size].double(), dim=-1)
-        sel = (probes.rows >= start) & (probes.rows < start + len(chunk))
-        out[sel] = probs[probes.rows[sel] - start, probes.cols[sel]]
-    return out
+def context_distributions(model, contexts: torch.Tensor, vocab_size: int, batch_size: int = 256,
+                          **forward_kwargs) -> torch.Tensor:
+    """h_i: the model's next-token distribution after the c tokens of context i, run on those
+    c tokens alone (eval mode, no grad) -> [N, V] float64 over the real vocabulary."""
+    device = next(model.parameters()).device
+    out = []
+    with _eval_mode(model):
+        for start in range(0, len(contexts), batch_size):
+            ids = contexts[start: start + batch_size].to(device)
+            logits = model(ids, **forward_kwargs).logits[:, -1, :vocab_size]
+            out.append(torch.softmax(logits.double(), dim=-1).cpu())
+    return torch.cat(out)
 
 
-def kernels(x: torch.Tensor, deltas: Iterable[float]) -> dict[float, torch.Tensor]:
-    """Row-normalised Gaussian kernels K_delta over the probes' inputs."""
-    sq = torch.cdist(x, x).pow(2)
-    result = {}
-    for delta in deltas:
-        g = torch.exp(-sq / (2.0 * delta))  # the diagonal (j = i) is 1, so rows never vanish
-        result[delta] = g / g.sum(dim=1, keepdim=True)
-    return result
+@contextmanager
+def _recording_head(model):
+    """Record every call of ``model.head`` (PonderLM / AdaPonderLM call it once per pondering
+    iteration, the last call being the readout)."""
+    calls: list[torch.Tensor] = []
+    original = model.head
+    own = model.__dict__.get("head")  # an instance-level head (e.g. swapped in) to restore
+
+    def head(hidden):
+        logits = original(hidden)
+        calls.append(logits)
+        return logits
+
+    model.head = head
+    try:
+        yield calls
+    finally:
+        if own is None:
+            del model.head  # back to the class method
+        else:
+            model.head = own
 
 
-def default_deltas(x: torch.Tensor, fractions=(0.05, 0.1, 0.2, 0.5, 1.0)) -> list[float]:
-    """delta as fractions of the median squared distance between probes: the scale of the
-    input cloud sets what "low frequency" means, so fixed deltas would not transfer."""
-    sq = torch.cdist(x, x).pow(2)
-    median = float(sq[~torch.eye(len(x), dtype=torch.bool)].median())
-    return [f * median for f in fractions]
+def iteration_distributions(model, contexts: torch.Tensor, vocab_size: int, batch_size: int = 256) -> list[torch.Tensor]:
+    """Per pondering iteration i (0 = the first pass), the distribution the model would
+    output if it stopped after pass i+1: head(H^i) at the last position. For AdaPonderLM a
+    token that halted keeps the prediction of its last active pass (what its readout uses)."""
+    passes = getattr(model, "num_passes", None)
+    if passes is None or getattr(model, "family", "") not in ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
+        raise ValueError(f"per-iteration view needs a vertical pondering family (ponderlm, adaponderlm), "
+                         f"not {getattr(model, 'family', type(model).__name__)}")
+    device = next(model.parameters()).device
+    per_iter: list[list[torch.Tensor]] = [[] for _ in range(passes)]
+    with _eval_mode(model):
+        for start in range(0, len(contexts), batch_size):
+            ids = contexts[start: start + batch_size].to(device)
+            with _recording_head(model) as calls:
+                out = model(ids, return_token_stats=True)
+            if len(calls) != passes:
+                raise RuntimeError(f"expected {passes} head calls, saw {len(calls)}")
+            stacked = torch.stack([c[:, -1, :vocab_size].float() for c in calls])  # [P, B, V]
+            executed = out.stats["token_iterations"][:, -1].long().clamp(1, passes)  # passes run
+            for i in range(passes):
+                src = torch.minimum(torch.full_like(executed, i), executed - 1)
+                if i == passes - 1:
+                    src = torch.full_like(executed, passes - 1)  # the readout already freezes
+                logits = stacked[src, torch.arange(len(ids))]
+                per_iter[i].append(torch.softmax(logits.double(), -1).cpu())
+    return [torch.cat(chunks) for chunks in per_iter]
 
 
-def _frob2(op: torch.Tensor, gram: torch.Tensor) -> float:
-    """||op @ M||_F^2 for M with Gram matrix gram = M M^T."""
-    return float(torch.einsum("ij,jk,ik->", op, gram, op))
+def jacobi_distributions(model, contexts: torch.Tensor, vocab_size: int, passes: Sequence[int],
+                         batch_size: int = 256) -> dict[int, torch.Tensor]:
+    """PonderLM-2 / -3: the output distribution with J Jacobi passes, for each J in ``passes``."""
+    if not hasattr(model, "jacobi_count"):
+        raise ValueError(f"Jacobi passes exist for ponderlm2 / ponderlm3, not {getattr(model, 'family', '?')}")
+    return {int(j): context_distributions(model, contexts, vocab_size, batch_size, jacobi_passes=int(j))
+            for j in passes}
 
 
-def filtered_errors(targets: torch.Tensor, probs: torch.Tensor,
-                    kernel_by_delta: dict[float, torch.Tensor]) -> list[dict]:
-    """e_low / e_high for every delta (targets: [N] ids, probs: [N, V] float64)."""
-    n = len(targets)
-    y_gram = (targets.unsqueeze(0) == targets.unsqueeze(1)).double()  # Y Y^T
-    diff = -probs
-    diff[torch.arange(n), targets] += 1.0  # D = Y - H
-    d_gram = diff @ diff.T
-    eye = torch.eye(n, dtype=torch.float64)
-    rows = []
-    for delta, k in kernel_by_delta.items():
-        high = eye - k
-        rows.append({
-            "delta": delta,
-            "e_low": (_frob2(k, d_gram) / max(_frob2(k, y_gram), 1e-300)) ** 0.5,
-            "e_high": (_frob2(high, d_gram) / max(_frob2(high, y_gram), 1e-300)) ** 0.5,
-        })
-    return rows
+def initial_model(cfg):
+    """The weights ``megaponder train`` starts from with this config (same seed, same
+    build order as the trainer) — the step-0 baseline for runs without a step-0 checkpoint."""
+    from ..models import build_model
+
+    if cfg.train.init_checkpoint:
+        raise ValueError("the run starts from train.init_checkpoint; probe that checkpoint as its step 0")
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg)
 
 
-def fprinciple_over_checkpoints(checkpoints: list[str], data_prefix: str, num_samples: int = 1000,
-                                context: int = 3, seed: int = 0,
-                                reference: Optional[str] = None, progress: bool = False) -> dict:
-    """Run the filtering diagnostic on every checkpoint of a run (same probes, same x)."""
-    from ..data import IndexedDataset
+def probe_for_run(cfg, data_prefixes: Optional[Sequence[str]] = None, num_probes: int = 512,
+                  context: int = 3, seed: int = 0, scan_tokens: int = 1_000_000,
+                  reference: Optional[str] = None) -> LMProbe:
+    """The probe of a run's training data (``cfg.data.path`` unless ``data_prefixes``);
+    ``reference``: a checkpoint whose standardised input embeddings replace the random table."""
+    from ..config import _data_prefixes
+    from ..train.checkpoint import load_model
+
+    prefixes = list(data_prefixes or _data_prefixes(cfg.data.path))
+    ref = None
+    if reference:
+        w = load_model(reference).embed_in.weight.detach().double()[: cfg.model.vocab_size]
+        ref = (w - w.mean(0)) / (w.std(0) + 1e-12)  # standardised: no direction dominates |x|
+    probe = build_lm_probe(read_tokens(prefixes, scan_tokens), cfg.model.vocab_size, context,
+                           num_probes, seed, reference=ref)
+    probe.meta.update({"data": prefixes, "reference": reference or "random"})
+    return probe
+
+
+def fprinciple_over_checkpoints(checkpoints: list[str], probe: LMProbe, progress: bool = False) -> dict:
+    """The probe on every checkpoint of a run (same probes, same x), with the baseline rows
+    and, first, the step-0 model (rebuilt from the run's seed) unless a step-0 checkpoint exists."""
     from ..train.checkpoint import load_model, read_checkpoint_config, read_meta
 
     cfg = read_checkpoint_config(checkpoints[-1])
-    ds = IndexedDataset(data_prefix)
-    stream = np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))])
-    probes = sample_probes(stream, cfg.data.seq_length, num_samples, context, seed)
-    ref_model = load_model(reference or checkpoints[-1])
-    x = probe_inputs(probes, ref_model.embed_in.weight.detach(), context)
-    deltas = default_deltas(x)
-    kernel_by_delta = kernels(x, deltas)
-    results = []
-    iterator = checkpoints
+    desc = probe.describe()
+    rows, seconds = [], []
+    models = [(read_meta(p).get("step"), p) for p in checkpoints]
+    if 0 not in {s for s, _ in models} and not cfg.train.init_checkpoint:
+        models.insert(0, (0, None))
+    iterator = models
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(checkpoints, desc="checkpoints", unit="ckpt")
-    for path in iterator:
-        model = load_model(path)
-        probs = predicted_distributions(model, probes, cfg.model.vocab_size)
-        step = read_meta(path).get("step")
-        for row in filtered_errors(probes.targets, probs, kernel_by_delta):
-            results.append({"step": step, **row})
-    return {"num_samples": len(probes.targets), "context": context, "deltas": deltas,
-            "reference": reference or checkpoints[-1], "rows": results}
+        iterator = tqdm(models, desc="checkpoints", unit="ckpt")
+    for step, path in iterator:
+        model = initial_model(cfg) if path is None else load_model(path)
+        t0 = time.time()
+        rows += [{"step": step, **row} for row in probe.model_errors(model)]
+        seconds.append(round(time.time() - t0, 3))
+    desc.update({"rows": rows, "probe_seconds": seconds})
+    return desc

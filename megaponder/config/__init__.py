@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from .analysis import AnalysisConfig
 from .base import ConfigError, coerce, field_docs, from_dict, param, to_dict
 from .data import DataConfig
 from .model import FAMILIES, ModelConfig
@@ -24,7 +25,7 @@ from .train import OptimConfig, TrainConfig
 from .yaml_io import load_yaml_file, parse_yaml
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "AnalysisConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "PonderConfig", "TrainConfig", "FAMILIES", "load_config", "validate", "config_from_dict",
 ]
 
@@ -37,6 +38,7 @@ class Config:
     data: DataConfig = param(help="Datasets.", factory=DataConfig)
     optim: OptimConfig = param(help="Optimizer and schedule.", factory=OptimConfig)
     train: TrainConfig = param(help="Training loop.", factory=TrainConfig)
+    analysis: AnalysisConfig = param(help="Measurements during training.", factory=AnalysisConfig)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -146,6 +148,15 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     problems.extend(train_config_problems(t))
     need(0 < o.lr < float("inf"), f"optim.lr must be a positive finite number (got {o.lr}).")
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
+    a = cfg.analysis
+    need(a.fprinciple_every >= 0, f"analysis.fprinciple_every must be >= 0 (got {a.fprinciple_every}).")
+    need(a.fprinciple_probes >= 2 and a.fprinciple_context >= 1 and a.fprinciple_scan_tokens > a.fprinciple_context,
+         "analysis.fprinciple_probes must be >= 2, fprinciple_context >= 1 and "
+         "fprinciple_scan_tokens larger than the context.")
+    need(a.fprinciple_every == 0 or (par.tp == 1 and par.pp == 1),
+         f"analysis.fprinciple_every={a.fprinciple_every} needs parallel.tp=1 and parallel.pp=1 (the "
+         f"probe runs the whole model on each rank); set it to 0 and run "
+         f"tools/analyze_fprinciple.py on saved checkpoints instead.")
     # parallel layout
     need(par.tp >= 1 and par.pp >= 1, "parallel.tp and parallel.pp must be >= 1.")
     need(par.pipeline_chunks >= 1, f"parallel.pipeline_chunks must be >= 1 (got {par.pipeline_chunks}).")

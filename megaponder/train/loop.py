@@ -81,6 +81,8 @@ class Trainer:
         wandb = (dict(project=t.wandb_project, name=t.wandb_run_name, entity=t.wandb_entity,
                       config=cfg.to_dict()) if t.wandb_project else None)
         self.metrics = MetricsWriter(self.run_dir, self.rank == 0, t.tensorboard, self.step, wandb)
+        from ..analysis.fprinciple_monitor import build_monitor
+        self.fprinciple = build_monitor(cfg, self.run_dir, self.rank)  # None unless analysis.fprinciple_every
         self._build_data()
 
     # -- data -----------------------------------------------------------------------------
@@ -330,6 +332,8 @@ class Trainer:
                          f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
         start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
         last_step = min(t.steps, t.exit_at_step or t.steps)
+        if self.fprinciple is not None and self.step == 0:
+            self.fprinciple.maybe_log(0, self.model, self.metrics)  # the step-0 baseline
         stop = StopRequest(t.preempt_signal, t.exit_after_minutes)  # SIGTERM etc. (guards.py)
         try:
             while self.step < last_step:
@@ -357,6 +361,8 @@ class Trainer:
                         _log0(self.rank, _log_line(record, t.steps))
                 if bar is not None:
                     bar.update(1)
+                if self.fprinciple is not None:
+                    self.fprinciple.maybe_log(self.step, self.model, self.metrics)
                 self._check_skipped(skipped)
                 if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
                     self.save()
