@@ -19,6 +19,7 @@ from ..models import build_model
 from . import checkpoint as ckpt
 from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
+from .throughput import ThroughputMeter
 from .schedule import lr_multiplier
 
 
@@ -222,6 +223,7 @@ class Trainer:
                          f"{self.topo.world_size} process(es) ({self.topo.describe()}), "
                          f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
         start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
+        meter = ThroughputMeter(self.cfg, self.topo.world_size, self.engine.engine.device, tokens_at_start)
         last_step = min(t.steps, t.exit_at_step or t.steps)
         while self.step < last_step:
             stats = self.train_step()
@@ -234,18 +236,21 @@ class Trainer:
                 record = {"step": self.step, "loss": stats.pop("lm_loss"), "total_loss": total_loss,
                           "lr": stats.pop("lr"), "tokens": tokens, "time_s": round(elapsed, 3),
                           "tokens_per_s": round((tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
-                          "grad_norm": _maybe_float(stats.pop("grad_norm")), **stats}
+                          "grad_norm": _maybe_float(stats.pop("grad_norm")), **stats,
+                          **meter.record(tokens)}
                 if t.eval_every and self.step % t.eval_every == 0 and self.step != last_step:
                     val = self.validate()
                     record.update({"val_loss": val["loss"], "val_ppl": val["ppl"]})
                 self.metrics.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                                    tok_s=f"{record['tokens_per_s']:.0f}", **meter.postfix(record))
+                meter.mark(tokens)   # the next interval starts after this step's evaluation
             if bar is not None:
                 bar.update(1)
             if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
                 self.save()
+                meter.mark(tokens)
         if bar is not None:
             bar.close()
         final_val = self.validate()
