@@ -58,3 +58,16 @@ def test_fused_adamw_equals_foreach():
             diff = max((a - b).abs().max().item() for a, b in zip(*(m.parameters() for m in models)))
             assert diff <= 1e-6, diff
     assert opts[1].defaults["fused"] is True
+
+
+def test_torch_range_check():
+    import warnings
+
+    from megaponder.compat import check_torch, torch_version
+
+    assert torch_version("2.6.0a0+ecf3bae40a") == (2, 6) and torch_version("2.11.0+cu130") == (2, 11)
+    assert check_torch(torch.__version__)   # the pinned CI torch is in range
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not check_torch("2.4.1")
+    assert "torch >= 2.6" in str(caught[0].message)

@@ -25,6 +25,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..compat import check_torch
+
+check_torch()
+
 
 @dataclass
 class AttentionSpec:
