@@ -35,7 +35,7 @@ def measure(family, a, chunk):
         out.loss.backward()
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
-    return float(out.loss), saved, sorted(times[1:])[len(times[1:]) // 2]
+    return out.loss.item(), saved, sorted(times[1:])[len(times[1:]) // 2]
 
 
 def main():
