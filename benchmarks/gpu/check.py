@@ -12,7 +12,7 @@ comes back with the finished parts.
 
 1. Attention: every available backend (eager, sdpa, flex, flash, auto) x masks (causal,
    documents, PonderLM-3 key bias, AdaPonderLM compacted queries) x (fp32, bf16): output and
-   q/k/v gradients vs eager in fp32 (max abs error) and the forward+backward time. Tolerance:
+   q/k/v (and key-bias) gradients vs eager in fp32 (max abs error) and the forward+backward time. Tolerance:
    bf16 keeps 8 mantissa bits, so a kernel may be at most 2x eager-bf16's own error off the
    fp32 truth plus 2^-9 (a wrong mask is off by O(1)); fp32: 1e-3 (TF32-free kernels differ
    by ~1e-6, flex's online softmax by ~1e-5 at T=1024).
@@ -80,14 +80,15 @@ def attention_cases(device, quick):
         cuts = sorted(torch.randperm(t - 2, generator=g)[:2].add(1).tolist())
         seg[r, cuts[0]:] = 1
         seg[r, cuts[1]:] = 2
-    bias = torch.log(torch.rand(b, 1, 1, t, generator=g) * 0.9 + 0.1)
+    # requires grad, as PonderLM-3's router output does: flex must backpropagate into it
+    bias = torch.log(torch.rand(b, 1, 1, t, generator=g) * 0.9 + 0.1).to(device).requires_grad_()
     n_active = t // 2   # AdaPonderLM at 50% halting: active rows are queries, keys every token
     rows = torch.stack([torch.sort(torch.randperm(t, generator=g)[:n_active]).values for _ in range(b)])
     q_rows = torch.stack([q[r, :, rows[r].to(device)] for r in range(b)])
     return {
         "causal": (q, AttentionSpec()),
         "documents": (q, AttentionSpec(segment_ids=seg.to(device))),
-        "key_bias": (q, AttentionSpec(key_bias=bias.to(device))),
+        "key_bias": (q, AttentionSpec(key_bias=bias)),
         "compacted_queries": (q_rows, AttentionSpec(q_index=rows.to(device))),
     }, k, v
 
@@ -102,7 +103,8 @@ def check_attention(device, quick, budget, results) -> list:
         def run(backend, dtype, backward):
             qq, kk, vv = (x.detach().to(dtype).requires_grad_(backward) for x in (q, k, v))
             out = attention(qq, kk, vv, spec, backend=backend)
-            grads = torch.autograd.grad(out, (qq, kk, vv), grad_out.to(dtype)) if backward else None
+            extra = (spec.key_bias,) if spec.key_bias is not None and spec.key_bias.requires_grad else ()
+            grads = torch.autograd.grad(out, (qq, kk, vv) + extra, grad_out.to(dtype)) if backward else None
             return out, grads
 
         truth, truth_g = run("eager", torch.float32, True)

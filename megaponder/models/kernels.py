@@ -98,7 +98,9 @@ def flex_score_mod(spec: AttentionSpec, b: int, h: int, tq: int, tk: int, device
     bias = spec.key_bias.to(device=device, dtype=torch.float32)
     bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     if bias.shape[1] == 1 and bias.shape[2] == 1:
-        per_key = bias[:, 0, 0, :].expand(b, tk)
+        # contiguous: a captured buffer that requires grad (PonderLM-3's router) gets its
+        # gradient scattered into it by the backward kernel, which a stride-0 view cannot take
+        per_key = bias[:, 0, 0, :].expand(b, tk).contiguous()
 
         def score_mod(score, bi, hi, qi, ki):
             return score + per_key[bi, ki]
