@@ -182,4 +182,4 @@ def test_auto_policy_and_its_log(capsys):
     kernels.AUTO_CHOICES.clear()
     for _ in range(3):
         attention(q, k, v, specs["key_bias"][0], backend="auto")
-    assert capsys.readouterr().out.count("attention auto: key_bias on cpu (float32) -> sdpa") == 1
+    assert capsys.readouterr().err.count("attention auto: key_bias on cpu (float32) -> sdpa") == 1

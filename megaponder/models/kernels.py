@@ -19,6 +19,7 @@ dependencies import, and the ``auto`` policy that picks one per call.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Optional
 
@@ -264,8 +265,9 @@ def make_auto_backend(backends: dict):
             if key not in AUTO_CHOICES:
                 AUTO_CHOICES[key] = name
                 if int(os.environ.get("RANK", "0")) == 0:
+                    # stderr: stdout carries command output (generate's text, eval's JSON)
                     print(f"[megaponder] attention auto: {key[1]} on {key[0]} ({key[2]}) -> {name}",
-                          flush=True)
+                          file=sys.stderr, flush=True)
         return backends[name](q, k, v, spec, scale, dropout_p)
     return auto_attention
 
