@@ -15,18 +15,19 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 OUT="${OUT:-$ROOT/gpu-out}"
 SITE="${SITE:-${TMPDIR:-/tmp}/megaponder-gpu-site}"
 PY="${PYTHON:-python3}"
+WHEELS="${WHEELS:-$HERE/wheels}"
 BUDGET="${BUDGET_S:-400}"      # check.py starts no part after this many seconds
 LIMIT="${LIMIT_S:-470}"        # and is killed after this many (under the 8-minute target)
 mkdir -p "$OUT" "$SITE"
 start=$(date +%s)
 
-if ! ls "$HERE"/wheels/*.whl >/dev/null 2>&1; then
-  echo "no wheels in $HERE/wheels: run benchmarks/gpu/prepare_wheels.sh on a machine with registry access" >&2
+if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  echo "no wheels in $WHEELS: run benchmarks/gpu/prepare_wheels.sh on a machine with registry access" >&2
   exit 2
 fi
-if ! "$PY" -m pip install --no-index --no-deps --target "$SITE" -q "$HERE"/wheels/*.whl 2>"$OUT/pip.txt"; then
+if ! "$PY" -m pip install --no-index --no-deps --target "$SITE" -q "$WHEELS"/*.whl 2>"$OUT/pip.txt"; then
   echo "pip --target failed ($(tail -1 "$OUT/pip.txt")); unpacking the wheels instead"
-  "$PY" - "$SITE" "$HERE"/wheels/*.whl <<'PYEOF'
+  "$PY" - "$SITE" "$WHEELS"/*.whl <<'PYEOF'
 import sys, zipfile
 for wheel in sys.argv[2:]:
     zipfile.ZipFile(wheel).extractall(sys.argv[1])
