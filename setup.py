@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megaponder", "megaponder.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # oldest supported (megaponder/compat.py); CI runs the pin
         "numpy",
         "deepspeed>=0.15",
         "pyyaml",

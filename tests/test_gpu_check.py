@@ -1,5 +1,8 @@
-"""The prepared GPU check (benchmarks/gpu_check.py) runs its CPU path end to end, so it is
-ready, not rotten, when a session gets a GPU."""
+"""The prepared GPU run (benchmarks/gpu/check.py, started by benchmarks/gpu/run.sh) runs its
+CPU path end to end on tiny shapes, so it is ready, not rotten, when a session gets a GPU:
+every backend vs eager (outputs and gradients), engine training steps of vanilla and
+AdaPonderLM (plain and chunked), the forced-halting decode, and its JSON + markdown output."""
+import json
 import os
 import subprocess
 import sys
@@ -7,12 +10,27 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_gpu_check_cpu_quick():
+def test_gpu_check_cpu_quick(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OUT"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "benchmarks/gpu/check.py", "--device", "cpu", "--quick",
+                           "--budget-s", "900", "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all checks passed" in proc.stdout
-    assert "| documents | sdpa | float32 |" in proc.stdout and "| adaponderlm | fp32 |" in proc.stdout
+    res = json.load(open(tmp_path / "check.json"))
+    assert not res["failures"]
+    masks = {(r["mask"], r["backend"], r["dtype"]) for r in res["attention"]["rows"] if r.get("ok")}
+    for mask in ("causal", "documents", "key_bias", "compacted_queries"):
+        assert {(mask, "sdpa", "bfloat16"), (mask, "auto", "float32")} <= masks
+    runs = {r["name"]: r for r in res["training"]["rows"]}
+    assert {"vanilla", "adaponderlm", "adaponderlm +chunked"} <= set(runs)
+    assert all(r["falls"] and r["tokens_per_s"] > 0 for r in runs.values())
+    # chunking changes memory, not the numbers: same losses as the plain run
+    assert abs(runs["adaponderlm +chunked"]["last_loss"] - runs["adaponderlm"]["last_loss"]) < 1e-4
+    dec = res["decode"]["rows"]
+    assert [r["halted"] for r in dec] == [0.3, 0.5]
+    for r in dec:   # tau calibration hit the forced halting rate (3 pondering passes)
+        assert abs(r["mean_iters"] - (1 + 3 * (1 - r["halted"]))) < 0.1 and r["ideal"] > 1
+    assert "| documents | sdpa | bfloat16 |" in open(tmp_path / "check.md").read()

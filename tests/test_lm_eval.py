@@ -78,7 +78,8 @@ def hf_tokenizer_run(hf_tokenized, tmp_path_factory):
     def get(family):
         if family not in runs:
             runs[family] = _train(tmp_path_factory.mktemp("runs") / family, data, tok,
-                                  "model.vocab_size=512", f"model.family={family}")
+                                  "model.vocab_size=512", "data.tokenizer_type=HFTokenizer",
+                                  f"model.family={family}")
         return runs[family]
     return get
 
@@ -204,7 +205,7 @@ def test_loglikelihood_rolling_and_generate_until(ada_run):
     assert gen == lm.tok.decode(new).split("\n")[0]
 
 
-@pytest.mark.parametrize("family", ["vanilla"])  # the trust_remote_code export adds the other families
+@pytest.mark.parametrize("family", ["vanilla", "adaponderlm"])  # plain GPTNeoX / trust_remote_code export
 def test_hf_route_gives_the_native_loglikelihoods(family, hf_tokenizer_run, demo, tmp_path):
     """tools/convert_checkpoint.py --to hf, then lm-eval's own `hf` model (what
     `lm_eval --model hf --model_args pretrained=DIR` builds) on the offline tasks: the same

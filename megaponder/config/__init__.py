@@ -201,6 +201,11 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
              f"parallel.sequence_parallel is supported for {', '.join(SEQUENCE_PARALLEL_FAMILIES)}, not "
              f"model.family={m.family} (its stack calls are not full-length final-normed "
              f"sequences: latent-thought layouts, the loop baseline); set it to false.")
+    need(m.loss_chunk_size >= 0, f"model.loss_chunk_size must be >= 0 (got {m.loss_chunk_size}).")
+    need(not m.loss_chunk_size or (par.tp == 1 and par.zero_stage < 3),
+         f"model.loss_chunk_size={m.loss_chunk_size} needs parallel.tp=1 and zero_stage<3 (it reads "
+         f"the head weight outside the head module); set it to 0 for this layout.")
+    need(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops must be positive or null.")
     if world_size is not None:
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "

@@ -51,6 +51,12 @@ class ModelConfig:
     attention_backend: Literal["auto", "eager", "sdpa", "flex", "flash"] = param(
         "auto", "Attention kernel: eager (reference math), sdpa (torch), flex (FlexAttention), "
         "flash (flash-attn, GPU only); auto picks the fastest one that supports the masks in use.")
+    loss_chunk_size: int = param(0, "Tokens per chunk of the memory-bounded head + cross "
+                                 "entropy and head + pondering softmax in training (their [tokens, "
+                                 "vocab] logits are recomputed in backward instead of kept; "
+                                 "docs/performance.md); 0 keeps the plain ops. tp=1 only.")
+    compile: bool = param(False, "torch.compile each transformer layer (regional: the recurrence, "
+                          "KV reuse and halting stay eager Python around the compiled blocks).")
     init_std: float = param(0.02, "Std of the normal initialisation of weights.")
     init_method: Literal["normal", "small_init_wang"] = param(
         "small_init_wang", "GPT-NeoX init: 'normal' everywhere, or 'small_init_wang' (small_init "

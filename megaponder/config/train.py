@@ -16,6 +16,8 @@ class OptimConfig:
     beta1: float = param(0.9, "AdamW beta1.")
     beta2: float = param(0.95, "AdamW beta2.")
     eps: float = param(1e-8, "AdamW epsilon.")
+    fused: bool = param(False, "torch's fused AdamW (one multi-tensor kernel per step; CUDA, "
+                        "and CPU from torch 2.4). Same update up to rounding.")
     grad_clip: float = param(1.0, "Global gradient-norm clip; 0 disables. Always passed to "
                              "DeepSpeed explicitly (its own default is 1.0).")
 
@@ -99,4 +101,7 @@ class TrainConfig:
                                            "(e.g. one converted from Pythia); optimizer starts fresh.")
     tensorboard: bool = param(False, "Also write TensorBoard event files to run_dir/tb.")
     progress_bar: bool = param(True, "Show a progress bar on rank 0.")
+    peak_tflops: Optional[float] = param(None, "Peak dense TFLOP/s of one device at the training "
+                                         "precision, for the MFU column of metrics.jsonl (H100/H200 "
+                                         "SXM bf16: 989); null logs no MFU.")
     threads: int = param(0, "torch CPU threads (0: leave torch's default).")

@@ -9,9 +9,12 @@ only the still-active tokens are queries (``q_index`` = their positions). Docume
 (``segment_ids``), key padding and an additive key-side bias (PonderLM-3's log-survival) compose
 with it.
 
-Backends: ``eager`` is the reference math; ``sdpa`` is torch's fused kernel with the same
-additive mask; ``flex``/``flash`` are optional fast paths added by megaponder.kernels when
-available. Every backend is tested against ``eager``.
+Backends: ``eager`` is the reference math; ``sdpa`` is torch's fused kernel (``is_causal``
+for plain causal attention, so CUDA runs its flash / cuDNN kernel; the additive mask
+otherwise); ``flex`` (FlexAttention, block-sparse, every mask without a dense one) and
+``flash`` (flash-attn, causal and packed documents) are optional fast paths added by
+megaponder.models.kernels when available; ``auto`` picks one per call. Every backend is
+tested against ``eager``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..compat import check_torch
+
+check_torch()
 
 
 @dataclass
@@ -120,16 +127,6 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def auto_attention(q, k, v, spec: AttentionSpec, scale: float, dropout_p: float = 0.0):
-    """flash-attn on a GPU when installed and the mask is plain causal (it is fastest there);
-    otherwise sdpa, which handles every mask. Chosen per call because the device and the mask
-    are only known then."""
-    if q.is_cuda and "flash" in _BACKENDS and spec.is_plain_causal(q.shape[-2], k.shape[-2]):
-        return _BACKENDS["flash"](q, k, v, spec, scale, dropout_p)
-    return sdpa_attention(q, k, v, spec, scale, dropout_p)
-
-
-_BACKENDS["auto"] = auto_attention
 
 
 def resolve_backend(name: str) -> str:
@@ -150,6 +147,10 @@ def _register_optional_backends() -> None:
     from .kernels import register_optional_backends
 
     register_optional_backends()
+    # auto picks among the registered kernels per call (megaponder.models.kernels.choose_backend)
+    from .kernels import make_auto_backend
+
+    _BACKENDS["auto"] = make_auto_backend(_BACKENDS)
 
 
 _register_optional_backends()

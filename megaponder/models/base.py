@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, PonderConfig
 from .attention import AttentionSpec
+from .chunked import linear_cross_entropy
 from .neox import NeoXStack, init_neox_weights
 
 IGNORE_INDEX = -100
@@ -31,7 +32,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    #: None only for a training forward with targets and ``model.loss_chunk_size`` (never held)
+    logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
     lm_loss: Optional[torch.Tensor] = None
     stats: dict = field(default_factory=dict)
@@ -101,6 +103,25 @@ class CausalLM(nn.Module):
         the vocab-parallel one."""
         return lm_cross_entropy(logits, targets)
 
+    def chunked_vocab(self) -> int:
+        """Tokens per chunk for the memory-bounded vocabulary ops (megaponder/models/chunked.py),
+        or 0 for the plain ones: chunking applies to training forwards (grad enabled) of the
+        single-device head; tensor parallelism keeps its vocab-parallel ops."""
+        chunk = self.cfg.loss_chunk_size
+        if not chunk or not (self.training and torch.is_grad_enabled()):
+            return 0
+        plain = (type(self.embed_out) is nn.Linear
+                 and getattr(self.lm_loss, "__func__", None) is CausalLM.lm_loss)
+        return chunk if plain else 0
+
+    def head_and_loss(self, hidden: torch.Tensor, targets: torch.Tensor):
+        """(logits, lm loss) of the final hidden states; (None, loss) when chunked."""
+        chunk = self.chunked_vocab()
+        if chunk:
+            return None, linear_cross_entropy(hidden, self.embed_out.weight, targets, chunk)
+        logits = self.head(hidden)
+        return logits, self.lm_loss(logits, targets)
+
     @staticmethod
     def attention_spec(attention_mask=None, segment_ids=None) -> AttentionSpec:
         return AttentionSpec(key_padding_mask=attention_mask, segment_ids=segment_ids)
@@ -121,10 +142,9 @@ class CausalLM(nn.Module):
             position_ids = default_position_ids(input_ids)
         hidden, _ = self.stack(self.embed(input_ids), position_ids,
                                self.attention_spec(attention_mask, segment_ids))
-        logits = self.head(hidden)
         if targets is None:
-            return ModelOutput(logits=logits)
-        lm_loss = self.lm_loss(logits, targets)
+            return ModelOutput(logits=self.head(hidden))
+        logits, lm_loss = self.head_and_loss(hidden, targets)
         return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss,
                            stats={"mean_iters": 1.0, "flops_ratio": 1.0})
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, PonderConfig
 from .base import CausalLM, ModelOutput, default_position_ids
+from .chunked import linear_softmax_matmul
 from .registry import register_family
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -144,6 +145,16 @@ class PonderLM(PonderMixin, CausalLM):
     def ponder_update(self, logits: torch.Tensor) -> torch.Tensor:
         return self.ponder_embedding(logits) * self.embed_scale
 
+    def ponder_update_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """ponder_update(head(hidden)); chunked over tokens with ``model.loss_chunk_size`` so
+        no pass keeps its [B, T, V] logits and probabilities for the backward."""
+        chunk = self.chunked_vocab()
+        if (chunk and not self.ponder_cfg.top_k
+                and getattr(self.ponder_embedding, "__func__", None) is PonderMixin.ponder_embedding):
+            return linear_softmax_matmul(hidden, self.embed_out.weight, self.embed_in.weight,
+                                         chunk) * self.embed_scale
+        return self.ponder_update(self.head(hidden))
+
     def halting_plan(self, batch: int, seq: int, device, valid: torch.Tensor) -> Optional[torch.Tensor]:
         """Baselines: [passes, B, T] bool activity decided before the forward (None: gates)."""
         return None
@@ -183,7 +194,6 @@ class PonderLM(PonderMixin, CausalLM):
                 h_read = torch.where(active.unsqueeze(-1), hidden, h_read)
             if i == passes - 1:
                 break
-            logits_i = self.head(hidden)
             s = self.gate_values(i, hidden)
             if plan is not None:
                 new_active = active & plan[i + 1]
@@ -193,18 +203,17 @@ class PonderLM(PonderMixin, CausalLM):
             else:
                 new_active = active
             weight = new_active.to(e.dtype) if s is None else s.to(e.dtype) * new_active.to(e.dtype)
-            e = e + weight.unsqueeze(-1) * self.ponder_update(logits_i)
+            e = e + weight.unsqueeze(-1) * self.ponder_update_from_hidden(hidden)
             active = new_active
             actives.append(active)
         if p.halted_readout == "final" or not self.adaptive:
             h_read = hidden
-        logits = self.head(h_read)
         stats = self._stats(actives, valid, t)
         if return_token_stats:
             stats["token_iterations"] = torch.stack(actives).sum(0).float().detach()
         if targets is None:
-            return ModelOutput(logits=logits, stats=stats)
-        lm_loss = self.lm_loss(logits, targets)
+            return ModelOutput(logits=self.head(h_read), stats=stats)
+        logits, lm_loss = self.head_and_loss(h_read, targets)
         loss = lm_loss
         if gates:
             ponder_loss = self.bottomk_loss(gates, valid)

@@ -279,17 +279,22 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
                  lr_lambda: Optional[Callable[[int], float]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None) -> ParallelEngine:
     """``deepspeed.initialize`` on a parallelized model: torch AdamW (GPT-NeoX decay split;
-    no JIT op to build), ``LambdaLR(lr_lambda)`` if given, DS config from the Config."""
+    no JIT op to build; ``optim.fused``: torch's fused kernel), ``LambdaLR(lr_lambda)`` if
+    given, DS config from the Config; ``model.compile`` compiles the layers first."""
     import deepspeed
 
     from ..train.guards import SkippableAdamW
 
     skip_cpu_shm_comm_op()
     o = cfg.optim
+    if cfg.model.compile:
+        from ..models.compile import compile_layers
+        compile_layers(model)
     if optimizer is None:  # AdamW that can skip a non-finite step (train/guards.py)
         split = set(model.extra_parameter_names()) if cfg.train.phases else None
         optimizer = SkippableAdamW(param_groups(model, o.weight_decay, split), lr=o.lr,
-                                   betas=(o.beta1, o.beta2), eps=o.eps)
+                                   betas=(o.beta1, o.beta2), eps=o.eps,
+                                   fused=True if o.fused else None)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
                  if lr_lambda is not None else None)
     if cfg.parallel.zero_stage == 3:

@@ -21,6 +21,7 @@ from . import reshard
 from .phases import PhaseSchedule
 from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
+from .throughput import ThroughputMeter
 from .schedule import lr_multiplier
 
 
@@ -331,6 +332,7 @@ class Trainer:
                          f"{self.topo.world_size} process(es) ({self.topo.describe()}), "
                          f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
         start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
+        meter = ThroughputMeter(self.cfg, self.topo.world_size, self.engine.engine.device, tokens_at_start)
         last_step = min(t.steps, t.exit_at_step or t.steps)
         if self.fprinciple is not None and self.step == 0:
             self.fprinciple.maybe_log(0, self.model, self.metrics)  # the step-0 baseline
@@ -349,16 +351,18 @@ class Trainer:
                               "lr": stats.pop("lr"), "tokens": tokens, "time_s": round(elapsed, 3),
                               "tokens_per_s": round((tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
                               "grad_norm": _maybe_float(stats.pop("grad_norm")),
-                              "skipped_steps": self.engine.guard.skipped_total, **stats}
+                              "skipped_steps": self.engine.guard.skipped_total, **stats,
+                              **meter.record(tokens)}
                     if t.eval_every and self.step % t.eval_every == 0 and self.step != last_step:
                         val = self.validate()
                         record.update({"val_loss": val["loss"], "val_ppl": val["ppl"]})
                     self.metrics.write(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                                        tok_s=f"{record['tokens_per_s']:.0f}", **meter.postfix(record))
                     else:  # batch jobs (progress_bar=false): one plain line per logged step
                         _log0(self.rank, _log_line(record, t.steps))
+                    meter.mark(tokens)   # the next interval starts after this step's evaluation
                 if bar is not None:
                     bar.update(1)
                 if self.fprinciple is not None:
@@ -366,6 +370,7 @@ class Trainer:
                 self._check_skipped(skipped)
                 if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
                     self.save()
+                    meter.mark(tokens)
                 if self.step != last_step and stop.should_stop():
                     return self._stop_early(stop.local_reason() or "a stop request on another rank", bar)
             if bar is not None:

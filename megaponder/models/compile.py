@@ -1,0 +1,25 @@
+"""``model.compile``: regional torch.compile of the transformer layers.
+
+Only the layers are compiled, each in place (``nn.Module.compile``), not the whole model: the
+pondering recurrence, the halting decisions, AdaPonderLM's KV-reuse hook and the decoder's
+compaction stay eager Python around them, so data-dependent control flow never reaches
+Dynamo, every layer shares one compiled graph per call signature (with / without a kv_hook,
+training / eval), and parameter names and checkpoints are unchanged (no ``_orig_mod``).
+Shapes that vary (compacted decoding) are marked dynamic by Dynamo after the first
+recompilation.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor", **kwargs) -> int:
+    """Compile every NeoX layer of ``model`` in place; returns how many were compiled.
+    ``backend``/``kwargs`` go to torch.compile (the CPU test uses ``aot_eager``: Dynamo
+    tracing and AOT autograd of the block without Inductor's C++ build)."""
+    from .neox import NeoXLayer
+
+    layers = [m for m in model.modules() if isinstance(m, NeoXLayer)]
+    for layer in layers:
+        layer.compile(backend=backend, **kwargs)
+    return len(layers)
