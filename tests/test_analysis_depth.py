@@ -85,10 +85,15 @@ def test_ponderlm3_iterations_are_the_executed_steps():
     model = tiny("ponderlm3", steps=3).eval()
     force_router(model)
     ids, tgt = real_batch(2, 12)
-    d = token_depth(model, ids, tgt, jacobi_passes=4 * 12)
+    # the soft-bias forward, for which force_router makes the router near one-hot (the pruned
+    # evaluation shifts later tokens' states and leaves some w just above tau)
+    with inference_pruning(model, enabled=False):
+        d = token_depth(model, ids, tgt, jacobi_passes=4 * 12)
     _, decs = decode_logits(model, ids, return_decoders=True)
     executed = torch.stack([dec.executed() for dec in decs]).double()
     assert torch.equal(d["iterations"], executed.view_as(d["iterations"]))
+    hard = token_depth(model, ids, tgt, jacobi_passes=4 * 12)   # default: pruned, the decoder's
+    assert torch.equal(hard["iterations"], executed.view_as(d["iterations"]))
     assert 1.0 < d["iterations"].mean().item() < 4.0
     # forced router is near one-hot: the soft expectation equals the executed count
     assert torch.allclose(d["expected_steps"], d["iterations"], atol=1e-4)
@@ -161,7 +166,7 @@ def test_ponderlm3_analysis_nll_is_the_pruned_decoders():
     ids, _ = real_batch(2, 10)
     tokens = torch.cat([ids, real_batch(2, 10)[1][:, -1:]], dim=1)
     res = analyze_batches(model, [{"tokens": tokens}], jacobi_passes=30)
-    assert res["hard_prune"] and not model.ponder_cfg.train_hard_prune  # restored
+    assert res["hard_prune"] and not model.ponder_cfg.train_hard_prune and model.ponder_cfg.eval_hard_prune
     dec = decode_logits(model, tokens[:, :-1])
     ref = F.cross_entropy(dec.flatten(0, 1), tokens[:, 1:].flatten()).item()
     assert res["mean_nll"] == pytest.approx(ref, abs=1e-5)

@@ -82,20 +82,21 @@ def full_depth(model: torch.nn.Module):
 
 @contextmanager
 def inference_pruning(model: torch.nn.Module, enabled: bool = True):
-    """PonderLM-3: run the parallel forward with ``ponder.train_hard_prune`` = true, i.e. the
-    inference semantics (steps with w < tau neither attended to nor mixed in), so the NLL is
-    the one the pruned decoder gives (tests/test_families_consistency.py) rather than the
-    soft-bias training forward's. No-op for other families."""
+    """PonderLM-3: evaluate with ``ponder.eval_hard_prune`` = ``enabled``: true is the
+    inference semantics (steps with w < tau neither attended to nor mixed in, the default of
+    every evaluation), so the NLL is the one the pruned decoder gives
+    (tests/test_families_consistency.py); false is the soft-bias training forward's. No-op for
+    other families."""
     cfg = getattr(model, "ponder_cfg", None)
-    if not enabled or cfg is None or getattr(model, "family", "") != "ponderlm3":
+    if cfg is None or getattr(model, "family", "") != "ponderlm3":
         yield model
         return
-    old = cfg.train_hard_prune
-    cfg.train_hard_prune = True
+    old = cfg.eval_hard_prune
+    cfg.eval_hard_prune = bool(enabled)
     try:
         yield model
     finally:
-        cfg.train_hard_prune = old
+        cfg.eval_hard_prune = old
 
 
 def pearson(x, y) -> float:
