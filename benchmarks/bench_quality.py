@@ -124,7 +124,8 @@ def analyze(run: dict, args) -> dict:
 
 
 def fmt_table(runs: list[dict], vanilla_time: float, vanilla_train_flops: float) -> str:
-    lines = ["| run | family | val ppl (full split) | val ppl (trainer) | mean iters/token | FLOPs ratio (inference) | "
+    lines = ["| run | family | val ppl (full split) | val ppl (trainer) | mean_iters (passes/token, papers' scale) | "
+             "flops_ratio (inference, head+embedding incl.) | "
              "training FLOPs ratio | training tokens | wall-time ratio vs vanilla |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:

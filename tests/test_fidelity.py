@@ -89,7 +89,7 @@ def test_exact_eval_matches_the_cached_decoder_official_does_not(family):
     if family == "ponderlm3":
         force_router(model)     # tokens prune different numbers of steps
     ids, targets = real_batch(2, 16)
-    seq = decode_logits(model, ids, chunk=1)
+    seq, decs = decode_logits(model, ids, chunk=1, return_decoders=True)
     out = model(ids)
     assert model.ponder_cfg.eval_mode == "exact"
     assert out.stats["jacobi_residual"] <= model.ponder_cfg.eval_jacobi_tol
@@ -107,7 +107,6 @@ def test_exact_eval_matches_the_cached_decoder_official_does_not(family):
     assert res["loss"] == pytest.approx(ref, abs=1e-4)
     if family == "ponderlm3":
         # perplexity and FLOPs of the same pruned computation: the decoder's executed steps
-        _, decs = decode_logits(model, ids, return_decoders=True)
         executed = torch.stack([d.executed() for d in decs])  # [B, T]
         assert res["hard_prune"] and res["mean_iters"] == pytest.approx(float(executed.mean()), abs=1e-6)
         per_pos = executed.mean(0)
@@ -168,12 +167,11 @@ def test_eval_draws_per_batch_reproducible_and_shared_with_decoder(family):
     assert torch.equal(plan(0), plan(0))
     assert not torch.equal(plan(0), plan(1))
     if family == "random_halting":   # the forward's rule is the decoder's: identical logits
-        for stream in (0, 5):
+        for stream, chunk in ((0, None), (5, 3)):
             model.set_eval_stream(stream)
             ref = model(ids).logits
-            for chunk in (None, 3):
-                got = decode_logits(model, ids, chunk=chunk, seed=stream)
-                assert (got - ref).abs().max().item() < 1e-5
+            got = decode_logits(model, ids, chunk=chunk, seed=stream)
+            assert (got - ref).abs().max().item() < 1e-5
     else:   # same uniforms; the decoder applies the causal rule u < r_i to them
         model.set_eval_stream(4)
         u = model.priorities(2, 20, ids.device)
