@@ -111,6 +111,12 @@ def test_exact_eval_matches_the_cached_decoder_official_does_not(family):
         assert res["hard_prune"] and res["mean_iters"] == pytest.approx(float(executed.mean()), abs=1e-6)
         per_pos = executed.mean(0)
         assert res["flops_ratio"] == pytest.approx(flops.flops_ratio_from_activity(model, per_pos), rel=1e-6)
+        # the depth analysis reports the same computation on both scales
+        from megaponder.analysis import analyze_batches
+        depth = analyze_batches(model, [{"tokens": torch.cat([ids, targets[:, -1:]], dim=1)}])
+        assert depth["eval_mode"] == "exact" and depth["hard_prune"]
+        assert depth["mean_iterations"] == pytest.approx(res["mean_iters"], abs=1e-6)
+        assert depth["flops_ratio"] == pytest.approx(res["flops_ratio"], rel=1e-6)
 
 
 # -- initialisation -------------------------------------------------------------------------

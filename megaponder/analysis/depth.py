@@ -61,6 +61,10 @@ def token_depth(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.
            "entropy": entropy.double().cpu(), "valid": valid.cpu()}
     if "token_expected_steps" in out.stats:
         res["expected_steps"] = out.stats["token_expected_steps"].double().cpu()
+    # the forward's own compute numbers, both scales (docs/families.md "FLOPs convention")
+    res["flops_ratio"] = float(out.stats.get("flops_ratio", 1.0))
+    res["jacobi_passes"] = float(out.stats.get("jacobi_passes", 0.0))
+    res["jacobi_residual"] = float(out.stats.get("jacobi_residual", 0.0))
     return res
 
 
@@ -169,6 +173,8 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
     from ..train.evaluate import model_inputs
 
     cols = {"nll": [], "iterations": [], "entropy": [], "expected_steps": [], "nll_full": [], "ids": []}
+    compute = torch.zeros(4, dtype=torch.float64)  # flops_ratio * n, n, Jacobi passes, batches
+    residual = 0.0
     for batch in batches:
         inputs = model_inputs(batch)
         kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "targets")}
@@ -176,6 +182,9 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
         with inference_pruning(model, hard_prune):
             d = token_depth(model, inputs["input_ids"], inputs["targets"], **kwargs)
         v = d["valid"]
+        compute += torch.tensor([d["flops_ratio"] * float(v.sum()), float(v.sum()), d["jacobi_passes"], 1.0],
+                                dtype=torch.float64)
+        residual = max(residual, d["jacobi_residual"])
         for k in ("nll", "iterations", "entropy", "expected_steps"):
             if k in d:
                 cols[k].append(d[k][v])
@@ -195,10 +204,15 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
            "hard_prune": bool(hard_prune and getattr(model, "family", "") == "ponderlm3"),
            "mean_nll": float(nll.mean()), "ppl": math.exp(min(float(nll.mean()), 50.0)),
            "mean_iterations": float(its.mean()),
+           "flops_ratio": compute[0].item() / max(compute[1].item(), 1.0),
            "iteration_kind": _iteration_kind(model),
            "pearson": pearson(nll, its), "spearman": spearman(nll, its),
            "entropy": {"mean": float(ent.mean()), "pearson": pearson(ent, its), "spearman": spearman(ent, its)},
            "per_iteration": rows}
+    from ..train.evaluate import computation
+    info = computation(model, compute[2].item() / max(compute[3].item(), 1.0), residual)
+    info.pop("hard_prune", None)   # what this analysis used is res["hard_prune"]
+    res.update(info)
     if cols["expected_steps"]:
         exp = torch.cat(cols["expected_steps"])
         res["expected_steps"] = {"mean": float(exp.mean()), "pearson": pearson(nll, exp),
@@ -243,7 +257,10 @@ def format_depth_report(res: dict) -> str:
     lines = [f"family {res['family']}: {res['tokens']:,} tokens"
              + (f" ({res['windows']} windows x {res['seq_length']})" if "windows" in res else ""),
              f"  iterations: {res['iteration_kind']}",
-             f"  mean NLL {res['mean_nll']:.4f} (ppl {res['ppl']:.2f}), mean iterations {res['mean_iterations']:.4f}",
+             f"  mean NLL {res['mean_nll']:.4f} (ppl {res['ppl']:.2f}), mean iterations {res['mean_iterations']:.4f} "
+             f"(backbone passes/token, the papers' ratio), inference flops_ratio {res.get('flops_ratio', 1.0):.4f}"
+             + (f"\n  PonderLM-2/3 evaluation: {res['eval_mode']}, {res['jacobi_passes']:.1f} Jacobi passes/batch"
+                if "eval_mode" in res else ""),
              f"  corr(NLL, iterations): Pearson {res['pearson']:.4f}, Spearman {res['spearman']:.4f}"]
     if "expected_steps" in res:
         e = res["expected_steps"]
