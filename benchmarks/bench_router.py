@@ -2,13 +2,13 @@
 """Why does the tiny PonderLM-3 router collapse (w_2 ~ 7e-4 in benchmarks/results/quality.md)?
 
 Trains examples/configs/tiny-ponderlm3.yml through ``megaponder train`` with one setting
-changed at a time (compute-penalty weight, router bias init, hard pruning in training) and
+changed at a time (compute-penalty weight, router bias init) and
 reports, on the first validation windows of the demo split: the router's mean outcome
 probabilities s_0..s_K, survivals w_1..w_K, the share of steps the tau cut keeps, the
 trajectory of the expected steps 1 + sum_k w_k during training (metrics.jsonl) and the
 validation perplexity of the pruned model.
 
-    python benchmarks/bench_router.py --steps 100 --out-dir runs/router \
+    python benchmarks/bench_router.py --steps 40 --out-dir runs/router \
         --output benchmarks/results/router.md
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ VARIANTS = {
     "no penalty": ["ponder.compute_penalty=0.0"],
     "penalty 0.1": ["ponder.compute_penalty=0.1"],
     "router bias +2 on K steps": ["ponder.router_bias_init=2.0"],
-    "train_hard_prune": ["ponder.train_hard_prune=true"],
 }
 
 
@@ -41,7 +40,7 @@ def train(run_dir: str, extra: list[str], args) -> None:
            "--set", f"train.run_dir={run_dir}", "--set", f"train.steps={args.steps}",
            "--set", "train.eval_every=0", "--set", "train.save_every=0",
            "--set", "train.progress_bar=false", "--set", f"train.threads={args.threads}",
-           "--set", f"train.log_every={max(1, args.steps // 10)}", "--set", "train.eval_batches=4"]
+           "--set", f"train.log_every={max(1, args.steps // 20)}", "--set", "train.eval_batches=4"]
     for s in extra:
         cmd += ["--set", s]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -74,7 +73,7 @@ def router_stats(run_dir: str, windows: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--out-dir", default="runs/router")
