@@ -233,3 +233,30 @@ def test_jacobi_prefill_equals_sequential_prefill(family):
     assert (got - seq).abs().max().item() < 1e-4
     _, ref_decs = decode_logits(model, ids, chunk=1, return_decoders=True)
     assert torch.equal(dec.executed(), ref_decs[0].executed())   # same kept steps per token
+
+
+def _zero3_exact_eval(rank, world):
+    """ZeRO-3, dp=2, PonderLM-2 in eval_mode exact, a different batch per rank: every module
+    call is a collective, so the ranks must agree on the number of Jacobi passes."""
+    from megaponder.models import build_model as build
+    from megaponder.parallel.engine import build_engine
+    from megaponder.parallel.parallelize import parallelize
+    from megaponder.parallel.state import build_topology
+    from parallel_checks import family_config
+
+    topo = build_topology(1, 1, False)
+    cfg = family_config("ponderlm2", zero=3)
+    torch.manual_seed(0)
+    engine = build_engine(parallelize(build(cfg), cfg, topo), cfg, topo)
+    model = engine.module.eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 6 + 4 * rank), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        out = model(ids)
+    return out.stats["jacobi_passes"], out.stats["jacobi_residual"]
+
+
+def test_exact_eval_under_zero3_agrees_on_the_pass_count():
+    from dist_utils import run_distributed
+
+    (j0, r0), (j1, r1) = run_distributed(_zero3_exact_eval, world_size=2)
+    assert j0 == j1 and r0 == r1 and r0 <= 1e-5

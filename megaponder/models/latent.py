@@ -122,7 +122,8 @@ class PonderLM2(LatentLM):
             new = [hidden[:, :, j] for j in range(K)]
             done += 1
             if tol is not None:
-                residual = max(float((a - b).abs().max()) for a, b in zip(new, thoughts)) if K else 0.0
+                residual = self._agreed(max(float((a - b).abs().max()) for a, b in zip(new, thoughts))
+                                        if K else 0.0)
             thoughts = new
             if tol is not None and residual <= tol:
                 break
@@ -132,6 +133,21 @@ class PonderLM2(LatentLM):
                                       self.pass_bias(K + 1, state))
         state = self.after_pass(hidden, state)
         return hidden, state, J, kvs
+
+    def _agreed(self, residual: float) -> float:
+        """The stopping residual every rank agrees on. Tensor/pipeline ranks of a replica
+        compute identical thoughts; data-parallel ranks hold different batches, and under
+        ZeRO-3 (parameters carry ``ds_id``) every module call is a collective, so there they
+        must run the same number of passes: the maximum over all ranks."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return residual
+        if not any(hasattr(p, "ds_id") for p in self.parameters()):
+            return residual
+        from ..parallel.state import collective_device
+        t = torch.tensor([residual], dtype=torch.float64, device=collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
 
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
                 segment_ids=None, jacobi_passes: Optional[int] = None,
