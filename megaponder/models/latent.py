@@ -122,7 +122,7 @@ class PonderLM2(LatentLM):
             new = [hidden[:, :, j] for j in range(K)]
             done += 1
             if tol is not None:
-                residual = self._agreed(max(float((a - b).abs().max()) for a, b in zip(new, thoughts))
+                residual = self._agreed(max(float((a - b).detach().abs().max()) for a, b in zip(new, thoughts))
                                         if K else 0.0)
             thoughts = new
             if tol is not None and residual <= tol:
