@@ -2,8 +2,8 @@
 """Why does the tiny PonderLM-3 router collapse (w_2 ~ 7e-4 in benchmarks/results/quality.md)?
 
 Trains examples/configs/tiny-ponderlm3.yml through ``megaponder train`` with one setting
-changed at a time (compute-penalty weight, router bias init) and
-reports, on the first validation windows of the demo split: the router's mean outcome
+changed at a time (compute-penalty weight, router bias init, bias on the token's own steps)
+and reports, on the first validation windows of the demo split: the router's mean outcome
 probabilities s_0..s_K, survivals w_1..w_K, the share of steps the tau cut keeps, the
 trajectory of the expected steps 1 + sum_k w_k during training (metrics.jsonl) and the
 validation perplexity of the pruned model.
@@ -29,6 +29,7 @@ VARIANTS = {
     "no penalty": ["ponder.compute_penalty=0.0"],
     "penalty 0.1": ["ponder.compute_penalty=0.1"],
     "router bias +2 on K steps": ["ponder.router_bias_init=2.0"],
+    "bias_own_steps false": ["ponder.bias_own_steps=false"],
 }
 
 
