@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,18 +58,27 @@ def router_stats(run_dir: str, windows: int) -> dict:
     data = IndexedDataset(os.path.join(ROOT, "data", "demo", "validation_text_document"))
     batches = list(sequential_batches(data, 128, 8, windows))
     s_all, w_all = [], []
+    stage_ce, n = torch.zeros(model.num_stages, dtype=torch.float64), 0
     for batch in batches:
-        ids = model_inputs(batch)["input_ids"]
+        inputs = model_inputs(batch)
+        ids, targets = inputs["input_ids"], inputs["targets"]
         pos = torch.arange(ids.shape[1]).expand_as(ids)
-        _, (s, log_w, _), _, _ = model.latent_forward(ids, pos, None, None)  # final pass's router
+        hidden, (s, log_w, _), _, _ = model.latent_forward(ids, pos, None, None)  # final pass's router
         s_all.append(s.flatten(0, 1))
         w_all.append(log_w.exp().flatten(0, 1))
+        # the cross-entropy each stage's hidden state would give as the sole readout: shows
+        # whether the router's mass sits on the stage that predicts best
+        for k in range(model.num_stages):
+            stage_ce[k] += F.cross_entropy(model.head(hidden[:, :, k]).float().flatten(0, 1),
+                                           targets.flatten(), reduction="sum").double()
+        n += targets.numel()
     s, w = torch.cat(s_all), torch.cat(w_all)
     res = evaluate(model, batches)
     trajectory = [(r["step"], r.get("expected_steps")) for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
                   if "expected_steps" in r]
     return {"s_mean": s.mean(0).tolist(), "w_mean": w.mean(0).tolist(), "w_median": w.median(0).values.tolist(),
             "kept": (w >= model.ponder_cfg.tau).float().mean(0).tolist(), "ppl": res["ppl"],
+            "stage_ce": (stage_ce / n).tolist(), "mixture_ce": res["loss"],
             "mean_iters": res["mean_iters"], "trajectory": trajectory}
 
 
@@ -94,12 +104,14 @@ def main() -> None:
           f"statistics over the first {args.windows} windows of 128 of the demo validation split.",
           f"Command: `python benchmarks/bench_router.py --steps {args.steps} --out-dir {args.out_dir}`", "",
           "| variant | s_0, s_1, s_2 (mean) | w_1, w_2 (mean) | w_2 median | steps kept (w>=tau) | "
-          "mean steps | val ppl | 1+w_1+w_2 during training (step: value) |", "|---|---|---|---|---|---|---|---|"]
+          "mean steps | val ppl | CE of stage 0, 1, 2 as sole readout (mixture) | "
+          "1+w_1+w_2 during training (step: value) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         traj = ", ".join(f"{s}: {v:.3f}" for s, v in r["trajectory"][:: max(1, len(r["trajectory"]) // 5)])
         md.append(f"| {name} | {', '.join(f'{x:.3f}' for x in r['s_mean'])} | "
                   f"{', '.join(f'{x:.2e}' for x in r['w_mean'][1:])} | {r['w_median'][2]:.2e} | "
-                  f"{', '.join(f'{x:.3f}' for x in r['kept'][1:])} | {r['mean_iters']:.3f} | {r['ppl']:.2f} | {traj} |")
+                  f"{', '.join(f'{x:.3f}' for x in r['kept'][1:])} | {r['mean_iters']:.3f} | {r['ppl']:.2f} | "
+                  f"{', '.join(f'{x:.3f}' for x in r['stage_ce'])} ({r['mixture_ce']:.3f}) | {traj} |")
     text = "\n".join(md) + "\n"
     print(text)
     if args.output:
