@@ -72,9 +72,12 @@ def _eval(args) -> int:
     seq = args.seq_length or cfg.data.seq_length
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eval_mode is not None:
+        model.ponder_cfg.eval_mode = args.eval_mode
     batches = sequential_batches(IndexedDataset(args.data), seq, args.batch_size, args.max_samples)
     result = evaluate(model, batches, progress=sys.stderr.isatty())
-    print(json.dumps({k: result[k] for k in ("ppl", "loss", "mean_iters", "flops_ratio", "tokens")}))
+    # CONTRACT keys first, then what the latent families computed (eval_mode, Jacobi passes)
+    print(json.dumps(result))
     return 0
 
 
@@ -123,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="stop after this many windows")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--eval-mode", choices=("exact", "official"), default=None,
+                   help="PonderLM-2/3: exact (Jacobi to ponder.eval_jacobi_tol, the default) or "
+                        "official (ponder.eval_jacobi_passes passes); recorded in the JSON")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint (docs/evaluation.md)")

@@ -84,6 +84,8 @@ def test_jacobi_count_is_reproducible_from_the_step():
         draws.append(seq)
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
     model.eval()
+    assert model.jacobi_count() is None  # eval_mode exact: iterate to the tolerance
+    model.ponder_cfg.eval_mode = "official"
     assert model.jacobi_count() == model.ponder_cfg.eval_jacobi_passes
 
 
@@ -155,7 +157,7 @@ def test_loop_is_weight_shared_depth():
     model = tiny("loop", steps=1)
     ids, _ = real_batch(1, 6)
     pos = torch.arange(6).unsqueeze(0)
-    x = model.embed(ids)
+    x = model.input_embeddings(ids)  # sqrt(2.5 d) scaled, as the official loop baseline
     for _ in range(2):
         x, _ = model.stack(x, pos, apply_final_norm=False)
     assert (model.head(model.stack.final_norm(x)) - model(ids).logits).abs().max() < 1e-5

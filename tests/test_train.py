@@ -70,7 +70,10 @@ def test_resume_continues_exactly(tmp_path, demo_data):
 
 def test_generate_and_eval_from_run_dir(tmp_path, demo_data):
     run = tmp_path / "run"
-    train(run, demo_data, "train.steps=5")
+    summary = train(run, demo_data, "train.steps=5").stdout
+    # the summary says which windows its perplexity covers (2 batches x 4 = the first 8)
+    assert "first 8 windows x 32 tokens of data.valid_path" in summary
+    assert "mean_iters: the papers' ratio" in summary and "flops_ratio: head and" in summary
     out = megaponder("generate", "--checkpoint", str(run), "--prompt", "In the beginning",
                      "--max-new-tokens", "8", "--temperature", "0").stdout
     assert out.startswith("In the beginning") and len(out.strip()) > len("In the beginning")
@@ -79,6 +82,13 @@ def test_generate_and_eval_from_run_dir(tmp_path, demo_data):
                                    "--seq-length", "32").stdout.strip().splitlines()[-1])
     assert set(result) == {"ppl", "loss", "mean_iters", "flops_ratio", "tokens"}
     assert result["tokens"] == 16 * 32 and 1.0 < result["ppl"] < 8192
+    # ... and is `megaponder eval`'s computation on those windows (batching: float noise)
+    first8 = json.loads(megaponder("eval", "--checkpoint", str(run), "--data",
+                                   f"{demo_data}/validation_text_document", "--max-samples", "8",
+                                   "--seq-length", "32").stdout.strip().splitlines()[-1])
+    with open(run / "metrics.jsonl") as f:
+        final = [json.loads(line) for line in f][-1]
+    assert final["val_ppl"] == pytest.approx(first8["ppl"], rel=1e-5)
 
 
 def test_bad_config_fails_with_one_clear_message(tmp_path):

@@ -61,6 +61,10 @@ def token_depth(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.
            "entropy": entropy.double().cpu(), "valid": valid.cpu()}
     if "token_expected_steps" in out.stats:
         res["expected_steps"] = out.stats["token_expected_steps"].double().cpu()
+    # the forward's own compute numbers, both scales (docs/families.md "FLOPs convention")
+    res["flops_ratio"] = float(out.stats.get("flops_ratio", 1.0))
+    res["jacobi_passes"] = float(out.stats.get("jacobi_passes", 0.0))
+    res["jacobi_residual"] = float(out.stats.get("jacobi_residual", 0.0))
     return res
 
 
@@ -82,20 +86,21 @@ def full_depth(model: torch.nn.Module):
 
 @contextmanager
 def inference_pruning(model: torch.nn.Module, enabled: bool = True):
-    """PonderLM-3: run the parallel forward with ``ponder.train_hard_prune`` = true, i.e. the
-    inference semantics (steps with w < tau neither attended to nor mixed in), so the NLL is
-    the one the pruned decoder gives (tests/test_families_consistency.py) rather than the
-    soft-bias training forward's. No-op for other families."""
+    """PonderLM-3: evaluate with ``ponder.eval_hard_prune`` = ``enabled``: true is the
+    inference semantics (steps with w < tau neither attended to nor mixed in, the default of
+    every evaluation), so the NLL is the one the pruned decoder gives
+    (tests/test_families_consistency.py); false is the soft-bias training forward's. No-op for
+    other families."""
     cfg = getattr(model, "ponder_cfg", None)
-    if not enabled or cfg is None or getattr(model, "family", "") != "ponderlm3":
+    if cfg is None or getattr(model, "family", "") != "ponderlm3":
         yield model
         return
-    old = cfg.train_hard_prune
-    cfg.train_hard_prune = True
+    old = cfg.eval_hard_prune
+    cfg.eval_hard_prune = bool(enabled)
     try:
         yield model
     finally:
-        cfg.train_hard_prune = old
+        cfg.eval_hard_prune = old
 
 
 def pearson(x, y) -> float:
@@ -168,6 +173,8 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
     from ..train.evaluate import model_inputs
 
     cols = {"nll": [], "iterations": [], "entropy": [], "expected_steps": [], "nll_full": [], "ids": []}
+    compute = torch.zeros(4, dtype=torch.float64)  # flops_ratio * n, n, Jacobi passes, batches
+    residual = 0.0
     for batch in batches:
         inputs = model_inputs(batch)
         kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "targets")}
@@ -175,6 +182,9 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
         with inference_pruning(model, hard_prune):
             d = token_depth(model, inputs["input_ids"], inputs["targets"], **kwargs)
         v = d["valid"]
+        compute += torch.tensor([d["flops_ratio"] * float(v.sum()), float(v.sum()), d["jacobi_passes"], 1.0],
+                                dtype=torch.float64)
+        residual = max(residual, d["jacobi_residual"])
         for k in ("nll", "iterations", "entropy", "expected_steps"):
             if k in d:
                 cols[k].append(d[k][v])
@@ -194,10 +204,15 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
            "hard_prune": bool(hard_prune and getattr(model, "family", "") == "ponderlm3"),
            "mean_nll": float(nll.mean()), "ppl": math.exp(min(float(nll.mean()), 50.0)),
            "mean_iterations": float(its.mean()),
+           "flops_ratio": compute[0].item() / max(compute[1].item(), 1.0),
            "iteration_kind": _iteration_kind(model),
            "pearson": pearson(nll, its), "spearman": spearman(nll, its),
            "entropy": {"mean": float(ent.mean()), "pearson": pearson(ent, its), "spearman": spearman(ent, its)},
            "per_iteration": rows}
+    from ..train.evaluate import computation
+    info = computation(model, compute[2].item() / max(compute[3].item(), 1.0), residual)
+    info.pop("hard_prune", None)   # what this analysis used is res["hard_prune"]
+    res.update(info)
     if cols["expected_steps"]:
         exp = torch.cat(cols["expected_steps"])
         res["expected_steps"] = {"mean": float(exp.mean()), "pearson": pearson(nll, exp),
@@ -242,7 +257,10 @@ def format_depth_report(res: dict) -> str:
     lines = [f"family {res['family']}: {res['tokens']:,} tokens"
              + (f" ({res['windows']} windows x {res['seq_length']})" if "windows" in res else ""),
              f"  iterations: {res['iteration_kind']}",
-             f"  mean NLL {res['mean_nll']:.4f} (ppl {res['ppl']:.2f}), mean iterations {res['mean_iterations']:.4f}",
+             f"  mean NLL {res['mean_nll']:.4f} (ppl {res['ppl']:.2f}), mean iterations {res['mean_iterations']:.4f} "
+             f"(backbone passes/token, the papers' ratio), inference flops_ratio {res.get('flops_ratio', 1.0):.4f}"
+             + (f"\n  PonderLM-2/3 evaluation: {res['eval_mode']}, {res['jacobi_passes']:.1f} Jacobi passes/batch"
+                if "eval_mode" in res else ""),
              f"  corr(NLL, iterations): Pearson {res['pearson']:.4f}, Spearman {res['spearman']:.4f}"]
     if "expected_steps" in res:
         e = res["expected_steps"]

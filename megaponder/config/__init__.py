@@ -127,6 +127,10 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
          "ponder.halting_warmup_end must be >= ponder.halting_warmup_start.")
     need(bool(p.jacobi_passes) and all(j >= 0 for j in p.jacobi_passes),
          "ponder.jacobi_passes must be a non-empty list of non-negative integers.")
+    need(p.target_mean_iters is None or p.target_flops_ratio is None,
+         "ponder.target_mean_iters and ponder.target_flops_ratio are both set; keep one (mean_iters "
+         "is the papers' passes/token scale, flops_ratio the full inference-FLOPs scale).")
+    need(p.eval_jacobi_tol > 0, f"ponder.eval_jacobi_tol must be positive (got {p.eval_jacobi_tol}).")
     # training loop
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         need(getattr(t, name) > 0, f"train.{name} must be positive (got {getattr(t, name)}).")

@@ -57,10 +57,15 @@ class ModelConfig:
                                  "docs/performance.md); 0 keeps the plain ops. tp=1 only.")
     compile: bool = param(False, "torch.compile each transformer layer (regional: the recurrence, "
                           "KV reuse and halting stay eager Python around the compiled blocks).")
-    init_std: float = param(0.02, "Std of the normal initialisation of weights.")
-    init_method: Literal["normal", "small_init_wang"] = param(
-        "small_init_wang", "GPT-NeoX init: 'normal' everywhere, or 'small_init_wang' (small_init "
-        "for inputs, wang_init for the output projections, as in Pythia).")
+    init_std: float = param(0.02, "Std of the normal initialisation of weights (init_method "
+                            "normal).")
+    init_method: Literal["official", "normal", "small_init_wang"] = param(
+        "official", "Weight init. 'official': each family's published code (vanilla: Pythia's "
+        "small_init/wang_init; recurrent families: truncated normal sqrt(2/(5d)), output "
+        "projections / sqrt(2L(K+1)); pause: / sqrt(2L)). 'small_init_wang': GPT-NeoX small_init "
+        "for inputs, wang_init 2/(L sqrt(d)) for the output projections; 'normal': init_std "
+        "everywhere (both divide the recurrent families' output projections by sqrt(K+1) with "
+        "ponder.depth_scaled_init).")
 
     @property
     def ffn_size(self) -> int:

@@ -21,16 +21,17 @@ class PonderConfig:
                        "ponderlm3): thoughts per token (K_max for ponderlm3).")
     scale_embeds: bool = param(True, "Scale token embeddings: by sqrt(d) in the vertical pondering "
                                "families (PonderLM code; the pondering embedding gets the same "
-                               "scale), by sqrt(thought_embed_scale*d) in ponderlm2/ponderlm3.")
+                               "scale) and pause, by sqrt(thought_embed_scale*d) in ponderlm2/"
+                               "ponderlm3 and loop (the PonderLM-2 code's baselines).")
     multiply_steps: bool = param(False, "PonderLM 'mutiply_pondering_steps': multiply the first "
                                  "input embedding by K (the official scripts turn it on from "
                                  "410M up).")
     top_k: int = param(0, "Pondering embedding from the softmax over the top-k logits only "
                        "(0: full softmax; the paper's ablation finds top-100 equivalent).")
-    depth_scaled_init: bool = param(True, "Depth-aware init of the recurrent families: the "
-                                    "output projections (attn.out, mlp.fc2) get their init std "
-                                    "divided by sqrt(K+1), as the official code's "
-                                    "sigma/sqrt(2*L*(K+1)).")
+    depth_scaled_init: bool = param(True, "Depth factor of the recurrent families' init: the "
+                                    "output projections (attn.out, mlp.fc2) get the (K+1) of the "
+                                    "official sigma/sqrt(2*L*(K+1)) (other init_methods: their std "
+                                    "divided by sqrt(K+1)); pause never gets it (one pass).")
     sample_seed: int = param(0, "Seed of the model's own random draws (PonderLM-2 Jacobi count, "
                              "random/fixed pruning); combined with the training step so a run "
                              "is reproducible and resumes identically.")
@@ -41,6 +42,13 @@ class PonderConfig:
                                                              "activation (not stated; GELU as NeoX).")
     gate_bias_init: float = param(2.0, "Initial bias of the gate logit; positive starts gates "
                                   "open (s=0.88), an open question in the paper.")
+    gate_preserve_tol: Optional[float] = param(1e-3, "AdaPonderLM started from a PonderLM "
+                                               "checkpoint (train.init_checkpoint): every gate "
+                                               "starts at s = 1 - tol for every token (output "
+                                               "weights 0, bias logit(1 - tol)), so step 0 "
+                                               "computes the loaded PonderLM up to tol times "
+                                               "its pondering update; null keeps "
+                                               "gate_bias_init (s = 0.88 scales the update).")
     tau: float = param(1e-4, "Halting threshold: AdaPonderLM halts a token for good once its gate "
                        "s < tau; PonderLM-3 prunes steps whose survival w < tau (train and "
                        "inference).")
@@ -67,8 +75,20 @@ class PonderConfig:
     jacobi_passes: list[int] = param(None, "PonderLM-2/3 training: Jacobi passes J drawn uniformly "
                                      "from this list each step (code: randint(2,5)).",
                                      factory=lambda: [2, 3, 4])
-    eval_jacobi_passes: int = param(3, "Jacobi passes outside training (code: "
-                                    "num_jacobi_iterations=3).")
+    eval_jacobi_passes: int = param(3, "Jacobi passes outside training in eval_mode official "
+                                    "(code: num_jacobi_iterations=3).")
+    eval_mode: Literal["exact", "official"] = param(
+        "exact", "PonderLM-2/3 outside training (megaponder eval, validation, analysis): 'exact' "
+        "runs Jacobi passes until no thought changes by more than eval_jacobi_tol (the sequential "
+        "chain the cached decoder computes; at most tokens*(K+1) passes, where Jacobi on a "
+        "causal chain is exact); 'official' runs eval_jacobi_passes passes as the official code.")
+    eval_jacobi_tol: float = param(1e-5, "eval_mode exact: stop once the largest change of any "
+                                   "thought over one Jacobi pass is below this (thoughts are "
+                                   "final-norm hidden states, O(1) entries).")
+    eval_hard_prune: bool = param(True, "PonderLM-3 outside training: prune steps with w < tau "
+                                  "as the decoder does (their keys masked, no mixture weight), so "
+                                  "perplexity and flops_ratio describe the same computation; "
+                                  "false evaluates with the soft training bias.")
     buildup_passes: bool = param(True, "Run the K build-up passes of the official code (one "
                                  "stage added per pass) before the Jacobi passes; false starts "
                                  "every thought at zero.")
@@ -95,9 +115,17 @@ class PonderConfig:
     prune_schedule: Literal["uniform", "geometric"] = param(
         "uniform", "fixed_pruning: how the kept fraction falls over iterations (uniform: the "
         "same number of tokens exits at every iteration; geometric: a constant fraction).")
-    target_flops_ratio: float = param(3.8, "fixed_pruning / random_halting: inference FLOPs "
-                                      "ratio to match (flops.py convention: executed / vanilla "
-                                      "single pass), e.g. a trained AdaPonderLM's flops_ratio.")
+    target_mean_iters: Optional[float] = param(None, "fixed_pruning / random_halting: backbone "
+                                               "passes per token to match, the papers' scale "
+                                               "(AdaPonderLM's '3.8x' is this number; use a "
+                                               "trained AdaPonderLM's logged mean_iters). With "
+                                               "neither target set the baselines use 3.8.")
+    target_flops_ratio: Optional[float] = param(None, "fixed_pruning / random_halting: match "
+                                                "this inference flops_ratio instead (flops.py "
+                                                "scale: head, pondering embedding and gates "
+                                                "counted). The baselines have no gates, so at "
+                                                "an AdaPonderLM's flops_ratio they run slightly "
+                                                "more passes than it; set at most one target.")
     halting_rate: Optional[float] = param(None, "random_halting: per-iteration halting "
                                           "probability; null derives it from "
                                           "target_flops_ratio.")

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ..config import ModelConfig, PonderConfig
 from .attention import AttentionSpec
 from .chunked import linear_cross_entropy
-from .neox import NeoXStack, init_neox_weights
+from .init import init_backbone_weights
+from .neox import NeoXStack
 
 IGNORE_INDEX = -100
 
@@ -86,7 +87,7 @@ class CausalLM(nn.Module):
         self.embed_in = nn.Embedding(self.vocab_size, cfg.hidden_size)
         self.stack = NeoXStack(cfg)
         self.embed_out = nn.Linear(cfg.hidden_size, self.vocab_size, bias=False)
-        init_neox_weights(self, cfg)
+        init_backbone_weights(self, cfg, self.ponder_cfg, self.family)
         if cfg.tie_word_embeddings:
             self.embed_out.weight = self.embed_in.weight
         self.training_step = 0

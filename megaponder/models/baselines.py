@@ -8,12 +8,14 @@
   halted readout) but a non-learned mask: iteration i keeps a fraction r_i of each sequence's
   tokens, chosen at random (uniform: r falls linearly; geometric: r_i = q^i).
 * ``random_halting``: the same, every active token halting with probability p per iteration.
-Both pruning baselines calibrate their schedule to ``ponder.target_flops_ratio`` (the
-``flops_ratio`` a trained AdaPonderLM logs) through megaponder/models/flops.py, so iso-FLOPs
-comparisons need one number.
+Both pruning baselines calibrate their schedule to ``ponder.target_mean_iters`` (backbone
+passes per token, the papers' iso-FLOPs scale: a trained AdaPonderLM's logged ``mean_iters``;
+default 3.8) or, when set, ``ponder.target_flops_ratio`` (the full inference-FLOPs scale)
+through megaponder/models/flops.py, so iso-FLOPs comparisons need one number.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -30,8 +32,15 @@ from .registry import register_family
 class LoopLM(PonderLM):
     """Weight-shared depth: x <- layers(x), K+1 times, then the final norm and head."""
 
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
+        super().__init__(cfg, ponder)
+        # the PonderLM-2 code's loop baseline scales its embeddings by sqrt(2.5 d) (unit RMS
+        # for the sqrt(2/(5d)) init), the same scale as its latent thoughts' tokens
+        p = self.ponder_cfg
+        self.embed_scale = math.sqrt(p.thought_embed_scale * cfg.hidden_size) if p.scale_embeds else 1.0
+
     def input_embeddings(self, input_ids):
-        return self.embed(input_ids)
+        return self.embed(input_ids) * self.embed_scale
 
     @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
@@ -62,12 +71,34 @@ class _PlannedHalting(PonderLM):
         super().__init__(cfg, ponder)
         self._keep: Optional[list[float]] = None
 
+    #: the baselines' target when neither ponder.target_mean_iters nor target_flops_ratio is
+    #: set: AdaPonderLM's published 3.8 backbone passes per token
+    DEFAULT_MEAN_ITERS = 3.8
+
     def keep_fractions(self) -> list[float]:
         """Expected kept fraction per iteration, r_0 = 1."""
         raise NotImplementedError
 
+    def calibrated_schedule(self, kind: str) -> list[float]:
+        """Schedule of ``kind`` at the configured target: ponder.target_flops_ratio on the
+        full inference-FLOPs scale when set, else ponder.target_mean_iters (default 3.8)
+        backbone passes per token, the scale the papers compare on."""
+        from .flops import schedule_for_mean_iters, schedule_for_ratio
+        p = self.ponder_cfg
+        if p.target_flops_ratio is not None:
+            return schedule_for_ratio(self, p.target_flops_ratio, kind)
+        target = p.target_mean_iters if p.target_mean_iters is not None else self.DEFAULT_MEAN_ITERS
+        return schedule_for_mean_iters(self, target, kind)
+
     def priorities(self, batch: int, seq: int, device) -> torch.Tensor:
-        return torch.rand(batch, seq, generator=self.sample_generator(salt=2)).to(device)
+        """Per-token uniforms u [B, T]: seeded per training step and micro-batch in training;
+        per evaluation batch (set_eval_stream) and token position outside it, the numbers
+        the cached decoder draws for the same tokens."""
+        if self.training:
+            return torch.rand(batch, seq, generator=self.sample_generator(salt=2)).to(device)
+        rows = torch.arange(batch).view(-1, 1).expand(batch, seq)
+        pos = torch.arange(seq).view(1, -1).expand(batch, seq)
+        return self.eval_uniforms(rows, pos, self._eval_stream, salt=2).to(device)
 
     def threshold_plan(self, u: torch.Tensor) -> torch.Tensor:
         """Causal rule (also used by the decoder): active at i iff u < r_i."""
@@ -85,9 +116,7 @@ class FixedPruningLM(_PlannedHalting):
 
     def keep_fractions(self) -> list[float]:
         if self._keep is None:
-            from .flops import schedule_for_ratio
-            p = self.ponder_cfg
-            self._keep = schedule_for_ratio(self, p.target_flops_ratio, p.prune_schedule)
+            self._keep = self.calibrated_schedule(self.ponder_cfg.prune_schedule)
         return self._keep
 
     def halting_plan(self, batch, seq, device, valid):
@@ -105,7 +134,7 @@ class FixedPruningLM(_PlannedHalting):
 @register_family("random_halting")
 class RandomHaltingLM(_PlannedHalting):
     """Each active token halts with probability p after every iteration (expected active
-    fraction (1-p)^i); p = ponder.halting_rate or calibrated to ponder.target_flops_ratio."""
+    fraction (1-p)^i); p = ponder.halting_rate or calibrated to the target (calibrated_schedule)."""
 
     def keep_fractions(self) -> list[float]:
         if self._keep is None:
@@ -113,8 +142,7 @@ class RandomHaltingLM(_PlannedHalting):
             if p.halting_rate is not None:
                 self._keep = [(1.0 - p.halting_rate) ** i for i in range(self.num_passes)]
             else:
-                from .flops import schedule_for_ratio
-                self._keep = schedule_for_ratio(self, p.target_flops_ratio, "geometric")
+                self._keep = self.calibrated_schedule("geometric")
         return self._keep
 
 
@@ -125,7 +153,8 @@ class PauseLM(LatentLM):
     def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
         ponder = ponder or PonderConfig()
         super().__init__(cfg, ponder, stages=ponder.pause_tokens + 1)
-        self.embed_scale = 1.0
+        # the PonderLM-2 code's pause baseline scales token embeddings by sqrt(d)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if self.ponder_cfg.scale_embeds else 1.0
         self.pause_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * (2.0 / (5.0 * cfg.hidden_size)) ** 0.5)
 
     def extra_parameter_names(self) -> list[str]:

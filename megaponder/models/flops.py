@@ -19,11 +19,20 @@ Convention (stated because peers disagree, docs/peers.md §2):
   computed row at sequence position p attends exactly the keys in the cache plus itself
   (p+1 for vertical families, the kept latent keys for latent ones); halted AdaPonderLM rows
   and pruned PonderLM-3 steps cost nothing; reused keys of halted tokens do count as keys.
-* ``flops_ratio`` (logged by adaptive families, CONTRACT.md) = inference FLOPs of the family
-  at the realised activity / inference FLOPs of the vanilla model of the same shape on the
-  same sequence length. PonderLM with K=3 is ≈4.0 plus its head/embedding overhead; the
-  AdaPonderLM paper's "3.8×" is this number. ``mean_iters`` is the plain mean of executed
-  iterations (latent: backbone steps) per token.
+
+Two scales of compute against vanilla, both logged (metric names as in the run's
+metrics.jsonl, the training summary and ``megaponder eval``'s JSON):
+
+* ``mean_iters`` — **backbone passes per token** (vertical families: iterations of the stack a
+  token executes; latent families: backbone steps 1 + K-hat per token). This is the papers'
+  ratio: PonderLM and the loop baseline at K=3 are "4x", AdaPonderLM's "3.8x" / "3.7x" and
+  PonderLM-3's steps are on this scale. It ignores the head, the pondering embedding, the gates
+  and the longer attention context of latent thoughts.
+* ``flops_ratio`` — inference matmul FLOPs of the family at the realised activity / inference
+  FLOPs of the vanilla model of the same shape on the same sequence length, everything above
+  counted. PonderLM at K=3 with every token active is ~5.5 at the Pythia-70M shape, 4.4 at
+  410M, 4.1 at 2.8B (tests/test_fidelity.py): the head and pondering embedding per extra pass
+  weigh most in small models. No paper reports this number.
 """
 from __future__ import annotations
 
@@ -238,6 +247,31 @@ def schedule_for_ratio(model, target: float, kind: str, seq_len: int = 128) -> l
         else:
             hi = mid
     return fracs((lo + hi) / 2)
+
+
+def expected_mean_iters(keep: Sequence[float]) -> float:
+    """Backbone passes per token of a vertical halting schedule: sum of the kept fractions."""
+    return float(sum(keep))
+
+
+def schedule_for_mean_iters(model, target: float, kind: str) -> list[float]:
+    """Kept fractions r_0=1 >= r_1 >= ... with sum r_i = ``target`` backbone passes per token
+    (the papers' scale; clamped to [1, K+1]). kind: 'uniform' or 'geometric' as
+    :func:`schedule_for_ratio`."""
+    P = _dims(model).passes
+    target = min(max(float(target), 1.0), float(P))
+    if kind == "uniform":   # sum_i (1 - i x/(P-1)) = P - x P/2
+        x = 0.0 if P == 1 else (P - target) * 2.0 / P
+        return [1.0 - i * x / max(P - 1, 1) for i in range(P)]
+    lo, hi = 0.0, 1.0      # geometric: sum_i q^i, monotone in q
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if sum(mid ** i for i in range(P)) < target:
+            lo = mid
+        else:
+            hi = mid
+    q = (lo + hi) / 2
+    return [q ** i for i in range(P)]
 
 
 def summary(model, seq_len: int, activity=None) -> dict:

@@ -73,7 +73,7 @@ class VerticalDecoder:
         self.activity: list[torch.Tensor] = []  # per feed: [P, B, n] bool
         self.computed_slots = 0   # query slots the stack ran (padding included)
         self.active_slots = 0     # of which belonged to tokens that needed them
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
     def _embed(self, ids):
         m = self.model
@@ -122,7 +122,9 @@ class VerticalDecoder:
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
         if self.adaptive and m.family in ("fixed_pruning", "random_halting"):
-            u = torch.rand(b, n, generator=self.generator).to(dev)
+            # the eval forward's draws for these tokens (stream = this decoder's seed)
+            rows = torch.arange(b).view(-1, 1).expand(b, n)
+            u = m.eval_uniforms(rows, pos.cpu(), self.seed, salt=2).to(dev)
             plan = m.threshold_plan(u)  # [P, B, n]
         final_readout = self.adaptive and m.ponder_cfg.halted_readout == "final"
         acts = [active.clone()]
@@ -194,7 +196,7 @@ class LoopDecoder(VerticalDecoder):
         m = self.model
         b, n = ids.shape
         pos = torch.arange(self.tc, self.tc + n, device=ids.device).unsqueeze(0).expand(b, n)
-        x = m.embed(ids)
+        x = m.input_embeddings(ids)
         spec = AttentionSpec(q_index=torch.arange(self.tc, self.tc + n, device=ids.device))
         for i in range(self.passes):
             cache = self.caches[i]
@@ -215,8 +217,11 @@ class LoopDecoder(VerticalDecoder):
 class LatentDecoder:
     """ponderlm2 / ponderlm3 / pause, one row, token by token."""
 
-    def __init__(self, model: LatentLM, seed: int = 0):
+    def __init__(self, model: LatentLM, seed: int = 0, prefill: str = "sequential"):
+        if prefill not in ("sequential", "jacobi"):
+            raise ValueError(f"prefill must be 'sequential' or 'jacobi', got '{prefill}'")
         self.model = model
+        self.prefill = prefill
         self.layers = len(model.stack.layers)
         self.cache = [None] * self.layers
         self.key_bias: Optional[torch.Tensor] = None  # [1, Tc] additive bias per cached key
@@ -251,8 +256,40 @@ class LatentDecoder:
         return hidden
 
     @torch.no_grad()
+    def jacobi_prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The official inference path for a prompt: the parallel forward (build-up, Jacobi to
+        ``ponder.eval_jacobi_tol`` in eval_mode exact, final pass) over all its tokens at once,
+        whose final pass fills the cache (PonderLM-3: only the kept steps and their log w).
+        Equal to the sequential prefill up to the Jacobi tolerance (tests/test_fidelity.py)."""
+        m = self.model
+        was_training = m.training
+        m.eval()
+        try:
+            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+            hidden, state, _, kvs = m.latent_forward(ids, pos, None, None)
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            logits = m.readout(hidden, state, valid)[0]
+        finally:
+            m.train(was_training)
+        t, n = ids.shape[1], self.model.num_stages
+        if self.is_p3:
+            _, log_w, keep = state
+            kept = keep[0].flatten().nonzero(as_tuple=True)[0]   # interleaved key slots kept
+            self.key_bias = log_w[0].flatten()[kept].float().unsqueeze(0)
+            self.steps_executed += keep[0].sum(-1).int().tolist()
+        else:
+            kept = torch.arange(t * n, device=ids.device)
+            self.steps_executed += [n] * t
+        self.cache = [(k[:, :, kept], v[:, :, kept]) for k, v in kvs]
+        self.tc, self.tc_token = int(kept.numel()), t
+        return logits
+
+    @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         m = self.model
+        if (self.prefill == "jacobi" and self.tc == 0 and ids.shape[1] > 1
+                and m.family in ("ponderlm2", "ponderlm3")):
+            return self.jacobi_prefill(ids)
         out = []
         for j in range(ids.shape[1]):
             tok = ids[:, j:j + 1]
@@ -287,9 +324,11 @@ class LatentDecoder:
         return torch.tensor(self.steps_executed, dtype=torch.float64)
 
 
-def make_decoder(model, seed: int = 0):
+def make_decoder(model, seed: int = 0, prefill: str = "sequential"):
+    """``prefill``: latent families' first multi-token feed — 'sequential' (token by token,
+    exact) or 'jacobi' (the parallel forward, exact to the Jacobi tolerance)."""
     if isinstance(model, LatentLM):
-        return LatentDecoder(model, seed)
+        return LatentDecoder(model, seed, prefill)
     if getattr(model, "family", "vanilla") == "loop":
         return LoopDecoder(model, seed)
     return VerticalDecoder(model, seed)
@@ -297,7 +336,7 @@ def make_decoder(model, seed: int = 0):
 
 @torch.no_grad()
 def decode_logits(model, input_ids: torch.Tensor, chunk: Optional[int] = None, seed: int = 0,
-                  return_decoders: bool = False):
+                  return_decoders: bool = False, prefill: str = "sequential"):
     """Logits [B, T, V] of ``input_ids`` through the cached decoder, ``chunk`` tokens per
     ``feed`` call (None: the whole row at once, i.e. a compacted prefill). Vertical families
     decode all rows in lockstep with cross-row compaction; latent families row by row.
@@ -306,7 +345,7 @@ def decode_logits(model, input_ids: torch.Tensor, chunk: Optional[int] = None, s
     if isinstance(model, LatentLM):
         outs, rows = [], []
         for b in range(input_ids.shape[0]):
-            dec = make_decoder(model, seed)
+            dec = make_decoder(model, seed, prefill)
             row = input_ids[b:b + 1]
             outs.append(torch.cat([dec.feed(row[:, s:s + step]) for s in range(0, row.shape[1], step)], dim=1))
             rows.append(dec)

@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..config import ModelConfig, PonderConfig
 from .attention import AttentionSpec
 from .base import CausalLM, ModelOutput, default_position_ids
-from .ponder import GateMLP, PonderMixin, masked_mean, scale_output_projections, valid_token_mask
+from .ponder import GateMLP, PonderMixin, masked_mean, valid_token_mask
 from .registry import register_family
 
 
@@ -56,8 +56,6 @@ class LatentLM(PonderMixin, CausalLM):
         self.num_stages = stages if stages is not None else p.steps + 1
         self._calls_this_step = 0
         self.embed_scale = math.sqrt(p.thought_embed_scale * cfg.hidden_size) if p.scale_embeds else 1.0
-        if p.depth_scaled_init and self.num_stages > 1:
-            scale_output_projections(self, 1.0 / math.sqrt(self.num_stages))
 
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids) * self.embed_scale
@@ -71,12 +69,13 @@ class LatentLM(PonderMixin, CausalLM):
         hidden, kvs = self.stack(interleave(stages), repeat_stages(position_ids, n), spec)
         return hidden.view(b, t, n, d), kvs
 
-    def jacobi_count(self, override: Optional[int] = None) -> int:
+    def jacobi_count(self, override: Optional[int] = None) -> Optional[int]:
+        """Jacobi passes of this forward; None: iterate to eval_jacobi_tol (eval_mode exact)."""
         p = self.ponder_cfg
         if override is not None:
             return int(override)
         if not self.training:
-            return p.eval_jacobi_passes
+            return p.eval_jacobi_passes if p.eval_mode == "official" else None
         g = self.sample_generator(salt=1, per_step=True)  # same J on every micro-batch/rank
         return int(p.jacobi_passes[int(torch.randint(len(p.jacobi_passes), (1,), generator=g))])
 
@@ -111,15 +110,44 @@ class PonderLM2(LatentLM):
         else:
             thoughts = [torch.zeros_like(e0) for _ in range(K)]
         J = self.jacobi_count(jacobi_passes)
-        for _ in range(J):
+        # exact mode: Jacobi on the causal chain of T*(K+1) positions fixes at least one more
+        # position per pass, so T*(K+1) passes reach the sequential solution; the tolerance
+        # stops long before (the residual contracts geometrically)
+        limit, tol = (J, None) if J is not None else (e0.shape[1] * (K + 1), self.ponder_cfg.eval_jacobi_tol)
+        done, residual = 0, 0.0
+        while done < limit:
             hidden, _ = self.run_stages([e0] + thoughts, position_ids, attention_mask, segment_ids,
                                         self.pass_bias(K + 1, state))
             state = self.after_pass(hidden, state)
-            thoughts = [hidden[:, :, j] for j in range(K)]
+            new = [hidden[:, :, j] for j in range(K)]
+            done += 1
+            if tol is not None:
+                residual = self._agreed(max(float((a - b).detach().abs().max()) for a, b in zip(new, thoughts))
+                                        if K else 0.0)
+            thoughts = new
+            if tol is not None and residual <= tol:
+                break
+        J = done
+        self.last_jacobi_residual = residual
         hidden, kvs = self.run_stages([e0] + thoughts, position_ids, attention_mask, segment_ids,
                                       self.pass_bias(K + 1, state))
         state = self.after_pass(hidden, state)
         return hidden, state, J, kvs
+
+    def _agreed(self, residual: float) -> float:
+        """The stopping residual every rank agrees on. Tensor/pipeline ranks of a replica
+        compute identical thoughts; data-parallel ranks hold different batches, and under
+        ZeRO-3 (parameters carry ``ds_id``) every module call is a collective, so there they
+        must run the same number of passes: the maximum over all ranks."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return residual
+        if not any(hasattr(p, "ds_id") for p in self.parameters()):
+            return residual
+        from ..parallel.state import collective_device
+        t = torch.tensor([residual], dtype=torch.float64, device=collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
 
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
                 segment_ids=None, jacobi_passes: Optional[int] = None,
@@ -136,6 +164,8 @@ class PonderLM2(LatentLM):
         valid = valid_token_mask(input_ids, attention_mask)
         logits, stats, extra_loss = self.readout(hidden, state, valid)
         stats["jacobi_passes"] = float(J)
+        if not self.training:
+            stats["jacobi_residual"] = float(self.last_jacobi_residual)
         if return_token_stats:
             stats.update(self.token_stats(state, input_ids))
         if targets is None:
@@ -179,10 +209,17 @@ class PonderLM3(PonderLM2):
         keep[..., 0] = True
         return s, log_w, keep
 
+    @property
+    def hard_prune(self) -> bool:
+        """Mask steps with w < tau exactly (the decoder's computation): in training with
+        ponder.train_hard_prune, outside training with ponder.eval_hard_prune."""
+        p = self.ponder_cfg
+        return p.train_hard_prune if self.training else p.eval_hard_prune
+
     def key_bias_values(self, log_w: torch.Tensor, keep: torch.Tensor, dtype) -> torch.Tensor:
         """Per latent key additive bias: log w (soft) or -inf-like below tau (hard)."""
         bias = log_w.to(dtype)
-        if self.ponder_cfg.train_hard_prune:
+        if self.hard_prune:
             bias = bias.masked_fill(~keep, torch.finfo(dtype).min)
         return bias
 
@@ -210,7 +247,7 @@ class PonderLM3(PonderLM2):
 
     def mixture_weights(self, s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         p = self.ponder_cfg
-        if p.train_hard_prune:
+        if self.hard_prune:
             s = s * keep
             if p.renormalize_pruned:
                 s = s / s.sum(-1, keepdim=True)

@@ -9,7 +9,6 @@ wraps (``NeoXStack.forward``): run all layers over given input embeddings, posit
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -125,24 +124,3 @@ class NeoXStack(nn.Module):
             x, kv = layer(x, cos, sin, spec, kv_hook)
             kvs.append(kv)
         return (self.final_norm(x) if apply_final_norm else x), kvs
-
-
-def init_neox_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """GPT-NeoX initialisation: small_init (std sqrt(2/(5d))) for inputs and embeddings,
-    wang_init (std 2/(L*sqrt(d))) for the projections that write into the residual stream."""
-    d, n_layers = cfg.hidden_size, cfg.num_layers
-    if cfg.init_method == "small_init_wang":
-        in_std, out_std = math.sqrt(2.0 / (5.0 * d)), 2.0 / (n_layers * math.sqrt(d))
-    else:
-        in_std = out_std = cfg.init_std
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            std = out_std if name.endswith(("attn.out", "mlp.fc2")) else in_std
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=in_std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)

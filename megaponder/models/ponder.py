@@ -31,15 +31,6 @@ from .registry import register_family
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
-def scale_output_projections(model: nn.Module, factor: float) -> None:
-    """Depth-aware init: multiply the weights of the projections that write into the residual
-    stream (attn.out, mlp.fc2) by ``factor``."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and name.endswith(("attn.out", "mlp.fc2")):
-                module.weight.mul_(factor)
-
-
 class GateMLP(nn.Module):
     """Two-layer MLP -> one logit per token (AdaPonderLM gate, PonderLM-3 router with
     ``out_features = K+1``)."""
@@ -108,6 +99,37 @@ class PonderMixin:
         self.training_step = step
         self._calls_this_step = 0
 
+    #: which evaluation batch the next eval-mode forward is (set_eval_stream)
+    _eval_stream = 0
+
+    def set_eval_stream(self, stream: int) -> None:
+        """Eval-mode draws of the next forwards belong to evaluation batch ``stream``
+        (megaponder/train/evaluate.py sets the global batch index), so every batch draws its
+        own pattern, reproducibly; the cached decoder draws the same numbers for stream =
+        its ``seed`` (eval_uniforms)."""
+        self._eval_stream = int(stream)
+
+    def eval_uniforms(self, rows: torch.Tensor, positions: torch.Tensor, stream: int,
+                      salt: int = 0) -> torch.Tensor:
+        """Counter-based uniforms in [0, 1): one per (row, sequence position) of evaluation
+        batch ``stream``, a pure function of (ponder.sample_seed, salt, stream, row, position),
+        so the parallel forward (all positions at once) and the decoder (positions as they
+        arrive, in any chunks) draw the same number for the same token."""
+        mask = 0xFFFFFFFF
+
+        def fmix(h):   # murmur3's 32-bit finaliser on int64 tensors holding 32-bit values
+            h = h ^ (h >> 16)
+            h = (h * 0x85EBCA6B) & mask
+            h = h ^ (h >> 13)
+            h = (h * 0xC2B2AE35) & mask
+            return h ^ (h >> 16)
+
+        key = (self.ponder_cfg.sample_seed * 1_000_003 + salt * 7919 + int(stream)) & mask
+        h = fmix(torch.full_like(rows, key, dtype=torch.int64))
+        h = fmix(h ^ (rows.to(torch.int64) & mask))
+        h = fmix(h ^ (positions.to(torch.int64) & mask))
+        return (h >> 8).to(torch.float32) / float(1 << 24)   # 24 bits: exact in float32
+
 
 def valid_token_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
     if attention_mask is None:
@@ -132,8 +154,6 @@ class PonderLM(PonderMixin, CausalLM):
         self.num_passes = p.steps + 1
         self.embed_scale = math.sqrt(cfg.hidden_size) if p.scale_embeds else 1.0
         self._calls_this_step = 0
-        if p.depth_scaled_init and self.num_passes > 1:
-            scale_output_projections(self, 1.0 / math.sqrt(self.num_passes))
 
     # -- pieces ---------------------------------------------------------------------------
     def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -307,6 +327,30 @@ class AdaPonderLM(PonderLM):
 
     def extra_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if n.startswith("gates.")]
+
+    def open_gates(self, tol: float) -> None:
+        """Gates that keep a loaded PonderLM's function: s = 1 - tol for every token (zero
+        output weights, bias logit(1 - tol)), so E += s*update differs from PonderLM's E +=
+        update by tol*update and no token halts (1 - tol >= tau). Adam's normalised steps
+        move the bias and the zeroed weights at the usual rate despite the small sigmoid
+        slope there, and the zero weights get gradients from the first step on."""
+        if not 0.0 < tol < 1.0 - self.ponder_cfg.tau:
+            raise ValueError(f"ponder.gate_preserve_tol must lie in (0, 1 - tau), got {tol}")
+        with torch.no_grad():
+            for gate in self.gates:
+                gate.fc2.weight.zero_()
+                gate.fc2.bias.fill_(math.log((1.0 - tol) / tol))
+
+
+def preserve_loaded_function(model: nn.Module, source_family: str) -> bool:
+    """Continued pretraining of AdaPonderLM from a PonderLM checkpoint: open the fresh gates
+    (``ponder.gate_preserve_tol``; AdaPonderLM.open_gates) so the first step starts from the
+    loaded model's function. Returns whether it changed anything."""
+    tol = model.ponder_cfg.gate_preserve_tol
+    if source_family != "ponderlm" or getattr(model, "family", "") != "adaponderlm" or tol is None:
+        return False
+    model.open_gates(tol)
+    return True
 
 
 def init_family_from_backbone(model: nn.Module, backbone_state_dict: dict, strict: bool = True) -> dict:

@@ -30,30 +30,62 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
     (tensor/pipeline ranks of one replica see the same batches and the same loss)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss*n, iters*n, flops*n, n
+    # loss*n, iters*n, flops*n, n, Jacobi passes (sum over batches), batches, max residual
+    totals = torch.zeros(6, dtype=torch.float64)
+    residual = torch.zeros(1, dtype=torch.float64)
     iterator = batches
     if progress:
         from tqdm import tqdm
         iterator = tqdm(batches, desc="eval", unit="batch", leave=False)
     device = next(model.parameters()).device
-    for batch in iterator:
+    rank, world = 0, 1
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    for i, batch in enumerate(iterator):
+        if hasattr(model, "set_eval_stream"):  # per-batch random draws (pruning baselines)
+            model.set_eval_stream(i * world + rank)
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         out = model(**inputs)
         n = float((inputs["targets"] != -100).sum())
         totals += torch.tensor([_scalar(out.lm_loss) * n,
                                 _scalar(out.stats.get("mean_iters", 1.0)) * n,
-                                _scalar(out.stats.get("flops_ratio", 1.0)) * n, n],
+                                _scalar(out.stats.get("flops_ratio", 1.0)) * n, n,
+                                _scalar(out.stats.get("jacobi_passes", 0.0)), 1.0],
                                dtype=torch.float64)
+        residual = torch.maximum(residual, torch.tensor([_scalar(out.stats.get("jacobi_residual", 0.0))],
+                                                        dtype=torch.float64))
     if group is not None and torch.distributed.get_world_size(group) > 1:
         from ..parallel.state import collective_device
         reduced = totals.to(collective_device())
         torch.distributed.all_reduce(reduced, group=group)  # DP ranks hold different batches
         totals = reduced.cpu()
+        reduced = residual.to(collective_device())
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX, group=group)
+        residual = reduced.cpu()
     model.train(was_training)
     n = max(totals[3].item(), 1.0)
     loss = totals[0].item() / n
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "mean_iters": totals[1].item() / n,
-            "flops_ratio": totals[2].item() / n, "tokens": int(totals[3].item())}
+    result = {"ppl": math.exp(min(loss, 50.0)), "loss": loss, "mean_iters": totals[1].item() / n,
+              "flops_ratio": totals[2].item() / n, "tokens": int(totals[3].item())}
+    result.update(computation(model, totals[4].item() / max(totals[5].item(), 1.0), residual.item()))
+    return result
+
+
+def computation(model: torch.nn.Module, jacobi_passes: float = 0.0, residual: float = 0.0) -> dict:
+    """What an evaluation of this model computed, for its JSON: PonderLM-2/3 add ``eval_mode``
+    (exact: Jacobi to ``jacobi_tol``; official: a fixed count), the mean Jacobi passes per
+    batch and the largest last-pass change of a thought (``jacobi_residual``); PonderLM-3
+    adds ``hard_prune`` (perplexity from the pruned computation its flops_ratio counts)."""
+    family = getattr(model, "family", "vanilla")
+    if family not in ("ponderlm2", "ponderlm3"):
+        return {}
+    p = model.ponder_cfg
+    info = {"eval_mode": p.eval_mode, "jacobi_passes": jacobi_passes}
+    if p.eval_mode == "exact":
+        info.update({"jacobi_tol": p.eval_jacobi_tol, "jacobi_residual": residual})
+    if family == "ponderlm3":
+        info["hard_prune"] = bool(p.eval_hard_prune)
+    return info
 
 
 def sequential_batches(dataset, seq_length: int, batch_size: int,

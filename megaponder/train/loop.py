@@ -200,6 +200,10 @@ class Trainer:
         if set(missing) - fresh:
             raise RuntimeError(f"train.init_checkpoint {folder}: missing tensors "
                                f"{sorted(set(missing) - fresh)[:5]}")
+        from ..models.ponder import preserve_loaded_function
+        if preserve_loaded_function(model, src.family):  # AdaPonderLM from PonderLM
+            _log0(self.rank, f"gates opened to s = 1 - {self.cfg.ponder.gate_preserve_tol:g} "
+                             f"(ponder.gate_preserve_tol) to keep the loaded PonderLM's function")
         _log0(self.rank, f"initialised weights from {folder}"
               + (f" ({len(missing)} new {self.cfg.model.family} tensors)" if missing else ""))
 
@@ -387,6 +391,7 @@ class Trainer:
         self.metrics.close()
         summary = {"steps": self.step, "val_ppl": final_val["ppl"], "val_loss": final_val["loss"],
                    "mean_iters": final_val["mean_iters"], "flops_ratio": final_val["flops_ratio"],
+                   "val_tokens": final_val["tokens"],
                    "tokens": self.consumed_samples * self.cfg.data.seq_length,
                    "wall_s": time.time() - start,
                    "checkpoint": os.path.join(self.ckpt_root, ckpt.tag_for_step(self.step))}
@@ -400,8 +405,10 @@ class Trainer:
                 ("tokens", f"{s['tokens']:,}"),
                 ("validation ppl", f"{s['val_ppl']:.2f}"
                  + (f"   (unigram baseline {baseline:.1f})" if baseline else "")),
-                ("mean iterations/token", f"{s['mean_iters']:.3f}"),
-                ("inference FLOPs vs vanilla", f"{s['flops_ratio']:.3f}"),
+                ("  scored on", _validation_scope(self.cfg, s.get("val_tokens", 0))),
+                ("backbone passes/token", f"{s['mean_iters']:.3f}   (mean_iters: the papers' ratio)"),
+                ("inference FLOPs vs vanilla", f"{s['flops_ratio']:.3f}   (flops_ratio: head and "
+                 f"pondering embedding included)"),
                 ("wall time", f"{s['wall_s']:.1f} s"),
                 ("checkpoint", s["checkpoint"])]
         print("\n[megaponder] training finished\n" + format_summary(rows), flush=True)
@@ -416,6 +423,16 @@ def _log_line(record: dict, total_steps: int) -> str:
         if isinstance(record.get(key), (int, float)):
             parts.append(f"{key} {record[key]:.4g}")
     return " | ".join(parts)
+
+
+def _validation_scope(cfg: Config, tokens: int) -> str:
+    """Which tokens the summary's validation perplexity covers, so it is not mistaken for
+    ``megaponder eval`` on the whole file (the same computation on more windows)."""
+    windows = tokens // max(cfg.data.seq_length, 1)
+    if cfg.data.valid_path:
+        return (f"first {windows} windows x {cfg.data.seq_length} tokens of data.valid_path "
+                f"(train.eval_batches); `megaponder eval` scores the whole file")
+    return f"{windows} held-out windows x {cfg.data.seq_length} tokens of data.path"
 
 
 def _maybe_float(value) -> Optional[float]:

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The quality study at the Pythia-70M shape on one GPU (prepared, not run on this CPU machine).
+#
+# Trains vanilla, PonderLM, AdaPonderLM (2 seeds each), PonderLM-2, PonderLM-3 and the
+# iso-passes baselines (fixed pruning uniform/geometric, random halting at the trained
+# AdaPonderLM's mean_iters) from examples/configs/pythia-70m-*.yml for TOKENS training tokens,
+# then scores every checkpoint with `megaponder eval` (exact Jacobi evaluation for the latent
+# families, recorded in the JSON) and the depth analysis. One JSON line per run goes to
+# $OUT/results.jsonl; tables are then written by hand into benchmarks/results/.
+#
+#   DATA=data/pile/pile_text_document VALID=data/pile-val/pile_val_text_document \
+#   TOKENIZER=data/tokenizer/20B_tokenizer.json TOKENS=300000000 bash benchmarks/quality_gpu.sh
+#
+# Budget: at seq 2048 x global batch 64 (131,072 tokens/step) 300M tokens = 2,289 steps per run.
+# PonderLM-family training costs ~6x vanilla's FLOPs at this shape (flops.py), PonderLM-2/3
+# ~4-7x, so on one H100/H200-class GPU expect roughly 1 h for vanilla and 4-8 h per pondering run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA=${DATA:?set DATA to the training prefix (PREFIX.bin/.idx)}
+VALID=${VALID:?set VALID to the validation prefix}
+TOKENIZER=${TOKENIZER:?set TOKENIZER to the tokenizer file}
+TOKENS=${TOKENS:-300000000}
+SEQ=${SEQ:-2048}
+MICRO=${MICRO:-16}
+ACCUM=${ACCUM:-4}
+OUT=${OUT:-runs/quality-70m}
+SEEDS=${SEEDS:-"1234 1"}
+EVAL_SAMPLES=${EVAL_SAMPLES:-2000}   # validation windows scored by `megaponder eval`
+PY=${PY:-python}
+
+STEPS=$(( TOKENS / (SEQ * MICRO * ACCUM) ))
+WARMUP=$(( STEPS / 100 + 1 ))
+# AdaPonderLM: CE only for the first 30 %, bottom-k fraction rising to k_max by 60 %
+S0=$(( STEPS * 3 / 10 )); S1=$(( STEPS * 6 / 10 ))
+mkdir -p "$OUT"
+
+train() {   # train NAME FAMILY [--set ...]
+  local name=$1 family=$2; shift 2
+  local run="$OUT/$name"
+  if [ -f "$run/checkpoints/latest" ]; then echo "[quality_gpu] $name: exists"; return; fi
+  local config="examples/configs/pythia-70m-$family.yml"
+  if [ "$family" = vanilla ]; then   # no vanilla recipe: the PonderLM one's shape and optimiser
+    config=examples/configs/pythia-70m-ponderlm.yml; set -- --set model.family=vanilla "$@"
+  fi
+  $PY -m megaponder train --config "$config" \
+    --set train.run_dir="$run" --set train.steps="$STEPS" --set optim.warmup_steps="$WARMUP" \
+    --set data.path="[$DATA]" --set data.valid_path="[$VALID]" --set data.tokenizer_model="$TOKENIZER" \
+    --set data.seq_length="$SEQ" --set train.micro_batch_size="$MICRO" \
+    --set train.grad_accum_steps="$ACCUM" --set train.save_every=0 --set train.eval_every=500 \
+    --set train.eval_batches=16 "$@"
+}
+
+score() {   # score NAME: full-split eval + depth analysis, one JSON line
+  local name=$1 run="$OUT/$1"
+  local eval_json
+  eval_json=$($PY -m megaponder eval --checkpoint "$run" --data "$VALID" --max-samples "$EVAL_SAMPLES" \
+              --batch-size 8 | tail -n 1)
+  $PY tools/analyze_depth.py --checkpoint "$run" --data "$VALID" --windows 256 --seq-length "$SEQ" \
+    --compare-full-depth --output "$OUT/depth-$name.json" > /dev/null
+  echo "{\"run\": \"$name\", \"eval\": $eval_json}" >> "$OUT/results.jsonl"
+}
+
+for seed in $SEEDS; do
+  train "vanilla-s$seed" vanilla --set train.seed="$seed"
+  train "ponderlm-s$seed" ponderlm --set train.seed="$seed"
+  train "adaponderlm-s$seed" adaponderlm --set train.seed="$seed" \
+    --set ponder.halting_warmup_start="$S0" --set ponder.halting_warmup_end="$S1"
+done
+train ponderlm2 ponderlm2
+train ponderlm3 ponderlm3
+train loop loop
+train pause pause
+
+# iso-FLOPs on the papers' scale: the first AdaPonderLM's validation backbone passes per token
+first_seed=${SEEDS%% *}
+TARGET=$($PY -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
+print([x for x in r if 'val_mean_iters' in x][-1]['val_mean_iters'])" "$OUT/adaponderlm-s$first_seed/metrics.jsonl")
+echo "[quality_gpu] iso-passes target (AdaPonderLM mean_iters): $TARGET"
+train fixed_pruning-uniform fixed_pruning --set ponder.prune_schedule=uniform --set ponder.target_mean_iters="$TARGET"
+train fixed_pruning-geometric fixed_pruning --set ponder.prune_schedule=geometric --set ponder.target_mean_iters="$TARGET"
+train random_halting random_halting --set ponder.target_mean_iters="$TARGET"
+
+: > "$OUT/results.jsonl"
+for run in "$OUT"/*/; do
+  name=$(basename "$run")
+  [ -f "$run/checkpoints/latest" ] && score "$name"
+done
+echo "[quality_gpu] done: $OUT/results.jsonl"
