@@ -60,7 +60,7 @@ def test_we_read_megatron_files_every_dtype(tmp_path, code):
 
 
 def test_worked_example_bytes(tmp_path):
-    # anchors.md §2.2: two documents of 5 and 3 uint16 tokens -> 16-byte .bin, 82-byte .idx
+    # the MMIDIDX layout (docs/data.md): two documents of 5 and 3 uint16 tokens -> 16-byte .bin, 82-byte .idx
     prefix = str(tmp_path / "ex")
     _write_ours(prefix, [np.arange(5), np.arange(3)], np.uint16)
     assert os.path.getsize(prefix + ".bin") == 16

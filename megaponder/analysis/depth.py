@@ -1,6 +1,6 @@
 """Depth vs difficulty: does a token's NLL go with the number of iterations it used?
 
-AdaPonderLM's high-NLL analysis (shared docs/papers.md §1.3): tokens that exit early have the
+AdaPonderLM's high-NLL analysis (docs/papers.md §1.3): tokens that exit early have the
 lowest mean NLL, tokens still active in the last iterations are the hard ones. This module
 measures that on any checkpoint:
 

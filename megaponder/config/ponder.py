@@ -1,6 +1,6 @@
 """``ponder:`` — settings of the pondering families and their baselines.
 
-Where the papers leave a choice open (shared/docs/papers.md marks them), the field's help says
+Where the papers leave a choice open (docs/papers.md marks them), the field's help says
 so and the default is the most likely reading. docs/families.md explains every family and
 which field belongs to which.
 """

@@ -1,6 +1,6 @@
 """Analytic FLOPs for every family (docs/families.md "FLOPs convention").
 
-Convention (stated because peers disagree, docs/peers.md §2):
+Convention (stated because frameworks and papers count FLOPs differently):
 
 * Only matrix multiplications count, 2 FLOPs per multiply-add (2·m·n·k), exactly what
   ``torch.utils.flop_counter.FlopCounterMode`` counts; embedding lookups, norms, softmax,

@@ -19,8 +19,8 @@ forward (tests check 1e-5 fp32):
   w >= tau (hard pruning); pruned steps are neither computed nor cached, kept latent keys carry
   their log w as an additive key bias.
 
-Vertical families decode a batch of rows in lockstep with cross-row compaction (DESIGN.md
-"Halting-aware packing" (2)): each iteration runs the stack on the still-active tokens of all
+Vertical families decode a batch of rows in lockstep with cross-row compaction
+(halting-aware packing, docs/families.md): each iteration runs the stack on the still-active tokens of all
 rows packed left-aligned into one buffer; latent families decode row by row. Decoders record
 what they executed (``activity``, and the padding the packing cost: ``computed_slots`` vs
 ``active_slots``) for megaponder/models/flops.py.
