@@ -150,6 +150,9 @@ class MegaponderLM(TemplateLM):
             inputs = whole[:-1]
             yield inputs, min(len(continuation), len(inputs)), whole[len(whole) - len(continuation):]
 
+    #: forwards run so far: the evaluation stream of the next one (set_eval_stream)
+    _forwards = 0
+
     @torch.no_grad()
     def _score(self, rows: list[tuple[list[int], int, list[int]]]) -> list[tuple[float, bool]]:
         """One padded forward over ``rows``; counts their scored tokens."""
@@ -157,6 +160,11 @@ class MegaponderLM(TemplateLM):
         ids = torch.full((len(rows), width), self.tok.eod, dtype=torch.long)
         for i, (inputs, _, _) in enumerate(rows):
             ids[i, :len(inputs)] = torch.tensor(inputs)
+        if hasattr(self.model, "set_eval_stream"):
+            # the random-pruning baselines draw one pattern per forward, as megaponder eval
+            # does per batch: a fixed pattern for every batch would score one draw only
+            self.model.set_eval_stream(self._forwards)
+        self._forwards += 1
         out = self.model(ids.to(self.device), return_token_stats=True)
         logprobs = F.log_softmax(out.logits.float(), dim=-1)
         iterations = out.stats["token_iterations"]
