@@ -8,6 +8,10 @@ install's finder removed from ``sys.meta_path``; it asserts megaponder cannot be
 and records logits, generations, iterations and tokenizations that the tests compare with
 megaponder's own model, decoder and SentencePiece here.
 
+Each family is compared at megaponder's default evaluation settings (PonderLM-2/3 exact Jacobi,
+PonderLM-3 hard pruning, eval stream 0) and, where a setting changes the math, once more with it
+switched (VARIANTS).
+
 Tolerance 1e-5 for logits (fp32): the remote code runs the same torch ops in the same order
 (sdpa, same masks), observed difference 0. Tokens must be equal (greedy, and sampling with
 the same seed).
@@ -45,6 +49,12 @@ API_FAMILIES = ("adaponderlm", "ponderlm3", "random_halting")
 SHAPE = ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=2"]
 # thresholds at which the perturbed random gates/routers make token-dependent decisions
 TAU = {"adaponderlm": "ponder.tau=0.5", "ponderlm3": "ponder.tau=0.3"}
+# non-default evaluation settings, set on the loaded model on both sides: the remote code must
+# follow each switch as megaponder does (the default settings are what every family's main
+# comparison uses); "stream" is set_eval_stream's evaluation batch
+VARIANTS = {"ponderlm2": {"eval_mode": "official", "eval_jacobi_passes": 1},
+            "ponderlm3": {"eval_hard_prune": False},
+            "fixed_pruning": {"stream": 3}, "random_halting": {"stream": 3}}
 
 
 def _tool():
@@ -66,6 +76,21 @@ def _tiny(family, tokenizer):
             if n in model.extra_parameter_names():
                 p.add_(0.3 * torch.randn_like(p))
     return cfg, model
+
+
+def _variant_logits(model, ids, variant):
+    """Logits of ``model`` under ``variant`` (ponder settings and/or eval stream), restored after."""
+    saved = {k: getattr(model.ponder_cfg, k) for k in variant if k != "stream"}
+    for k, v in variant.items():
+        if k != "stream":
+            setattr(model.ponder_cfg, k, v)
+    model.set_eval_stream(variant.get("stream", 0))
+    try:
+        return model(ids).logits
+    finally:
+        for k, v in saved.items():
+            setattr(model.ponder_cfg, k, v)
+        model.set_eval_stream(0)
 
 
 def _new_token_iterations(model, prompt, new):
@@ -104,6 +129,14 @@ CHECKER = textwrap.dedent(r'''
         model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=(fam != "vanilla"))
         r["class"], r["training"] = type(model).__name__, model.training
         r["logit_diff"] = (model(ref["ids"]).logits - ref["logits"]).abs().max().item()
+        if "variant" in ref:   # the same switches as _variant_logits, on the remote model
+            v = ref["variant"]
+            for k, val in v.items():
+                if k != "stream":
+                    setattr(model.ponder_cfg, k, val)
+            model.set_eval_stream(v.get("stream", 0))
+            r["variant_diff"] = (model(ref["ids"]).logits - ref["variant_logits"]).abs().max().item()
+            model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)   # defaults again
         # the plain call (no trust_remote_code) once, as a user would type it
         plain = fam == ref.get("tokenizer_check_family")
         tok = AutoTokenizer.from_pretrained(d) if plain else AutoTokenizer.from_pretrained(d, trust_remote_code=True)
@@ -186,6 +219,10 @@ def exported(tmp_path_factory):
                   for p in PROMPTS]
         ref = {"ids": ids, "logits": model(ids).logits, "prompts": PROMPTS, "new": NEW,
                "api_families": API_FAMILIES}
+        if fam in VARIANTS:
+            ref.update(variant=VARIANTS[fam], variant_logits=_variant_logits(model, ids, VARIANTS[fam]))
+            # the variant must change megaponder's logits, or its comparison checks nothing
+            assert (ref["variant_logits"] - ref["logits"]).abs().max() > 1e-4, fam
         if fam == "adaponderlm":
             ref.update(tokenizer_check_family=fam, lines=lines,
                        line_ids=[sp.encode(line) for line in lines])
@@ -233,6 +270,8 @@ def test_export_logits_and_greedy_generation(exported, family):
             assert not re.search(r"^\s*(import|from)\s+megaponder\b", source, re.M), name
     assert r["training"] is False
     assert r["logit_diff"] <= 1e-5, r["logit_diff"]
+    if family in VARIANTS:
+        assert r["variant_diff"] <= 1e-5, (VARIANTS[family], r["variant_diff"])
     assert r["single"] == ref["greedy"], "one-by-one generate() differs from megaponder's decoder"
     assert r["batched"] == r["single"], "left-padded batched generate() differs from one-by-one"
     assert r["batched_prefix_kept"]

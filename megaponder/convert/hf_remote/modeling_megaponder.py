@@ -281,11 +281,20 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
             self.pause_embedding = nn.Parameter(torch.zeros(d))
         if self.family in VERTICAL + ("loop",):
             self.num_passes = p.steps + 1
-            self.embed_scale = math.sqrt(d) if p.scale_embeds else 1.0
         else:
             self.num_stages = p.pause_tokens + 1 if self.family == "pause" else p.steps + 1
-            self.embed_scale = (math.sqrt(p.thought_embed_scale * d)
-                                if p.scale_embeds and self.family != "pause" else 1.0)
+        # megaponder's scales: sqrt(d) for the vertical families and pause, sqrt(2.5 d) (the
+        # PonderLM-2 code's, ponder.thought_embed_scale) for the latent families and loop
+        if self.family in ("loop", "ponderlm2", "ponderlm3"):
+            self.embed_scale = math.sqrt(p.thought_embed_scale * d) if p.scale_embeds else 1.0
+        else:
+            self.embed_scale = math.sqrt(d) if p.scale_embeds else 1.0
+        # which evaluation batch forward()'s random draws belong to (set_eval_stream)
+        self.eval_stream = 0
+        # PonderLM-2/3: Jacobi passes and final residual of the last forward (as megaponder's
+        # stats jacobi_passes / jacobi_residual)
+        self.last_jacobi_passes: Optional[int] = None
+        self.last_jacobi_residual: Optional[float] = None
         self.last_generation_iterations: Optional[list] = None
         self.post_init()
 
@@ -310,10 +319,9 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         return self.embed_out(hidden)
 
     def input_embeddings(self, input_ids):
-        e = self.embed(input_ids)
+        e = self.embed(input_ids) * self.embed_scale
         if self.family == "loop":
-            return e
-        e = e * self.embed_scale
+            return e   # megaponder's LoopLM never multiplies by the steps
         if self.ponder_cfg.multiply_steps and self.ponder_cfg.steps > 0:
             e = e * self.ponder_cfg.steps
         return e
@@ -338,17 +346,40 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
             return None
         return torch.sigmoid(self.gates[i](hidden).squeeze(-1).float())
 
-    def _eval_generator(self, salt: int) -> torch.Generator:
-        # megaponder's PonderMixin.sample_generator outside training
-        seed = self.ponder_cfg.sample_seed * 1_000_003 + 17 + salt
-        return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    def set_eval_stream(self, stream: int) -> None:
+        """The random halting/pruning draws of the next forwards belong to evaluation batch
+        ``stream`` (megaponder's ``set_eval_stream``; its evaluator uses the global batch
+        index). The default 0 is what megaponder's ``model(input_ids)`` and its decoder with
+        seed 0 draw; ``generate(seed=s)`` draws stream ``s``."""
+        self.eval_stream = int(stream)
+
+    def eval_uniforms(self, rows, positions, stream: int, salt: int = 0):
+        """megaponder's PonderMixin.eval_uniforms: counter-based uniforms in [0, 1), a pure
+        function of (ponder.sample_seed, salt, stream, row, position), so the whole-sequence
+        forward and the decoder (positions as they arrive) draw the same number per token."""
+        mask = 0xFFFFFFFF
+
+        def fmix(h):   # murmur3's 32-bit finaliser on int64 tensors holding 32-bit values
+            h = h ^ (h >> 16)
+            h = (h * 0x85EBCA6B) & mask
+            h = h ^ (h >> 13)
+            h = (h * 0xC2B2AE35) & mask
+            return h ^ (h >> 16)
+
+        key = (self.ponder_cfg.sample_seed * 1_000_003 + salt * 7919 + int(stream)) & mask
+        h = fmix(torch.full_like(rows, key, dtype=torch.int64))
+        h = fmix(h ^ (rows.to(torch.int64) & mask))
+        h = fmix(h ^ (positions.to(torch.int64) & mask))
+        return (h >> 8).to(torch.float32) / float(1 << 24)   # 24 bits: exact in float32
 
     def threshold_plan(self, u):
         r = torch.tensor(self.config.keep_fractions, device=u.device, dtype=u.dtype)
         return u.unsqueeze(0) < r.view(-1, *([1] * u.dim()))
 
     def halting_plan(self, batch, seq, device, valid):
-        u = torch.rand(batch, seq, generator=self._eval_generator(salt=2)).to(device)
+        rows = torch.arange(batch).view(-1, 1).expand(batch, seq)
+        pos = torch.arange(seq).view(1, -1).expand(batch, seq)
+        u = self.eval_uniforms(rows, pos, self.eval_stream, salt=2).to(device)
         if self.family == "random_halting":
             return self.threshold_plan(u)
         # fixed_pruning: exactly round(r_i * n) tokens of each sequence stay active
@@ -423,7 +454,7 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         _, log_w, keep = state
         dtype = self.embed_in.weight.dtype
         bias = log_w[:, :, :n].to(dtype)
-        if p.train_hard_prune:
+        if self._hard_prune:
             bias = bias.masked_fill(~keep[:, :, :n], torch.finfo(dtype).min)
         bias = bias.flatten(1)
         b, tk = bias.shape
@@ -432,6 +463,13 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         tok = torch.arange(tk, device=bias.device) // n
         same = tok.view(tk, 1) == tok.view(1, tk)
         return torch.where(same, torch.zeros((), dtype=dtype, device=bias.device), bias.view(b, 1, 1, tk))
+
+    @property
+    def _hard_prune(self) -> bool:
+        # megaponder's PonderLM3.hard_prune outside training (this class only evaluates):
+        # ponder.eval_hard_prune, the decoder's pruning; exports written before the key
+        # existed get megaponder's default, as importing them back does
+        return bool(getattr(self.ponder_cfg, "eval_hard_prune", True))
 
     def _after_pass(self, hidden, state):
         return self.route(hidden[:, :, 0]) if self.router is not None else state
@@ -452,18 +490,36 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
                 thoughts = [hidden[:, :, j] for j in range(k + 1)]
         else:
             thoughts = [torch.zeros_like(e0) for _ in range(K)]
-        for _ in range(p.eval_jacobi_passes):
+        # megaponder's LatentLM.jacobi_count / PonderLM2.latent_forward outside training:
+        # eval_mode 'official' runs eval_jacobi_passes passes; 'exact' (the default, also for
+        # exports older than the key) iterates until no thought moves by more than
+        # eval_jacobi_tol, at most T*(K+1) passes (Jacobi on a causal chain of that length
+        # fixes one more position per pass)
+        if getattr(p, "eval_mode", "exact") == "official":
+            limit, tol = p.eval_jacobi_passes, None
+        else:
+            limit, tol = e0.shape[1] * (K + 1), getattr(p, "eval_jacobi_tol", 1e-5)
+        done, residual = 0, 0.0
+        while done < limit:
             hidden, _ = self.run_stages([e0] + thoughts, position_ids, attention_mask,
                                         self._pass_bias(K + 1, state))
             state = self._after_pass(hidden, state)
-            thoughts = [hidden[:, :, j] for j in range(K)]
+            new = [hidden[:, :, j] for j in range(K)]
+            done += 1
+            if tol is not None:
+                residual = (max(float((a - b).detach().abs().max()) for a, b in zip(new, thoughts))
+                            if K else 0.0)
+            thoughts = new
+            if tol is not None and residual <= tol:
+                break
+        self.last_jacobi_passes, self.last_jacobi_residual = done, residual
         hidden, _ = self.run_stages([e0] + thoughts, position_ids, attention_mask,
                                     self._pass_bias(K + 1, state))
         state = self._after_pass(hidden, state)
         if self.router is None:
             return self.head(hidden[:, :, -1])
         s, _, keep = state
-        if p.train_hard_prune:
+        if self._hard_prune:
             s = s * keep
             if p.renormalize_pruned:
                 s = s / s.sum(-1, keepdim=True)
@@ -660,8 +716,8 @@ class _RowByRow:
 class _Lockstep:
     """Vertical families and loop: the whole left-padded batch in one decoder (batched
     caches, cross-row compaction of the active tokens); padding is hidden from attention,
-    positions count a row's real tokens, each row draws its own random halting plan, so a
-    row's tokens are those it gets alone. Finished rows keep being fed (token 0) and are
+    positions count a row's real tokens, each row draws the halting plan of a lone row (row 0
+    of stream ``seed`` at its own positions), so a row's tokens are those it gets alone. Finished rows keep being fed (token 0) and are
     ignored."""
 
     def __init__(self, model, seed, input_ids, mask):
@@ -732,8 +788,8 @@ class VerticalDecoder:
         self.caches = [[None] * self.layers for _ in range(self.passes)]
         self.tc = 0
         self.activity = []
-        # one generator per row: a row's halting draws do not depend on the rest of the batch
-        self.generators = [torch.Generator().manual_seed(seed) for _ in range(rows)]
+        # the halting draws' stream (megaponder's decoder: its seed)
+        self.seed = seed
         self.key_mask = None   # [B, Tc] True for real (non-padding) keys
         self.seen = None       # [B] real tokens fed so far (the next position)
 
@@ -747,14 +803,13 @@ class VerticalDecoder:
         self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
         return pos, (None if bool(self.key_mask.all()) else self.key_mask)
 
-    def _draws(self, mask):
-        """Halting priorities u [B, n]: each row draws for its real tokens from its generator."""
-        u = torch.zeros(mask.shape)
-        for r in range(mask.shape[0]):
-            k = int(mask[r].sum())
-            if k:
-                u[r, mask[r].cpu()] = torch.rand(1, k, generator=self.generators[r])[0]
-        return u
+    def _draws(self, pos):
+        """Halting priorities u [B, n] of megaponder's decoder for one row at the row's real
+        token positions: every row draws as row 0 of stream ``seed``, so a row's plan (and its
+        tokens) are those it gets alone, whatever the batch (padding slots get some number,
+        never used: padding stops after the first iteration)."""
+        rows = torch.zeros(pos.shape, dtype=torch.long)
+        return self.model.eval_uniforms(rows, pos.cpu(), self.seed, salt=2)
 
     def _pass(self, i, e, pos, idx, valid, active, chunk_prev, key_mask):
         new_chunk = [None] * self.layers
@@ -797,7 +852,7 @@ class VerticalDecoder:
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
         if m.family in PLANNED:
-            plan = m.threshold_plan(self._draws(mask).to(dev))
+            plan = m.threshold_plan(self._draws(pos).to(dev))
         final_readout = self.adaptive and m.ponder_cfg.halted_readout == "final"
         acts = [active.clone()]
         chunk_prev = None
@@ -856,7 +911,7 @@ class LoopDecoder(VerticalDecoder):
         b, n = ids.shape
         mask = torch.ones(b, n, dtype=torch.bool, device=ids.device) if mask is None else mask.bool()
         pos, key_mask = self._positions(ids, mask)
-        x = m.embed(ids)
+        x = m.input_embeddings(ids)
         spec = AttentionSpec(q_index=torch.arange(self.tc, self.tc + n, device=ids.device),
                              key_padding_mask=key_mask)
         for i in range(self.passes):
