@@ -49,14 +49,8 @@ def write_meta(prefix: str, tokenizer, tokenizer_type: str, append_eod: bool) ->
         "append_eod": bool(append_eod),
         "sequences": len(ds), "documents": ds.num_documents, "tokens": ds.num_tokens,
         "min_token_id": lo, "max_token_id": hi, "dtype": ds.dtype.name,
-        "bin_bytes": os.path.getsize(get_bin_path(prefix)),
-        "idx_bytes": os.path.getsize(get_idx_path(prefix)),
     }
-    tmp = meta_path(prefix) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, meta_path(prefix))
-    return meta
+    return _save_meta(prefix, meta)
 
 
 def write_merged_meta(inputs: list[str], prefix: str) -> Optional[dict]:
@@ -74,9 +68,18 @@ def write_merged_meta(inputs: list[str], prefix: str) -> Optional[dict]:
     meta = dict(metas[0], sequences=len(ds), documents=ds.num_documents, tokens=ds.num_tokens,
                 min_token_id=min((m["min_token_id"] for m in nonempty), default=0),
                 max_token_id=max((m["max_token_id"] for m in nonempty), default=-1),
-                append_eod=all(m.get("append_eod") for m in metas), dtype=ds.dtype.name,
-                bin_bytes=os.path.getsize(get_bin_path(prefix)),
-                idx_bytes=os.path.getsize(get_idx_path(prefix)))
+                append_eod=all(m.get("append_eod") for m in metas), dtype=ds.dtype.name)
+    return _save_meta(prefix, meta)
+
+
+def _file_sizes(prefix: str) -> tuple[int, int]:
+    """(.bin bytes, .idx bytes): what ties a sidecar to the files it describes."""
+    return os.path.getsize(get_bin_path(prefix)), os.path.getsize(get_idx_path(prefix))
+
+
+def _save_meta(prefix: str, meta: dict) -> dict:
+    """Stamp ``meta`` with the files' sizes and write it atomically (no half-written sidecar)."""
+    meta["bin_bytes"], meta["idx_bytes"] = _file_sizes(prefix)
     tmp = meta_path(prefix) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -97,8 +100,7 @@ def read_meta(prefix: str) -> Optional[dict]:
                         f"scan the data) or re-run tools/preprocess_data.py.") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         return None
-    if (meta.get("bin_bytes"), meta.get("idx_bytes")) != (os.path.getsize(get_bin_path(prefix)),
-                                                          os.path.getsize(get_idx_path(prefix))):
+    if (meta.get("bin_bytes"), meta.get("idx_bytes")) != _file_sizes(prefix):
         return None  # the files were rewritten by another tool: the sidecar no longer applies
     return meta
 
