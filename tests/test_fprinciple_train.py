@@ -2,13 +2,11 @@
 in metrics.jsonl, the baseline file, no effect on the training trajectory, and the layout rule."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO_ROOT
 from conftest_data import demo_corpus_dir
+from test_train import train
 
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "data.seq_length=32",
         "train.micro_batch_size=4", "train.log_every=1", "train.progress_bar=false", "train.steps=4",
@@ -17,17 +15,7 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "data
 
 
 def _train(run_dir, *extra):
-    data = demo_corpus_dir()
-    sets = TINY + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
-                   f"data.valid_path=[{data}/validation_text_document]",
-                   f"data.tokenizer_model={data}/tokenizer.model", *extra]
-    args = [sys.executable, "-m", "megaponder", "train", "--config",
-            os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml")]
-    for s in sets:
-        args += ["--set", s]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": REPO_ROOT})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(run_dir, demo_corpus_dir(), *extra, tiny=TINY)
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 

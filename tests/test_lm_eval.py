@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO_ROOT
 from conftest_data import demo_corpus_dir
+from test_train import train_cli
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -28,15 +29,8 @@ LIMIT = "4"
 
 
 def _train(run_dir, train_prefix, tokenizer, *extra):
-    sets = TINY + [f"train.run_dir={run_dir}", f"data.path=[{train_prefix}]", f"data.valid_path=[{train_prefix}]",
-                   f"data.tokenizer_model={tokenizer}", *extra]
-    args = [sys.executable, "-m", "megaponder", "train", "--config",
-            os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml")]
-    for s in sets:
-        args += ["--set", s]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": REPO_ROOT})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_cli(TINY + [f"train.run_dir={run_dir}", f"data.path=[{train_prefix}]", f"data.valid_path=[{train_prefix}]",
+                      f"data.tokenizer_model={tokenizer}", *extra])
     return str(run_dir)
 
 

@@ -31,14 +31,19 @@ def megaponder(*args, check=True):
     return proc
 
 
-def train(run_dir, data, *extra, check=True):
-    sets = TINY + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
-                   f"data.valid_path=[{data}/validation_text_document]",
-                   f"data.tokenizer_model={data}/tokenizer.model", *extra]
+def train_cli(sets, check=True):
+    """`megaponder train` on examples/configs/tiny.yml with each of ``sets`` as a --set."""
     args = ["train", "--config", os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml")]
     for s in sets:
         args += ["--set", s]
     return megaponder(*args, check=check)
+
+
+def train(run_dir, data, *extra, check=True, tiny=TINY):
+    """Train on the demo corpus in ``data`` with the ``tiny`` shape, plus ``extra`` sets."""
+    return train_cli(tiny + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
+                             f"data.valid_path=[{data}/validation_text_document]",
+                             f"data.tokenizer_model={data}/tokenizer.model", *extra], check=check)
 
 
 def losses(run_dir):
