@@ -100,8 +100,7 @@ class ParallelEngine:
         self.engine, self.model, self.cfg, self.topo = ds_engine, model, cfg, topo
         self.step_count = 0
         self.base_optimizer = base_optimizer
-        t = cfg.train
-        self.guard = LossGuard(getattr(t, "loss_spike_factor", 0.0), getattr(t, "loss_spike_warmup", 20))
+        self.guard = LossGuard(cfg.train.loss_spike_factor, cfg.train.loss_spike_warmup)
         self._nan_steps = injected_nan_steps(topo.rank)
 
     @property
