@@ -100,8 +100,7 @@ class ParallelEngine:
         self.engine, self.model, self.cfg, self.topo = ds_engine, model, cfg, topo
         self.step_count = 0
         self.base_optimizer = base_optimizer
-        t = cfg.train
-        self.guard = LossGuard(getattr(t, "loss_spike_factor", 0.0), getattr(t, "loss_spike_warmup", 20))
+        self.guard = LossGuard(cfg.train.loss_spike_factor, cfg.train.loss_spike_warmup)
         self._nan_steps = injected_nan_steps(topo.rank)
 
     @property
@@ -256,7 +255,7 @@ def weights_only_loads():
     refused or damaged file becomes a CheckpointError naming it."""
     import pickle
 
-    from ..train.checkpoint import CheckpointError
+    from ..train.checkpoint import CheckpointError, _first_line
 
     key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
     old = os.environ.get(key)
@@ -267,7 +266,7 @@ def weights_only_loads():
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"a DeepSpeed state file holds pickled objects other than tensors "
                               f"and DeepSpeed's own classes; refusing to load it (it could run "
-                              f"code): {str(err).splitlines()[0][:300]}") from None
+                              f"code): {_first_line(err)}") from None
     finally:
         if old is None:
             os.environ.pop(key, None)

@@ -54,7 +54,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
                                dtype=torch.float64)
         residual = torch.maximum(residual, torch.tensor([_scalar(out.stats.get("jacobi_residual", 0.0))],
                                                         dtype=torch.float64))
-    if group is not None and torch.distributed.get_world_size(group) > 1:
+    if world > 1:
         from ..parallel.state import collective_device
         reduced = totals.to(collective_device())
         torch.distributed.all_reduce(reduced, group=group)  # DP ranks hold different batches

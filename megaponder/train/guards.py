@@ -114,12 +114,18 @@ class LossGuard:
 
 def any_rank(flag: int | bool, device=None) -> bool:
     """True when ``flag`` is set on any rank (one all-reduce; no-op without a process group)."""
+    return bool(max_over_ranks(int(bool(flag)), device))
+
+
+def max_over_ranks(value: int, device=None) -> int:
+    """The largest ``value`` of all ranks (one all-reduce; no-op without a process group):
+    a verdict with several levels in one collective."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return bool(flag)
+        return int(value)
     from ..parallel.state import collective_device
-    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device or collective_device())
+    t = torch.tensor([int(value)], dtype=torch.int32, device=device or collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def signal_from_name(name: str) -> signal.Signals:

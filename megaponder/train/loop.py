@@ -16,7 +16,7 @@ from ..config import Config, ConfigError
 from ..data.schedule import global_batch_size, grad_accum_for
 from ..models import build_model
 from . import checkpoint as ckpt
-from .guards import StopRequest, TrainingDiverged, any_rank, fault_step_sleep
+from .guards import StopRequest, TrainingDiverged, any_rank, fault_step_sleep, max_over_ranks
 from . import reshard
 from .phases import PhaseSchedule
 from .evaluate import evaluate, model_inputs, sequential_batches
@@ -269,13 +269,15 @@ class Trainer:
             unsafe = problem is not None and problem.startswith(ckpt.UNSAFE)
             if unsafe:
                 problem = problem[len(ckpt.UNSAFE):]
-            if any_rank(unsafe):  # every rank stops, with the file if it found it
+            # 2: unsafe, 1: damaged, 0: readable; the worst verdict of any rank decides
+            worst = max_over_ranks(2 if unsafe else int(problem is not None))
+            if worst == 2:  # every rank stops, with the file if it found it
                 raise ckpt.UnsafeCheckpoint(problem or f"another rank found an unsafe file in "
                                                        f"{folder}; refusing to resume from it.")
             if problem is not None:
                 print(f"[megaponder] warning: rank {self.rank}: cannot resume from {folder}: "
                       f"{problem}", flush=True)
-            if not any_rank(problem is not None):
+            if worst == 0:
                 if folder != candidates[0]:
                     _log0(self.rank, f"warning: resuming from the older checkpoint {folder}")
                 return folder

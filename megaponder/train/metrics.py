@@ -46,12 +46,8 @@ class MetricsWriter:
         # run has none there (and a resumed finished run writes its own again)
         kept = [json.dumps(r) + "\n" for r in _parse_lines(self.path) if r.get("step", 0) < step
                 or (r.get("step") == step and "loss" in r)]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        from .checkpoint import _write_atomic  # fsync, replace, fsync the folder
+        _write_atomic(self.path, "".join(kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

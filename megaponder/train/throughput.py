@@ -51,8 +51,9 @@ class ThroughputMeter:
         return self.flops_per_token * tokens_per_s / (self.world_size * self.peak * 1e12)
 
     def record(self, tokens: int, group=None) -> dict:
-        """The metrics of the interval since :meth:`mark`. Collective over ``group`` (every
-        rank's memory peak is gathered) when torch.distributed is initialised."""
+        """The metrics of the interval since :meth:`mark` (the caller marks the next start,
+        after any evaluation). Collective over ``group`` (every rank's memory peak is
+        gathered) when torch.distributed is initialised."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = max(time.perf_counter() - self.t0, 1e-9)
@@ -71,7 +72,6 @@ class ThroughputMeter:
         mfu = self.mfu(rate)
         if mfu is not None:
             out["mfu"] = round(mfu, 5)
-        self.mark(tokens)
         return out
 
     @staticmethod
