@@ -86,13 +86,13 @@ class ComputeCounter:
 
 
 def _checkpoint_tokenizer(folder: str, override: Optional[str] = None):
-    from ..data import build_tokenizer
+    from ..convert.tokenizer import load_megaponder_tokenizer
     from ..train.checkpoint import read_checkpoint_config, tokenizer_file
 
     path = override or tokenizer_file(folder) or read_checkpoint_config(folder).data.tokenizer_model
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer found for checkpoint {folder}; pass tokenizer_model=PATH")
-    return build_tokenizer("HFTokenizer" if path.endswith(".json") else "SentencePieceTokenizer", path)
+    return load_megaponder_tokenizer(path)
 
 
 # lm_eval.models is imported above on purpose: lm-eval 0.4.13 fills its model registry with the
