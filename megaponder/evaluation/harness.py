@@ -37,7 +37,7 @@ import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from ..models.flops import Dims, inference_flops
+from ..models.flops import LATENT, Dims, inference_flops
 
 
 def _vertical_activity(iterations: torch.Tensor, passes: int) -> torch.Tensor:
@@ -58,7 +58,6 @@ class ComputeCounter:
         self.vanilla_flops = 0.0
 
     def _activity(self, iterations: torch.Tensor):
-        from ..models.flops import LATENT
         if self.dims.family in LATENT:
             return iterations.double()  # ponderlm3: executed steps per token; others ignore it
         return _vertical_activity(iterations, self.dims.passes).double()
