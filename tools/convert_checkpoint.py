@@ -78,9 +78,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megaponder.config import ConfigError
-    try:
-        sys.exit(main())
-    except ConfigError as err:  # bad or unsafe checkpoint files: one line, no traceback
-        print(f"convert_checkpoint: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

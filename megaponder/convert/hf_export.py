@@ -25,14 +25,12 @@ from ..train.checkpoint import load_model, read_checkpoint_config, resolve_check
 REMOTE_MODEL_TYPE = "megaponder"
 
 
-def _hf_remote_config(cfg: Config, model, tok) -> "object":
+def _hf_remote_config(cfg: Config, model, special: dict) -> "object":
+    """``special``: the tokenizer's ``eos_token_id`` / ``pad_token_id`` (empty without one)."""
     from .hf_remote.configuration_megaponder import MegaponderConfig
 
     m = cfg.model
     keep = model.keep_fractions() if hasattr(model, "keep_fractions") else None
-    special = {}
-    if tok is not None:
-        special = {"eos_token_id": tok.eod, "pad_token_id": tok.pad}
     return MegaponderConfig(
         family=m.family, vocab_size=m.padded_vocab(), tokenizer_vocab_size=m.vocab_size,
         hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
@@ -73,7 +71,7 @@ def export_checkpoint(path: str, output: str) -> str:
         # makes save_pretrained copy both source files and write config.json's auto_map
         MegaponderConfig.register_for_auto_class()
         MegaponderForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-        hf = MegaponderForCausalLM(_hf_remote_config(cfg, model, tok))
+        hf = MegaponderForCausalLM(_hf_remote_config(cfg, model, special))
         hf.load_state_dict(state, strict=True)
     hf.generation_config = GenerationConfig(**special)
     hf.save_pretrained(output)

@@ -37,7 +37,7 @@ import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from ..models.flops import Dims, inference_flops
+from ..models.flops import LATENT, Dims, inference_flops
 
 
 def _vertical_activity(iterations: torch.Tensor, passes: int) -> torch.Tensor:
@@ -58,7 +58,6 @@ class ComputeCounter:
         self.vanilla_flops = 0.0
 
     def _activity(self, iterations: torch.Tensor):
-        from ..models.flops import LATENT
         if self.dims.family in LATENT:
             return iterations.double()  # ponderlm3: executed steps per token; others ignore it
         return _vertical_activity(iterations, self.dims.passes).double()
@@ -86,13 +85,13 @@ class ComputeCounter:
 
 
 def _checkpoint_tokenizer(folder: str, override: Optional[str] = None):
-    from ..data import build_tokenizer
+    from ..convert.tokenizer import load_megaponder_tokenizer
     from ..train.checkpoint import read_checkpoint_config, tokenizer_file
 
     path = override or tokenizer_file(folder) or read_checkpoint_config(folder).data.tokenizer_model
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer found for checkpoint {folder}; pass tokenizer_model=PATH")
-    return build_tokenizer("HFTokenizer" if path.endswith(".json") else "SentencePieceTokenizer", path)
+    return load_megaponder_tokenizer(path)
 
 
 # lm_eval.models is imported above on purpose: lm-eval 0.4.13 fills its model registry with the

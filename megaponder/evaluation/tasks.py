@@ -33,21 +33,26 @@ CLOZE_MIN_WORDS = 12
 MC_CONTEXT_WORDS = 16
 MC_ENDING_WORDS = 8
 
-_YAML = {
-    "megaponder_kjv_cloze": """\
+# both tasks read their items the same way (one local jsonl as the test split); ``_YAML`` is
+# the rest of each task file, written as is (no format fields)
+_HEADER = """\
 # written by megaponder/evaluation/tasks.py from {source}; do not edit (rewritten on every run)
-task: megaponder_kjv_cloze
+task: {task}
 dataset_path: json
 dataset_name: null
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+"""
+
+_YAML = {
+    "megaponder_kjv_cloze": """\
 output_type: loglikelihood
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{' ' + target}}}}"
+doc_to_text: "{{context}}"
+doc_to_target: "{{' ' + target}}"
 should_decontaminate: true
-doc_to_decontamination_query: "{{{{context}}}}"
+doc_to_decontamination_query: "{{context}}"
 metric_list:
   - metric: perplexity
     aggregation: perplexity
@@ -59,18 +64,10 @@ metadata:
   version: 1.0
 """,
     "megaponder_kjv_mc4": """\
-# written by megaponder/evaluation/tasks.py from {source}; do not edit (rewritten on every run)
-task: megaponder_kjv_mc4
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
 target_delimiter: " "
 metric_list:
   - metric: acc
@@ -143,7 +140,8 @@ def write_offline_tasks(validation_jsonl: str, out_dir: str) -> str:
         _write(jsonl, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
         # json.dumps quotes the path, so any character in it is valid YAML
         _write(os.path.join(out_dir, f"{task}.yaml"),
-               _YAML[task].format(data=json.dumps(jsonl), source=os.path.abspath(validation_jsonl)))
+               _HEADER.format(task=task, data=json.dumps(jsonl), source=os.path.abspath(validation_jsonl))
+               + _YAML[task])
     return out_dir
 
 
