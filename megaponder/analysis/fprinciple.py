@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .spectral import gaussian_kernels, median_squared_distance, squared_distances
+from .spectral import filter_forms, filtered_errors_gram, gaussian_kernels, median_squared_distance, squared_distances
 
 DELTA_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -93,25 +93,15 @@ class LMProbe:
         # the scale of the input cloud sets what "low frequency" means, hence relative δ
         self.median_sq = median_squared_distance(sq)
         self.deltas = [f * self.median_sq for f in self.fractions]
-        eye = torch.eye(len(self.x), dtype=torch.float64)
-        # the quadratic forms of the errors: ‖K D‖² = <KᵀK, D Dᵀ>, ‖(I−K) D‖² = <(I−K)ᵀ(I−K), D Dᵀ>
-        self._forms = {}
-        y_gram = self.target @ self.target.T
-        for delta, k in gaussian_kernels(sq, self.deltas).items():
-            low, high = k.T @ k, (eye - k).T @ (eye - k)
-            self._forms[delta] = (low, high, float((low * y_gram).sum()), float((high * y_gram).sum()))
-        self._y_gram = y_gram
+        self._forms = filter_forms(gaussian_kernels(sq, self.deltas))
+        self._y_gram = self.target @ self.target.T
 
     def errors(self, probs: torch.Tensor) -> list[dict]:
         """e_low / e_high per δ for predicted distributions ``probs`` [N, V]."""
         d = self.target - probs.double()
-        d_gram = d @ d.T
-        rows = []
-        for (delta, (low, high, y_low2, y_high2)), frac in zip(self._forms.items(), self.fractions):
-            rows.append({"delta": delta, "fraction": frac,
-                         "e_low": (max(float((low * d_gram).sum()), 0.0) / max(y_low2, 1e-300)) ** 0.5,
-                         "e_high": (max(float((high * d_gram).sum()), 0.0) / max(y_high2, 1e-300)) ** 0.5})
-        return rows
+        rows = filtered_errors_gram(self._y_gram, d @ d.T, self._forms)
+        return [{"delta": r["delta"], "fraction": frac, "e_low": r["e_low"], "e_high": r["e_high"]}
+                for r, frac in zip(rows, self.fractions)]
 
     def baseline_rows(self) -> dict:
         return {name: self.errors(probs) for name, probs in self.baselines.items()}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -87,11 +86,12 @@ def cmd_digits(args) -> int:
 
 def run_checkpoints(run_dir: str) -> list[str]:
     """Every complete checkpoint of a run directory, in step order."""
+    from ..train.checkpoint import tag_step
+
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         raise SystemExit(f"{run_dir} has no checkpoints/ folder; is it a megaponder run directory?")
-    tags = sorted((t for t in os.listdir(root) if re.fullmatch(r"global_step\d+", t)),
-                  key=lambda t: int(t[len("global_step"):]))
+    tags = sorted((t for t in os.listdir(root) if tag_step(t) is not None), key=tag_step)
     if not tags:
         raise SystemExit(f"{root} holds no complete checkpoint")
     return [os.path.join(root, t) for t in tags]

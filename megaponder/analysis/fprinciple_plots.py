@@ -32,11 +32,8 @@ def _heatmap(ax, values, steps, labels, title):
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    _plt().close(fig)
-    return path
+    return _save_nolayout(fig, path)
 
 
 def plot_1d(results: Sequence[dict], path: str) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 __all__ = ["dft", "peak_indices", "relative_error", "nudft", "first_principal_component",
-           "squared_distances", "median_squared_distance", "gaussian_kernels", "gram_frob2",
+           "squared_distances", "median_squared_distance", "gaussian_kernels", "filter_forms",
            "filtered_errors", "filtered_errors_gram", "first_below"]
 
 
@@ -98,30 +98,34 @@ def gaussian_kernels(sq: torch.Tensor, deltas: Iterable[float]) -> dict[float, t
     return result
 
 
-def gram_frob2(op: torch.Tensor, gram: torch.Tensor) -> float:
-    """‖op @ M‖_F² for a matrix M given only its Gram matrix M Mᵀ: trace(op M Mᵀ opᵀ).
-    Lets vocabulary-wide M (N × |V|) be reduced to N × N once."""
-    return float(torch.einsum("ij,jk,ik->", op, gram, op))
+def filter_forms(kernel_by_delta: dict[float, torch.Tensor]) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+    """Per δ the quadratic forms (KᵀK, (I − K)ᵀ(I − K)): ‖K M‖_F² = ⟨KᵀK, M Mᵀ⟩ and
+    ‖(I − K) M‖_F² = ⟨(I − K)ᵀ(I − K), M Mᵀ⟩, so a vocabulary-wide M (N × |V|) enters only
+    through its N × N Gram matrix, and each error then costs 2 N² (build the forms once)."""
+    forms = {}
+    for delta, k in kernel_by_delta.items():
+        high = torch.eye(len(k), dtype=k.dtype) - k
+        forms[float(delta)] = (k.T @ k, high.T @ high)
+    return forms
+
+
+def _filtered_ratio(form: torch.Tensor, d_gram: torch.Tensor, y_gram: torch.Tensor) -> float:
+    # the clamp: a form is positive semi-definite, but rounding can push ⟨form, D Dᵀ⟩ below 0
+    return (max(float((form * d_gram).sum()), 0.0) / max(float((form * y_gram).sum()), 1e-300)) ** 0.5
 
 
 def filtered_errors_gram(y_gram: torch.Tensor, d_gram: torch.Tensor,
-                         kernel_by_delta: dict[float, torch.Tensor]) -> list[dict]:
-    """e_low / e_high per δ from Y Yᵀ and D Dᵀ (D = Y − H)."""
-    eye = torch.eye(len(y_gram), dtype=torch.float64)
-    rows = []
-    for delta, k in kernel_by_delta.items():
-        high = eye - k
-        rows.append({"delta": float(delta),
-                     "e_low": (gram_frob2(k, d_gram) / max(gram_frob2(k, y_gram), 1e-300)) ** 0.5,
-                     "e_high": (gram_frob2(high, d_gram) / max(gram_frob2(high, y_gram), 1e-300)) ** 0.5})
-    return rows
+                         forms: dict[float, tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
+    """e_low / e_high per δ from Y Yᵀ, D Dᵀ (D = Y − H) and the forms of :func:`filter_forms`."""
+    return [{"delta": delta, "e_low": _filtered_ratio(low, d_gram, y_gram),
+             "e_high": _filtered_ratio(high, d_gram, y_gram)} for delta, (low, high) in forms.items()]
 
 
 def filtered_errors(y: torch.Tensor, h: torch.Tensor, kernel_by_delta: dict[float, torch.Tensor]) -> list[dict]:
     """e_low / e_high per δ for dense targets y and outputs h ([N, C], any C)."""
     y, h = y.double(), h.double()
     d = y - h
-    return filtered_errors_gram(y @ y.T, d @ d.T, kernel_by_delta)
+    return filtered_errors_gram(y @ y.T, d @ d.T, filter_forms(kernel_by_delta))
 
 
 def first_below(steps: Sequence[int], errors: Sequence[float], threshold: float):

@@ -44,9 +44,14 @@ class AttentionSpec:
     #: additive bias broadcastable to [B, H, Tq, Tk] (e.g. [B, 1, 1, Tk] log-survival).
     key_bias: Optional[torch.Tensor] = None
 
-    def is_plain_causal(self, tq: int, tk: int) -> bool:
+    def is_end_aligned_causal(self) -> bool:
+        """Causal with queries at the end of the keys (training, or decoding with a KV cache)
+        and no other mask: what flash_attn_func(causal=True) computes."""
         return (self.causal and self.q_index is None and self.key_padding_mask is None
-                and self.segment_ids is None and self.key_bias is None and tq == tk)
+                and self.segment_ids is None and self.key_bias is None)
+
+    def is_plain_causal(self, tq: int, tk: int) -> bool:
+        return self.is_end_aligned_causal() and tq == tk
 
     def query_index(self, batch: int, tq: int, tk: int, device) -> torch.Tensor:
         """[B, Tq] key-space index of each query."""

@@ -24,11 +24,9 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, PonderConfig
 from .attention import AttentionSpec
-from .chunked import linear_cross_entropy
+from .chunked import IGNORE_INDEX, linear_cross_entropy
 from .init import init_backbone_weights
 from .neox import NeoXStack
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -37,7 +37,7 @@ metrics.jsonl, the training summary and ``megaponder eval``'s JSON):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -247,11 +247,6 @@ def schedule_for_ratio(model, target: float, kind: str, seq_len: int = 128) -> l
         else:
             hi = mid
     return fracs((lo + hi) / 2)
-
-
-def expected_mean_iters(keep: Sequence[float]) -> float:
-    """Backbone passes per token of a vertical halting schedule: sum of the kept fractions."""
-    return float(sum(keep))
 
 
 def schedule_for_mean_iters(model, target: float, kind: str) -> list[float]:

@@ -147,13 +147,6 @@ def _flash_available() -> bool:
     return True
 
 
-def is_end_aligned_causal(spec: AttentionSpec) -> bool:
-    """Causal with queries at the end of the keys (training, or decoding with a KV cache) and
-    no other mask: what flash_attn_func(causal=True) computes."""
-    return (spec.causal and spec.q_index is None and spec.segment_ids is None
-            and spec.key_padding_mask is None and spec.key_bias is None)
-
-
 def is_varlen_documents(spec: AttentionSpec, tq: int, tk: int) -> bool:
     """Packed documents in self-attention: what flash_attn_varlen_func expresses."""
     return (spec.causal and spec.segment_ids is not None and spec.q_index is None
@@ -184,7 +177,7 @@ def flash_attention_backend(q, k, v, spec: AttentionSpec, scale: float, dropout_
     b, h, tq, d = q.shape
     tk = k.shape[-2]
     half = q.dtype in (torch.float16, torch.bfloat16) and q.is_cuda
-    if half and is_end_aligned_causal(spec):
+    if half and spec.is_end_aligned_causal():
         from flash_attn import flash_attn_func
 
         # flash-attn aligns a shorter query block to the end of the keys, as q_index=None does.
@@ -244,7 +237,7 @@ def choose_backend(q, spec: AttentionSpec, tk: int, dropout_p: float, available)
     if not q.is_cuda:
         return "sdpa"
     half = q.dtype in (torch.float16, torch.bfloat16)
-    if is_end_aligned_causal(spec):
+    if spec.is_end_aligned_causal():
         return "flash" if "flash" in available and half else "sdpa"
     if is_varlen_documents(spec, tq, tk) and "flash" in available and half:
         return "flash"
