@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -25,15 +24,13 @@ def _train(args) -> int:
 
 
 def _load_tokenizer(folder: str, override: str | None):
-    from .train.checkpoint import read_checkpoint_config, tokenizer_file
+    from .train.checkpoint import checkpoint_tokenizer_path
     from .data import build_tokenizer
 
-    cfg = read_checkpoint_config(folder)
-    path = override or tokenizer_file(folder) or cfg.data.tokenizer_model
-    if path is None or not os.path.exists(path):
+    path = checkpoint_tokenizer_path(folder, override)
+    if path is None:
         raise SystemExit(f"no tokenizer found for checkpoint {folder}; pass --tokenizer-model")
-    kind = "HFTokenizer" if path.endswith(".json") else "SentencePieceTokenizer"
-    return build_tokenizer(kind, path)
+    return build_tokenizer(None, path)
 
 
 def _device(name: str):

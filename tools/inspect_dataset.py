@@ -30,8 +30,8 @@ def _tokenizer(args, data_cfg=None):
     path = args.tokenizer_model or (data_cfg.tokenizer_model if data_cfg else None)
     if not path:
         return None
-    kind = args.tokenizer_type or (data_cfg.tokenizer_type if data_cfg else None) or \
-        ("HFTokenizer" if path.endswith(".json") else "SentencePieceTokenizer")
+    # no type given: build_tokenizer infers it from the file
+    kind = args.tokenizer_type or (data_cfg.tokenizer_type if data_cfg else None)
     return build_tokenizer(kind, path)
 
 

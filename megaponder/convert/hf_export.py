@@ -17,10 +17,8 @@ import json
 import os
 from typing import Optional
 
-import torch
-
 from ..config import Config, config_from_dict
-from ..train.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, tokenizer_file, write_model_files
+from ..train.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, checkpoint_tokenizer_path, write_model_files
 
 REMOTE_MODEL_TYPE = "megaponder"
 
@@ -54,10 +52,8 @@ def export_checkpoint(path: str, output: str) -> str:
     cfg = read_checkpoint_config(folder)
     model = load_model(folder)
     os.makedirs(output, exist_ok=True)
-    tok_path = tokenizer_file(folder) or cfg.data.tokenizer_model
-    tok = None
-    if tok_path and os.path.isfile(tok_path):
-        tok = export_tokenizer(tok_path, output, cfg.model.max_position_embeddings)
+    tok_path = checkpoint_tokenizer_path(folder)
+    tok = export_tokenizer(tok_path, output, cfg.model.max_position_embeddings) if tok_path else None
     special = {"eos_token_id": tok.eod, "pad_token_id": tok.pad} if tok is not None else {}
     state = model.state_dict()
     if cfg.model.family == "vanilla":

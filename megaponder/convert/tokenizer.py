@@ -20,11 +20,6 @@ import shutil
 from ..data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer
 
 
-def load_megaponder_tokenizer(path: str) -> Tokenizer:
-    kind = "HFTokenizer" if path.endswith(".json") else "SentencePieceTokenizer"
-    return build_tokenizer(kind, path)
-
-
 def _fast_backend(tok: Tokenizer):
     """(tokenizers.Tokenizer, special-token strings) of a megaponder tokenizer."""
     if isinstance(tok, SentencePieceTokenizer):
@@ -60,7 +55,7 @@ def export_tokenizer(path: str, output: str, model_max_length: int | None = None
     into ``output``; returns the megaponder tokenizer (its eod/pad ids go into config.json)."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = load_megaponder_tokenizer(path)
+    tok = build_tokenizer(None, path)
     backend, special = _fast_backend(tok)
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
     if isinstance(tok, SentencePieceTokenizer):

@@ -140,11 +140,15 @@ def neox20b_tokenizer_path() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def build_tokenizer(tokenizer_type: str, path: Optional[str]) -> Tokenizer:
+def build_tokenizer(tokenizer_type: Optional[str], path: Optional[str]) -> Tokenizer:
     """``tokenizer_type`` is ``SentencePieceTokenizer`` or ``HFTokenizer`` (GPT-NeoX's ``SPMTokenizer``
-    and Megatron's ``HuggingFaceTokenizer`` spellings are accepted too)."""
+    and Megatron's ``HuggingFaceTokenizer`` spellings are accepted too); None infers it from the
+    file, as a checkpoint's copied tokenizer needs: a ``.json`` is an HF tokenizer, anything
+    else a SentencePiece model."""
     aliases = {"SPMTokenizer": "SentencePieceTokenizer", "HuggingFaceTokenizer": "HFTokenizer",
                "GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
+    if tokenizer_type is None:
+        tokenizer_type = "HFTokenizer" if str(path).endswith(".json") else "SentencePieceTokenizer"
     kind = aliases.get(tokenizer_type, tokenizer_type)
     if kind not in TOKENIZER_TYPES:
         raise DataError(f"unknown tokenizer type '{tokenizer_type}'; use one of {TOKENIZER_TYPES}.")

@@ -26,7 +26,6 @@ Hugging Face route sees it, so both routes give the same numbers on a vanilla mo
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Optional
 
@@ -85,13 +84,13 @@ class ComputeCounter:
 
 
 def _checkpoint_tokenizer(folder: str, override: Optional[str] = None):
-    from ..convert.tokenizer import load_megaponder_tokenizer
-    from ..train.checkpoint import read_checkpoint_config, tokenizer_file
+    from ..data import build_tokenizer
+    from ..train.checkpoint import checkpoint_tokenizer_path
 
-    path = override or tokenizer_file(folder) or read_checkpoint_config(folder).data.tokenizer_model
-    if not path or not os.path.isfile(path):
+    path = checkpoint_tokenizer_path(folder, override)
+    if path is None:
         raise FileNotFoundError(f"no tokenizer found for checkpoint {folder}; pass tokenizer_model=PATH")
-    return load_megaponder_tokenizer(path)
+    return build_tokenizer(None, path)
 
 
 # lm_eval.models is imported above on purpose: lm-eval 0.4.13 fills its model registry with the

@@ -30,7 +30,6 @@ import pickle
 import random
 import re
 import shutil
-import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -388,6 +387,13 @@ def tokenizer_file(folder: str) -> Optional[str]:
     name = read_meta(folder).get("tokenizer")
     # only a file of the checkpoint folder itself: meta.json must not point anywhere else
     return os.path.join(folder, os.path.basename(str(name))) if name else None
+
+
+def checkpoint_tokenizer_path(folder: str, override: Optional[str] = None) -> Optional[str]:
+    """The tokenizer of a checkpoint: ``override``, else the copy inside the checkpoint, else
+    the run's ``data.tokenizer_model``; None when that file does not exist."""
+    path = override or tokenizer_file(folder) or read_checkpoint_config(folder).data.tokenizer_model
+    return path if path and os.path.isfile(path) else None
 
 
 def load_model(path: str, map_location: str = "cpu"):
