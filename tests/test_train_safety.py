@@ -310,6 +310,16 @@ def test_damaged_files_name_the_file(tmp_path, reference):
     (folder / "config.yml").write_text("model: [unclosed\n")
     with pytest.raises(ckpt.CheckpointError, match="config.yml is damaged"):
         ckpt.load_model(str(folder))
+    # universal (layout-free) per-parameter files, read on a resume at another layout
+    from megaponder.train.reshard import _read
+    param_dir = tmp_path / "universal" / "embed_in.weight"
+    param_dir.mkdir(parents=True)
+    torch.save({"param": torch.ones(3)}, param_dir / "fp32.pt")
+    assert torch.equal(_read(str(param_dir), "fp32", (3,)), torch.ones(3))
+    data = (param_dir / "fp32.pt").read_bytes()
+    (param_dir / "fp32.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"fp32.pt is damaged or truncated"):
+        _read(str(param_dir), "fp32", (3,))
 
 
 def test_publish_moves_the_old_tag_aside_and_recover_repairs_every_kill_point(tmp_path):

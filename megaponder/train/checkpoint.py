@@ -96,7 +96,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def safe_load(path: str, map_location: Any = "cpu", what: str = "checkpoint file",
-              allow: tuple = ()) -> Any:
+              allow: tuple = (), mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with one-line errors naming the file: refuses pickled
     code (anything but tensors, plain containers/numbers/strings and the ``allow`` classes)
     and damaged files."""
@@ -104,7 +104,7 @@ def safe_load(path: str, map_location: Any = "cpu", what: str = "checkpoint file
         raise CheckpointError(f"{what} {path} is missing.")
     try:
         with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpoint(
             f"{what} {path} holds pickled objects other than tensors and plain values; "

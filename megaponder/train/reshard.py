@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .checkpoint import CheckpointError, safe_load
 
 UNIVERSAL_DIR = "universal"
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -158,7 +159,11 @@ def _read(d: str, key: str, expected_shape) -> torch.Tensor:
         raise ResumeError(f"{path} is missing: the checkpoint has no saved state for parameter "
                           f"'{os.path.basename(d)}' (another model family or shape, or an "
                           f"incomplete checkpoint).")
-    t = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["param"]
+    state = safe_load(path, what="universal-checkpoint file", mmap=True)
+    if not isinstance(state, dict) or "param" not in state:
+        raise CheckpointError(f"{path} is not a universal-checkpoint file (no 'param' entry); "
+                              f"restore it or resume from another checkpoint.")
+    t = state["param"]
     if expected_shape is not None and tuple(t.shape) != tuple(expected_shape):
         raise ResumeError(f"{path} holds shape {tuple(t.shape)} but this model's parameter has "
                           f"{tuple(expected_shape)}: the checkpoint belongs to another model shape.")
