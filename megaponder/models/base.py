@@ -27,7 +27,7 @@ from .attention import AttentionSpec
 from .chunked import IGNORE_INDEX, linear_cross_entropy
 from .init import init_backbone_weights
 from .neox import NeoXStack
-from .spec import FamilySpec, family_spec, register_family
+from .spec import DECODERS, FamilySpec, family_spec, register_family
 
 
 @dataclass
@@ -163,10 +163,9 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
 
 # -- family spec (megaponder/models/spec.py) ----------------------------------------------
 def _register() -> None:
-    from ..infer.decoders import VerticalDecoder
     from . import flops
     register_family(FamilySpec(
-        name="vanilla", model_cls=CausalLM, kind="fixed", decoder=VerticalDecoder,
+        name="vanilla", model_cls=CausalLM, kind="fixed", decoder=DECODERS + "VerticalDecoder",
         train_flops=flops.vanilla_train_flops, inference_flops=flops.vanilla_inference_flops,
         sequence_parallel=True))
 

@@ -25,7 +25,7 @@ from ..config import ModelConfig, PonderConfig
 from .base import ModelOutput, default_position_ids, with_fixed_token_stats
 from .latent import LatentLM
 from .ponder import HALTING_PONDER_KEYS, VERTICAL_PONDER_KEYS, PonderLM, valid_token_mask
-from .spec import FamilySpec, register_family
+from .spec import DECODERS, FamilySpec, register_family
 
 
 class LoopLM(PonderLM):
@@ -175,13 +175,13 @@ class PauseLM(LatentLM):
 
 # -- family specs (megaponder/models/spec.py) ---------------------------------------------
 def _register() -> None:
-    from ..infer.decoders import LatentDecoder, LoopDecoder, VerticalDecoder
     from . import flops
     register_family(FamilySpec(
-        name="loop", model_cls=LoopLM, kind="fixed", decoder=LoopDecoder,
+        name="loop", model_cls=LoopLM, kind="fixed", decoder=DECODERS + "LoopDecoder",
         train_flops=flops.loop_train_flops, inference_flops=flops.loop_inference_flops,
         ponder_keys=("steps", "scale_embeds", "thought_embed_scale", "depth_scaled_init")))
-    planned = dict(kind="vertical", decoder=VerticalDecoder, train_flops=flops.vertical_train_flops,
+    planned = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder",
+                   train_flops=flops.vertical_train_flops,
                    inference_flops=flops.vertical_inference_flops, sequence_parallel=True,
                    halting="schedule", full_depth_tau=None,
                    iteration_kind="iterations until halted (1 + halting iteration)")
@@ -191,7 +191,7 @@ def _register() -> None:
     register_family(FamilySpec(name="random_halting", model_cls=RandomHaltingLM,
                                ponder_keys=keys + ("halting_rate",), **planned))
     register_family(FamilySpec(
-        name="pause", model_cls=PauseLM, kind="latent", decoder=LatentDecoder,
+        name="pause", model_cls=PauseLM, kind="latent", decoder=DECODERS + "LatentDecoder",
         train_flops=flops.pause_train_flops, inference_flops=flops.latent_inference_flops,
         extra_parameters=("pause_embedding",),
         ponder_keys=("pause_tokens", "depth_scaled_init")))

@@ -26,7 +26,7 @@ from ..config import ModelConfig, PonderConfig
 from .attention import AttentionSpec
 from .base import CausalLM, ModelOutput, default_position_ids
 from .ponder import GateMLP, PonderMixin, masked_mean, valid_token_mask
-from .spec import FamilySpec, register_family
+from .spec import DECODERS, FamilySpec, register_family
 
 
 def interleave(stages: list[torch.Tensor]) -> torch.Tensor:
@@ -274,9 +274,9 @@ LATENT_PONDER_KEYS = ("steps", "scale_embeds", "depth_scaled_init", "jacobi_pass
 
 
 def _register() -> None:
-    from ..infer.decoders import LatentDecoder
     from . import flops
-    latent = dict(kind="latent", decoder=LatentDecoder, train_flops=flops.latent_train_flops,
+    latent = dict(kind="latent", decoder=DECODERS + "LatentDecoder",
+                  train_flops=flops.latent_train_flops,
                   inference_flops=flops.latent_inference_flops)
     register_family(FamilySpec(name="ponderlm2", model_cls=PonderLM2, ponder_keys=LATENT_PONDER_KEYS,
                                **latent))

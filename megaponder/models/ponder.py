@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, PonderConfig
 from .base import CausalLM, ModelOutput, default_position_ids
 from .chunked import linear_softmax_matmul
-from .spec import FamilySpec, register_family
+from .spec import DECODERS, FamilySpec, register_family
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -384,9 +384,9 @@ HALTING_PONDER_KEYS = ("tau", "halted_readout", "kv_reuse_grad", "bottomk_pool")
 
 
 def _register() -> None:
-    from ..infer.decoders import VerticalDecoder
     from . import flops
-    vertical = dict(kind="vertical", decoder=VerticalDecoder, train_flops=flops.vertical_train_flops,
+    vertical = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder",
+                    train_flops=flops.vertical_train_flops,
                     inference_flops=flops.vertical_inference_flops, sequence_parallel=True)
     register_family(FamilySpec(name="ponderlm", model_cls=PonderLM, ponder_keys=VERTICAL_PONDER_KEYS,
                                **vertical))

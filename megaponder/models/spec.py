@@ -22,6 +22,10 @@ BUILTIN_MODULES = ("megaponder.models.base", "megaponder.models.ponder",
                    "megaponder.models.latent", "megaponder.models.baselines")
 
 
+#: where the built-in decoders live (FamilySpec.decoder = DECODERS + "VerticalDecoder")
+DECODERS = "megaponder.infer.decoders:"
+
+
 class MissingCapability(NotImplementedError):
     """A family was asked for something its FamilySpec does not declare."""
 
@@ -39,8 +43,9 @@ class FamilySpec:
     #: are fine: thoughts repeat their token's position id)
     kind: Literal["fixed", "vertical", "latent"]
     #: ``decoder(model, seed, prefill) -> decoder`` with ``feed(ids) -> logits`` equal to the
-    #: training forward (megaponder/infer/decoders.py); None: no cached decoding
-    decoder: Optional[Callable[..., Any]] = None
+    #: training forward, or its "module:name" (resolved on use, so a family module need not
+    #: import megaponder/infer/, which imports the models); None: no cached decoding
+    decoder: Optional[Callable[..., Any] | str] = None
     #: ``train_flops(dims, seq_len, causal, jacobi_passes) -> float``: one training forward
     train_flops: Optional[Callable[..., float]] = None
     #: ``inference_flops(dims, seq_len, activity) -> float``: KV-cached decoding of a sequence
@@ -117,4 +122,7 @@ def require(name: str, capability: str) -> Any:
         raise MissingCapability(f"model family '{name}' does not support {capability} (its "
                                 f"FamilySpec declares none); pick another family or add it to "
                                 f"the family's register_family(FamilySpec(...)).")
+    if isinstance(value, str):   # "module:name"
+        module, _, name = value.partition(":")
+        value = getattr(importlib.import_module(module), name)
     return value
