@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megaponder.models import build_model  # noqa: E402
-from megaponder.models.generate import decode_logits  # noqa: E402
+from megaponder.infer.decoders import decode_logits  # noqa: E402
 
 
 def _median_time(fn, repeats):

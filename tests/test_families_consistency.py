@@ -3,7 +3,7 @@ only what inference needs (active rows, kept latent steps), 1e-5 in fp32."""
 import pytest
 import torch
 
-from megaponder.models.generate import decode_logits
+from megaponder.infer.decoders import decode_logits
 from test_families_helpers import force_ada_gates, force_router, real_batch, tiny
 
 TOL = 1e-5

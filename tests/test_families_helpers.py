@@ -8,9 +8,11 @@ import torch
 
 from megaponder.config import ModelConfig, PonderConfig
 from megaponder.models import build_model
+from megaponder.models.spec import family_names
 
-ALL_FAMILIES = ["vanilla", "ponderlm", "adaponderlm", "ponderlm2", "ponderlm3",
-                "loop", "pause", "fixed_pruning", "random_halting"]
+#: the family matrix: every family registered when the tests are collected (the built-in
+#: ones; tests/test_family_spec.py runs the matrix's checks on a family it registers itself)
+ALL_FAMILIES = list(family_names())
 
 
 def tiny(family: str, backend: str = "eager", vocab: int = 256, d: int = 32, layers: int = 2,

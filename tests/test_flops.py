@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megaponder.models import flops
-from megaponder.models.generate import decode_logits
+from megaponder.infer.decoders import decode_logits
 from test_families_helpers import ALL_FAMILIES, force_ada_gates, force_router, real_batch, tiny
 
 B, T = 2, 12
@@ -41,7 +41,7 @@ def test_inference_flops_match_flop_counter(family):
     result = {}
 
     def run():   # row by row: the convention counts one sequence's work; a batched decoder
-        # also computes padding slots when its rows halt differently (test_generate.py)
+        # also computes padding slots when its rows halt differently (tests/test_generate.py)
         result["decs"] = [decode_logits(model, ids[b:b + 1], chunk=1, return_decoders=True)[1][0]
                           for b in range(B)]
 

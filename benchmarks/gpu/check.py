@@ -280,7 +280,7 @@ def _calibrate_tau(model, ids, halted_fraction, iters=24):
 def check_decode(device, quick, budget, results) -> list:
     from _configs import sized_config
     from megaponder.models import build_model
-    from megaponder.models.generate import decode_logits
+    from megaponder.infer.decoders import decode_logits
 
     if budget.left() < (5 if quick else 40):
         results["decode"] = {"skipped": "time"}

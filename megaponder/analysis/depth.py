@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.base import IGNORE_INDEX
+from ..models.spec import family_spec
 
 __all__ = ["token_depth", "full_depth", "inference_pruning", "pearson", "spearman", "rankdata", "per_iteration_table",
            "analyze_depth", "analyze_batches", "format_depth_report"]
@@ -75,8 +76,9 @@ def full_depth(model: torch.nn.Module):
     keeps every step (log w is finite); other families are unchanged."""
     cfg = getattr(model, "ponder_cfg", None)
     old = getattr(cfg, "tau", None)
-    if cfg is not None:
-        cfg.tau = 5e-324 if getattr(model, "family", "") == "ponderlm3" else 0.0
+    tau = family_spec(model.family).full_depth_tau
+    if cfg is not None and tau is not None:
+        cfg.tau = tau
     try:
         yield model
     finally:
@@ -92,7 +94,7 @@ def inference_pruning(model: torch.nn.Module, enabled: bool = True):
     (tests/test_families_consistency.py); false is the soft-bias training forward's. No-op for
     other families."""
     cfg = getattr(model, "ponder_cfg", None)
-    if cfg is None or getattr(model, "family", "") != "ponderlm3":
+    if cfg is None or family_spec(model.family).halting != "router":
         yield model
         return
     old = cfg.eval_hard_prune
@@ -201,7 +203,7 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
         row["mean_entropy"] = float(ent[sel].mean())
         row["top_input_tokens"] = [[t, c] for t, c in Counter(ids[sel].tolist()).most_common(top_tokens)]
     res = {"family": getattr(model, "family", type(model).__name__), "tokens": int(nll.numel()),
-           "hard_prune": bool(hard_prune and getattr(model, "family", "") == "ponderlm3"),
+           "hard_prune": bool(hard_prune and family_spec(model.family).halting == "router"),
            "mean_nll": float(nll.mean()), "ppl": math.exp(min(float(nll.mean()), 50.0)),
            "mean_iterations": float(its.mean()),
            "flops_ratio": compute[0].item() / max(compute[1].item(), 1.0),
@@ -228,12 +230,7 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
 
 
 def _iteration_kind(model) -> str:
-    fam = getattr(model, "family", "")
-    if fam in ("adaponderlm", "fixed_pruning", "random_halting"):
-        return "iterations until halted (1 + halting iteration)"
-    if fam == "ponderlm3":
-        return "executed steps 1 + K-hat (router w >= tau)"
-    return "constant (fixed depth)"
+    return family_spec(model.family).iteration_kind
 
 
 def analyze_depth(model: torch.nn.Module, data: Union[str, object], windows: int = 64,

@@ -16,10 +16,10 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from .analysis import AnalysisConfig
-from .base import ConfigError, coerce, field_docs, from_dict, param, to_dict
+from .base import ConfigError, _nearest, coerce, field_docs, from_dict, param, to_dict
 from .data import DataConfig
-from .model import FAMILIES, ModelConfig
-from .parallel import SEQUENCE_PARALLEL_FAMILIES, ParallelConfig
+from .model import FAMILIES, ModelConfig, known_families
+from .parallel import ParallelConfig
 from .ponder import PonderConfig
 from .train import OptimConfig, TrainConfig
 from .yaml_io import load_yaml_file, parse_yaml
@@ -104,6 +104,10 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         if not cond:
             problems.append(msg)
 
+    families = known_families()
+    if m.family not in families:
+        raise ConfigError(f"model.family: '{m.family}' is not one of {list(families)}."
+                          f"{_nearest(str(m.family), list(families))}")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
         need(getattr(m, name) > 0, f"model.{name} must be positive (got {getattr(m, name)}).")
     if m.num_heads > 0:
@@ -117,7 +121,9 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(m.padded_vocab_size >= m.vocab_size,
              f"model.padded_vocab_size={m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}.")
     need(d.seq_length > 0, f"data.seq_length must be positive (got {d.seq_length}).")
-    need(d.seq_length <= m.max_position_embeddings or m.family in ("ponderlm2", "ponderlm3", "pause"),
+    # latent layouts repeat a token's position id for its thoughts (spec kind), so only the
+    # token count is bounded; the spec (and torch) is imported only when the bound is crossed
+    need(d.seq_length <= m.max_position_embeddings or _spec(m.family).kind == "latent",
          f"data.seq_length={d.seq_length} exceeds model.max_position_embeddings="
          f"{m.max_position_embeddings}; raise the latter or shorten the former.")
     need(p.steps >= 0, f"ponder.steps must be >= 0 (got {p.steps}).")
@@ -201,10 +207,10 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(d.seq_length % par.tp == 0,
              f"parallel.sequence_parallel splits the sequence over tp={par.tp} ranks, but "
              f"data.seq_length={d.seq_length} is not a multiple of it; change one of them.")
-        need(m.family in SEQUENCE_PARALLEL_FAMILIES,
-             f"parallel.sequence_parallel is supported for {', '.join(SEQUENCE_PARALLEL_FAMILIES)}, not "
-             f"model.family={m.family} (its stack calls are not full-length final-normed "
-             f"sequences: latent-thought layouts, the loop baseline); set it to false.")
+        need(_spec(m.family).sequence_parallel,
+             f"parallel.sequence_parallel is supported for {', '.join(sequence_parallel_families())}, "
+             f"not model.family={m.family} (its FamilySpec declares no sequence_parallel: its stack "
+             f"calls are not full-length final-normed sequences); set it to false.")
     need(m.loss_chunk_size >= 0, f"model.loss_chunk_size must be >= 0 (got {m.loss_chunk_size}).")
     need(not m.loss_chunk_size or (par.tp == 1 and par.zero_stage < 3),
          f"model.loss_chunk_size={m.loss_chunk_size} needs parallel.tp=1 and zero_stage<3 (it reads "
@@ -246,6 +252,16 @@ def _divisor_near(n: int, k: int) -> int:
             if 1 <= c <= n and n % c == 0:
                 return c
     return 1
+
+
+def _spec(family: str):
+    from ..models.spec import family_spec
+    return family_spec(family)
+
+
+def sequence_parallel_families() -> list[str]:
+    from ..models.spec import family_names
+    return [f for f in family_names() if _spec(f).sequence_parallel]
 
 
 def _type_name(tp) -> str:

@@ -1,29 +1,39 @@
 """``model:`` — the GPT-NeoX/Pythia backbone and which pondering family wraps it."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .base import param
 
+#: the built-in families, a light list so validating ``model.family`` imports no torch; each
+#: family's traits live in its FamilySpec next to its class (megaponder/models/spec.py), and
+#: tests/test_family_spec.py checks this list equals the registered built-in specs
 FAMILIES = (
     "vanilla", "ponderlm", "adaponderlm", "ponderlm2", "ponderlm3",
     # baselines for fair (iso-FLOPs) comparisons
     "loop", "pause", "fixed_pruning", "random_halting",
 )
-Family = Literal[
-    "vanilla", "ponderlm", "adaponderlm", "ponderlm2", "ponderlm3",
-    "loop", "pause", "fixed_pruning", "random_halting",
-]
+
+
+def known_families() -> tuple[str, ...]:
+    """The built-in families plus any registered since (a user's own FamilySpec). A family
+    can only be registered once megaponder.models.spec is imported, so reading its registry
+    from sys.modules sees every one without importing the models (and torch) here."""
+    spec = sys.modules.get("megaponder.models.spec")
+    extra = tuple(n for n in spec.registered_names() if n not in FAMILIES) if spec else ()
+    return FAMILIES + extra
 
 
 @dataclass
 class ModelConfig:
     """Backbone shape; the defaults are a tiny CPU model, Pythia recipes live in examples/."""
 
-    family: Family = param("vanilla", "Model family: vanilla Pythia, a pondering family "
+    family: str = param("vanilla", "Model family: vanilla Pythia, a pondering family "
                            "(ponderlm, adaponderlm, ponderlm2, ponderlm3) or a baseline "
-                           "(loop, pause, fixed_pruning, random_halting).")
+                           "(loop, pause, fixed_pruning, random_halting), or a family registered "
+                           "with megaponder.models.spec.register_family.")
     vocab_size: int = param(8192, "Tokenizer vocabulary size (before padding).")
     make_vocab_size_divisible_by: int = param(128, "Pad the embedding/head rows up to a multiple of "
                                               "this (GPT-NeoX default 128). Unlike Megatron, the padding "

@@ -6,12 +6,6 @@ from typing import Literal
 
 from .base import param
 
-#: families that support sequence parallelism: vanilla shards the whole model; the vertical
-#: pondering families shard inside the stack (their stack calls see full-length, final-normed
-#: sequences with only token-wise family work outside; megaponder/parallel/parallelize.py)
-SEQUENCE_PARALLEL_FAMILIES = ("vanilla", "ponderlm", "adaponderlm", "fixed_pruning", "random_halting")
-
-
 @dataclass
 class ParallelConfig:
     """Data parallel degree is derived: world_size / (tp * pp)."""

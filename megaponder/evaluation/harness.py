@@ -36,7 +36,7 @@ import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from ..models.flops import LATENT, Dims, inference_flops
+from ..models.flops import Dims, inference_flops
 
 
 def _vertical_activity(iterations: torch.Tensor, passes: int) -> torch.Tensor:
@@ -57,7 +57,7 @@ class ComputeCounter:
         self.vanilla_flops = 0.0
 
     def _activity(self, iterations: torch.Tensor):
-        if self.dims.family in LATENT:
+        if self.dims.kind == "latent":
             return iterations.double()  # ponderlm3: executed steps per token; others ignore it
         return _vertical_activity(iterations, self.dims.passes).double()
 

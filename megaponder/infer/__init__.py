@@ -1,8 +1,9 @@
 """Sampling from any megaponder model.
 
-``generate`` recomputes the whole prefix each step, which is exact for every family because
-they are all causal. Families with a KV-cached (and, for adaptive ones, compacting) decoder
-expose it as ``model.generate_cached`` and are used instead when present.
+``generate`` samples with the family's KV-cached (and, for adaptive ones, compacting)
+decoder, the one its FamilySpec declares (megaponder/infer/decoders.py); ``cached=False``
+recomputes the whole prefix each step instead, which is exact for every family because they
+are all causal. A family without a decoder asked for cached sampling is an error.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import torch
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: int = 0, vocab_size: Optional[int] = None, eos_id: Optional[int] = None,
-             seed: int = 0) -> list[int]:
+             seed: int = 0, cached: bool = True) -> list[int]:
     """Token ids of the continuation (prompt excluded). temperature 0 means greedy."""
-    if hasattr(model, "generate_cached"):
-        return model.generate_cached(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_k=top_k, vocab_size=vocab_size, eos_id=eos_id, seed=seed)
+    if cached:
+        from .decoders import generate_cached
+        return generate_cached(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, vocab_size=vocab_size, eos_id=eos_id, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)

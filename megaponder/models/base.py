@@ -27,6 +27,7 @@ from .attention import AttentionSpec
 from .chunked import IGNORE_INDEX, linear_cross_entropy
 from .init import init_backbone_weights
 from .neox import NeoXStack
+from .spec import DECODERS, FamilySpec, family_spec, register_family
 
 
 @dataclass
@@ -130,8 +131,11 @@ class CausalLM(nn.Module):
 
     def extra_parameter_names(self) -> list[str]:
         """Parameters a family adds on top of the NeoX backbone (gates, routers): the only
-        ones trained in a gate-only phase and the ones initialised fresh from Pythia."""
-        return []
+        ones trained in a gate-only phase and the ones initialised fresh from Pythia. Declared
+        once, as the FamilySpec's ``extra_parameters`` name prefixes."""
+        prefixes = family_spec(self.family).extra_parameters
+        return [n for n, _ in self.named_parameters()
+                if any(n == p or n.startswith(p + ".") for p in prefixes)]
 
     # -- vanilla forward ------------------------------------------------------------------
     @with_fixed_token_stats
@@ -155,3 +159,15 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
             continue
         total += p.numel()
     return total
+
+
+# -- family spec (megaponder/models/spec.py) ----------------------------------------------
+def _register() -> None:
+    from . import flops
+    register_family(FamilySpec(
+        name="vanilla", model_cls=CausalLM, kind="fixed", decoder=DECODERS + "VerticalDecoder",
+        train_flops=flops.vanilla_train_flops, inference_flops=flops.vanilla_inference_flops,
+        sequence_parallel=True))
+
+
+_register()

@@ -24,11 +24,10 @@ import torch.nn as nn
 from ..config import ModelConfig, PonderConfig
 from .base import ModelOutput, default_position_ids, with_fixed_token_stats
 from .latent import LatentLM
-from .ponder import PonderLM, valid_token_mask
-from .registry import register_family
+from .ponder import HALTING_PONDER_KEYS, VERTICAL_PONDER_KEYS, PonderLM, valid_token_mask
+from .spec import DECODERS, FamilySpec, register_family
 
 
-@register_family("loop")
 class LoopLM(PonderLM):
     """Weight-shared depth: x <- layers(x), K+1 times, then the final norm and head."""
 
@@ -109,7 +108,6 @@ class _PlannedHalting(PonderLM):
         return self.threshold_plan(self.priorities(batch, seq, device))
 
 
-@register_family("fixed_pruning")
 class FixedPruningLM(_PlannedHalting):
     """Exactly round(r_i * n) randomly chosen tokens of each sequence stay active at iteration
     i (the decoder, which cannot see the future, uses the expected-rate rule u < r_i)."""
@@ -131,7 +129,6 @@ class FixedPruningLM(_PlannedHalting):
         return plan
 
 
-@register_family("random_halting")
 class RandomHaltingLM(_PlannedHalting):
     """Each active token halts with probability p after every iteration (expected active
     fraction (1-p)^i); p = ponder.halting_rate or calibrated to the target (calibrated_schedule)."""
@@ -146,7 +143,6 @@ class RandomHaltingLM(_PlannedHalting):
         return self._keep
 
 
-@register_family("pause")
 class PauseLM(LatentLM):
     """Pause tokens in the PonderLM-2 layout: one pass, logits at the last pause position."""
 
@@ -156,9 +152,6 @@ class PauseLM(LatentLM):
         # the PonderLM-2 code's pause baseline scales token embeddings by sqrt(d)
         self.embed_scale = math.sqrt(cfg.hidden_size) if self.ponder_cfg.scale_embeds else 1.0
         self.pause_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * (2.0 / (5.0 * cfg.hidden_size)) ** 0.5)
-
-    def extra_parameter_names(self) -> list[str]:
-        return ["pause_embedding"]
 
     @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
@@ -178,3 +171,30 @@ class PauseLM(LatentLM):
             return ModelOutput(logits=logits, stats=stats)
         lm_loss = self.lm_loss(logits, targets)
         return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss, stats=stats)
+
+
+# -- family specs (megaponder/models/spec.py) ---------------------------------------------
+def _register() -> None:
+    from . import flops
+    register_family(FamilySpec(
+        name="loop", model_cls=LoopLM, kind="fixed", decoder=DECODERS + "LoopDecoder",
+        train_flops=flops.loop_train_flops, inference_flops=flops.loop_inference_flops,
+        ponder_keys=("steps", "scale_embeds", "thought_embed_scale", "depth_scaled_init")))
+    planned = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder",
+                   train_flops=flops.vertical_train_flops,
+                   inference_flops=flops.vertical_inference_flops, sequence_parallel=True,
+                   halting="schedule", full_depth_tau=None,
+                   iteration_kind="iterations until halted (1 + halting iteration)")
+    keys = VERTICAL_PONDER_KEYS + HALTING_PONDER_KEYS + ("target_mean_iters", "target_flops_ratio")
+    register_family(FamilySpec(name="fixed_pruning", model_cls=FixedPruningLM,
+                               ponder_keys=keys + ("prune_schedule",), **planned))
+    register_family(FamilySpec(name="random_halting", model_cls=RandomHaltingLM,
+                               ponder_keys=keys + ("halting_rate",), **planned))
+    register_family(FamilySpec(
+        name="pause", model_cls=PauseLM, kind="latent", decoder=DECODERS + "LatentDecoder",
+        train_flops=flops.pause_train_flops, inference_flops=flops.latent_inference_flops,
+        extra_parameters=("pause_embedding",),
+        ponder_keys=("pause_tokens", "depth_scaled_init")))
+
+
+_register()

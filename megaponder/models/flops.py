@@ -41,8 +41,7 @@ from typing import Optional
 
 import torch
 
-VERTICAL = ("vanilla", "ponderlm", "adaponderlm", "loop", "fixed_pruning", "random_halting")
-LATENT = ("ponderlm2", "ponderlm3", "pause")
+from .spec import family_spec, require
 
 
 @dataclass
@@ -104,7 +103,15 @@ class Dims:
 
     @property
     def gate(self) -> int:
-        return 2 * (self.d * self.gate_hidden + self.gate_hidden) if self.family == "adaponderlm" else 0
+        return 2 * (self.d * self.gate_hidden + self.gate_hidden) if self.halting == "gate" else 0
+
+    @property
+    def kind(self) -> str:
+        return family_spec(self.family).kind
+
+    @property
+    def halting(self) -> str:
+        return family_spec(self.family).halting
 
     @property
     def router(self) -> int:
@@ -127,31 +134,45 @@ def training_forward_flops(model=None, seq_len: int = 0, *, cfg=None, ponder=Non
     ``jacobi_passes`` (latent families) defaults to the mean of ``ponder.jacobi_passes``."""
     dm = _dims(model, cfg, ponder, family)
     t, f = seq_len, dm.family
-    if jacobi_passes is None and f in ("ponderlm2", "ponderlm3"):
+    if jacobi_passes is None and dm.kind == "latent" and f != "pause":
         p = model.ponder_cfg if hasattr(model, "ponder_cfg") else ponder
         jacobi_passes = sum(p.jacobi_passes) / len(p.jacobi_passes)
-    if f == "vanilla":
-        return dm.rows(t, t, causal) + t * dm.head
-    if f in ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
-        P = dm.passes
-        return (P * dm.rows(t, t, causal) + (P - 1) * t * (dm.head + dm.pemb + dm.gate) + t * dm.head)
-    if f == "loop":
-        return dm.passes * dm.rows(t, t, causal) + t * dm.head
-    if f == "pause":
-        s = dm.pause + 1
-        return dm.rows(s * t, s * t, causal) + t * dm.head
-    if f in ("ponderlm2", "ponderlm3"):
-        k, s = dm.steps, dm.steps + 1
-        total = 0.0
-        n_passes = jacobi_passes + 1
-        if dm.buildup:
-            total += sum(dm.rows((j + 1) * t, (j + 1) * t, causal) for j in range(k))
-            n_passes += k
-        total += (jacobi_passes + 1) * dm.rows(s * t, s * t, causal) + t * dm.head
-        if f == "ponderlm3":
-            total += n_passes * t * dm.router + t * 2 * s * dm.d
-        return total
-    raise ValueError(f"no FLOPs formula for family '{f}'")
+    return require(f, "train_flops")(dm, t, causal, jacobi_passes)
+
+
+# the families' formulas (each FamilySpec names its pair: train_flops, inference_flops)
+def vanilla_train_flops(dm: Dims, t: int, causal: bool, jacobi_passes=None) -> float:
+    return dm.rows(t, t, causal) + t * dm.head
+
+
+def loop_train_flops(dm: Dims, t: int, causal: bool, jacobi_passes=None) -> float:
+    """K+1 stack passes, one head."""
+    return dm.passes * dm.rows(t, t, causal) + t * dm.head
+
+
+def vertical_train_flops(dm: Dims, t: int, causal: bool, jacobi_passes=None) -> float:
+    """ponderlm, adaponderlm, fixed_pruning, random_halting: dense (every token, every pass)."""
+    P = dm.passes
+    return P * dm.rows(t, t, causal) + (P - 1) * t * (dm.head + dm.pemb + dm.gate) + t * dm.head
+
+
+def pause_train_flops(dm: Dims, t: int, causal: bool, jacobi_passes=None) -> float:
+    s = dm.pause + 1
+    return dm.rows(s * t, s * t, causal) + t * dm.head
+
+
+def latent_train_flops(dm: Dims, t: int, causal: bool, jacobi_passes: float) -> float:
+    """ponderlm2 / ponderlm3: build-up passes, Jacobi passes and the final pass."""
+    k, s = dm.steps, dm.steps + 1
+    total = 0.0
+    n_passes = jacobi_passes + 1
+    if dm.buildup:
+        total += sum(dm.rows((j + 1) * t, (j + 1) * t, causal) for j in range(k))
+        n_passes += k
+    total += (jacobi_passes + 1) * dm.rows(s * t, s * t, causal) + t * dm.head
+    if dm.halting == "router":
+        total += n_passes * t * dm.router + t * 2 * s * dm.d
+    return total
 
 
 def training_flops_per_token(model=None, seq_len: int = 0, **kw) -> float:
@@ -169,40 +190,53 @@ def inference_flops(model=None, seq_len: int = 0, activity=None, *, cfg=None, po
     step 0, i.e. 1 + K̂_t (None: K+1). Other families ignore it."""
     dm = _dims(model, cfg, ponder, family)
     t, f = seq_len, dm.family
-    pos = torch.arange(t, dtype=torch.float64)
-    keys = pos + 1
-    if f == "vanilla":
-        return float(sum(dm.row(k) for k in keys.tolist())) + t * dm.head
-    if f == "loop":
-        return dm.passes * float(sum(dm.row(k) for k in keys.tolist())) + t * dm.head
-    if f in ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
-        P = dm.passes
-        a = torch.ones(P, t, dtype=torch.float64) if activity is None else torch.as_tensor(activity).double()
-        a = a.reshape(P, -1)[:, :t]
-        a_row = a.clone()
-        if dm.readout_final and f != "ponderlm":
-            a_row[-1] = 1.0
-        row_cost = torch.tensor([dm.row(k) for k in keys.tolist()], dtype=torch.float64)
-        total = (a_row * row_cost).sum()
-        total += a_row.sum() * dm.head  # every computed row's logits (readout or pondering)
-        total += a[:-1].sum() * dm.gate + a[1:].sum() * dm.pemb
-        return float(total)
-    if f in LATENT:
-        if f == "ponderlm2":
-            n = torch.full((t,), float(dm.steps + 1), dtype=torch.float64)
-        elif f == "pause":
-            n = torch.full((t,), float(dm.pause + 1), dtype=torch.float64)
-        else:
-            n = (torch.full((t,), float(dm.steps + 1), dtype=torch.float64) if activity is None
-                 else torch.as_tensor(activity).double().reshape(-1)[:t])
-        before = torch.cumsum(n, 0) - n  # kept keys of earlier tokens
-        # step k of token t attends before_t + k + 1 keys; sum over k < n_t
-        key_sum = n * before + n * (n + 1) / 2
-        total = dm.layers * (n.sum() * dm.layer_linear() + 4 * dm.d * key_sum.sum()) + t * dm.head
-        if f == "ponderlm3":
-            total += t * dm.router + 2 * dm.d * n.sum()
-        return float(total)
-    raise ValueError(f"no FLOPs formula for family '{f}'")
+    return require(f, "inference_flops")(dm, t, activity)
+
+
+def cached_rows(dm: Dims, t: int) -> float:
+    """One stack pass over t tokens decoded with a KV cache (token i attends i+1 keys)."""
+    return float(sum(dm.row(k) for k in range(1, t + 1)))
+
+
+def vanilla_inference_flops(dm: Dims, t: int, activity=None) -> float:
+    return cached_rows(dm, t) + t * dm.head
+
+
+def loop_inference_flops(dm: Dims, t: int, activity=None) -> float:
+    return dm.passes * cached_rows(dm, t) + t * dm.head
+
+
+def vertical_inference_flops(dm: Dims, t: int, activity=None) -> float:
+    keys = torch.arange(1, t + 1, dtype=torch.float64)
+    P = dm.passes
+    a = torch.ones(P, t, dtype=torch.float64) if activity is None else torch.as_tensor(activity).double()
+    a = a.reshape(P, -1)[:, :t]
+    a_row = a.clone()
+    if dm.readout_final and dm.halting != "none":
+        a_row[-1] = 1.0
+    row_cost = torch.tensor([dm.row(k) for k in keys.tolist()], dtype=torch.float64)
+    total = (a_row * row_cost).sum()
+    total += a_row.sum() * dm.head  # every computed row's logits (readout or pondering)
+    total += a[:-1].sum() * dm.gate + a[1:].sum() * dm.pemb
+    return float(total)
+
+
+def latent_inference_flops(dm: Dims, t: int, activity=None) -> float:
+    """ponderlm2 / pause: K+1 (pause+1) steps per token; ponderlm3: ``activity`` = executed
+    steps per token (None: K+1) plus the router."""
+    if dm.family == "pause":
+        n = torch.full((t,), float(dm.pause + 1), dtype=torch.float64)
+    elif dm.halting != "router" or activity is None:
+        n = torch.full((t,), float(dm.steps + 1), dtype=torch.float64)
+    else:
+        n = torch.as_tensor(activity).double().reshape(-1)[:t]
+    before = torch.cumsum(n, 0) - n  # kept keys of earlier tokens
+    # step k of token t attends before_t + k + 1 keys; sum over k < n_t
+    key_sum = n * before + n * (n + 1) / 2
+    total = dm.layers * (n.sum() * dm.layer_linear() + 4 * dm.d * key_sum.sum()) + t * dm.head
+    if dm.halting == "router":
+        total += t * dm.router + 2 * dm.d * n.sum()
+    return float(total)
 
 
 def inference_flops_per_token(model=None, seq_len: int = 0, activity=None, **kw) -> float:
@@ -281,6 +315,6 @@ def summary(model, seq_len: int, activity=None) -> dict:
 
 def _full_activity(model, seq_len: int):
     dm = _dims(model)
-    if dm.family in LATENT:
+    if dm.kind == "latent":
         return torch.full((seq_len,), float(dm.steps + 1))
     return torch.ones(dm.passes, seq_len)

@@ -6,7 +6,7 @@ thought k+1 of a token is the final-norm hidden state at its stage k. Training s
 causal chain in parallel: K build-up passes (one stage added per pass, as the official code),
 J Jacobi passes over the full sequence (J drawn each step from ``ponder.jacobi_passes``), and a
 final pass; logits are read at the last stage. The fixed point of the Jacobi iteration is the
-sequential token-by-token chain that megaponder/models/generate.py decodes with a KV cache.
+sequential token-by-token chain that megaponder/infer/decoders.py decodes with a KV cache.
 
 PonderLM-3 adds a router on each token's stage-0 hidden state: s_t = softmax over 0..K steps,
 survival w_{t,k} = P(steps >= k); log w_{t,k} is added to the attention score of every query
@@ -26,7 +26,7 @@ from ..config import ModelConfig, PonderConfig
 from .attention import AttentionSpec
 from .base import CausalLM, ModelOutput, default_position_ids
 from .ponder import GateMLP, PonderMixin, masked_mean, valid_token_mask
-from .registry import register_family
+from .spec import DECODERS, FamilySpec, register_family
 
 
 def interleave(stages: list[torch.Tensor]) -> torch.Tensor:
@@ -79,12 +79,7 @@ class LatentLM(PonderMixin, CausalLM):
         g = self.sample_generator(salt=1, per_step=True)  # same J on every micro-batch/rank
         return int(p.jacobi_passes[int(torch.randint(len(p.jacobi_passes), (1,), generator=g))])
 
-    def generate_cached(self, prompt_ids, **kwargs):
-        from .generate import generate_cached
-        return generate_cached(self, prompt_ids, **kwargs)
 
-
-@register_family("ponderlm2")
 class PonderLM2(LatentLM):
     """Latent thoughts with Jacobi-parallel training."""
 
@@ -188,19 +183,15 @@ class PonderLM2(LatentLM):
         return self.head(hidden[:, :, -1]), stats, None
 
 
-@register_family("ponderlm3")
 class PonderLM3(PonderLM2):
     """PonderLM-2 plus a router over 0..K steps, log-survival attention bias, mixture readout
-    and a compute penalty; hard pruning at inference (generate.py)."""
+    and a compute penalty; hard pruning at inference (infer/decoders.py)."""
 
     def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
         super().__init__(cfg, ponder)
         p, d = self.ponder_cfg, cfg.hidden_size
         self.router = GateMLP(d, p.router_hidden_mult * d, p.steps + 1, p.gate_activation,
                               p.router_bias_init, math.sqrt(2.0 / (5.0 * d)))
-
-    def extra_parameter_names(self) -> list[str]:
-        return [n for n, _ in self.named_parameters() if n.startswith("router.")]
 
     def route(self, h0: torch.Tensor):
         """Stage-0 hidden [.., d] -> (s [.., K+1], log w [.., K+1], keep [.., K+1] bool)."""
@@ -273,3 +264,31 @@ class PonderLM3(PonderLM2):
         if extra is not None:
             stats["compute_penalty"] = extra.detach()
         return logits, stats, extra
+
+
+# -- family specs (megaponder/models/spec.py) ---------------------------------------------
+#: PonderConfig keys of the Jacobi-trained latent families
+LATENT_PONDER_KEYS = ("steps", "scale_embeds", "depth_scaled_init", "jacobi_passes",
+                      "eval_jacobi_passes", "eval_mode", "eval_jacobi_tol", "buildup_passes",
+                      "thought_embed_scale")
+
+
+def _register() -> None:
+    from . import flops
+    latent = dict(kind="latent", decoder=DECODERS + "LatentDecoder",
+                  train_flops=flops.latent_train_flops,
+                  inference_flops=flops.latent_inference_flops)
+    register_family(FamilySpec(name="ponderlm2", model_cls=PonderLM2, ponder_keys=LATENT_PONDER_KEYS,
+                               **latent))
+    register_family(FamilySpec(
+        name="ponderlm3", model_cls=PonderLM3, halting="router", extra_parameters=("router",),
+        iteration_kind="executed steps 1 + K-hat (router w >= tau)",
+        # log tau must exist: the smallest positive float keeps every step (log w finite)
+        full_depth_tau=5e-324,
+        ponder_keys=LATENT_PONDER_KEYS + (
+            "tau", "router_hidden_mult", "router_bias_init", "compute_penalty", "bias_own_steps",
+            "train_hard_prune", "eval_hard_prune", "renormalize_pruned"),
+        **latent))
+
+
+_register()

@@ -8,7 +8,7 @@ AdaPonderLM adds, per iteration i < K, a gate MLP on H^i -> s^i = sigmoid(.), a 
 halting mask m^{i+1} = m^i & (s^i >= tau), the gated update E += m^{i+1} s^i e^i and, in every
 layer, KV reuse: K,V <- where(m^i, K_new, K_prev) so that a halted token stays in the causal
 context with the K/V of its last active iteration. Training computes every row densely and
-selects with ``where`` (static shapes); megaponder/models/generate.py computes only the active
+selects with ``where`` (static shapes); megaponder/infer/decoders.py computes only the active
 rows at inference and gives the same logits (tests/test_families_consistency.py).
 
 The halting machinery is shared with the fixed-pruning and random-halting baselines
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, PonderConfig
 from .base import CausalLM, ModelOutput, default_position_ids
 from .chunked import linear_softmax_matmul
-from .registry import register_family
+from .spec import DECODERS, FamilySpec, register_family
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -142,7 +142,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-@register_family("ponderlm")
 class PonderLM(PonderMixin, CausalLM):
     """PonderLM; with ``adaptive`` the halting machinery of AdaPonderLM and the baselines."""
 
@@ -282,10 +281,6 @@ class PonderLM(PonderMixin, CausalLM):
         stats["flops_ratio"] = torch.tensor(flops_ratio_from_activity(self, per_pos))
         return {k: (x.detach() if torch.is_tensor(x) else x) for k, x in stats.items()}
 
-    def generate_cached(self, prompt_ids, **kwargs):
-        from .generate import generate_cached
-        return generate_cached(self, prompt_ids, **kwargs)
-
 
 class _ReuseKV:
     """KV reuse as a kv_hook: K,V <- where(m, K_new, K_prev), m [B, T] broadcast to
@@ -307,7 +302,6 @@ class _ReuseKV:
         return torch.where(m, k, k_prev), torch.where(m, v, v_prev)
 
 
-@register_family("adaponderlm")
 class AdaPonderLM(PonderLM):
     """PonderLM with iteration-specific gates, monotonic halting (tau), KV reuse and the
     bottom-k gate loss."""
@@ -324,9 +318,6 @@ class AdaPonderLM(PonderLM):
 
     def gate_values(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.gates[i](hidden).squeeze(-1).float())
-
-    def extra_parameter_names(self) -> list[str]:
-        return [n for n, _ in self.named_parameters() if n.startswith("gates.")]
 
     def open_gates(self, tol: float) -> None:
         """Gates that keep a loaded PonderLM's function: s = 1 - tol for every token (zero
@@ -382,3 +373,31 @@ def init_family_from_backbone(model: nn.Module, backbone_state_dict: dict, stric
         raise KeyError(f"init_family_from_backbone: backbone tensors missing from the state dict: "
                        f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return {"loaded": loaded, "fresh": sorted(fresh), "ignored": ignored, "missing": missing}
+
+
+# -- family specs (megaponder/models/spec.py) ---------------------------------------------
+#: PonderConfig keys of every vertical pondering family
+VERTICAL_PONDER_KEYS = ("steps", "scale_embeds", "multiply_steps", "top_k", "depth_scaled_init",
+                        "sample_seed")
+#: and of the vertical families that halt tokens (AdaPonderLM's machinery)
+HALTING_PONDER_KEYS = ("tau", "halted_readout", "kv_reuse_grad", "bottomk_pool")
+
+
+def _register() -> None:
+    from . import flops
+    vertical = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder",
+                    train_flops=flops.vertical_train_flops,
+                    inference_flops=flops.vertical_inference_flops, sequence_parallel=True)
+    register_family(FamilySpec(name="ponderlm", model_cls=PonderLM, ponder_keys=VERTICAL_PONDER_KEYS,
+                               **vertical))
+    register_family(FamilySpec(
+        name="adaponderlm", model_cls=AdaPonderLM, halting="gate", extra_parameters=("gates",),
+        iteration_kind="iterations until halted (1 + halting iteration)", full_depth_tau=0.0,
+        ponder_keys=VERTICAL_PONDER_KEYS + HALTING_PONDER_KEYS + (
+            "gate_hidden_mult", "gate_activation", "gate_bias_init", "gate_preserve_tol",
+            "halting_loss_weight", "halting_k_max", "halting_warmup_start", "halting_warmup_end",
+            "freeze_backbone"),
+        **vertical))
+
+
+_register()

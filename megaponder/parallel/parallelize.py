@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..config.parallel import SEQUENCE_PARALLEL_FAMILIES
+from ..models.spec import require
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
 from .state import RNG, Topology
@@ -168,8 +168,8 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
     if topo.pp > 1:
         model.stack = PipelinedStack(model.stack, topo, chunks=cfg.parallel.pipeline_chunks)
     stack_only_sp = topo.sequence_parallel and cfg.model.family != "vanilla"
-    if topo.sequence_parallel and cfg.model.family not in SEQUENCE_PARALLEL_FAMILIES:
-        raise ValueError(f"sequence parallelism is not supported for family {cfg.model.family}")
+    if topo.sequence_parallel:
+        require(cfg.model.family, "sequence_parallel")
     if topo.tp > 1:
         _apply_tp(model, topo)
     if stack_only_sp:

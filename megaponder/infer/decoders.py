@@ -24,6 +24,9 @@ Vertical families decode a batch of rows in lockstep with cross-row compaction
 rows packed left-aligned into one buffer; latent families decode row by row. Decoders record
 what they executed (``activity``, and the padding the packing cost: ``computed_slots`` vs
 ``active_slots``) for megaponder/models/flops.py.
+
+Which decoder a family uses is its FamilySpec's ``decoder`` (megaponder/models/spec.py); this
+module imports no family module, so the families can name their decoder without a cycle.
 """
 from __future__ import annotations
 
@@ -31,11 +34,8 @@ from typing import Optional
 
 import torch
 
-from .attention import AttentionSpec
-from .latent import LatentLM, PonderLM3
-from .ponder import PonderLM
-
-VERTICAL_HALTING = ("adaponderlm", "fixed_pruning", "random_halting")
+from ..models.attention import AttentionSpec
+from ..models.spec import family_spec, require
 
 
 def _cat(past, new):
@@ -63,7 +63,7 @@ class VerticalDecoder:
     with fewer active tokens than A compute padding slots that are discarded
     (``computed_slots`` vs ``active_slots`` counts them)."""
 
-    def __init__(self, model, seed: int = 0):
+    def __init__(self, model, seed: int = 0, prefill: str = "sequential"):
         self.model = model
         self.passes = getattr(model, "num_passes", 1)
         self.adaptive = getattr(model, "adaptive", False)
@@ -121,7 +121,7 @@ class VerticalDecoder:
         readout = None
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
-        if self.adaptive and m.family in ("fixed_pruning", "random_halting"):
+        if self.adaptive and family_spec(m.family).halting == "schedule":
             # the eval forward's draws for these tokens (stream = this decoder's seed)
             rows = torch.arange(b).view(-1, 1).expand(b, n)
             u = m.eval_uniforms(rows, pos.cpu(), self.seed, salt=2).to(dev)
@@ -217,7 +217,7 @@ class LoopDecoder(VerticalDecoder):
 class LatentDecoder:
     """ponderlm2 / ponderlm3 / pause, one row, token by token."""
 
-    def __init__(self, model: LatentLM, seed: int = 0, prefill: str = "sequential"):
+    def __init__(self, model, seed: int = 0, prefill: str = "sequential"):
         if prefill not in ("sequential", "jacobi"):
             raise ValueError(f"prefill must be 'sequential' or 'jacobi', got '{prefill}'")
         self.model = model
@@ -227,7 +227,7 @@ class LatentDecoder:
         self.key_bias: Optional[torch.Tensor] = None  # [1, Tc] additive bias per cached key
         self.tc = 0
         self.steps_executed: list[int] = []
-        self.is_p3 = isinstance(model, PonderLM3)
+        self.is_p3 = family_spec(model.family).halting == "router"
         self.tc_token = 0  # sequence position (token index) of the next token
 
     def _step(self, x, pos, new_bias, own):
@@ -326,12 +326,9 @@ class LatentDecoder:
 
 def make_decoder(model, seed: int = 0, prefill: str = "sequential"):
     """``prefill``: latent families' first multi-token feed — 'sequential' (token by token,
-    exact) or 'jacobi' (the parallel forward, exact to the Jacobi tolerance)."""
-    if isinstance(model, LatentLM):
-        return LatentDecoder(model, seed, prefill)
-    if getattr(model, "family", "vanilla") == "loop":
-        return LoopDecoder(model, seed)
-    return VerticalDecoder(model, seed)
+    exact) or 'jacobi' (the parallel forward, exact to the Jacobi tolerance). The decoder is
+    the one the family's spec declares; a family without one is an error."""
+    return require(model.family, "decoder")(model, seed, prefill)
 
 
 @torch.no_grad()
@@ -342,7 +339,7 @@ def decode_logits(model, input_ids: torch.Tensor, chunk: Optional[int] = None, s
     decode all rows in lockstep with cross-row compaction; latent families row by row.
     ``return_decoders``: also one object per row whose ``executed()`` is its activity."""
     step = chunk or input_ids.shape[1]
-    if isinstance(model, LatentLM):
+    if family_spec(model.family).kind == "latent":
         outs, rows = [], []
         for b in range(input_ids.shape[0]):
             dec = make_decoder(model, seed, prefill)
@@ -363,7 +360,7 @@ def generate_cached(model, prompt_ids: list[int], max_new_tokens: int = 50, temp
                     top_k: int = 0, vocab_size: Optional[int] = None, eos_id: Optional[int] = None,
                     seed: int = 0) -> list[int]:
     """Sampling with the family's cached decoder (used by megaponder.infer.generate)."""
-    from ..infer import sample_next
+    from . import sample_next
 
     was_training = model.training
     model.eval()
