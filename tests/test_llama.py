@@ -172,3 +172,32 @@ def test_official_init_std_per_parameter_group(family, depth):
         assert x.abs().max().item() <= 3 * expect[group] / trunc + 1e-6
     for p in (model.embed_in.weight, model.embed_out.weight):
         assert abs(p.std().item() / (sigma * trunc) - 1) < 0.02
+
+
+#: vanilla parameter counts of the llama recipes: 2·V·d (untied embedding + head) +
+#: L·(4d² + 3·d·ffn + 2d) + d, V = 50304 (PonderLM-2's names count the non-head parameters:
+#: 125M ~ 124M without the head, 410M ~ 407M and 1.4B ~ 1.41B with it)
+RECIPE_PARAMS = {"125m": (768, 12, 2064), "410m": (1024, 24, 2752), "1.4b": (2048, 24, 5504)}
+
+
+@pytest.mark.parametrize("size", sorted(RECIPE_PARAMS))
+def test_llama_recipes_validate_and_build_on_meta(repo_root, size):
+    """Every llama recipe validates and builds on the meta device (nothing allocated) with the
+    paper's shape; the families add only their declared extra parameters."""
+    from megaponder.config import load_config
+    from megaponder.models import build_model
+    from megaponder.models.base import num_parameters
+
+    d, n_layers, ffn = RECIPE_PARAMS[size]
+    expect = 2 * 50304 * d + n_layers * (4 * d * d + 3 * d * ffn + 2 * d) + d
+    for family in ("vanilla", "ponderlm", "adaponderlm", "ponderlm2", "ponderlm3"):
+        cfg = load_config(os.path.join(repo_root, "examples", "configs", f"llama-{size}-{family}.yml"),
+                          check_paths=False)
+        assert (cfg.model.backbone, cfg.model.family, cfg.model.padded_vocab()) == ("llama", family, 50304)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        assert all(p.is_meta for p in model.parameters())
+        extra = sum(p.numel() for n, p in model.named_parameters()
+                    if n in set(model.extra_parameter_names()))
+        assert num_parameters(model) - extra == expect, (family, num_parameters(model), expect)
+        assert (extra > 0) == (family in ("adaponderlm", "ponderlm3")), (family, extra)  # gates/router
