@@ -31,7 +31,8 @@ def _hf_remote_config(cfg: Config, model, special: dict) -> "object":
     m = cfg.model
     keep = model.keep_fractions() if hasattr(model, "keep_fractions") else None
     return MegaponderConfig(
-        family=m.family, vocab_size=m.padded_vocab(), tokenizer_vocab_size=m.vocab_size,
+        family=m.family, backbone=m.backbone, num_key_value_heads=m.kv_heads,
+        vocab_size=m.padded_vocab(), tokenizer_vocab_size=m.vocab_size,
         hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
         intermediate_size=m.ffn_size, max_position_embeddings=m.max_position_embeddings,
         rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_base,
