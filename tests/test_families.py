@@ -7,12 +7,14 @@ import torch
 from megaponder.config import ModelConfig, PonderConfig
 from megaponder.models import build_model
 from megaponder.models.ponder import init_family_from_backbone
-from test_families_helpers import ALL_FAMILIES, real_batch, tiny
+from test_families_helpers import ALL_FAMILIES, BACKBONES, real_batch, tiny
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_family_trains_on_real_tokens(family):
-    model = tiny(family, backend="sdpa", d=32, halting_warmup_start=2, halting_warmup_end=4)
+def test_family_trains_on_real_tokens(family, backbone):
+    model = tiny(family, backend="sdpa", d=32, halting_warmup_start=2, halting_warmup_end=4,
+                 backbone=backbone)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     ids, targets = real_batch(4, 32)
     losses = []

@@ -1,17 +1,22 @@
 """Train–test consistency: the dense training forwards equal the KV-cached decoders that compute
-only what inference needs (active rows, kept latent steps), 1e-5 in fp32."""
+only what inference needs (active rows, kept latent steps), 1e-5 in fp32; each identity on
+both backbones (GPT-NeoX, and LLaMA with grouped-query attention: the caches hold the
+num_kv_heads heads)."""
 import pytest
 import torch
 
 from megaponder.infer.decoders import decode_logits
-from test_families_helpers import force_ada_gates, force_router, real_batch, tiny
+from test_families_helpers import BACKBONES, force_ada_gates, force_router, real_batch, tiny
 
 TOL = 1e-5
 
 
-@pytest.mark.parametrize("readout", ["last_active", "final"])
-def test_adaponderlm_forced_halting_matches_compacted_inference(readout):
-    model = tiny("adaponderlm", steps=3, halted_readout=readout).eval()
+# llama doubles each identity once; where a test has several variants, only the first one
+# (the variants exercise family options, not the backbone) to keep the suite's cost low
+@pytest.mark.parametrize("readout, backbone", [("last_active", "neox"), ("final", "neox"),
+                                               ("last_active", "llama")])
+def test_adaponderlm_forced_halting_matches_compacted_inference(readout, backbone):
+    model = tiny("adaponderlm", steps=3, halted_readout=readout, backbone=backbone).eval()
     ids, _ = real_batch(2, 24)
     force_ada_gates(model, ids, frac=0.35)
     out = model(ids)
@@ -26,10 +31,11 @@ def test_adaponderlm_forced_halting_matches_compacted_inference(readout):
         assert executed.mean(dim=(1, 2)).tolist() == pytest.approx(fracs, abs=1e-6)
 
 
-def test_adaponderlm_kv_reuse_is_what_the_training_forward_does():
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_adaponderlm_kv_reuse_is_what_the_training_forward_does(backbone):
     """Halted tokens keep the K/V of their last active iteration: changing a halted token's
     later input embedding must not change anything."""
-    model = tiny("adaponderlm", steps=2).eval()
+    model = tiny("adaponderlm", steps=2, backbone=backbone).eval()
     ids, _ = real_batch(1, 16)
     force_ada_gates(model, ids, frac=0.5)
     base = model(ids).logits
@@ -38,8 +44,9 @@ def test_adaponderlm_kv_reuse_is_what_the_training_forward_does():
         assert (model(ids[:, :t]).logits - base[:, :t]).abs().max().item() < TOL
 
 
-def test_ponderlm3_soft_mask_matches_hard_pruning():
-    model = tiny("ponderlm3", steps=3).eval()
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_ponderlm3_soft_mask_matches_hard_pruning(backbone):
+    model = tiny("ponderlm3", steps=3, backbone=backbone).eval()
     force_router(model)
     ids, _ = real_batch(2, 12)
     out = model(ids, jacobi_passes=4 * 12)
@@ -56,9 +63,10 @@ def test_ponderlm3_soft_mask_matches_hard_pruning():
         assert (pre.logits - out.logits[:, :t]).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("own", [True, False])
-def test_ponderlm3_train_hard_prune_equals_inference_for_any_router(own):
-    model = tiny("ponderlm3", steps=2, train_hard_prune=True, bias_own_steps=own, tau=0.2).eval()
+@pytest.mark.parametrize("own, backbone", [(True, "neox"), (False, "neox"), (True, "llama")])
+def test_ponderlm3_train_hard_prune_equals_inference_for_any_router(own, backbone):
+    model = tiny("ponderlm3", steps=2, train_hard_prune=True, bias_own_steps=own, tau=0.2,
+                 backbone=backbone).eval()
     with torch.no_grad():
         model.router.fc2.weight.mul_(300.0)  # some w fall below tau, not far below
     ids, _ = real_batch(2, 10)
@@ -67,11 +75,11 @@ def test_ponderlm3_train_hard_prune_equals_inference_for_any_router(own):
     assert (decode_logits(model, ids) - out.logits).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("K,J", [(1, 6), (2, 12)])
-def test_ponderlm2_jacobi_converges_to_sequential_chain(K, J):
+@pytest.mark.parametrize("K, J, backbone", [(1, 6, "neox"), (2, 12, "neox"), (1, 6, "llama")])
+def test_ponderlm2_jacobi_converges_to_sequential_chain(K, J, backbone):
     """Jacobi on the causal chain is exact after at most K*T passes; in practice it contracts
     geometrically: T=12 needs J=6 (K=1) / J=12 (K=2) for 1e-5 on this tiny model."""
-    model = tiny("ponderlm2", steps=K).eval()
+    model = tiny("ponderlm2", steps=K, backbone=backbone).eval()
     ids, _ = real_batch(2, 12)
     seq = decode_logits(model, ids, chunk=1)
     assert (model(ids, jacobi_passes=J).logits - seq).abs().max().item() < TOL
@@ -80,18 +88,20 @@ def test_ponderlm2_jacobi_converges_to_sequential_chain(K, J):
     assert errs[0] > errs[1] > errs[2]
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("family", ["vanilla", "ponderlm", "loop", "pause"])
-def test_fixed_depth_families_match_their_decoders(family):
-    model = tiny(family).eval()
+def test_fixed_depth_families_match_their_decoders(family, backbone):
+    model = tiny(family, backbone=backbone).eval()
     ids, _ = real_batch(2, 10)
     ref = model(ids).logits
     for chunk in (None, 1, 4):
         assert (decode_logits(model, ids, chunk=chunk) - ref).abs().max().item() < TOL
 
 
-def test_fixed_pruning_decoder_matches_when_the_plan_agrees():
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_fixed_pruning_decoder_matches_when_the_plan_agrees(backbone):
     """The pruning baseline shares AdaPonderLM's halting machinery; with a schedule the decoder
     draws identically (here: no pruning reachable) the two paths agree."""
-    model = tiny("fixed_pruning", target_flops_ratio=100.0).eval()
+    model = tiny("fixed_pruning", target_flops_ratio=100.0, backbone=backbone).eval()
     ids, _ = real_batch(1, 10)
     assert (decode_logits(model, ids) - model(ids).logits).abs().max().item() < TOL

@@ -15,11 +15,19 @@ from megaponder.models.spec import family_names
 ALL_FAMILIES = list(family_names())
 
 
+BACKBONES = ["neox", "llama"]
+#: the llama shape of the tiny models: grouped-query attention (2 kv heads for 4 query heads)
+#: and an MLP width that is not 4d, so a formula or cache that assumes either fails
+LLAMA_TINY = dict(backbone="llama", rotary_pct=1.0, parallel_residual=False, num_kv_heads=2,
+                  intermediate_size=72)
+
+
 def tiny(family: str, backend: str = "eager", vocab: int = 256, d: int = 32, layers: int = 2,
-         heads: int = 4, seed: int = 0, **ponder):
+         heads: int = 4, seed: int = 0, backbone: str = "neox", **ponder):
     torch.manual_seed(seed)
+    shape = LLAMA_TINY if backbone == "llama" else {}
     cfg = ModelConfig(family=family, vocab_size=vocab, hidden_size=d, num_layers=layers, num_heads=heads,
-                      attention_backend=backend, max_position_embeddings=256)
+                      attention_backend=backend, max_position_embeddings=256, **shape)
     ponder.setdefault("steps", 2)
     return build_model(cfg, PonderConfig(**ponder))
 

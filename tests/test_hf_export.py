@@ -65,9 +65,18 @@ def _tool():
     return mod
 
 
-def _tiny(family, tokenizer):
+# the llama backbone's exports (name "<family>-llama"): vanilla as the plain LlamaForCausalLM,
+# the pondering families through the remote code's llama mirror (GQA: 1 kv head for 2)
+LLAMA_CASES = ["vanilla-llama", "adaponderlm-llama", "ponderlm3-llama"]
+LLAMA_SHAPE = ["model.backbone=llama", "model.rotary_pct=1.0", "model.parallel_residual=false",
+               "model.num_kv_heads=1", "model.intermediate_size=72"]
+
+
+def _tiny(case, tokenizer):
+    family, _, backbone = case.partition("-")
     name = "tiny.yml" if family == "vanilla" else f"tiny-{family}.yml"
     overrides = SHAPE + [f"data.tokenizer_model={tokenizer}"] + ([TAU[family]] if family in TAU else [])
+    overrides += LLAMA_SHAPE if backbone == "llama" else []
     cfg = load_config(os.path.join(REPO_ROOT, "examples", "configs", name), overrides, check_paths=False)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -126,7 +135,8 @@ CHECKER = textwrap.dedent(r'''
         d = f"{root}/hf-{fam}"
         ref = torch.load(f"{root}/ref-{fam}.pt")
         r = {}
-        model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=(fam != "vanilla"))
+        vanilla = fam.split("-")[0] == "vanilla"
+        model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=not vanilla)
         r["class"], r["training"] = type(model).__name__, model.training
         r["logit_diff"] = (model(ref["ids"]).logits - ref["logits"]).abs().max().item()
         if "variant" in ref:   # the same switches as _variant_logits, on the remote model
@@ -155,7 +165,7 @@ CHECKER = textwrap.dedent(r'''
         t = batch["input_ids"].shape[1]
         r["batched_prefix_kept"] = bool(torch.equal(out[:, :t], batch["input_ids"]))
         r["batched"] = [row[t:].tolist() for row in out]
-        if fam != "vanilla":
+        if not vanilla:
             r["batched_iters"] = model.last_generation_iterations
         if fam in ref["api_families"]:
             d2 = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -207,7 +217,7 @@ def exported(tmp_path_factory):
     refs = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny tensors: threads only add overhead on a shared CPU
-    for fam in FAMILIES:
+    for fam in [*FAMILIES, *LLAMA_CASES]:
         cfg, model = _tiny(fam, spm_path)
         ck = root / f"ck-{fam}"
         write_model_files(str(ck), cfg, model.state_dict(), {"step": 0}, spm_path)
@@ -232,14 +242,14 @@ def exported(tmp_path_factory):
                                           vocab_size=cfg.model.vocab_size, eos_id=eod, seed=3)
                                  if fam in API_FAMILIES else None),
                      "iters": ([_new_token_iterations(model, p, g) for p, g in zip(PROMPTS, greedy)]
-                               if fam in VARIABLE_DEPTH else None)}
+                               if fam.split("-")[0] in VARIABLE_DEPTH else None)}
     torch.set_num_threads(threads)
     script = root / "check.py"
     script.write_text(CHECKER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
     cwd = tmp_path_factory.mktemp("isolated-cwd")
-    proc = subprocess.run([sys.executable, "-I", str(script), str(root), ",".join(FAMILIES)],
+    proc = subprocess.run([sys.executable, "-I", str(script), str(root), ",".join([*FAMILIES, *LLAMA_CASES])],
                           cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -275,6 +285,23 @@ def test_export_logits_and_greedy_generation(exported, family):
     assert r["single"] == ref["greedy"], "one-by-one generate() differs from megaponder's decoder"
     assert r["batched"] == r["single"], "left-padded batched generate() differs from one-by-one"
     assert r["batched_prefix_kept"]
+
+
+@pytest.mark.parametrize("case", LLAMA_CASES)
+def test_llama_backbone_export_logits_and_generation(exported, case):
+    """vanilla on llama exports as the plain LlamaForCausalLM; pondering families on llama run
+    the remote code's llama mirror with megaponder's logits, greedy tokens and iterations."""
+    root, refs, results = exported
+    r, ref = results[case], refs[case]
+    hf_cfg = json.loads((root / f"hf-{case}" / "config.json").read_text())
+    if case.startswith("vanilla"):
+        assert r["class"] == "LlamaForCausalLM" and "auto_map" not in hf_cfg
+    else:
+        assert r["class"] == "MegaponderForCausalLM"
+        assert hf_cfg["backbone"] == "llama" and hf_cfg["num_key_value_heads"] == 1
+        assert r["batched_iters"] == r["single_iters"] == ref["iters"]
+    assert r["logit_diff"] <= 1e-5, r["logit_diff"]
+    assert r["single"] == ref["greedy"] and r["batched"] == r["single"]
 
 
 @pytest.mark.parametrize("family", REMOTE)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert checkpoints between Hugging Face Pythia and megaponder, and GPT-NeoX native ones in.
+"""Convert checkpoints between Hugging Face Pythia / Llama and megaponder, and GPT-NeoX native
+ones in.
 
   python tools/convert_checkpoint.py --from hf --to megaponder --input HF_DIR --output DIR \\
       [--family adaponderlm] [--tp N] [--pp N] [--vocab-size 50277]
@@ -8,12 +9,13 @@
       --config NEOX.yml --output DIR [--family F] [--tp N] [--pp N] [--vocab-size 50277]
 
 HF_DIR is a ``save_pretrained`` folder of ``GPTNeoXForCausalLM`` (e.g. a downloaded
-EleutherAI/pythia-410m). ``--family`` starts any pondering family from the Pythia weights
+EleutherAI/pythia-410m) or ``LlamaForCausalLM`` (detected from its config.json's model_type;
+converted to ``model.backbone: llama``). ``--family`` starts any pondering family from the weights
 (gates/routers initialised from the config defaults) for continued pretraining.
 ``--from neox`` reads a GPT-NeoX training checkpoint (layer_XX-model_YY-model_states.pt of a
 pipeline model, or mp_rank_YY_model_states.pt) at any model-parallel size, with the run's YAML.
 
-``--to hf`` writes vanilla as GPTNeoXForCausalLM and every other family as a self-contained
+``--to hf`` writes vanilla as GPTNeoXForCausalLM (llama backbone: LlamaForCausalLM) and every other family as a self-contained
 ``trust_remote_code`` model (docs/sharing.md); ``--from hf`` of such an export restores the
 megaponder checkpoint exactly.
 """
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
                   f"--set train.init_checkpoint={args.output}")
         else:
             written = megaponder_to_hf_checkpoint(args.input, args.output)
-            remote = "" if written == "GPTNeoXForCausalLM" else " (load with trust_remote_code=True)"
+            remote = "" if written in ("GPTNeoXForCausalLM", "LlamaForCausalLM") else " (load with trust_remote_code=True)"
             print(f"wrote Hugging Face {written} to {args.output}{remote}")
     except (FileNotFoundError, ValueError, KeyError) as err:
         # one line saying what is wrong (NeoXCheckpointError and checkpoint errors included);

@@ -117,6 +117,8 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     need(m.make_vocab_size_divisible_by > 0, f"model.make_vocab_size_divisible_by must be "
          f"positive (got {m.make_vocab_size_divisible_by}); GPT-NeoX uses 128.")
     need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct must lie in [0, 1] (got {m.rotary_pct}).")
+    from ..models.backbones import backbone_problems  # per-backbone rules (models/backbones.py)
+    problems.extend(backbone_problems(m))
     if m.padded_vocab_size is not None:
         need(m.padded_vocab_size >= m.vocab_size,
              f"model.padded_vocab_size={m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}.")
@@ -175,6 +177,9 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(m.num_heads % par.tp == 0,
              f"parallel.tp={par.tp} does not divide model.num_heads={m.num_heads}; pick a tp that "
              f"divides the head count.")
+        need(m.kv_heads % par.tp == 0,
+             f"parallel.tp={par.tp} does not divide model.num_kv_heads={m.kv_heads}; pick a tp "
+             f"that divides the key/value head count.")
         need(m.ffn_size % par.tp == 0,
              f"parallel.tp={par.tp} does not divide the MLP width {m.ffn_size}.")
     vocab_shards = par.tp * (par.pp if par.shard_vocab_over_pp and par.pp > 1 else 1)

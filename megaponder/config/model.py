@@ -34,6 +34,11 @@ class ModelConfig:
                            "(ponderlm, adaponderlm, ponderlm2, ponderlm3) or a baseline "
                            "(loop, pause, fixed_pruning, random_halting), or a family registered "
                            "with megaponder.models.spec.register_family.")
+    backbone: Literal["neox", "llama"] = param(
+        "neox", "Decoder backbone: neox (GPT-NeoX/Pythia: LayerNorm, GELU MLP, partial rotary, "
+        "biases) or llama (RMSNorm, SwiGLU MLP, full rotary with theta rotary_base, no biases, "
+        "optional grouped-query attention via num_kv_heads; rotary_pct must be 1.0, "
+        "parallel_residual false). Every family runs on either.")
     vocab_size: int = param(8192, "Tokenizer vocabulary size (before padding).")
     make_vocab_size_divisible_by: int = param(128, "Pad the embedding/head rows up to a multiple of "
                                               "this (GPT-NeoX default 128). Unlike Megatron, the padding "
@@ -47,6 +52,9 @@ class ModelConfig:
     hidden_size: int = param(128, "Model width d.")
     num_layers: int = param(2, "Number of transformer layers in the (shared) stack.")
     num_heads: int = param(4, "Attention heads; must divide hidden_size.")
+    num_kv_heads: Optional[int] = param(None, "Key/value heads of grouped-query attention "
+                                        "(llama backbone only); null means num_heads (plain "
+                                        "multi-head). Must divide num_heads.")
     intermediate_size: Optional[int] = param(None, "MLP width; null means 4 * hidden_size (Pythia).")
     max_position_embeddings: int = param(2048, "Longest position the rotary cache is built for.")
     rotary_pct: float = param(0.25, "Fraction of each head's dimensions that get rotary "
@@ -80,6 +88,11 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``num_kv_heads``, defaulting to ``num_heads``)."""
+        return self.num_kv_heads or self.num_heads
 
     @property
     def head_dim(self) -> int:

@@ -1,4 +1,5 @@
-"""Checkpoint conversion between Hugging Face Pythia (``GPTNeoXForCausalLM``) and megaponder.
+"""Checkpoint conversion between Hugging Face Pythia (``GPTNeoXForCausalLM``) or Llama
+(``LlamaForCausalLM``) and megaponder.
 
 megaponder checkpoints always hold the full, unsharded state dict (``model.pt``); the
 ``--tp/--pp`` given at conversion are recorded as the layout the run will train with, and the
@@ -13,18 +14,23 @@ import torch
 
 from ..config import Config, ModelConfig, validate
 from ..train.checkpoint import write_model_files
-from .hf import hf_to_megaponder, model_config_from_hf
+from .hf import HF_MODEL_TYPES, hf_model_class, hf_to_megaponder, model_config_from_hf
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _load_hf(hf_dir: str):
-    from transformers import GPTNeoXForCausalLM
+    """The GPTNeoXForCausalLM or LlamaForCausalLM of ``hf_dir``, chosen by its config."""
+    from transformers import AutoConfig
 
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise FileNotFoundError(f"'{hf_dir}' is not a Hugging Face save_pretrained folder "
                                 f"(no config.json)")
-    return GPTNeoXForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    model_type = AutoConfig.from_pretrained(hf_dir).model_type
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{hf_dir}/config.json has model_type '{model_type}'; megaponder "
+                         f"converts {sorted(HF_MODEL_TYPES)} (GPTNeoXForCausalLM, LlamaForCausalLM)")
+    return hf_model_class(HF_MODEL_TYPES[model_type]).from_pretrained(hf_dir, dtype=torch.float32)
 
 
 def hf_to_megaponder_checkpoint(hf_dir: str, output: str, family: str = "vanilla", tp: int = 1,
@@ -40,7 +46,7 @@ def hf_to_megaponder_checkpoint(hf_dir: str, output: str, family: str = "vanilla
         return import_export(hf_dir, output, family, tp if tp != 1 else None, pp if pp != 1 else None)
     hf = _load_hf(hf_dir)
     model_cfg: ModelConfig = model_config_from_hf(hf.config)
-    backbone = hf_to_megaponder(hf.state_dict(), model_cfg.num_layers)
+    backbone = hf_to_megaponder(hf.state_dict(), model_cfg.num_layers, model_cfg.backbone)
     tokenizer = os.path.join(hf_dir, "tokenizer.json")
     return write_backbone_checkpoint(model_cfg, backbone, output, family, tp, pp, vocab_size,
                                      source=hf_dir,
@@ -76,7 +82,7 @@ def write_backbone_checkpoint(model_cfg: ModelConfig, backbone: dict, output: st
 
 def megaponder_to_hf_checkpoint(path: str, output: str) -> str:
     """Save a megaponder checkpoint as a Hugging Face folder: vanilla as
-    ``GPTNeoXForCausalLM``, every other family as the self-contained ``trust_remote_code``
+    ``GPTNeoXForCausalLM`` (llama backbone: ``LlamaForCausalLM``), every other family as the self-contained ``trust_remote_code``
     ``MegaponderForCausalLM`` (megaponder/convert/hf_export.py). Returns the class written."""
     from .hf_export import export_checkpoint
 

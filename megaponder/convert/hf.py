@@ -1,4 +1,6 @@
-"""Hugging Face ``GPTNeoXForCausalLM`` <-> megaponder parameter mapping, in one place.
+"""Hugging Face ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM`` <-> megaponder parameter mapping,
+in one place (the Llama names live in megaponder/convert/hf_llama.py; the functions here
+dispatch on ``model_type`` / ``model.backbone``).
 
 Tools (tools/convert_checkpoint.py) and tests share it. megaponder keeps GPT-NeoX's fused QKV
 with its per-head [q|k|v] row layout, so the tensors move unchanged; only names differ.
@@ -38,7 +40,23 @@ _GLOBAL_MAP = [
 HF_HEAD_NAMES = ("embed_out.weight", "lm_head.weight")
 
 
-def name_pairs(num_layers: int) -> Iterable[tuple[str, str]]:
+#: Hugging Face model_type -> megaponder backbone
+HF_MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama"}
+
+
+def hf_model_class(backbone: str):
+    """The plain transformers class of a backbone."""
+    import transformers
+
+    return transformers.LlamaForCausalLM if backbone == "llama" else transformers.GPTNeoXForCausalLM
+
+
+def name_pairs(num_layers: int, backbone: str = "neox") -> Iterable[tuple[str, str]]:
+    if backbone == "llama":
+        from .hf_llama import llama_name_pairs
+
+        yield from llama_name_pairs(num_layers)
+        return
     yield from _GLOBAL_MAP
     for i in range(num_layers):
         for ours, theirs in _LAYER_MAP:
@@ -50,9 +68,14 @@ _HF_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attention\.(bias|masked_bias))$
 
 
 def model_config_from_hf(hf_config) -> ModelConfig:
-    """The megaponder backbone shape of a ``GPTNeoXConfig``."""
-    if getattr(hf_config, "model_type", "gpt_neox") != "gpt_neox":
-        raise ValueError(f"expected a GPT-NeoX (Pythia) checkpoint, got model_type="
+    """The megaponder backbone shape of a ``GPTNeoXConfig`` or ``LlamaConfig``."""
+    model_type = getattr(hf_config, "model_type", "gpt_neox")
+    if model_type == "llama":
+        from .hf_llama import model_config_from_llama
+
+        return model_config_from_llama(hf_config)
+    if model_type != "gpt_neox":
+        raise ValueError(f"expected a GPT-NeoX (Pythia) or Llama checkpoint, got model_type="
                          f"'{hf_config.model_type}'")
     rope = getattr(hf_config, "rope_parameters", None) or {}
     rotary_pct = rope.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", 0.25))
@@ -76,6 +99,10 @@ def model_config_from_hf(hf_config) -> ModelConfig:
 
 
 def hf_config_from_model_config(cfg: ModelConfig, **extra):
+    if cfg.backbone == "llama":
+        from .hf_llama import llama_config_from_model_config
+
+        return llama_config_from_model_config(cfg, **extra)
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
@@ -89,14 +116,17 @@ def hf_config_from_model_config(cfg: ModelConfig, **extra):
     )
 
 
-def hf_to_megaponder(hf_state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Rename a GPTNeoXForCausalLM state dict to megaponder's backbone names."""
+def hf_to_megaponder(hf_state: dict[str, torch.Tensor], num_layers: int,
+                     backbone: str = "neox") -> dict[str, torch.Tensor]:
+    """Rename a GPTNeoXForCausalLM (or, with ``backbone='llama'``, LlamaForCausalLM) state
+    dict to megaponder's backbone names."""
     out, used = {}, set()
-    for ours, theirs in name_pairs(num_layers):
+    for ours, theirs in name_pairs(num_layers, backbone):
         if theirs == HF_HEAD_NAMES[0] and theirs not in hf_state:
             theirs = HF_HEAD_NAMES[1]
         if theirs not in hf_state:
-            raise KeyError(f"Hugging Face checkpoint lacks '{theirs}' (is it a GPTNeoXForCausalLM?)")
+            raise KeyError(f"Hugging Face checkpoint lacks '{theirs}' (is it a "
+                           f"{hf_model_class(backbone).__name__}?)")
         out[ours] = hf_state[theirs]
         used.add(theirs)
     leftover = [k for k in hf_state if k not in used and not _HF_IGNORED.search(k)]
@@ -106,9 +136,10 @@ def hf_to_megaponder(hf_state: dict[str, torch.Tensor], num_layers: int) -> dict
 
 
 def megaponder_to_hf(state: dict[str, torch.Tensor], num_layers: int,
-                     head_name: str = HF_HEAD_NAMES[0]) -> dict[str, torch.Tensor]:
-    """Backbone tensors under Hugging Face names (the head as ``head_name``, which is
+                     head_name: str = HF_HEAD_NAMES[0], backbone: str = "neox") -> dict[str, torch.Tensor]:
+    """Backbone tensors under Hugging Face names (the NeoX head as ``head_name``, which is
     whatever the installed transformers calls it); family-specific extras are not included."""
-    out = {theirs: state[ours] for ours, theirs in name_pairs(num_layers)}
-    out[head_name] = out.pop(HF_HEAD_NAMES[0])
+    out = {theirs: state[ours] for ours, theirs in name_pairs(num_layers, backbone)}
+    if backbone == "neox":
+        out[head_name] = out.pop(HF_HEAD_NAMES[0])
     return out

@@ -1,7 +1,8 @@
 """Export a megaponder checkpoint of any family as a Hugging Face ``save_pretrained`` folder,
 and import such a folder back.
 
-* vanilla -> ``GPTNeoXForCausalLM`` (plain transformers, no remote code).
+* vanilla -> ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM`` by ``model.backbone`` (plain
+  transformers, no remote code).
 * every other family -> ``MegaponderForCausalLM``, ``trust_remote_code``: the folder holds
   ``configuration_megaponder.py`` / ``modeling_megaponder.py`` (copied from
   megaponder/convert/hf_remote/, torch + transformers only), ``config.json`` with ``auto_map``,
@@ -30,7 +31,8 @@ def _hf_remote_config(cfg: Config, model, special: dict) -> "object":
     m = cfg.model
     keep = model.keep_fractions() if hasattr(model, "keep_fractions") else None
     return MegaponderConfig(
-        family=m.family, vocab_size=m.padded_vocab(), tokenizer_vocab_size=m.vocab_size,
+        family=m.family, backbone=m.backbone, num_key_value_heads=m.kv_heads,
+        vocab_size=m.padded_vocab(), tokenizer_vocab_size=m.vocab_size,
         hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
         intermediate_size=m.ffn_size, max_position_embeddings=m.max_position_embeddings,
         rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_base,
@@ -43,9 +45,9 @@ def _hf_remote_config(cfg: Config, model, special: dict) -> "object":
 def export_checkpoint(path: str, output: str) -> str:
     """Write the Hugging Face folder of megaponder checkpoint (or run dir) ``path``; returns
     the class name written."""
-    from transformers import GenerationConfig, GPTNeoXForCausalLM
+    from transformers import GenerationConfig
 
-    from .hf import HF_HEAD_NAMES, hf_config_from_model_config, megaponder_to_hf
+    from .hf import HF_HEAD_NAMES, hf_config_from_model_config, hf_model_class, megaponder_to_hf
     from .tokenizer import export_tokenizer
 
     folder = resolve_checkpoint(path)
@@ -57,9 +59,11 @@ def export_checkpoint(path: str, output: str) -> str:
     special = {"eos_token_id": tok.eod, "pad_token_id": tok.pad} if tok is not None else {}
     state = model.state_dict()
     if cfg.model.family == "vanilla":
-        hf = GPTNeoXForCausalLM(hf_config_from_model_config(cfg.model, **special))
+        backbone = cfg.model.backbone
+        hf = hf_model_class(backbone)(hf_config_from_model_config(cfg.model, **special))
         head_name = next(n for n in HF_HEAD_NAMES if n in hf.state_dict())
-        hf.load_state_dict(megaponder_to_hf(state, cfg.model.num_layers, head_name), strict=True)
+        hf.load_state_dict(megaponder_to_hf(state, cfg.model.num_layers, head_name, backbone),
+                           strict=True)
     else:
         from .hf_remote.configuration_megaponder import MegaponderConfig
         from .hf_remote.modeling_megaponder import MegaponderForCausalLM

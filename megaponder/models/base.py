@@ -26,8 +26,8 @@ from ..config import ModelConfig, PonderConfig
 from .attention import AttentionSpec
 from .chunked import IGNORE_INDEX, linear_cross_entropy
 from .init import init_backbone_weights
-from .neox import NeoXStack
 from .spec import DECODERS, FamilySpec, family_spec, register_family
+from .backbones import build_stack
 
 
 @dataclass
@@ -84,7 +84,7 @@ class CausalLM(nn.Module):
         self.ponder_cfg = ponder or PonderConfig()
         self.vocab_size = cfg.padded_vocab()
         self.embed_in = nn.Embedding(self.vocab_size, cfg.hidden_size)
-        self.stack = NeoXStack(cfg)
+        self.stack = build_stack(cfg)
         self.embed_out = nn.Linear(cfg.hidden_size, self.vocab_size, bias=False)
         init_backbone_weights(self, cfg, self.ponder_cfg, self.family)
         if cfg.tie_word_embeddings:

@@ -14,12 +14,13 @@ import torch.nn as nn
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor", **kwargs) -> int:
-    """Compile every NeoX layer of ``model`` in place; returns how many were compiled.
+    """Compile every backbone layer of ``model`` in place; returns how many were compiled.
     ``backend``/``kwargs`` go to torch.compile (the CPU test uses ``aot_eager``: Dynamo
     tracing and AOT autograd of the block without Inductor's C++ build)."""
-    from .neox import NeoXLayer
+    from .backbones import BACKBONES
 
-    layers = [m for m in model.modules() if isinstance(m, NeoXLayer)]
+    layer_classes = tuple(spec.layer_cls for spec in BACKBONES.values())
+    layers = [m for m in model.modules() if isinstance(m, layer_classes)]
     for layer in layers:
         layer.compile(backend=backend, **kwargs)
     return len(layers)

@@ -6,7 +6,8 @@ Convention (stated because frameworks and papers count FLOPs differently):
   ``torch.utils.flop_counter.FlopCounterMode`` counts; embedding lookups, norms, softmax,
   rotary and the ``where`` of KV reuse are free. Tests check the formulas against
   FlopCounterMode (eager attention) within 2%.
-* Per layer and query row: QKV 2·3d², attention-out 2·d², MLP 2·2·d·f, and attention
+* Per layer and query row (GPT-NeoX): QKV 2·3d², attention-out 2·d², MLP 2·2·d·f; (LLaMA)
+  q and o 2·d² each, k and v 2·d·(num_kv_heads·head_dim) each, SwiGLU 2·3·d·f; both: attention
   4·d·n_keys (QKᵀ plus AV over the keys the kernel is given). The head is 2·d·V (padded
   vocabulary), the pondering embedding softmax(logits)·W_in another 2·V·d (2·k·d with top-k),
   an AdaPonderLM gate 2·(d·h + h), a PonderLM-3 router 2·(d·h + h·(K+1)), the PonderLM-3
@@ -58,6 +59,9 @@ class Dims:
     pause: int
     readout_final: bool
     buildup: bool
+    #: (in, out) of every matmul of one layer, from the backbone spec (models/backbones.py);
+    #: empty means the GPT-NeoX layer (QKV, out, fc1, fc2)
+    matmuls: tuple = ()
 
     @classmethod
     def of(cls, model=None, cfg=None, ponder=None, family: Optional[str] = None) -> "Dims":
@@ -73,10 +77,12 @@ class Dims:
                    steps=ponder.steps, gate_hidden=ponder.gate_hidden_mult * d,
                    router_hidden=ponder.router_hidden_mult * d, top_k=ponder.top_k,
                    pause=ponder.pause_tokens, readout_final=ponder.halted_readout == "final",
-                   buildup=ponder.buildup_passes)
+                   buildup=ponder.buildup_passes, matmuls=_layer_matmuls(cfg))
 
     # per-row pieces (forward)
     def layer_linear(self) -> int:
+        if self.matmuls:
+            return 2 * sum(i * o for i, o in self.matmuls)
         d = self.d
         return 2 * (3 * d * d + d * d + 2 * d * self.ffn)
 
@@ -121,6 +127,12 @@ class Dims:
     @property
     def passes(self) -> int:
         return self.steps + 1
+
+
+def _layer_matmuls(cfg) -> tuple:
+    from .backbones import backbone_spec
+
+    return tuple(backbone_spec(getattr(cfg, "backbone", "neox")).layer_matmuls(cfg))
 
 
 def _dims(model=None, cfg=None, ponder=None, family=None) -> Dims:

@@ -15,6 +15,12 @@
   so no depth factor (the Llama pause file of PonderLM-2; its NeoX file keeps Hugging Face's
   normal(0.02), i.e. ``init_method: normal``).
 
+On the llama backbone ``official`` is the Llama files of PonderLM-2 for every family,
+vanilla included: the truncated normal with sigma = sqrt(2/(5d)), o_proj and down_proj at
+sigma / sqrt(2*L), times the same 1/sqrt(K+1) depth factor for the recurrent families as on
+neox (the published Llama files leave the depth factor out; ``ponder.depth_scaled_init=false``
+reproduces them exactly). RMSNorm weights start at one.
+
 ``small_init_wang`` and ``normal`` are the previous schemes, kept by name; for them the
 recurrent families divide the output projections by sqrt(K+1) when ``depth_scaled_init``.
 Gate and router MLPs initialise themselves (megaponder/models/ponder.py ``GateMLP``).
@@ -28,7 +34,6 @@ import torch.nn as nn
 #: families whose output projections get the depth factor (the stack runs K+1 times)
 RECURRENT = ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting", "loop", "ponderlm2",
              "ponderlm3")
-_OUTPUT_PROJECTIONS = ("attn.out", "mlp.fc2")
 
 
 def depth_passes(family: str, ponder) -> int:
@@ -41,7 +46,7 @@ def init_stds(cfg, ponder, family: str) -> tuple[str, float, float]:
     d, n_layers = cfg.hidden_size, cfg.num_layers
     depth = depth_passes(family, ponder) if ponder.depth_scaled_init else 1
     method = cfg.init_method
-    if method == "official" and family == "vanilla":
+    if method == "official" and family == "vanilla" and cfg.backbone == "neox":
         method = "small_init_wang"
     if method == "official":
         sigma = math.sqrt(2.0 / (5.0 * d))
@@ -61,15 +66,19 @@ def _fill(weight, dist: str, std: float) -> None:
 
 
 def init_backbone_weights(model: nn.Module, cfg, ponder, family: str) -> None:
-    """Initialise embed_in, the NeoX stack and the head of ``model`` for ``family``."""
+    """Initialise embed_in, the backbone stack and the head of ``model`` for ``family``."""
+    from .backbones import backbone_spec
+
+    spec = backbone_spec(cfg.backbone)
     dist, in_std, out_std = init_stds(cfg, ponder, family)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            _fill(module.weight, dist, out_std if name.endswith(_OUTPUT_PROJECTIONS) else in_std)
+            _fill(module.weight, dist, out_std if name.endswith(spec.output_projections) else in_std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             _fill(module.weight, dist, in_std)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, spec.norm_classes):
             nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)

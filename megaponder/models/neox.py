@@ -84,6 +84,9 @@ class NeoXMLP(nn.Module):
 
 
 class NeoXLayer(nn.Module):
+    #: how megaponder/parallel shards this layer over tensor-parallel ranks
+    TP_PLAN = {"attn.qkv": "column", "attn.out": "row", "mlp.fc1": "column", "mlp.fc2": "row"}
+
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual

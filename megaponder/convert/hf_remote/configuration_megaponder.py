@@ -15,7 +15,8 @@ REMOTE_FAMILIES = ("ponderlm", "adaponderlm", "ponderlm2", "ponderlm3",
 
 
 class MegaponderConfig(PretrainedConfig):
-    """GPT-NeoX backbone shape (Hugging Face names) plus the pondering family and its settings.
+    """Backbone shape (Hugging Face names; ``backbone`` neox or llama, ``num_key_value_heads``
+    for the llama backbone's grouped-query attention) plus the pondering family and its settings.
 
     ``ponder`` holds megaponder's ``ponder:`` section verbatim (gate/router sizes, tau, Jacobi
     passes, ...), ``keep_fractions`` the calibrated per-iteration kept fraction of the
@@ -34,11 +35,17 @@ class MegaponderConfig(PretrainedConfig):
                  tie_word_embeddings: bool = False, ponder: Optional[dict] = None,
                  keep_fractions: Optional[list] = None, megaponder_config: Optional[dict] = None,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+                 backbone: str = "neox", num_key_value_heads: Optional[int] = None,
                  **kwargs):
         if family not in REMOTE_FAMILIES:
             raise ValueError(f"MegaponderConfig: unknown family '{family}'; expected one of "
-                             f"{list(REMOTE_FAMILIES)} (vanilla exports as GPTNeoXForCausalLM)")
+                             f"{list(REMOTE_FAMILIES)} (vanilla exports as GPTNeoXForCausalLM / LlamaForCausalLM)")
+        if backbone not in ("neox", "llama"):
+            raise ValueError(f"MegaponderConfig: unknown backbone '{backbone}'; expected 'neox' "
+                             f"or 'llama'")
         self.family = family
+        self.backbone = backbone
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.vocab_size = vocab_size
         self.tokenizer_vocab_size = tokenizer_vocab_size or vocab_size
         self.hidden_size = hidden_size

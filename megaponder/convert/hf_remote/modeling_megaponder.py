@@ -189,6 +189,84 @@ class NeoXStack(nn.Module):
         return (self.final_norm(x) if apply_final_norm else x), kvs
 
 
+# ----------------------------------------------------------------------------------------
+# the LLaMA backbone (megaponder/models/llama.py): same primitive, GQA caches keep the
+# num_key_value_heads heads and are repeated right before attention
+# ----------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: MegaponderConfig, layer_index: int):
+        super().__init__()
+        d = config.hidden_size
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d // self.num_heads
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, 1.0, config.rotary_emb_base)
+
+    def forward(self, x, cos, sin, spec, kv_hook=None):
+        b, t = x.shape[:2]
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
+        if kv_hook is not None:
+            k, v = kv_hook(self.layer_index, k, v)
+        n_rep = q.shape[1] // k.shape[1]
+        ctx = attention(q, k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1), spec)
+        return self.o_proj(ctx.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: MegaponderConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, config: MegaponderConfig, layer_index: int):
+        super().__init__()
+        self.ln_attn = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.ln_mlp = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.attn = LlamaAttention(config, layer_index)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, spec, kv_hook=None):
+        attn_out, kv = self.attn(self.ln_attn(x), cos, sin, spec, kv_hook)
+        x = x + attn_out
+        return x + self.mlp(self.ln_mlp(x)), kv
+
+
+class LlamaStack(NeoXStack):
+    """NeoXStack's forward over LLaMA layers and a final RMSNorm."""
+
+    def __init__(self, config: MegaponderConfig):
+        nn.Module.__init__(self)
+        self.layers = nn.ModuleList(LlamaLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.layer_norm_eps)
+
+
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
@@ -239,7 +317,7 @@ class MegaponderPreTrainedModel(PreTrainedModel):
     config_class = MegaponderConfig
     base_model_prefix = "megaponder"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["NeoXLayer"]
+    _no_split_modules = ["NeoXLayer", "LlamaLayer"]
 
     def _init_weights(self, module):
         # only reached for tensors missing from a checkpoint; megaponder's export has them all
@@ -253,6 +331,8 @@ class MegaponderPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
         elif isinstance(module, MegaponderForCausalLM) and module.pause_embedding is not None:
             nn.init.normal_(module.pause_embedding, std=std)
 
@@ -268,7 +348,7 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         self.family = config.family
         self.ponder_cfg = p = SimpleNamespace(**config.ponder)
         self.embed_in = nn.Embedding(config.vocab_size, d)
-        self.stack = NeoXStack(config)
+        self.stack = (LlamaStack if getattr(config, "backbone", "neox") == "llama" else NeoXStack)(config)
         self.embed_out = nn.Linear(d, config.vocab_size, bias=False)
         self.gates = self.router = self.pause_embedding = None
         self.adaptive = self.family in ("adaponderlm",) + PLANNED
