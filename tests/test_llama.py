@@ -4,7 +4,8 @@ tools/convert_checkpoint.py, config validation, the official init per parameter 
 the FLOPs formulas against torch's FlopCounterMode.
 
 Tolerance 1e-5 (fp32): the same ops in the same order (RMSNorm statistics in fp32 in both,
-rotate-half rotary, repeat_interleave GQA); observed differences are ~1e-7.
+rotate-half rotary, repeat_interleave GQA); observed max differences are <= 2.4e-7 with eager
+attention and 0 with sdpa.
 """
 import math
 import os
