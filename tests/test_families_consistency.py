@@ -44,9 +44,10 @@ def test_adaponderlm_kv_reuse_is_what_the_training_forward_does(backbone):
         assert (model(ids[:, :t]).logits - base[:, :t]).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
-def test_ponderlm3_soft_mask_matches_hard_pruning(backbone):
-    model = tiny("ponderlm3", steps=3, backbone=backbone).eval()
+# neox only (the slowest identity); on llama PonderLM-3's decoder identity is the hard-prune
+# test below
+def test_ponderlm3_soft_mask_matches_hard_pruning():
+    model = tiny("ponderlm3", steps=3).eval()
     force_router(model)
     ids, _ = real_batch(2, 12)
     out = model(ids, jacobi_passes=4 * 12)
@@ -88,8 +89,9 @@ def test_ponderlm2_jacobi_converges_to_sequential_chain(K, J, backbone):
     assert errs[0] > errs[1] > errs[2]
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
-@pytest.mark.parametrize("family", ["vanilla", "ponderlm", "loop", "pause"])
+@pytest.mark.parametrize("family, backbone", [
+    (f, "neox") for f in ("vanilla", "ponderlm", "loop", "pause")] + [
+    (f, "llama") for f in ("vanilla", "ponderlm", "loop")])
 def test_fixed_depth_families_match_their_decoders(family, backbone):
     model = tiny(family, backbone=backbone).eval()
     ids, _ = real_batch(2, 10)

@@ -4,7 +4,8 @@ tools/convert_checkpoint.py, config validation, the official init per parameter 
 the FLOPs formulas against torch's FlopCounterMode.
 
 Tolerance 1e-5 (fp32): the same ops in the same order (RMSNorm statistics in fp32 in both,
-rotate-half rotary, repeat_interleave GQA); observed differences are ~1e-7.
+rotate-half rotary, repeat_interleave GQA); observed max differences are <= 2.4e-7 with eager
+attention and 0 with sdpa.
 """
 import math
 import os
@@ -147,14 +148,14 @@ def test_official_init_std_per_parameter_group(family, depth):
     from megaponder.config import PonderConfig
     from megaponder.models import build_model
 
-    cfg = Config(model=_llama(family=family, hidden_size=256, num_layers=4, num_kv_heads=2,
-                              intermediate_size=512, vocab_size=2048,
+    cfg = Config(model=_llama(family=family, hidden_size=128, num_layers=4, num_kv_heads=2,
+                              intermediate_size=384, vocab_size=1024,
                               max_position_embeddings=128))
     cfg.ponder = PonderConfig(steps=3)
     validate(cfg, check_paths=False)
     torch.manual_seed(0)
     model = build_model(cfg)
-    sigma = math.sqrt(2 / (5 * 256))
+    sigma = math.sqrt(2 / (5 * 128))
     groups = {"in": [], "out": []}
     for name, p in model.stack.named_parameters():
         if name.endswith(("o_proj.weight", "down_proj.weight")):
