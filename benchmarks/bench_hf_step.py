@@ -36,6 +36,9 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time megaponder with model.compile")
+    p.add_argument("--profile", action="store_true",
+                   help="also print, per aten op, how often one step of each side calls it (a "
+                        "load-independent check for extra copies/masks/reshapes on our side)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
@@ -67,9 +70,13 @@ def main():
         start = time.perf_counter()
         step(name)
         print(f"warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
+    if a.profile:
+        print_op_counts(step, ["megaponder", "hf"])
     times = {k: [] for k in models}
-    for _ in range(a.rounds):
-        for name in models:
+    for r in range(a.rounds):
+        # alternate the order every round (ABBA...) so a drift in the shared machine's load
+        # does not always hit the same side first
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
             start = time.perf_counter()
             step(name)
             times[name].append(time.perf_counter() - start)
@@ -83,6 +90,24 @@ def main():
     if a.compile:
         gain = statistics.median(m / c for m, c in zip(times["megaponder"], times["megaponder+compile"]))
         print(f"model.compile on CPU: eager step / compiled step = {gain:.3f}")
+
+
+def print_op_counts(step, names):
+    """aten ops whose call count per step differs between the sides, and the totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = {}
+    for name in names:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(name)
+        counts[name] = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+    a, b = names
+    print(f"aten ops per step: {a} {sum(counts[a].values())}, {b} {sum(counts[b].values())}; "
+          f"ops whose count differs ({a} / {b}):")
+    for op in sorted(set(counts[a]) | set(counts[b])):
+        ca, cb = counts[a].get(op, 0), counts[b].get(op, 0)
+        if ca != cb:
+            print(f"  {op:40s} {ca:5d} / {cb:5d}")
 
 
 if __name__ == "__main__":
