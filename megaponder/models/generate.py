@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from .attention import AttentionSpec
+from .compaction import pack_rows
 from .latent import LatentLM, PonderLM3
 from .ponder import PonderLM
 
@@ -42,14 +43,7 @@ def _cat(past, new):
     return new if past is None else torch.cat([past, new], dim=2)
 
 
-def _pack(mask: torch.Tensor):
-    """Left-align each row's True entries: (idx [B, A], valid [B, A]) with A the largest row
-    count; padding slots point at some False position of their row and are never written."""
-    counts = mask.sum(1)
-    width = int(counts.max())
-    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
-    return idx, valid
+_pack = pack_rows   # the same packing the training forward uses (train_compaction)
 
 
 class VerticalDecoder:
