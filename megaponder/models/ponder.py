@@ -8,7 +8,8 @@ AdaPonderLM adds, per iteration i < K, a gate MLP on H^i -> s^i = sigmoid(.), a 
 halting mask m^{i+1} = m^i & (s^i >= tau), the gated update E += m^{i+1} s^i e^i and, in every
 layer, KV reuse: K,V <- where(m^i, K_new, K_prev) so that a halted token stays in the causal
 context with the K/V of its last active iteration. Training computes every row densely and
-selects with ``where`` (static shapes); megaponder/models/generate.py computes only the active
+selects with ``where`` (static shapes), or with ``ponder.train_compaction`` only the active rows
+(megaponder/models/compaction.py, exact); megaponder/models/generate.py computes only the active
 rows at inference and gives the same logits (tests/test_families_consistency.py).
 
 The halting machinery is shared with the fixed-pruning and random-halting baselines
