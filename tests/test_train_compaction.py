@@ -76,3 +76,20 @@ def test_train_compaction_refuses_inexact_or_untested_settings(key, value, msg):
     setattr(getattr(cfg, section), field, value)
     with pytest.raises(Exception, match=msg.replace(".", r"\.")):
         validate(cfg, check_paths=False, world_size=2)
+
+
+def test_compaction_when_every_token_halted_after_the_first_pass():
+    dense = tiny("adaponderlm", steps=2)
+    with torch.no_grad():
+        for gate in dense.gates:   # s = sigmoid(-50) < tau for every token
+            gate.fc2.weight.zero_()
+            gate.fc2.bias.fill_(-50.0)
+    comp = copy.deepcopy(dense)
+    comp.ponder_cfg.train_compaction = True
+    ids, targets = real_batch(2, 12)
+    a, b = (m(ids, targets=targets) for m in (dense, comp))
+    assert float(b.stats["active_frac/1"]) == 0.0
+    a.loss.backward(), b.loss.backward()
+    assert (a.logits - b.logits).abs().max().item() < TOL
+    for pa, pb in zip(dense.parameters(), comp.parameters()):
+        assert (pa.grad - pb.grad).abs().max().item() < TOL

@@ -24,12 +24,12 @@ import torch
 from .attention import AttentionSpec
 
 
-def pack_rows(mask: torch.Tensor):
+def pack_rows(mask: torch.Tensor, min_width: int = 0):
     """Left-align each row's True entries: (idx [B, A], valid [B, A]) with A the largest row
     count; padding slots point at distinct False positions of their row (a stable argsort
     puts them after the True ones), so a scatter through ``idx`` never writes one slot twice."""
     counts = mask.sum(1)
-    width = int(counts.max())
+    width = max(int(counts.max()), min_width)
     idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
     return idx, valid
@@ -48,7 +48,9 @@ class RowCompaction:
     packed tokens' new K/V are written into the previous pass's full K/V)."""
 
     def __init__(self, active: torch.Tensor, prev_kv, detach: bool):
-        self.idx, self.slot = pack_rows(active)
+        # at least one (padding) slot: a pass where every token has halted still runs the
+        # stack once, so its K/V outputs keep their shapes (nothing of it is kept)
+        self.idx, self.slot = pack_rows(active, min_width=1)
         self.prev_kv, self.detach = prev_kv, detach
 
     def take(self, full: torch.Tensor, dim: int = 1) -> torch.Tensor:
