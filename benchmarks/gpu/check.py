@@ -162,6 +162,8 @@ def training_variants(quick, device):
             ("vanilla +chunked", "vanilla", "160m", base + ["model.loss_chunk_size=4096"]),
             ("adaponderlm", "adaponderlm", "160m", base),
             ("adaponderlm +chunked", "adaponderlm", "160m", base + ["model.loss_chunk_size=4096"]),
+            # gates start open (nothing halts): this is compaction's overhead, not its saving
+            ("adaponderlm +train_compaction", "adaponderlm", "160m", base + ["ponder.train_compaction=true"]),
             ("vanilla", "vanilla", "410m", base),
             ("adaponderlm", "adaponderlm", "410m", base + ["model.loss_chunk_size=4096"]),
             ("vanilla +compile", "vanilla", "160m", base + ["model.compile=true"]),

@@ -138,6 +138,13 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     need(p.target_mean_iters is None or p.target_flops_ratio is None,
          "ponder.target_mean_iters and ponder.target_flops_ratio are both set; keep one (mean_iters "
          "is the papers' passes/token scale, flops_ratio the full inference-FLOPs scale).")
+    need(not p.train_compaction or (p.halted_readout == "last_active" and p.bottomk_pool == "active"),
+         "ponder.train_compaction is exact only with ponder.halted_readout=last_active and "
+         "ponder.bottomk_pool=active (otherwise halted tokens' later passes reach the loss); "
+         "set those or ponder.train_compaction=false.")
+    need(not p.train_compaction or (par.tp == 1 and par.pp == 1),
+         f"ponder.train_compaction is not implemented with parallel.tp={par.tp} / "
+         f"parallel.pp={par.pp}; set ponder.train_compaction=false or tp=pp=1.")
     need(p.eval_jacobi_tol > 0, f"ponder.eval_jacobi_tol must be positive (got {p.eval_jacobi_tol}).")
     # training loop
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):

@@ -69,6 +69,13 @@ class PonderConfig:
         "every token's query row on the reused K/V (final).")
     kv_reuse_grad: bool = param(True, "Let gradients flow through the reused K/V of halted tokens "
                                 "(false detaches them; a pipeline-parallel run may need false).")
+    train_compaction: bool = param(
+        False, "AdaPonderLM and the halting baselines: at every pass after the first, run the "
+        "stack only on the tokens still active (packed per row, queries at their positions, "
+        "keys over the whole row with halted tokens' reused K/V) instead of all tokens with a "
+        "where-select. Equal to the dense forward and gradients (halting is a hard threshold); "
+        "needs halted_readout last_active, bottomk_pool active, parallel.tp 1 and pp 1. "
+        "Speed: see BENCHMARKS.md (bench_train_compaction).")
     freeze_backbone: bool = param(False, "Gate-only phase of continued pretraining: train only "
                                   "the gate (or router) parameters; the trainer freezes the rest.")
     # --- latent thoughts: PonderLM-2 / PonderLM-3 / pause -------------------------------------

@@ -35,21 +35,12 @@ from typing import Optional
 import torch
 
 from ..models.attention import AttentionSpec
+from ..models.compaction import pack_rows
 from ..models.spec import family_spec, require
 
 
 def _cat(past, new):
     return new if past is None else torch.cat([past, new], dim=2)
-
-
-def _pack(mask: torch.Tensor):
-    """Left-align each row's True entries: (idx [B, A], valid [B, A]) with A the largest row
-    count; padding slots point at some False position of their row and are never written."""
-    counts = mask.sum(1)
-    width = int(counts.max())
-    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
-    return idx, valid
 
 
 class VerticalDecoder:
@@ -137,7 +128,7 @@ class VerticalDecoder:
                 if not last:
                     acts.append(active.clone())
             else:
-                idx, valid = _pack(compute_mask)
+                idx, valid = pack_rows(compute_mask)  # the packing train_compaction uses
                 hidden, new_chunk = self._pass(i, e, pos, idx, valid, active, chunk_prev)
                 logits = m.head(hidden)   # [B, A, V]
                 if readout is None:

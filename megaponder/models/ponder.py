@@ -8,7 +8,8 @@ AdaPonderLM adds, per iteration i < K, a gate MLP on H^i -> s^i = sigmoid(.), a 
 halting mask m^{i+1} = m^i & (s^i >= tau), the gated update E += m^{i+1} s^i e^i and, in every
 layer, KV reuse: K,V <- where(m^i, K_new, K_prev) so that a halted token stays in the causal
 context with the K/V of its last active iteration. Training computes every row densely and
-selects with ``where`` (static shapes); megaponder/infer/decoders.py computes only the active
+selects with ``where`` (static shapes), or with ``ponder.train_compaction`` only the active rows
+(megaponder/models/compaction.py, exact); megaponder/infer/decoders.py computes only the active
 rows at inference and gives the same logits (tests/test_families_consistency.py).
 
 The halting machinery is shared with the fixed-pruning and random-halting baselines
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, PonderConfig
 from .base import CausalLM, ModelOutput, default_position_ids
 from .chunked import linear_softmax_matmul
+from .compaction import RowCompaction
 from .spec import DECODERS, FamilySpec, register_family
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -202,18 +204,26 @@ class PonderLM(PonderMixin, CausalLM):
         actives, gates = [active], []
         prev_kv, h_read, hidden = None, None, None
         for i in range(passes):
-            hook = None
-            if self.adaptive and i > 0:
+            hook, comp = None, None
+            if self.adaptive and i > 0 and p.train_compaction:
+                # only the active tokens run (models/compaction.py says why that is exact)
+                comp = hook = RowCompaction(active, prev_kv, detach=not p.kv_reuse_grad)
+            elif self.adaptive and i > 0:
                 hook = _ReuseKV(active, prev_kv, detach=not p.kv_reuse_grad)
-            hidden, kvs = self.stack(e, position_ids, spec, kv_hook=hook)
+            x, pos, x_spec = (e, position_ids, spec) if comp is None else comp.inputs(e, position_ids, spec)
+            hidden, kvs = self.stack(x, pos, x_spec, kv_hook=hook)
             prev_kv = kvs
             if h_read is None or not self.adaptive:
                 h_read = hidden
+            elif comp is not None:
+                h_read = comp.put(h_read, hidden)
             else:
                 h_read = torch.where(active.unsqueeze(-1), hidden, h_read)
             if i == passes - 1:
                 break
             s = self.gate_values(i, hidden)
+            if comp is not None and s is not None:
+                s = comp.spread(s, active)   # halted tokens' gates: 0, masked out below anyway
             if plan is not None:
                 new_active = active & plan[i + 1]
             elif s is not None:
@@ -222,7 +232,10 @@ class PonderLM(PonderMixin, CausalLM):
             else:
                 new_active = active
             weight = new_active.to(e.dtype) if s is None else s.to(e.dtype) * new_active.to(e.dtype)
-            e = e + weight.unsqueeze(-1) * self.ponder_update_from_hidden(hidden)
+            update = self.ponder_update_from_hidden(hidden)
+            if comp is not None:
+                update = comp.spread(update, e)
+            e = e + weight.unsqueeze(-1) * update
             active = new_active
             actives.append(active)
         if p.halted_readout == "final" or not self.adaptive:
