@@ -3,6 +3,7 @@ family defined only in this file gets config validation, FLOPs, cached decoding 
 test matrix; a capability it does not declare is a one-line error naming it."""
 import dataclasses
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from megaponder.models import CausalLM, ModelOutput, build_model, flops
 from megaponder.models.base import default_position_ids, with_fixed_token_stats
 from megaponder.models.spec import (BUILTIN_MODULES, DECODERS, FamilySpec, MissingCapability, family_names,
                                     family_spec, register_family, require)
-from test_families_helpers import ALL_FAMILIES, real_batch, tiny
+from test_families_helpers import ALL_FAMILIES, BACKBONES, real_batch, tiny
 
 TOY = "toy_twice"
 
@@ -98,7 +99,12 @@ MATRIX = ["test_families.test_family_trains_on_real_tokens",
 @pytest.mark.parametrize("check", MATRIX)
 def test_toy_family_runs_the_family_matrix(check):
     module, name = check.split(".")
-    getattr(importlib.import_module(module), name)(TOY)
+    test = getattr(importlib.import_module(module), name)
+    if "backbone" in inspect.signature(test).parameters:   # checks run on every backbone
+        for backbone in BACKBONES:
+            test(TOY, backbone=backbone)
+    else:
+        test(TOY)
 
 
 def test_toy_decoder_equals_forward_and_counts_two_passes():
