@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     ap.add_argument("--eval-batches", type=int, default=16, help="final validation micro-batches (x8x128)")
     ap.add_argument("--families", nargs="*", default=["adaponderlm", "ponderlm3"])
+    ap.add_argument("--settings", nargs="*", default=None,
+                    help="train only the settings whose name contains one of these strings "
+                         "(each family's default and its seed run are always kept)")
     ap.add_argument("--halting-warmup", nargs=2, type=float, default=[0.3, 0.6],
                     help="AdaPonderLM bottom-k warm-up start/end as fractions of --steps")
     ap.add_argument("--out-dir", default="runs/choices")
@@ -74,7 +77,8 @@ def main() -> None:
     os.chdir(ROOT)
     s0, s1 = (int(round(f * args.steps)) for f in args.halting_warmup)
     ada = [f"ponder.halting_warmup_start={s0}", f"ponder.halting_warmup_end={s1}"]
-    todo = [(fam, name, extra) for fam, name, extra in SETTINGS if fam in args.families]
+    todo = [(fam, name, extra) for fam, name, extra in SETTINGS if fam in args.families
+            and (args.settings is None or name.startswith("default") or any(k in name for k in args.settings))]
 
     def one(item):
         fam, name, extra = item
