@@ -11,6 +11,15 @@
 #   DATA=data/pile/pile_text_document VALID=data/pile-val/pile_val_text_document \
 #   TOKENIZER=data/tokenizer/20B_tokenizer.json TOKENS=300000000 bash benchmarks/quality_gpu.sh
 #
+# The recipes set train.global_batch_size (256); this script overrides it with MICRO x ACCUM
+# (one GPU, dp = 1), so STEPS x SEQ x MICRO x ACCUM = TOKENS holds.
+# CPU smoke of every command on the demo data (a few minutes):
+#   DATA=data/demo/train_text_document VALID=data/demo/validation_text_document \
+#   TOKENIZER=data/demo/tokenizer.model TOKENIZER_TYPE=SentencePieceTokenizer PRECISION=fp32 \
+#   SEQ=128 MICRO=2 ACCUM=2 TOKENS=1024 SEEDS=1234 EVAL_SAMPLES=8 DEPTH_WINDOWS=4 EVAL_EVERY=0 \
+#   EXTRA="--set model.hidden_size=64 --set model.num_layers=1 --set model.num_heads=2" \
+#   OUT=runs/quality-70m-smoke bash benchmarks/quality_gpu.sh
+#
 # Budget: at seq 2048 x global batch 64 (131,072 tokens/step) 300M tokens = 2,289 steps per run.
 # PonderLM-family training costs ~6x vanilla's FLOPs at this shape (flops.py), PonderLM-2/3
 # ~4-7x, so on one H100/H200-class GPU expect roughly 1 h for vanilla and 4-8 h per pondering run.
@@ -28,6 +37,11 @@ OUT=${OUT:-runs/quality-70m}
 SEEDS=${SEEDS:-"1234 1"}
 EVAL_SAMPLES=${EVAL_SAMPLES:-2000}   # validation windows scored by `megaponder eval`
 PY=${PY:-python}
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-HFTokenizer}   # SentencePieceTokenizer for a .model file
+PRECISION=${PRECISION:-bf16}
+EVAL_EVERY=${EVAL_EVERY:-500}
+DEPTH_WINDOWS=${DEPTH_WINDOWS:-256}              # windows of the depth analysis
+read -r -a EXTRA_SETS <<< "${EXTRA:-}"           # more --set overrides for every run (smoke: a tiny shape)
 
 STEPS=$(( TOKENS / (SEQ * MICRO * ACCUM) ))
 WARMUP=$(( STEPS / 100 + 1 ))
@@ -46,9 +60,10 @@ train() {   # train NAME FAMILY [--set ...]
   $PY -m megaponder train --config "$config" \
     --set train.run_dir="$run" --set train.steps="$STEPS" --set optim.warmup_steps="$WARMUP" \
     --set data.path="[$DATA]" --set data.valid_path="[$VALID]" --set data.tokenizer_model="$TOKENIZER" \
+    --set data.tokenizer_type="$TOKENIZER_TYPE" --set train.precision="$PRECISION" \
     --set data.seq_length="$SEQ" --set train.micro_batch_size="$MICRO" \
-    --set train.grad_accum_steps="$ACCUM" --set train.save_every=0 --set train.eval_every=500 \
-    --set train.eval_batches=16 "$@"
+    --set train.global_batch_size="$(( MICRO * ACCUM ))" --set train.save_every=0 \
+    --set train.eval_every="$EVAL_EVERY" --set train.eval_batches=16 "${EXTRA_SETS[@]}" "$@"
 }
 
 score() {   # score NAME: full-split eval + depth analysis, one JSON line
@@ -56,7 +71,7 @@ score() {   # score NAME: full-split eval + depth analysis, one JSON line
   local eval_json
   eval_json=$($PY -m megaponder eval --checkpoint "$run" --data "$VALID" --max-samples "$EVAL_SAMPLES" \
               --batch-size 8 | tail -n 1)
-  $PY tools/analyze_depth.py --checkpoint "$run" --data "$VALID" --windows 256 --seq-length "$SEQ" \
+  $PY tools/analyze_depth.py --checkpoint "$run" --data "$VALID" --windows "$DEPTH_WINDOWS" --seq-length "$SEQ" \
     --compare-full-depth --output "$OUT/depth-$name.json" > /dev/null
   echo "{\"run\": \"$name\", \"eval\": $eval_json}" >> "$OUT/results.jsonl"
 }

@@ -173,3 +173,28 @@ def test_ponderlm3_analysis_nll_is_the_pruned_decoders():
         hard = token_depth(model, tokens[:, :-1], tokens[:, 1:], jacobi_passes=30)
     assert (hard["nll"].flatten() - ref_tok).abs().max().item() < 1e-5
     assert 1.0 < hard["iterations"].mean().item() < 3.0  # steps really pruned
+
+
+@pytest.mark.parametrize("family", ["random_halting", "fixed_pruning"])
+def test_analyze_batches_draws_evaluates_pattern_per_batch(family):
+    """Random-pruning baselines: batch i of the analysis uses evaluate()'s draws for batch i
+    (set_eval_stream), so two equal batches get two patterns and the numbers are evaluate()'s."""
+    from megaponder.train.evaluate import evaluate
+
+    model = tiny(family, steps=3, target_mean_iters=2.5).eval()
+    ids, _ = real_batch(2, 20)
+    batch = {"tokens": torch.cat([ids, ids[:, :1]], dim=1)}
+    per_stream = []
+    for stream in (0, 1):
+        model.set_eval_stream(stream)
+        per_stream.append(token_depth(model, ids, batch["tokens"][:, 1:]))
+    assert not torch.equal(per_stream[0]["iterations"], per_stream[1]["iterations"])
+    model.set_eval_stream(7)   # a stale stream must not leak into the analysis
+    res = analyze_batches(model, [batch, batch])
+    ref = evaluate(model, [batch, batch])
+    want = torch.cat([d["iterations"].flatten() for d in per_stream]).mean().item()
+    assert res["mean_iterations"] == pytest.approx(want, abs=1e-12)
+    # the model's own stats are float32 (evaluate() averages them): 1e-6 relative
+    assert res["mean_iterations"] == pytest.approx(ref["mean_iters"], rel=1e-6)
+    assert res["mean_nll"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert res["flops_ratio"] == pytest.approx(ref["flops_ratio"], rel=1e-6)

@@ -177,7 +177,11 @@ def analyze_batches(model: torch.nn.Module, batches: Iterable[dict], compare_ful
     cols = {"nll": [], "iterations": [], "entropy": [], "expected_steps": [], "nll_full": [], "ids": []}
     compute = torch.zeros(4, dtype=torch.float64)  # flops_ratio * n, n, Jacobi passes, batches
     residual = 0.0
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if hasattr(model, "set_eval_stream"):
+            # batch i draws evaluate()'s pattern for batch i (pruning baselines): without it
+            # every batch would reuse one pattern and the numbers would not be evaluate()'s
+            model.set_eval_stream(i)
         inputs = model_inputs(batch)
         kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "targets")}
         kwargs.update(forward_kwargs)
