@@ -14,7 +14,7 @@ The model code knows nothing about ranks. What changes:
     rank's heads one contiguous row block, ``attn.out``/``mlp.fc2`` row; LLaMA: q/k/v and
     gate/up column, split per (kv) head, o/down row), ``embed_in`` a vocab-parallel embedding, ``embed_out`` a column-parallel
     head whose logits stay split over the vocabulary. The model's ``lm_loss`` and
-    ``ponder_embedding`` hooks become the vocab-parallel versions (tensor.py), so
+    ``ponder_embedding`` go to its ``vocab_ops`` (:class:`VocabParallelOps`, tensor.py), so
     ``ModelOutput.logits`` holds this rank's vocabulary slice (``gather_logits`` for all).
     The stack and (with dropout) attention run inside :class:`Transparent` wrappers that
     keep every state-dict key of the single-device model.
@@ -47,24 +47,22 @@ from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_from
 
 
 # --------------------------------------------------------------------------- family hooks
-class TensorParallelHooks:
-    """Mixed into the model's class: vocab-sized ops over a vocabulary split across TP."""
+class VocabParallelOps:
+    """The model's ``vocab_ops``: vocab-sized ops over a vocabulary split across ``group``
+    (cross-entropy, pondering embedding). A plain object, not a module: an nn.Module
+    attribute would land in ``_modules`` and lose to the class's ``vocab_ops = None``."""
 
-    _tp_group = None
-    _tp_sequence_parallel = False
+    def __init__(self, group, sequence_parallel: bool):
+        self.group, self.sequence_parallel = group, sequence_parallel
 
     def lm_loss(self, logits, targets):
-        return vocab_parallel_cross_entropy(logits, targets, self._tp_group, IGNORE_INDEX)
+        return vocab_parallel_cross_entropy(logits, targets, self.group, IGNORE_INDEX)
 
-    def ponder_embedding(self, logits):
-        return vocab_parallel_ponder_embedding(logits, self.embed_in.weight, self._tp_group,
-                                               self._tp_sequence_parallel)
+    def ponder_embedding(self, logits, weight):
+        return vocab_parallel_ponder_embedding(logits, weight, self.group, self.sequence_parallel)
 
-
-def _with_hooks(model: nn.Module, vocab_group, sequence_parallel: bool) -> None:
-    cls = type(model)
-    attrs = {"_tp_group": vocab_group, "_tp_sequence_parallel": sequence_parallel}
-    model.__class__ = type(f"TensorParallel{cls.__name__}", (TensorParallelHooks, cls), attrs)
+    def __repr__(self) -> str:
+        return f"VocabParallelOps(ranks={_size(self.group)}, sequence_parallel={self.sequence_parallel})"
 
 
 # --------------------------------------------------------------------------- parallelize
@@ -147,13 +145,12 @@ def _split_heads(attn: nn.Module, tp: int) -> None:
     """This rank's share of the attention heads (query heads and, for grouped-query
     attention, key/value heads: rank r holds kv heads [r*KV/tp, (r+1)*KV/tp) and exactly the
     query heads that read them, the query heads of one kv head being contiguous)."""
-    for attr in ("num_heads", "num_kv_heads"):
-        n = getattr(attn, attr, None)
-        if n is None:
-            continue
+    counts = {a: getattr(attn, a) for a in ("num_heads", "num_kv_heads") if getattr(attn, a, None)}
+    for attr, n in counts.items():   # check all before changing any
         if n % tp:
             raise ValueError(f"parallel.tp={tp} does not divide model.{attr}={n}: "
                              f"choose a tp that divides both head counts")
+    for attr, n in counts.items():
         setattr(attn, attr, n // tp)
 
 
@@ -221,7 +218,7 @@ def _apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> N
     model.embed_out = ColumnParallelLinear(model.embed_out, group, sequence_parallel)
     if tied:
         model.embed_out.weight = model.embed_in.weight
-    _with_hooks(model, group, sequence_parallel)
+    model.vocab_ops = VocabParallelOps(group, sequence_parallel)
 
 
 def _apply_sequence_parallel_grad_sync(module: nn.Module, topo: Topology) -> None:
@@ -252,7 +249,7 @@ def mark_norm_ownership(model: nn.Module, topo: Topology) -> None:
 
 def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
     """In place: the tp/pp form of a single-device model built with identical weights on
-    every rank (same seed). Returns the model (whose class gains the TP hooks)."""
+    every rank (same seed). Returns the model."""
     if topo.tp * topo.pp > 1 and getattr(model, "_mp_full_shapes", None) is not None:
         raise RuntimeError("model is already parallelized")
     model._mp_full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
