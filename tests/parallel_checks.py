@@ -126,6 +126,7 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
     torch.manual_seed(0)
     ref = build_model(cfg)
     model = parallelize(copy.deepcopy(ref), cfg, topo)
+    keys = _state_dict_key_check(ref, model, topo)
     engine = build_engine(model, cfg, topo)
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(ref, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
@@ -152,7 +153,7 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
         opt.step()
         ref_losses.append(total)
         norms.append((stats["grad_norm"], ref_norm))
-    res = {"losses": losses, "ref_losses": ref_losses, "norms": norms,
+    res = {"losses": losses, "ref_losses": ref_losses, "norms": norms, "keys": keys,
            "mean_iters": stats.get("mean_iters"), "passes": getattr(ref, "num_passes", None),
            # activation checkpointing applied to which modules ("layer"/"iteration" markers)
            "checkpointing": sorted({m._ckpt for m in model.modules() if getattr(m, "_ckpt", None)})}
@@ -211,6 +212,26 @@ def dropout_checks(topo, sp=False):
         out["eval_loss"] = model(ids, targets=ids).loss.item()
     out["train_loss"] = base_loss
     return out
+
+
+def _state_dict_key_check(ref, model, topo) -> str | None:
+    """None when the parallel wrappers kept the single-device names: this rank's state-dict
+    keys are the single-device keys in the same order, minus the layers of other pipeline
+    stages, and every parameter name is one of them; else what differs. With tp the stack
+    and (with attention dropout) attention show as their wrapper modules in print(model)."""
+    from megaponder.parallel.pipeline import stage_layers
+    owned = set(stage_layers(len(ref.stack.layers), topo.pp, topo.pp_rank))
+    others = tuple(f"stack.layers.{i}." for i in range(len(ref.stack.layers)) if i not in owned)
+    want = [k for k in ref.state_dict() if not k.startswith(others)]
+    got = list(model.state_dict())
+    if got != want:
+        return f"state_dict keys {sorted(set(got) ^ set(want))[:6]} (or order) differ"
+    stray = [k for k, _ in model.named_parameters() if k not in set(want)]
+    if stray:
+        return f"parameter names not in the state dict: {stray[:6]}"
+    if topo.tp > 1 and "TensorParallelStack" not in repr(model):
+        return "print(model) does not show the TensorParallelStack wrapper"
+    return None
 
 
 def run_checks(rank, world, plan):

@@ -98,9 +98,15 @@ class CausalLM(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.embed_out(hidden)
 
+    #: vocabulary-sized ops over a vocabulary split across ranks (megaponder/parallel sets a
+    #: VocabParallelOps here); None: the single-device ones below
+    vocab_ops = None
+
     def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Every family computes its cross-entropy here, so tensor parallelism can swap in
-        the vocab-parallel one."""
+        """Every family computes its cross-entropy here, so tensor parallelism can route it
+        to the vocab-parallel one (``vocab_ops``)."""
+        if self.vocab_ops is not None:
+            return self.vocab_ops.lm_loss(logits, targets)
         return lm_cross_entropy(logits, targets)
 
     def chunked_vocab(self) -> int:
@@ -110,7 +116,7 @@ class CausalLM(nn.Module):
         chunk = self.cfg.loss_chunk_size
         if not chunk or not (self.training and torch.is_grad_enabled()):
             return 0
-        plain = (type(self.embed_out) is nn.Linear
+        plain = (type(self.embed_out) is nn.Linear and self.vocab_ops is None
                  and getattr(self.lm_loss, "__func__", None) is CausalLM.lm_loss)
         return chunk if plain else 0
 

@@ -62,6 +62,8 @@ class PonderMixin:
     def ponder_embedding(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ embed_in.weight (the *input* table), optionally over the top-k
         logits only. Unscaled; callers multiply by ``embed_scale``."""
+        if self.vocab_ops is not None:   # vocabulary split across ranks
+            return self.vocab_ops.ponder_embedding(logits, self.embed_in.weight)
         k = self.ponder_cfg.top_k
         weight = self.embed_in.weight
         if k and k < logits.shape[-1]:

@@ -9,12 +9,15 @@ and move state dicts between the two.
     load_full_state_dict(model, full_state, topo)  # every rank; the inverse
 
 The model code knows nothing about ranks. What changes:
-  * TP: ``attn.qkv`` and ``mlp.fc1`` become column-parallel (the per-head [q|k|v] row layout
-    makes each rank's heads one contiguous row block), ``attn.out`` and ``mlp.fc2``
-    row-parallel, ``embed_in`` a vocab-parallel embedding, ``embed_out`` a column-parallel
+  * TP: the linears named by the layer class's ``TP_PLAN`` become column- or row-parallel
+    (NeoX: ``attn.qkv``/``mlp.fc1`` column, the per-head [q|k|v] row layout making each
+    rank's heads one contiguous row block, ``attn.out``/``mlp.fc2`` row; LLaMA: q/k/v and
+    gate/up column, split per (kv) head, o/down row), ``embed_in`` a vocab-parallel embedding, ``embed_out`` a column-parallel
     head whose logits stay split over the vocabulary. The model's ``lm_loss`` and
-    ``ponder_embedding`` hooks become the vocab-parallel versions (tensor.py), so
+    ``ponder_embedding`` go to its ``vocab_ops`` (:class:`VocabParallelOps`, tensor.py), so
     ``ModelOutput.logits`` holds this rank's vocabulary slice (``gather_logits`` for all).
+    The stack and (with dropout) attention run inside :class:`Transparent` wrappers that
+    keep every state-dict key of the single-device model.
   * SP (``parallel.sequence_parallel``): LayerNorm/dropout regions work on a 1/tp slice of
     the sequence; replicated parameters there get a TP gradient all-reduce hook.
   * PP: ``model.stack`` becomes a :class:`~megaponder.parallel.pipeline.PipelinedStack`.
@@ -44,24 +47,22 @@ from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_from
 
 
 # --------------------------------------------------------------------------- family hooks
-class TensorParallelHooks:
-    """Mixed into the model's class: vocab-sized ops over a vocabulary split across TP."""
+class VocabParallelOps:
+    """The model's ``vocab_ops``: vocab-sized ops over a vocabulary split across ``group``
+    (cross-entropy, pondering embedding). A plain object, not a module: an nn.Module
+    attribute would land in ``_modules`` and lose to the class's ``vocab_ops = None``."""
 
-    _tp_group = None
-    _tp_sequence_parallel = False
+    def __init__(self, group, sequence_parallel: bool):
+        self.group, self.sequence_parallel = group, sequence_parallel
 
     def lm_loss(self, logits, targets):
-        return vocab_parallel_cross_entropy(logits, targets, self._tp_group, IGNORE_INDEX)
+        return vocab_parallel_cross_entropy(logits, targets, self.group, IGNORE_INDEX)
 
-    def ponder_embedding(self, logits):
-        return vocab_parallel_ponder_embedding(logits, self.embed_in.weight, self._tp_group,
-                                               self._tp_sequence_parallel)
+    def ponder_embedding(self, logits, weight):
+        return vocab_parallel_ponder_embedding(logits, weight, self.group, self.sequence_parallel)
 
-
-def _with_hooks(model: nn.Module, vocab_group, sequence_parallel: bool) -> None:
-    cls = type(model)
-    attrs = {"_tp_group": vocab_group, "_tp_sequence_parallel": sequence_parallel}
-    model.__class__ = type(f"TensorParallel{cls.__name__}", (TensorParallelHooks, cls), attrs)
+    def __repr__(self) -> str:
+        return f"VocabParallelOps(ranks={_size(self.group)}, sequence_parallel={self.sequence_parallel})"
 
 
 # --------------------------------------------------------------------------- parallelize
@@ -70,47 +71,134 @@ def _layers(stack) -> list:
     return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
-def _tp_spec_forward(inner, group):
+class Transparent(nn.Module):
+    """Base of the parallel wrappers: runs ``inner`` in some context while keeping every
+    state-dict key, parameter name and attribute of ``inner`` where it was.
+
+    ``inner``'s direct children, parameters and buffers are registered on the wrapper under
+    their own names (``inner`` itself is held outside ``_modules``), so ``stack.layers.3...``
+    stays ``stack.layers.3...`` for checkpoints, :func:`gather_full_state_dict`,
+    :func:`load_full_state_dict`, the universal reshard and the pipeline stages, while
+    ``print(model)`` names the wrapper that runs. Other attributes (``num_heads``,
+    ``rotary``, ``final_norm`` ...) read through to ``inner``. Wrap after sharding: a child
+    replaced on the wrapper later would not reach ``inner``'s forward."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "inner", inner)
+        # the same dicts' entries, not add_module/register_*: those refuse names that
+        # __getattr__ already finds on inner
+        self._modules.update(inner._modules)
+        self._parameters.update(inner._parameters)
+        self._buffers.update(inner._buffers)
+        self._non_persistent_buffers_set |= inner._non_persistent_buffers_set
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["inner"], name)
+
+    def train(self, mode: bool = True):
+        # inner is not a registered child: its own flag (attention dropout reads
+        # self.training) must follow the wrapper's
+        self.inner.train(mode)
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"inner={type(self.inner).__name__}"
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module under any :class:`Transparent` wrappers."""
+    while isinstance(module, Transparent):
+        module = module.inner
+    return module
+
+
+class InTPRngStream(Transparent):
+    """Runs ``inner`` drawing its random numbers from the per-TP-rank stream (dropout on
+    tensors that are split over TP: the local heads' attention probabilities,
+    sequence-parallel shards)."""
+
+    def forward(self, *args, **kwargs):
+        with RNG.tensor_parallel():
+            return self.inner(*args, **kwargs)
+
+
+class TensorParallelStack(Transparent):
     """The stack's attention-score bias (PonderLM-3's log-survival, a function of the
     replicated router) is added to this rank's heads only: like any replicated tensor that
     enters the TP region, its gradient must be summed over TP (copy_to_tp)."""
-    def forward(inputs_embeds, position_ids, spec=None, *args, **kwargs):
+
+    def __init__(self, inner: nn.Module, group):
+        super().__init__(inner)
+        object.__setattr__(self, "_group", group)
+
+    def forward(self, inputs_embeds, position_ids, spec=None, *args, **kwargs):
         if spec is not None and spec.key_bias is not None and spec.key_bias.requires_grad:
-            spec = dataclasses.replace(spec, key_bias=copy_to_tp(spec.key_bias, group))
-        return inner(inputs_embeds, position_ids, spec, *args, **kwargs)
-    return forward
+            spec = dataclasses.replace(spec, key_bias=copy_to_tp(spec.key_bias, self._group))
+        return self.inner(inputs_embeds, position_ids, spec, *args, **kwargs)
+
+
+def _split_heads(attn: nn.Module, tp: int) -> None:
+    """This rank's share of the attention heads (query heads and, for grouped-query
+    attention, key/value heads: rank r holds kv heads [r*KV/tp, (r+1)*KV/tp) and exactly the
+    query heads that read them, the query heads of one kv head being contiguous)."""
+    counts = {a: getattr(attn, a) for a in ("num_heads", "num_kv_heads") if getattr(attn, a, None)}
+    for attr, n in counts.items():   # check all before changing any
+        if n % tp:
+            raise ValueError(f"parallel.tp={tp} does not divide model.{attr}={n}: "
+                             f"choose a tp that divides both head counts")
+    for attr, n in counts.items():
+        setattr(attn, attr, n // tp)
+
+
+_TP_LINEAR = {"column": ColumnParallelLinear, "row": RowParallelLinear}
 
 
 def _apply_tp(model: nn.Module, topo: Topology) -> None:
+    """Shard every layer by its class's ``TP_PLAN`` (submodule path -> "column" | "row").
+    Column blocks are contiguous output rows per rank: NeoX's fused qkv (per-head [q|k|v]
+    rows) and LLaMA's separate q/k/v projections (heads, k/v by kv heads) both give each
+    rank whole heads."""
     g, sp = topo.tp_group, topo.sequence_parallel
-    model.stack.forward = _tp_spec_forward(model.stack.forward, g)
     for layer in _layers(model.stack):
-        attn, mlp = layer.attn, layer.mlp
-        if attn.num_heads % topo.tp:
-            raise ValueError(f"tp={topo.tp} does not divide num_heads={attn.num_heads}")
-        attn.qkv = ColumnParallelLinear(attn.qkv, g, sp)
-        attn.out = RowParallelLinear(attn.out, g, sp)
-        attn.num_heads //= topo.tp
-        if attn.dropout_p > 0:   # each rank's heads get their own masks
-            attn.forward = _in_tp_rng_stream(attn.forward)
+        plan = getattr(type(layer), "TP_PLAN", None)
+        if not plan:
+            raise ValueError(f"{type(layer).__name__} declares no TP_PLAN: it cannot be "
+                             f"tensor-parallel (set parallel.tp=1)")
+        _split_heads(layer.attn, topo.tp)
+        for path, style in plan.items():
+            if style not in _TP_LINEAR:
+                raise ValueError(f"{type(layer).__name__}.TP_PLAN[{path!r}] = {style!r}: "
+                                 f"use 'column' or 'row'")
+            parent_path, _, name = path.rpartition(".")
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+            setattr(parent, name, _TP_LINEAR[style](getattr(parent, name), g, sp))
+        if layer.attn.dropout_p > 0:   # each rank's heads get their own masks
+            layer.attn = InTPRngStream(layer.attn)
         if sp and layer.dropout.p > 0:   # the residual stream is a sequence shard here
-            layer.dropout.forward = _in_tp_rng_stream(layer.dropout.forward)
-        mlp.fc1 = ColumnParallelLinear(mlp.fc1, g, sp)
-        mlp.fc2 = RowParallelLinear(mlp.fc2, g, sp)
+            layer.dropout = InTPRngStream(layer.dropout)
+    model.stack = TensorParallelStack(model.stack, g)
 
 
-def _sequence_sharded_stack(inner, group):
+class SequenceShardedStack(Transparent):
     """Sequence parallelism inside the stack only (pondering families). The family's
     per-iteration work (head, pondering embedding, gates, halting masks, K/V-reuse) runs on
     full-length tensors replicated over TP, so each stack call takes its rank's sequence
     chunk of the replicated input (backward: all-gather) and all-gathers its output
     (backward: keep own chunk, the incoming gradient being replicated). Inside, the layers
     and the final LayerNorm run sequence-parallel as for vanilla."""
-    def forward(inputs_embeds, position_ids, spec=None, kv_hook=None, apply_final_norm=True):
-        hidden, kvs = inner(scatter_to_tp(inputs_embeds, group, 1), position_ids, spec,
-                            kv_hook=kv_hook, apply_final_norm=apply_final_norm)
-        return gather_from_tp(hidden, group, 1), kvs
-    return forward
+
+    def __init__(self, inner: nn.Module, group):
+        super().__init__(inner)
+        object.__setattr__(self, "_group", group)
+
+    def forward(self, inputs_embeds, position_ids, spec=None, kv_hook=None, apply_final_norm=True):
+        hidden, kvs = self.inner(scatter_to_tp(inputs_embeds, self._group, 1), position_ids, spec,
+                                 kv_hook=kv_hook, apply_final_norm=apply_final_norm)
+        return gather_from_tp(hidden, self._group, 1), kvs
 
 
 def vocab_group(topo: Topology, cfg) -> tuple:
@@ -130,7 +218,7 @@ def _apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> N
     model.embed_out = ColumnParallelLinear(model.embed_out, group, sequence_parallel)
     if tied:
         model.embed_out.weight = model.embed_in.weight
-    _with_hooks(model, group, sequence_parallel)
+    model.vocab_ops = VocabParallelOps(group, sequence_parallel)
 
 
 def _apply_sequence_parallel_grad_sync(module: nn.Module, topo: Topology) -> None:
@@ -161,7 +249,7 @@ def mark_norm_ownership(model: nn.Module, topo: Topology) -> None:
 
 def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
     """In place: the tp/pp form of a single-device model built with identical weights on
-    every rank (same seed). Returns the model (whose class gains the TP hooks)."""
+    every rank (same seed). Returns the model."""
     if topo.tp * topo.pp > 1 and getattr(model, "_mp_full_shapes", None) is not None:
         raise RuntimeError("model is already parallelized")
     model._mp_full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -173,7 +261,7 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
     if topo.tp > 1:
         _apply_tp(model, topo)
     if stack_only_sp:
-        model.stack.forward = _sequence_sharded_stack(model.stack.forward, topo.tp_group)
+        model.stack = SequenceShardedStack(model.stack, topo.tp_group)
     group, shards = vocab_group(topo, cfg)
     if shards > 1:
         _apply_vocab_parallel(model, group, topo.sequence_parallel and not stack_only_sp)
@@ -203,15 +291,6 @@ def _checkpointed(fn):
     return wrapped
 
 
-def _in_tp_rng_stream(fn):
-    """``fn`` drawing its random numbers from the per-TP-rank stream (dropout on tensors that
-    are split over TP: the local heads' attention probabilities, sequence-parallel shards)."""
-    def wrapped(*args, **kwargs):
-        with RNG.tensor_parallel():
-            return fn(*args, **kwargs)
-    return wrapped
-
-
 def apply_activation_checkpointing(model: nn.Module, granularity: str = "layer") -> None:
     """Recompute activations in backward, per ``layer`` or per ``iteration``.
 
@@ -226,8 +305,10 @@ def apply_activation_checkpointing(model: nn.Module, granularity: str = "layer")
         targets = list(_layers(model.stack))
         method = "forward"
     else:
-        targets = [model.stack]
-        method = "run_local" if isinstance(model.stack, PipelinedStack) else "forward"
+        # the innermost stack: the wrappers' context (TP bias, sequence shards) stays outside
+        stack = unwrap(model.stack)
+        targets = [stack]
+        method = "run_local" if isinstance(stack, PipelinedStack) else "forward"
     for module in targets:
         if getattr(module, "_ckpt", None):
             raise RuntimeError(f"activation checkpointing ({module._ckpt}) is already applied")
