@@ -153,6 +153,10 @@ def test_activation_checkpointing_single_process(family, granularity):
     ref = build_model(cfg)
     cfg.parallel.activation_checkpointing = granularity
     ck = parallelize(copy.deepcopy(ref), cfg, Topology())
+    # a wrapper module, not a re-bound forward: print(model) shows what runs
+    assert not [n for n, m in ck.named_modules() if "forward" in vars(m)]
+    assert "Checkpointed(" in repr(ck) and f"granularity={granularity}" in repr(ck)
+    assert list(ck.state_dict()) == list(ref.state_dict())
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (2, 8), generator=g)
     tgt = torch.randint(0, 128, (2, 8), generator=g)

@@ -20,7 +20,10 @@ def compile_layers(model: nn.Module, backend: str = "inductor", **kwargs) -> int
     from .backbones import BACKBONES
 
     layer_classes = tuple(spec.layer_cls for spec in BACKBONES.values())
-    layers = [m for m in model.modules() if isinstance(m, layer_classes)]
+    # a parallel wrapper around a layer (activation checkpointing) is compiled with the
+    # layer inside it; the layer itself is then not a child in model.modules()
+    layers = [m for m in model.modules()
+              if isinstance(m, layer_classes) or isinstance(getattr(m, "inner", None), layer_classes)]
     for layer in layers:
         layer.compile(backend=backend, **kwargs)
     return len(layers)

@@ -39,7 +39,7 @@ import torch.nn as nn
 from ..models.spec import require
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
-from .state import RNG, Topology
+from .state import RNG, Topology, checkpointed_call
 from .tensor import (_rank, _size, ColumnParallelLinear, copy_to_tp, gather_from_tp,
                      RowParallelLinear, scatter_to_tp, VocabParallelEmbedding,
                      register_sequence_parallel_grad_sync, vocab_parallel_cross_entropy,
@@ -276,19 +276,19 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
     return model
 
 
-def _checkpointed(fn):
-    """``fn`` recomputed in backward (non-reentrant torch checkpoint). Dropout masks repeat in
-    the recompute: torch restores the default RNG stream, ``RNG.checkpoint_contexts`` the
-    per-TP-rank one. TP collectives inside ``fn`` run again, identically on every TP rank."""
-    from torch.utils.checkpoint import checkpoint
+class Checkpointed(Transparent):
+    """``inner`` (a layer, or the whole single-device stack) with its activations recomputed in
+    backward; keys and attributes stay ``inner``'s."""
 
-    def wrapped(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return fn(*args, **kwargs)
-        return checkpoint(fn, *args, use_reentrant=False, context_fn=RNG.checkpoint_contexts,
-                          **kwargs)
+    def __init__(self, inner: nn.Module, granularity: str):
+        super().__init__(inner)
+        self._ckpt = granularity
 
-    return wrapped
+    def forward(self, *args, **kwargs):
+        return checkpointed_call(self.inner, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"inner={type(self.inner).__name__}, granularity={self._ckpt}"
 
 
 def apply_activation_checkpointing(model: nn.Module, granularity: str = "layer") -> None:
@@ -301,19 +301,26 @@ def apply_activation_checkpointing(model: nn.Module, granularity: str = "layer")
     outputs of the checkpointed call and stay alive as before."""
     if granularity not in ("layer", "iteration"):
         raise ValueError(f"activation checkpointing granularity {granularity!r}: use layer or iteration")
+    stack = unwrap(model.stack)
+    if any(getattr(m, "_ckpt", None) for m in [stack, *_layers(stack)]):
+        raise RuntimeError("activation checkpointing is already applied")
     if granularity == "layer":
-        targets = list(_layers(model.stack))
-        method = "forward"
+        layers = stack.layers
+        for key, layer in (layers.items() if isinstance(layers, nn.ModuleDict) else enumerate(layers)):
+            layers[key] = Checkpointed(layer, granularity)
+    elif isinstance(stack, PipelinedStack):
+        # the recompute must sit inside the looped pipeline, around this rank's own layers
+        stack.checkpoint_stage(granularity)
     else:
-        # the innermost stack: the wrappers' context (TP bias, sequence shards) stays outside
-        stack = unwrap(model.stack)
-        targets = [stack]
-        method = "run_local" if isinstance(stack, PipelinedStack) else "forward"
-    for module in targets:
-        if getattr(module, "_ckpt", None):
-            raise RuntimeError(f"activation checkpointing ({module._ckpt}) is already applied")
-        setattr(module, method, _checkpointed(getattr(module, method)))
-        module._ckpt = granularity
+        # innermost: the wrappers' context (TP key-bias sum, sequence shards) stays outside
+        wrapped = Checkpointed(stack, granularity)
+        if not isinstance(model.stack, Transparent):
+            model.stack = wrapped
+        else:
+            outer = model.stack
+            while isinstance(outer.inner, Transparent):
+                outer = outer.inner
+            object.__setattr__(outer, "inner", wrapped)
 
 
 # --------------------------------------------------------------------------- state dicts

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..models.attention import AttentionSpec
-from .state import Topology
+from .state import Topology, checkpointed_call
 from .tensor import COMM
 
 
@@ -231,8 +231,22 @@ class PipelinedStack(nn.Module):
         self._rotary = stack.layers[self.owned[0]].attn.rotary
         self._last_kvs = None
         self._anchor = torch.zeros((), requires_grad=True)
+        self._ckpt = None   # "iteration": run_local recomputed in backward
+
+    def checkpoint_stage(self, granularity: str) -> None:
+        """Recompute this rank's own layers (one :meth:`run_local` call) in backward; the
+        pipeline's send/recv stay outside the recompute."""
+        self._ckpt = granularity
+
+    def extra_repr(self) -> str:
+        return f"owned={self.owned}, checkpointed={self._ckpt}" if self._ckpt else f"owned={self.owned}"
 
     def run_local(self, x, position_ids, spec, kv_hook):
+        if self._ckpt:
+            return checkpointed_call(self._run_local, x, position_ids, spec, kv_hook)
+        return self._run_local(x, position_ids, spec, kv_hook)
+
+    def _run_local(self, x, position_ids, spec, kv_hook):
         cos, sin = self._rotary.cos_sin(position_ids, x.dtype)
         kvs = {}
         for i in self.owned:

@@ -433,3 +433,15 @@ def seed_everything(seed: int, topo: Topology) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     RNG.seed(seed, topo)
+
+
+def checkpointed_call(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` recomputed in backward (non-reentrant torch checkpoint). Dropout
+    masks repeat in the recompute: torch restores the default RNG stream,
+    ``RNG.checkpoint_contexts`` the per-TP-rank one. TP collectives inside ``fn`` run again,
+    identically on every TP rank."""
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=RNG.checkpoint_contexts, **kwargs)
