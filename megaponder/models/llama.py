@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .attention import AttentionSpec, attention, resolve_backend
-from .neox import KVHook, RotaryEmbedding
+from .neox import KVHook, LayerStack, RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -118,24 +118,9 @@ class LlamaLayer(nn.Module):
         return x + self.dropout(self.mlp(self.ln_mlp(x))), kv
 
 
-class LlamaStack(nn.Module):
-    """The shared-weight LLaMA layer stack plus final RMSNorm: the recurrence primitive, with
-    NeoXStack's signature."""
+class LlamaStack(LayerStack):
+    """LLaMA layers plus the final RMSNorm (NeoXStack's recurrence primitive, LayerStack)."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(LlamaLayer(cfg, i) for i in range(cfg.num_layers))
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_eps)
-
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                spec: Optional[AttentionSpec] = None, kv_hook: Optional[KVHook] = None,
-                apply_final_norm: bool = True):
-        """Returns (final-norm hidden [B, T, d], per-layer (k, v) as attended, with
-        ``num_kv_heads`` heads); ``apply_final_norm=False`` as in NeoXStack."""
-        spec = spec or AttentionSpec()
-        cos, sin = self.layers[0].attn.rotary.cos_sin(position_ids, inputs_embeds.dtype)
-        x, kvs = inputs_embeds, []
-        for layer in self.layers:
-            x, kv = layer(x, cos, sin, spec, kv_hook)
-            kvs.append(kv)
-        return (self.final_norm(x) if apply_final_norm else x), kvs
+        super().__init__([LlamaLayer(cfg, i) for i in range(cfg.num_layers)],
+                         RMSNorm(cfg.hidden_size, cfg.layernorm_eps))

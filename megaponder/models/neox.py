@@ -105,18 +105,21 @@ class NeoXLayer(nn.Module):
         return x + self.dropout(self.mlp(self.ln_mlp(x))), kv
 
 
-class NeoXStack(nn.Module):
-    """The shared-weight layer stack plus final LayerNorm: the recurrence primitive."""
+class LayerStack(nn.Module):
+    """A backbone's shared-weight layer stack plus final norm: the one recurrence primitive
+    every family wraps, whatever the backbone (NeoXStack, LlamaStack subclass it with their
+    layers and norm)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, layers: list[nn.Module], final_norm: nn.Module):
         super().__init__()
-        self.layers = nn.ModuleList(NeoXLayer(cfg, i) for i in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = final_norm
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                 spec: Optional[AttentionSpec] = None, kv_hook: Optional[KVHook] = None,
                 apply_final_norm: bool = True):
-        """Returns (final-norm hidden [B, T, d], per-layer (k, v) as attended).
+        """Returns (final-norm hidden [B, T, d], per-layer (k, v) as attended — with the
+        backbone's key/value head count, before any grouped-query repeat).
 
         ``apply_final_norm=False`` returns the pre-norm residual stream instead (the loop
         baseline feeds it back into the stack; ``self.final_norm`` can be applied later)."""
@@ -127,3 +130,11 @@ class NeoXStack(nn.Module):
             x, kv = layer(x, cos, sin, spec, kv_hook)
             kvs.append(kv)
         return (self.final_norm(x) if apply_final_norm else x), kvs
+
+
+class NeoXStack(LayerStack):
+    """GPT-NeoX layers plus the final LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__([NeoXLayer(cfg, i) for i in range(cfg.num_layers)],
+                         nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps))
