@@ -366,6 +366,16 @@ def test_import_back_is_bitwise(exported, family, tmp_path):
         from megaponder.train.checkpoint import read_checkpoint_config
 
         assert read_checkpoint_config(str(out)).to_dict() == refs[family]["cfg"].to_dict()
+    if family == "adaponderlm":   # the layout: kept unless given, and --tp 1 resets a tp=2 export
+        assert tool.main(["--from", "hf", "--to", "megaponder", "--input", str(root / f"hf-{family}"),
+                          "--output", str(tmp_path / "tp2"), "--tp", "2"]) == 0
+        assert tool.main(["--from", "megaponder", "--to", "hf", "--input", str(tmp_path / "tp2"),
+                          "--output", str(tmp_path / "hf-tp2")]) == 0
+        for args, tp in (([], 2), (["--tp", "1"], 1)):
+            dst = tmp_path / f"again{len(args)}"
+            assert tool.main(["--from", "hf", "--to", "megaponder", "--input", str(tmp_path / "hf-tp2"),
+                              "--output", str(dst), *args]) == 0
+            assert read_checkpoint_config(str(dst)).parallel.tp == tp
 
 
 def test_export_of_missing_checkpoint_is_one_line(tmp_path, capsys):

@@ -35,8 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--family", default="vanilla", choices=FAMILIES)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree the run will use")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree the run will use")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree the run will use (default 1; re-importing a "
+                        "megaponder export: the exported run's)")
+    p.add_argument("--pp", type=int, default=None,
+                   help="pipeline-parallel degree the run will use (default as --tp)")
     p.add_argument("--config", nargs="+", default=None,
                    help="--from neox: the GPT-NeoX run's config YAML(s), merged in order")
     p.add_argument("--vocab-size", type=int, default=None,
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from megaponder.convert.checkpoint import hf_to_megaponder_checkpoint, megaponder_to_hf_checkpoint
 
-    if args.src == "megaponder" and (args.family != "vanilla" or args.tp != 1 or args.pp != 1):
+    if args.src == "megaponder" and (args.family != "vanilla" or args.tp is not None or args.pp is not None):
         p.error("--family/--tp/--pp apply to --from hf and --from neox only")
     try:
         if args.src == "neox":
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
                 p.error("--from neox needs --config NEOX.yml (the run's GPT-NeoX config)")
             from megaponder.convert.neox_native import neox_to_megaponder_checkpoint
             cfg = neox_to_megaponder_checkpoint(args.input, args.config, args.output, args.family,
-                                                args.tp, args.pp, args.vocab_size)
+                                                args.tp or 1, args.pp or 1, args.vocab_size)
             print(f"wrote megaponder {cfg.model.family} checkpoint to {args.output} from GPT-NeoX "
                   f"{args.input} ({cfg.model.num_layers} layers, d={cfg.model.hidden_size})")
         elif args.src == "hf":

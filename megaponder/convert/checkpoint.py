@@ -33,22 +33,25 @@ def _load_hf(hf_dir: str):
     return hf_model_class(HF_MODEL_TYPES[model_type]).from_pretrained(hf_dir, dtype=torch.float32)
 
 
-def hf_to_megaponder_checkpoint(hf_dir: str, output: str, family: str = "vanilla", tp: int = 1,
-                                pp: int = 1, vocab_size: Optional[int] = None) -> Config:
-    """Write a megaponder checkpoint of ``family`` initialised from a Pythia checkpoint.
+def hf_to_megaponder_checkpoint(hf_dir: str, output: str, family: str = "vanilla",
+                                tp: Optional[int] = None, pp: Optional[int] = None,
+                                vocab_size: Optional[int] = None) -> Config:
+    """Write a megaponder checkpoint of ``family`` initialised from a Pythia or Llama checkpoint.
 
+    ``tp``/``pp``: the layout the run will use (None: 1, or for a re-imported megaponder export
+    the layout it was exported from — so ``tp=1`` can reset a tp=2 export).
     ``vocab_size`` is the tokenizer's real size (Pythia: 50277 of 50304 rows); by default the
     HF config's (padded) size is used for both.
     """
     from .hf_export import import_export, is_megaponder_export
 
     if is_megaponder_export(hf_dir):  # our own remote-code export: same tensors and config
-        return import_export(hf_dir, output, family, tp if tp != 1 else None, pp if pp != 1 else None)
+        return import_export(hf_dir, output, family, tp, pp)
     hf = _load_hf(hf_dir)
     model_cfg: ModelConfig = model_config_from_hf(hf.config)
     backbone = hf_to_megaponder(hf.state_dict(), model_cfg.num_layers, model_cfg.backbone)
     tokenizer = os.path.join(hf_dir, "tokenizer.json")
-    return write_backbone_checkpoint(model_cfg, backbone, output, family, tp, pp, vocab_size,
+    return write_backbone_checkpoint(model_cfg, backbone, output, family, tp or 1, pp or 1, vocab_size,
                                      source=hf_dir,
                                      tokenizer=tokenizer if os.path.exists(tokenizer) else None)
 
