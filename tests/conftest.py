@@ -14,6 +14,17 @@ torch.set_num_threads(2)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def convert_tool():
+    """tools/convert_checkpoint.py as a module, so tests call its ``main`` in this process
+    (saves an interpreter start per conversion)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 @pytest.fixture
 def repo_root():
     return REPO_ROOT

@@ -16,7 +16,6 @@ Tolerance 1e-5 for logits (fp32): the remote code runs the same torch ops in the
 (sdpa, same masks), observed difference 0. Tokens must be equal (greedy, and sampling with
 the same seed).
 """
-import importlib.util
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, convert_tool
 from conftest_data import demo_corpus_dir, neox_tokenizer_json
 
 pytest.importorskip("transformers")
@@ -57,12 +56,7 @@ VARIANTS = {"ponderlm2": {"eval_mode": "official", "eval_jacobi_passes": 1},
             "fixed_pruning": {"stream": 3}, "random_halting": {"stream": 3}}
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint",
-                                                  os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_tool = convert_tool
 
 
 # the llama backbone's exports (name "<family>-llama"): vanilla as the plain LlamaForCausalLM,

@@ -9,7 +9,6 @@ attention and 0 with sdpa.
 """
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from megaponder.config import Config, ModelConfig, validate
 from megaponder.convert.hf import hf_config_from_model_config, hf_to_megaponder
 from megaponder.models.base import CausalLM
 
-from conftest import REPO_ROOT
+from conftest import convert_tool
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,12 +69,7 @@ def test_logits_match_hf_llama(shape, backend):
 
 
 def _tool(*args):
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.pop(0)
-    assert convert_checkpoint.main(list(args)) == 0
+    assert convert_tool().main(list(args)) == 0
 
 
 def test_hf_llama_round_trip_and_family_init(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import convert_tool
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,13 +78,8 @@ def neox_yaml(hf_config, path) -> None:
 
 
 def convert(*args) -> int:
-    """tools/convert_checkpoint.py's main, in this process (saves an interpreter start)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.main([str(a) for a in args])
+    """tools/convert_checkpoint.py's main, in this process."""
+    return convert_tool().main([str(a) for a in args])
 
 
 @pytest.mark.parametrize("parallel_residual,tied,sequential", [
