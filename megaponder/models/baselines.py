@@ -177,10 +177,10 @@ class PauseLM(LatentLM):
 def _register() -> None:
     from . import flops
     register_family(FamilySpec(
-        name="loop", model_cls=LoopLM, kind="fixed", decoder=DECODERS + "LoopDecoder",
+        name="loop", model_cls=LoopLM, kind="fixed", decoder=DECODERS + "LoopDecoder", recurrent=True,
         train_flops=flops.loop_train_flops, inference_flops=flops.loop_inference_flops,
         ponder_keys=("steps", "scale_embeds", "thought_embed_scale", "depth_scaled_init")))
-    planned = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder",
+    planned = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder", recurrent=True,
                    train_flops=flops.vertical_train_flops,
                    inference_flops=flops.vertical_inference_flops, sequence_parallel=True,
                    halting="schedule", full_depth_tau=None,

@@ -31,14 +31,13 @@ import math
 
 import torch.nn as nn
 
-#: families whose output projections get the depth factor (the stack runs K+1 times)
-RECURRENT = ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting", "loop", "ponderlm2",
-             "ponderlm3")
+from .spec import family_spec
 
 
 def depth_passes(family: str, ponder) -> int:
-    """The K+1 of the depth factor: passes of the shared stack (1 for vanilla and pause)."""
-    return ponder.steps + 1 if family in RECURRENT else 1
+    """The K+1 of the depth factor: passes of the shared stack (1 for vanilla and pause;
+    FamilySpec.recurrent says which)."""
+    return ponder.steps + 1 if family_spec(family).recurrent else 1
 
 
 def init_stds(cfg, ponder, family: str) -> tuple[str, float, float]:

@@ -275,7 +275,7 @@ LATENT_PONDER_KEYS = ("steps", "scale_embeds", "depth_scaled_init", "jacobi_pass
 
 def _register() -> None:
     from . import flops
-    latent = dict(kind="latent", decoder=DECODERS + "LatentDecoder",
+    latent = dict(kind="latent", decoder=DECODERS + "LatentDecoder", recurrent=True,
                   train_flops=flops.latent_train_flops,
                   inference_flops=flops.latent_inference_flops)
     register_family(FamilySpec(name="ponderlm2", model_cls=PonderLM2, ponder_keys=LATENT_PONDER_KEYS,

@@ -400,7 +400,7 @@ HALTING_PONDER_KEYS = ("tau", "halted_readout", "kv_reuse_grad", "bottomk_pool")
 
 def _register() -> None:
     from . import flops
-    vertical = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder",
+    vertical = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder", recurrent=True,
                     train_flops=flops.vertical_train_flops,
                     inference_flops=flops.vertical_inference_flops, sequence_parallel=True)
     register_family(FamilySpec(name="ponderlm", model_cls=PonderLM, ponder_keys=VERTICAL_PONDER_KEYS,

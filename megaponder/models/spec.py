@@ -50,6 +50,9 @@ class FamilySpec:
     train_flops: Optional[Callable[..., float]] = None
     #: ``inference_flops(dims, seq_len, activity) -> float``: KV-cached decoding of a sequence
     inference_flops: Optional[Callable[..., float]] = None
+    #: the shared stack runs ponder.steps + 1 times per token (models/init.py divides the output
+    #: projections by sqrt(K+1) for these under ponder.depth_scaled_init)
+    recurrent: bool = False
     #: parallel.sequence_parallel allowed (the family's stack calls see full-length,
     #: final-normed sequences with only token-wise work outside; parallel/parallelize.py)
     sequence_parallel: bool = False
