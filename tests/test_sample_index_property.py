@@ -69,7 +69,8 @@ def test_sample_idx_equals_searchsorted_and_megatron_core(case):
                                                                     drop_last=drop_last))
         # integer rows: the extension and numpy must agree exactly (no tolerance), and for every
         # input/output width the loaders and the .npy caches can hand in
-        for out_dtype, in_dtype in ((np.int32, np.int64), (np.int64, np.int32), (np.int64, np.int64)):
+        for out_dtype, in_dtype in ((np.int32, np.int64), (np.int64, np.int32),
+                                    (np.int64, np.int64)):
             wide = build_sample_idx(sizes.astype(in_dtype), doc_idx.astype(in_dtype), seq, n,
                                     out_dtype, drop_last=drop_last)
             assert wide.dtype == out_dtype

@@ -74,7 +74,7 @@ static int integer_width(const Py_buffer *view, const char *name, int ndim)
     const char *format = view->format ? view->format : "B";
     if (*format == '@' || *format == '=' || (*format == '<' && PY_LITTLE_ENDIAN))
         format++;
-    int is_signed_int = format[1] == '\0' && strchr("ilq", format[0]) != NULL;
+    int is_signed_int = format[0] != '\0' && format[1] == '\0' && strchr("ilq", format[0]) != NULL;
     if (view->ndim != ndim || !is_signed_int || (view->itemsize != 4 && view->itemsize != 8)) {
         PyErr_Format(PyExc_TypeError,
                      "%s must be a %d-d C-contiguous int32 or int64 array (got format '%s', "
