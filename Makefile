@@ -13,8 +13,10 @@ TORCH_INDEX ?=
 .PHONY: setup train test clean-runs
 
 # The stamp depends on the requirement files, so `make setup` is a no-op when
-# nothing changed and re-installs when a pin moves.
-$(STAMP): setup.py requirements/cpu.txt requirements/constraints.txt requirements/nodeps.txt
+# nothing changed and re-installs when a pin moves; and on the C extension's source, which
+# `pip install -e .` compiles in place (an edited .c is otherwise never rebuilt).
+$(STAMP): setup.py requirements/cpu.txt requirements/constraints.txt requirements/nodeps.txt \
+		megaponder/data/_sample_index.c
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(if $(TORCH_INDEX),$(BIN)/pip install -q --index-url $(TORCH_INDEX) -c requirements/constraints.txt torch)
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -r requirements/cpu.txt -c requirements/constraints.txt

@@ -1,5 +1,5 @@
 """megaponder: pretraining framework for pondering language models."""
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="megaponder",
@@ -10,6 +10,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megaponder", "megaponder.*"]),
+    # The one-pass sample-index builder (CPython C API only: no numpy headers, no CUDA). Optional:
+    # without a C compiler the install still succeeds and megaponder.data.sample_index uses numpy.
+    ext_modules=[Extension("megaponder.data._sample_index", ["megaponder/data/_sample_index.c"],
+                           optional=True)],
     install_requires=[
         "torch>=2.6",  # oldest supported (megaponder/compat.py); CI runs the pin
         "numpy",

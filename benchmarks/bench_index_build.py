@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Index building time: megaponder's numpy implementation vs megatron-core's GPTDataset path
-(python doc/shuffle index + compiled helpers_cpp sample index), same corpus and sample counts.
+"""Index building time: megaponder (with its compiled sample index, and on its numpy path) vs
+megatron-core's GPTDataset path (python doc/shuffle index + compiled helpers_cpp sample index),
+same corpus and sample counts.
 
     python benchmarks/bench_index_build.py [--demo-dir data/demo]
 """
@@ -16,7 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaponder.data import IndexedDataset  # noqa: E402
 from megaponder.data.demo import prepare_demo_corpus  # noqa: E402
-from megaponder.data.sample_index import build_megatron_indices, num_epochs_megatron  # noqa: E402
+from megaponder.data import sample_index  # noqa: E402
+from megaponder.data.sample_index import (build_megatron_indices, build_sample_idx,  # noqa: E402
+                                          num_epochs_megatron, numpy_sample_index)
 
 
 def megatron_core_indices(sizes, documents, seq_length, num_samples, seed):
@@ -39,20 +42,26 @@ def megatron_core_indices(sizes, documents, seq_length, num_samples, seed):
     return doc, sample, shuffle
 
 
-def best_interleaved(fa, fb, repeat):
-    """Best time of each, the two alternating run by run, so a burst of load on the shared
-    machine hits both sides instead of one."""
-    ta, tb = [], []
+def best_interleaved(fns, repeat):
+    """Best time of each function and its last output, the functions taking turns run by run, so
+    a burst of load on the shared machine hits every side instead of one."""
+    times, outs = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeat):
-        for fn, times in ((fa, ta), (fb, tb)):
+        for k, fn in enumerate(fns):
             t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-            if fn is fa:
-                out_a = out
-            else:
-                out_b = out
-    return min(ta), out_a, min(tb), out_b
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return [min(t) for t in times], outs
+
+
+def megaponder_numpy_indices(*args):
+    with numpy_sample_index():
+        return build_megatron_indices(*args)
+
+
+def numpy_sample_idx(*args):
+    with numpy_sample_index():
+        return build_sample_idx(*args)
 
 
 def main():
@@ -60,21 +69,48 @@ def main():
     p.add_argument("--demo-dir", default="data/demo")
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
+    if sample_index._compiled is None:
+        sys.exit("the sample-index extension is not built (pip install -e . or "
+                 "python setup.py build_ext --inplace); this benchmark compares it with numpy")
     prepare_demo_corpus(args.demo_dir, log=lambda *a: None)
     ds = IndexedDataset(os.path.join(args.demo_dir, "train_text_document"))
     docs = np.arange(len(ds), dtype=np.int32)
     sizes = np.array(ds.sizes)
-    print(f"demo train split: {len(ds)} docs, {ds.num_tokens} tokens; best of {args.repeat}, interleaved")
-    print("| seq_length | samples | epochs | megaponder numpy (ms) | megatron-core + helpers_cpp (ms) | ratio | equal |")
-    print("|---:|---:|---:|---:|---:|---:|:---:|")
+    print(f"demo train split: {len(ds)} docs, {ds.num_tokens} tokens; best of {args.repeat}, "
+          f"the three sides interleaved")
+    print("| seq_length | samples | epochs | megaponder ext (ms) | megaponder numpy (ms) | "
+          "megatron-core + helpers_cpp (ms) | ext / megatron | numpy / megatron | equal |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
     for seq, n in ((128, 7_000), (128, 1_000_000), (2048, 1_000_000), (512, 10_000_000)):
-        t_ours, ours, t_ref, ref = best_interleaved(
-            lambda: build_megatron_indices(sizes, docs, seq, n, 1234),
-            lambda: megatron_core_indices(sizes, docs, seq, n, 1234), args.repeat)
-        same = all(np.array_equal(a, b) for a, b in zip(ours, ref))
+        (t_ext, t_np, t_ref), (ext, ours_np, ref) = best_interleaved(
+            [lambda: build_megatron_indices(sizes, docs, seq, n, 1234),
+             lambda: megaponder_numpy_indices(sizes, docs, seq, n, 1234),
+             lambda: megatron_core_indices(sizes, docs, seq, n, 1234)], args.repeat)
+        same = all(np.array_equal(a, b) and np.array_equal(c, b)
+                   for a, c, b in zip(ext, ours_np, ref))
         epochs = num_epochs_megatron(ds.num_tokens, seq, n)
-        print(f"| {seq} | {n:,} | {epochs} | {t_ours * 1e3:.1f} | {t_ref * 1e3:.1f} | "
-              f"{t_ours / t_ref:.2f} | {'yes' if same else 'NO'} |")
+        print(f"| {seq} | {n:,} | {epochs} | {t_ext * 1e3:.1f} | {t_np * 1e3:.1f} | "
+              f"{t_ref * 1e3:.1f} | {t_ext / t_ref:.2f} | {t_np / t_ref:.2f} | "
+              f"{'yes' if same else 'NO'} |")
+    print()
+    print("sample index alone (same doc index for all three):")
+    print("| seq_length | samples | ext (ms) | numpy (ms) | helpers_cpp (ms) | ext / helpers_cpp | "
+          "numpy / helpers_cpp |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import helpers
+    for seq, n in ((128, 1_000_000), (2048, 1_000_000), (512, 10_000_000)):
+        doc = build_megatron_indices(sizes, docs, seq, n, 1234)[0]
+        epochs = num_epochs_megatron(ds.num_tokens, seq, n)
+        rows = (epochs * ds.num_tokens - 1) // seq
+        (t_ext, t_np, t_ref), _ = best_interleaved(
+            [lambda: build_sample_idx(sizes, doc, seq, rows),
+             lambda: numpy_sample_idx(sizes, doc, seq, rows),
+             lambda: helpers.build_sample_idx(sizes, doc, seq, epochs, ds.num_tokens, True, True)],
+            args.repeat)
+        print(f"| {seq} | {n:,} | {t_ext * 1e3:.1f} | {t_np * 1e3:.1f} | {t_ref * 1e3:.1f} | "
+              f"{t_ext / t_ref:.2f} | {t_np / t_ref:.2f} |")
 
 
 if __name__ == "__main__":

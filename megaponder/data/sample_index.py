@@ -11,17 +11,24 @@ Two algorithms that produce *different* orders for the same seed (docs/data.md �
 
 Both share the sample index: sample j covers flattened token positions [j·S, j·S + S] of the
 shuffled document stream (S+1 tokens; consecutive samples share one token). Row j of
-``sample_idx`` is (position in doc_idx, offset in that document) of position j·S. The C++ helpers
-walk the documents greedily; locating j·S in the cumulative lengths gives the same rows (tested
-against megatron-core's ``helpers_cpp``) without a compiled extension, and counting each
-document's rows (``np.repeat``) does it in one linear pass, at the C++ walk's speed.
+``sample_idx`` is (position in doc_idx, offset in that document) of position j·S, i.e. j·S located
+in the cumulative document lengths (the rows megatron-core's ``helpers_cpp`` greedy walk gives;
+tested equal). A small C extension (``_sample_index.c``, built by ``pip install -e .`` where a C
+compiler is present) writes them in one pass over the documents; without it the same rows come
+from numpy (each document's row count and ``np.repeat``, about six passes over the arrays).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
 import numpy as np
+
+try:
+    from . import _sample_index as _compiled
+except ImportError:  # installed without a C compiler: the numpy path gives the same rows
+    _compiled = None
 
 INT32_MAX = np.iinfo(np.int32).max
 
@@ -94,16 +101,51 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
     """[num_samples + 1, 2] rows of (doc_idx position, token offset); see the module docstring.
 
     ``num_samples`` is the count the C++ helper derives from epochs and tokens;
-    ``drop_last=False`` reproduces megatron's padded final partial sample."""
+    ``drop_last=False`` reproduces megatron's padded final partial sample. Uses the compiled
+    extension when it is built, numpy otherwise (``numpy_sample_index()`` forces numpy)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.int32, np.int64):
+        raise TypeError(f"sample_idx dtype must be int32 or int64 (got {dtype}).")
     m = len(doc_idx)
+    if dtype == np.int32 and m > INT32_MAX:
+        raise OverflowError(f"doc_idx has {m} entries, more than an int32 sample_idx holds; "
+                            f"pass dtype=np.int64.")
+    out = np.empty((num_samples + 1, 2), dtype=dtype)
+    sizes, doc_idx = np.asarray(sizes), np.asarray(doc_idx)
+    if _compiled is not None:
+        # int32/int64 buffers go straight through; anything else (a uint16 array) is widened
+        total = _compiled.fill_sample_idx(_as_index_array(sizes), _as_index_array(doc_idx),
+                                          seq_length, out)
+    else:
+        total = _fill_sample_idx_numpy(sizes, doc_idx, seq_length, out)
+    out[0] = (0, 0)  # the C++ walk always starts at (0, 0), even on an empty first document
+    if not drop_last and num_samples * seq_length > total - add_extra_token:
+        # megatron's "end of documents" branch: the final row points at the last usable token
+        out[-1] = (m - 1, int(sizes[doc_idx[-1]]) - add_extra_token)
+    return out
+
+
+def _as_index_array(a: np.ndarray) -> np.ndarray:
+    if a.dtype in (np.int32, np.int64) and a.dtype.isnative:
+        return np.ascontiguousarray(a)
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _fill_sample_idx_numpy(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int,
+                           out: np.ndarray) -> int:
+    """The extension's rows in numpy (row j = (i, j*S - starts[i]) for the last stream entry i
+    starting at or before j*S) → the stream's token count."""
+    m, num_samples = len(doc_idx), len(out) - 1
+    if m and (doc_idx.min() < 0 or doc_idx.max() >= len(sizes)):
+        bad = int(np.flatnonzero((doc_idx < 0) | (doc_idx >= len(sizes)))[0])
+        raise IndexError(f"doc_idx[{bad}] = {int(doc_idx[bad])} is not a document of sizes "
+                         f"(valid: 0..{len(sizes) - 1})")
     starts = np.zeros(m + 1, dtype=np.int64)  # starts[i]: first stream position of doc_idx[i]
-    np.cumsum(np.asarray(sizes)[doc_idx], dtype=np.int64, out=starts[1:])
-    total = int(starts[-1])
-    # Row j holds the last document starting at or before j*S (a searchsorted, which skips empty
-    # documents). Both sides are sorted, so instead of n binary searches over m starts (cache-
-    # hostile at millions of rows) count linearly: document i owns the rows j with
-    # ceil(starts[i]/S) <= j < ceil(starts[i+1]/S); the trailing entry (start = total) owns rows
-    # past the end, which only megatron's drop_last=False reaches.
+    np.cumsum(sizes[doc_idx], dtype=np.int64, out=starts[1:])
+    # Both the row positions and the starts are sorted, so instead of n binary searches over m
+    # starts (cache-hostile at millions of rows) count linearly: document i owns the rows j with
+    # ceil(starts[i]/S) <= j < ceil(starts[i+1]/S) (none for an empty document); the trailing
+    # entry (start = total) owns rows past the end, which only megatron's drop_last=False reaches.
     first_row = np.empty(m + 2, dtype=np.int64)
     np.floor_divide(starts + (seq_length - 1), seq_length, out=first_row[:-1])
     first_row[-1] = num_samples + 1
@@ -113,14 +155,21 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
     offsets = np.arange(num_samples + 1, dtype=np.int64)
     offsets *= seq_length
     offsets -= starts[which]
-    out = np.empty((num_samples + 1, 2), dtype=dtype)
     out[:, 0] = which
     out[:, 1] = offsets
-    out[0] = (0, 0)  # the C++ walk always starts at (0, 0), even on an empty first document
-    if not drop_last and num_samples * seq_length > total - add_extra_token:
-        # megatron's "end of documents" branch: the final row points at the last usable token
-        out[-1] = (m - 1, int(np.asarray(sizes)[doc_idx[-1]]) - add_extra_token)
-    return out
+    return int(starts[-1])
+
+
+@contextlib.contextmanager
+def numpy_sample_index():
+    """Within the block ``build_sample_idx`` takes the numpy path even where the extension is
+    built (parity tests and benchmarks compare the two)."""
+    global _compiled
+    saved, _compiled = _compiled, None
+    try:
+        yield
+    finally:
+        _compiled = saved
 
 
 def build_shuffle_idx(num_samples: int, total_size: int, rng: np.random.RandomState) -> np.ndarray:
