@@ -170,11 +170,19 @@ def _data_cfg(vocab):
 
 
 def _outcome(fn):
+    """("ok", result) or (error class, its one line, whether this rank prints it)."""
     from megaponder.errors import one_line
     try:
         return ("ok", fn())
     except Exception as err:  # noqa: BLE001 - the test compares the error's kind and text
-        return (type(err).__name__, one_line(err))
+        return (type(err).__name__, one_line(err), getattr(err, "_megaponder_report_here", None))
+
+
+def _fail_on(rank, error):
+    from megaponder.parallel.agreement import agree_on_failure
+    with agree_on_failure("a phase"):
+        if rank:
+            raise error
 
 
 def _checks_on_two_ranks(rank, world, root):
@@ -196,7 +204,10 @@ def _checks_on_two_ranks(rank, world, root):
     too_small = _outcome(lambda: checks.open_and_check_data(_data_cfg(50)))
     os.chdir(os.path.join(root, f"other{rank}"))
     differing = _outcome(lambda: checks.open_and_check_data(_data_cfg(100)))
-    return good, too_small, differing
+    os.chdir(root)  # no data here: the same error on both ranks
+    everywhere = _outcome(lambda: checks.open_and_check_data(_data_cfg(100)))
+    bug = _outcome(lambda: _fail_on(rank, RuntimeError("boom")))
+    return good, too_small, differing, everywhere, bug
 
 
 def test_data_checks_scan_once_per_job_and_fail_identically(tmp_path, monkeypatch):
@@ -209,7 +220,7 @@ def test_data_checks_scan_once_per_job_and_fail_identically(tmp_path, monkeypatc
         _write(str(tmp_path / name / "a"), docs + (docs[:1] if name == "other1" else []))
         _write(str(tmp_path / name / "b"), docs[:3])
     results = run_distributed(_checks_on_two_ranks, 2, args=(str(tmp_path),))
-    (good0, small0, diff0), (good1, small1, diff1) = results
+    (good0, small0, diff0, both0, bug0), (good1, small1, diff1, both1, bug1) = results
     # every dataset opened once per rank (checks, samples and validation share it); rank 0 alone scans
     assert good0["opened"] == good1["opened"] == ["a", "b"]
     assert good0["scanned"] == ["a", "b"] and good1["scanned"] == []
@@ -220,11 +231,17 @@ def test_data_checks_scan_once_per_job_and_fail_identically(tmp_path, monkeypatc
     with pytest.raises(Exception) as alone:  # the single-process check
         check_data_fits(_data_cfg(50), datasets=open_datasets(_data_cfg(50).data))
     alone = one_line(alone.value)
-    assert small0 == ("DataError", alone) and "token id 80" in alone
-    assert small1 == ("PeerFailed", f"start-up failed on rank 0 (data checks): {alone}")
+    assert small0 == ("DataError", alone, True) and "token id 80" in alone
+    assert small1 == ("PeerFailed", f"start-up failed on rank 0 (data checks): {alone}", False)
     # rank 1's copy of a differs from rank 0's (another node-local copy): refused by its size
     sizes = {n: (os.path.getsize(tmp_path / n / "a.bin"), os.path.getsize(tmp_path / n / "a.idx"))
              for n in ("other0", "other1")}
-    assert diff1[0] == "DataError" and diff1[1].startswith(
+    assert diff1[0] == "DataError" and diff1[2] is True and diff1[1].startswith(
         f"a.bin/.idx (bytes) are {sizes['other1']} on rank 1 but {sizes['other0']} on rank 0"), diff1
-    assert diff0 == ("PeerFailed", f"start-up failed on rank 1 (data checks): {diff1[1]}")
+    assert diff0 == ("PeerFailed", f"start-up failed on rank 1 (data checks): {diff1[1]}", True)
+    # the same error on every rank: each raises its own, only rank 0 prints it
+    assert both0[0] == both1[0] == "DatasetNotFoundError" and both0[1] == both1[1]
+    assert (both0[2], both1[2]) == (True, False)
+    # a bug on rank 1 keeps its type there (traceback, exit 1); rank 0 names it
+    assert bug1[:2] == ("RuntimeError", "boom")
+    assert bug0 == ("PeerFailed", "start-up failed on rank 1 (a phase): RuntimeError: boom", True)
