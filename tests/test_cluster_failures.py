@@ -207,10 +207,39 @@ def _checks_on_two_ranks(rank, world, root):
     os.chdir(root)  # no data here: the same error on both ranks
     everywhere = _outcome(lambda: checks.open_and_check_data(_data_cfg(100)))
     bug = _outcome(lambda: _fail_on(rank, RuntimeError("boom")))
-    return good, too_small, differing, everywhere, bug
+    return good, too_small, differing, everywhere, bug, _bf16_zero1_and_zero2()
+
+
+def _bf16_zero1_and_zero2():
+    """Two optimizer steps of bf16 training with ZeRO-1 (DeepSpeed's bf16 optimizer) and with
+    ZeRO-2 (its ZeRO optimizer), 3 micro-batches each, same weights and data: grad norms and
+    the parameters' sum."""
+    import torch
+
+    from megaponder.models import build_model
+    from megaponder.parallel import build_engine, parallelize
+    from megaponder.parallel.state import build_topology
+
+    topo = build_topology()
+    out = {}
+    for stage in (1, 2):
+        cfg = load_config(TINY_CONFIG, ["model.hidden_size=32", "model.num_layers=1",
+                                        "model.vocab_size=256", "train.precision=bf16",
+                                        f"parallel.zero_stage={stage}", "train.micro_batch_size=1",
+                                        "optim.grad_clip=0"], check_paths=False)
+        cfg.train.grad_accum_steps = 3
+        torch.manual_seed(0)
+        engine = build_engine(parallelize(build_model(cfg), cfg, topo), cfg, topo)
+        ids = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(topo.rank))
+        norms = [engine.train_step({"input_ids": ids[:, :-1], "targets": ids[:, 1:]})["grad_norm"]
+                 for _ in range(2)]
+        out[stage] = (norms, float(sum(p.double().sum() for p in engine.module.parameters())))
+    return out
 
 
 def test_data_checks_scan_once_per_job_and_fail_identically(tmp_path, monkeypatch):
+    """2 gloo processes, each in its own 'node' folder; also bf16 ZeRO-1 against ZeRO-2 with
+    gradient accumulation in the same processes (their start-up is the expensive part)."""
     from megaponder.data.checks import check_data_fits, open_datasets
     from megaponder.errors import one_line
 
@@ -220,7 +249,7 @@ def test_data_checks_scan_once_per_job_and_fail_identically(tmp_path, monkeypatc
         _write(str(tmp_path / name / "a"), docs + (docs[:1] if name == "other1" else []))
         _write(str(tmp_path / name / "b"), docs[:3])
     results = run_distributed(_checks_on_two_ranks, 2, args=(str(tmp_path),))
-    (good0, small0, diff0, both0, bug0), (good1, small1, diff1, both1, bug1) = results
+    (good0, small0, diff0, both0, bug0, bf16), (good1, small1, diff1, both1, bug1, _) = results
     # every dataset opened once per rank (checks, samples and validation share it); rank 0 alone scans
     assert good0["opened"] == good1["opened"] == ["a", "b"]
     assert good0["scanned"] == ["a", "b"] and good1["scanned"] == []
@@ -245,3 +274,9 @@ def test_data_checks_scan_once_per_job_and_fail_identically(tmp_path, monkeypatc
     # a bug on rank 1 keeps its type there (traceback, exit 1); rank 0 names it
     assert bug1[:2] == ("RuntimeError", "boom")
     assert bug0 == ("PeerFailed", "start-up failed on rank 1 (a phase): RuntimeError: boom", True)
+    # DeepSpeed's bf16 optimizer used to count micro-batch k of gas (gas - k) times (~1.6x the
+    # norm here). Both keep fp32 gradients and master weights and differ only in reduction
+    # order and bf16 rounding of the working copy: 1e-3 relative.
+    (norms1, sum1), (norms2, sum2) = bf16[1], bf16[2]
+    assert np.allclose(norms1, norms2, rtol=1e-3), (norms1, norms2)
+    assert abs(sum1 - sum2) <= 1e-3 * abs(sum2), (sum1, sum2)

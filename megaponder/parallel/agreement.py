@@ -85,13 +85,15 @@ def _summary(err: BaseException) -> str:
     return one_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {one_line(err)}"
 
 
+# how torch.distributed words a timeout: gloo's collectives, the rendezvous store, NCCL's watchdog
+_TIMEOUT_MARKERS = ("Timed out waiting", "Timed out after", "Watchdog caught collective operation timeout")
+
+
 def describe_timeout(err: BaseException, timeout_minutes: float) -> Optional[CollectiveTimeout]:
-    """A :class:`CollectiveTimeout` for a backend error that is a collective's timeout (gloo:
-    "Timed out waiting ... for recv", NCCL's watchdog: "Watchdog caught collective operation
-    timeout"), else None."""
+    """A :class:`CollectiveTimeout` for an error that is a collective's (or the rendezvous')
+    timeout, else None."""
     text = str(err)
-    if not isinstance(err, RuntimeError) or not ("Timed out" in text or "timed out" in text
-                                                 or "timeout" in text.lower() and "Watchdog" in text):
+    if not isinstance(err, RuntimeError) or not any(m in text for m in _TIMEOUT_MARKERS):
         return None
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return CollectiveTimeout(

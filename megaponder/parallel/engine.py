@@ -106,6 +106,8 @@ class ParallelEngine:
         self.guard = LossGuard(cfg.train.loss_spike_factor, cfg.train.loss_spike_warmup)
         self._nan_steps = injected_nan_steps(topo.rank)
         self._nan_grad_steps = injected_nan_steps(topo.rank, FAULT_NAN_GRAD_ENV)
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        self._bf16_optimizer = isinstance(ds_engine.optimizer, BF16_Optimizer)
 
     @property
     def module(self):
@@ -142,6 +144,12 @@ class ParallelEngine:
             if self.step_count + 1 in self._nan_grad_steps:  # finite loss, NaN gradients
                 loss.register_hook(lambda grad: grad * float("nan"))
             losses.append(float(loss.detach()))
+            if i > 0 and self._bf16_optimizer:
+                # DeepSpeed's bf16 optimizer (ZeRO-1 + bf16) adds each micro-batch's bf16
+                # gradients into its fp32 buffer after backward, but leaves them in .grad, where
+                # the next backward accumulates on top: micro-batch k would count gas-k times.
+                # Clearing them here is what its backward prologue is meant to do.
+                self.engine.optimizer.clear_lp_grads()
             self.engine.backward(loss)
             if i == gas - 1:
                 if self.engine.zero_optimization_stage() == 0:
