@@ -234,6 +234,22 @@ def _bf16_zero1_and_zero2():
         norms = [engine.train_step({"input_ids": ids[:, :-1], "targets": ids[:, 1:]})["grad_norm"]
                  for _ in range(2)]
         out[stage] = (norms, float(sum(p.double().sum() for p in engine.module.parameters())))
+    # DeepSpeed's bf16 gradient check off (the default of some releases) and NaN gradients
+    # behind a finite loss at step 1: the update goes through, so the run must stop at once
+    import megaponder.parallel.engine as engine_module
+    from megaponder.train.guards import FAULT_NAN_GRAD_ENV
+
+    ds_config = engine_module.deepspeed_config
+
+    def unchecked(*args):
+        return {**ds_config(*args), "bf16": {"enabled": True, "check_grad_overflow": False}}
+
+    engine_module.deepspeed_config, os.environ[FAULT_NAN_GRAD_ENV] = unchecked, "0@1,1@1"
+    torch.manual_seed(0)
+    engine = build_engine(parallelize(build_model(cfg), cfg, topo), cfg, topo)
+    out["unchecked"] = _outcome(lambda: engine.train_step({"input_ids": ids[:, :-1],
+                                                           "targets": ids[:, 1:]}))
+    out["unchecked_finite"] = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
     return out
 
 
@@ -280,3 +296,5 @@ def test_data_checks_scan_once_per_job_and_fail_identically(tmp_path, monkeypatc
     (norms1, sum1), (norms2, sum2) = bf16[1], bf16[2]
     assert np.allclose(norms1, norms2, rtol=1e-3), (norms1, norms2)
     assert abs(sum1 - sum2) <= 1e-3 * abs(sum2), (sum1, sum2)
+    assert bf16["unchecked"][0] == "TrainingDiverged" and "DeepSpeed applied an update whose " \
+        "gradient norm is inf" in bf16["unchecked"][1] and not bf16["unchecked_finite"], bf16

@@ -163,7 +163,8 @@ def same_files_problem(mine: dict, reference: dict, rank: int) -> Optional[str]:
     return None
 
 
-def open_and_check_data(cfg, log: Callable[[str], None] = lambda m: None) -> dict[str, IndexedDataset]:
+def open_and_check_data(cfg, log: Callable[[str], None] = lambda m: None
+                        ) -> dict[str, IndexedDataset]:
     """The datasets of ``cfg`` (:func:`open_datasets`), checked, for a training job.
 
     Every rank opens (and so validates the ``.idx``/``.bin`` of) each dataset once; rank 0

@@ -23,6 +23,7 @@ a collective that a stuck or dead rank never joins raises on the waiting ranks, 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Optional
 
 import torch
@@ -86,7 +87,8 @@ def _summary(err: BaseException) -> str:
 
 
 # how torch.distributed words a timeout: gloo's collectives, the rendezvous store, NCCL's watchdog
-_TIMEOUT_MARKERS = ("Timed out waiting", "Timed out after", "Watchdog caught collective operation timeout")
+_TIMEOUT_MARKERS = ("Timed out waiting", "Timed out after",
+                    "Watchdog caught collective operation timeout")
 
 
 def describe_timeout(err: BaseException, timeout_minutes: float) -> Optional[CollectiveTimeout]:
@@ -95,7 +97,9 @@ def describe_timeout(err: BaseException, timeout_minutes: float) -> Optional[Col
     text = str(err)
     if not isinstance(err, RuntimeError) or not any(m in text for m in _TIMEOUT_MARKERS):
         return None
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    # before the group exists (a rendezvous timeout) the launcher's rank, exported by init
+    initialized = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if initialized else os.environ.get("RANK", 0)
     return CollectiveTimeout(
         f"rank {rank}: a collective did not complete within parallel.timeout_minutes="
         f"{timeout_minutes:g}: another rank is stuck, died or is far slower (see its log); if "

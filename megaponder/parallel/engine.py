@@ -178,7 +178,8 @@ class ParallelEngine:
         if norm is None:
             norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        if not skip and norm is not None and not (math.isfinite(norm) and norm >= 0):  # -1: DS's "not finite"
+        # (DeepSpeed reports a non-finite norm as inf, or as -1 in some of its helpers)
+        if not skip and norm is not None and not (math.isfinite(norm) and norm >= 0):
             # only if DeepSpeed applied a non-finite update (its overflow check off, as in
             # releases whose bf16 default was check_grad_overflow=false): the weights are lost
             from ..train.guards import TrainingDiverged

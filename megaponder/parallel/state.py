@@ -265,7 +265,8 @@ def skip_cpu_shm_comm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def init_process_group(backend: str = "auto", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+def init_process_group(backend: str = "auto",
+                       timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Map the launcher's environment and initialise torch.distributed's default group
     (through DeepSpeed so its comm layer is ready too), no-op when already initialised. Safe
     in a single process: it then uses a private loopback rendezvous so the DeepSpeed engine

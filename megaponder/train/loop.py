@@ -66,7 +66,8 @@ class Trainer:
                 trainable = set(model.extra_parameter_names())
                 if not trainable:
                     raise ConfigError(f"ponder.freeze_backbone=true but family "
-                                      f"'{cfg.model.family}' has no gate/router parameters to train.")
+                                      f"'{cfg.model.family}' has no gate/router parameters to "
+                                      f"train.")
                 for name, p in model.named_parameters():
                     p.requires_grad_(name in trainable)
         model = parallelize(model, cfg, self.topo)
@@ -124,7 +125,8 @@ class Trainer:
         if self.cfg.data.valid_path:
             rows, wanted = [], per_rank * self.dp_size
             for prefix in _data_prefixes(self.cfg.data.valid_path):
-                for batch in sequential_batches(self.datasets[str(prefix)], self.cfg.data.seq_length,
+                ds = self.datasets[str(prefix)]  # opened once at start-up
+                for batch in sequential_batches(ds, self.cfg.data.seq_length,
                                                 batch_size=1, max_samples=wanted - len(rows)):
                     rows.append(batch["tokens"])
                 if len(rows) >= wanted:
