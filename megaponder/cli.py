@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import run_reporting_user_errors
+    from .parallel.agreement import CollectiveTimeout
     from .train.guards import TrainingDiverged
 
     def command() -> int:
@@ -148,6 +149,9 @@ def main(argv=None) -> int:
         except TrainingDiverged as err:  # too many skipped steps: not a crash, no traceback
             print(f"megaponder: {err}", file=sys.stderr)
             return 3
+        except CollectiveTimeout as err:  # a stuck or dead peer: its log has the cause
+            print(f"megaponder: {err}", file=sys.stderr)
+            return 4
         except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits 0)
             print("megaponder: interrupted", file=sys.stderr)
             return 130

@@ -6,9 +6,11 @@ line, ``megaponder: <message>``, on stderr and exits with code 2; the traceback 
 the message, so it is shown only with ``megaponder --debug ...`` or ``MEGAPONDER_DEBUG=1``.
 
 Under a multi-process launcher every rank usually hits the same error (they read the same
-config and files), so only rank 0 prints it. A rank that fails alone is still reported: every
-failing rank writes its message into torchrun's error file (``TORCHELASTIC_ERROR_FILE``), which
-torchrun shows as the root cause in its ``ChildFailedError`` summary — the last block it prints.
+config and files), so only rank 0 prints it. During training start-up the ranks agree on who
+failed (megaponder.parallel.agreement): a rank that fails alone prints its own message and rank
+0 prints which rank failed and why. Every failing rank also writes its message into torchrun's
+error file (``TORCHELASTIC_ERROR_FILE``), which torchrun shows as the root cause in its
+``ChildFailedError`` summary — the last block it prints.
 
 Subclass :class:`UserError` (together with the builtin it replaces, e.g. ``ValueError``, so that
 existing ``except ValueError`` code keeps working) for any new kind of user-facing error.
@@ -80,6 +82,15 @@ def _write_elastic_error_file(message: str) -> None:
         pass  # the report on stderr still stands
 
 
+_REPORT_HERE = "_megaponder_report_here"
+
+
+def mark_report_here(err: BaseException, here: bool) -> None:
+    """Decide whether this rank prints ``err`` (overriding the rank-0 rule): set when the ranks
+    know who failed (megaponder.parallel.agreement), e.g. rank 1 alone."""
+    setattr(err, _REPORT_HERE, bool(here))
+
+
 def report(err: BaseException, *, debug: bool = False, stream=None) -> int:
     """Print ``err`` the user-error way and return the exit code."""
     stream = stream or sys.stderr
@@ -87,7 +98,8 @@ def report(err: BaseException, *, debug: bool = False, stream=None) -> int:
     if debug_enabled(debug):
         traceback.print_exception(err, file=stream)
     _write_elastic_error_file(message)
-    if _rank() == 0 or debug_enabled(debug):
+    here = getattr(err, _REPORT_HERE, None)
+    if (_rank() == 0 if here is None else here) or debug_enabled(debug):
         stream.write(message + "\n")
         stream.flush()
     return USER_ERROR_EXIT

@@ -180,6 +180,15 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     need(par.tp >= 1 and par.pp >= 1, "parallel.tp and parallel.pp must be >= 1.")
     need(par.pipeline_chunks >= 1, f"parallel.pipeline_chunks must be >= 1 (got {par.pipeline_chunks}).")
     need(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3 (got {par.zero_stage}).")
+    # Since DeepSpeed's "non-ZeRO mode" (deepspeedai/DeepSpeed#7515) stage 0 is plain DDP,
+    # whose bf16 path accumulates gradients in bf16 only; the fp32 gradient accumulation (and
+    # fp32 master weights) megaponder asks for exist from stage 1 on. Without this rule
+    # deepspeed.initialize fails with "unsupported mix of model_dtype=torch.bfloat16 and
+    # grad_accum_dtype=torch.float32".
+    need(not (t.precision == "bf16" and par.zero_stage == 0),
+         "train.precision=bf16 needs parallel.zero_stage>=1 (DeepSpeed's stage 0 has no fp32 "
+         "gradient accumulation for bf16); set parallel.zero_stage=1 (as the example configs do) "
+         "or train.precision=fp32.")
     if par.tp > 1:
         need(m.num_heads % par.tp == 0,
              f"parallel.tp={par.tp} does not divide model.num_heads={m.num_heads}; pick a tp that "

@@ -34,5 +34,12 @@ class ParallelConfig:
         "is recomputed on its own (keeps every layer's input, per iteration). iteration: this "
         "rank's layers of one stack call (one pondering iteration / Jacobi pass) are recomputed "
         "together (keeps one hidden state per iteration; peak adds one iteration's activations).")
+    timeout_minutes: float = param(30.0, "Process-group timeout: the rendezvous and every "
+                                   "collective (all-reduce, barrier, broadcast) of the run "
+                                   "fail after waiting this long for a stuck or dead rank, and "
+                                   "the run stops with one line naming it (docs/training.md, "
+                                   "failure handling). Must exceed the longest legitimate "
+                                   "wait, e.g. rank 0 writing a checkpoint or building the "
+                                   "sample index while the others wait.")
     dist_backend: str = param("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU), "
                               "nccl or gloo.")

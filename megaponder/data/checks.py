@@ -135,10 +135,70 @@ def _chunked_minmax(tokens: np.ndarray, chunk: int = 64 << 20) -> tuple[int, int
     return lo, hi
 
 
-def check_data_fits(cfg, log: Callable[[str], None] = lambda m: None) -> None:
-    """Raise :class:`DataError` (one line naming the file or key) if the data of ``cfg`` cannot
-    train ``cfg.model`` with ``cfg.data``'s tokenizer."""
+def open_datasets(data_cfg) -> dict[str, IndexedDataset]:
+    """Every dataset of ``data.path`` and ``data.valid_path``, opened (and its ``.idx``/``.bin``
+    validated) once, by prefix: what the checks, the training samples and the validation
+    batches then share."""
     from ..config import _data_prefixes
+
+    prefixes = _data_prefixes(data_cfg.path) + _data_prefixes(data_cfg.valid_path)
+    return {str(prefix): IndexedDataset(str(prefix)) for prefix in dict.fromkeys(prefixes)}
+
+
+def file_sizes(datasets: dict[str, IndexedDataset]) -> dict[str, tuple[int, int]]:
+    """(.bin bytes, .idx bytes) of each dataset: how ranks tell that they see the same files
+    without reading them."""
+    return {prefix: _file_sizes(prefix) for prefix in datasets}
+
+
+def same_files_problem(mine: dict, reference: dict, rank: int) -> Optional[str]:
+    """Why this rank's files differ from rank 0's (``file_sizes`` of each), or None: a
+    node-local copy that is not the one rank 0 checked."""
+    for prefix, sizes in mine.items():
+        theirs = reference.get(prefix)
+        if sizes != theirs:
+            return (f"{prefix}.bin/.idx (bytes) are {sizes} on rank {rank} but {theirs} on "
+                    f"rank 0, which checked them: another copy on this node? Give every node "
+                    f"the same files.")
+    return None
+
+
+def open_and_check_data(cfg, log: Callable[[str], None] = lambda m: None
+                        ) -> dict[str, IndexedDataset]:
+    """The datasets of ``cfg`` (:func:`open_datasets`), checked, for a training job.
+
+    Every rank opens (and so validates the ``.idx``/``.bin`` of) each dataset once; rank 0
+    alone runs :func:`check_data_fits`, which may scan the tokens: once per job, because the
+    files normally live on a shared file system, where a scan per rank or per node would read
+    the same bytes again. The other ranks compare their files' sizes with rank 0's (a stat,
+    no read), so a node-local copy that differs from the one rank 0 checked is refused. Each
+    step ends with the ranks agreeing (megaponder.parallel.agreement): a failure on any rank
+    stops all of them with its message. Without torch.distributed: open, then check."""
+    import torch.distributed as dist
+
+    from ..parallel.agreement import agree_on_failure
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    with agree_on_failure("opening the data"):
+        datasets = open_datasets(cfg.data)
+        sizes = file_sizes(datasets)
+    reference = [sizes]
+    if distributed:
+        dist.broadcast_object_list(reference, src=0)
+    with agree_on_failure("data checks"):
+        if rank == 0:
+            check_data_fits(cfg, log, datasets)
+        elif (problem := same_files_problem(sizes, reference[0], rank)) is not None:
+            raise DataError(problem)
+    return datasets
+
+
+def check_data_fits(cfg, log: Callable[[str], None] = lambda m: None,
+                    datasets: Optional[dict[str, IndexedDataset]] = None) -> None:
+    """Raise :class:`DataError` (one line naming the file or key) if the data of ``cfg`` cannot
+    train ``cfg.model`` with ``cfg.data``'s tokenizer. ``datasets``: from :func:`open_datasets`
+    (opened here otherwise). The trainer runs this on rank 0 only."""
     from .tokenizer import build_tokenizer
 
     vocab = cfg.model.vocab_size
@@ -149,8 +209,7 @@ def check_data_fits(cfg, log: Callable[[str], None] = lambda m: None) -> None:
             raise DataError(f"model.vocab_size={vocab} is smaller than the vocabulary of "
                             f"data.tokenizer_model {cfg.data.tokenizer_model} ({tok.vocab_size} "
                             f"tokens); set model.vocab_size={tok.vocab_size}.")
-    for prefix in dict.fromkeys(_data_prefixes(cfg.data.path) + _data_prefixes(cfg.data.valid_path)):
-        ds = IndexedDataset(prefix)
+    for prefix, ds in (datasets if datasets is not None else open_datasets(cfg.data)).items():
         if len(ds) == 0 or ds.num_tokens == 0:
             raise DataError(f"{prefix}.bin/.idx hold no tokens (an empty dataset: did "
                             f"preprocessing skip every record?); rebuild it or remove it from "

@@ -120,13 +120,15 @@ def _cache_dir(data_cfg, prefix: str) -> str:
                                                     "index-cache")
 
 
-def _build_one_split(data_cfg, prefixes, weights, split_index, whole, seed, num_samples, eod, pad):
-    """One (possibly blended) dataset for split ``split_index`` (0 train, 1 valid, 2 test)."""
+def _build_one_split(data_cfg, prefixes, weights, split_index, whole, seed, num_samples, eod, pad,
+                     opened):
+    """One (possibly blended) dataset for split ``split_index`` (0 train, 1 valid, 2 test);
+    ``opened(prefix)`` gives the IndexedDataset of a prefix."""
     name = SPLIT_NAMES[split_index]
     mode = data_cfg.index_mode
     if weights is None and len(prefixes) > 1:
         # unweighted list: blend in proportion to each dataset's tokens (one pass over all of them)
-        weights = [IndexedDataset(p).num_tokens for p in prefixes]
+        weights = [opened(p).num_tokens for p in prefixes]
     if len(prefixes) == 1:
         counts = [num_samples]
     else:
@@ -134,7 +136,7 @@ def _build_one_split(data_cfg, prefixes, weights, split_index, whole, seed, num_
         counts = per_dataset_samples(weights, num_samples, mode)
     parts = []
     for k, (prefix, count) in enumerate(zip(prefixes, counts)):
-        ds = IndexedDataset(prefix)
+        ds = opened(prefix)
         docs = (np.arange(len(ds), dtype=np.int32) if whole
                 else _split_documents(ds, data_cfg.split, mode)[split_index])
         if len(docs) == 0:
@@ -153,12 +155,22 @@ def _build_one_split(data_cfg, prefixes, weights, split_index, whole, seed, num_
 
 
 def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
-                               num_valid_samples: int):
+                               num_valid_samples: int, datasets: Optional[dict] = None):
     """(train_ds, valid_ds) from the ``data:`` config section; valid_ds is None when there is no
     validation data (valid_path null and the split's valid share rounds to zero sequences).
+    ``datasets``: IndexedDatasets already open, by prefix (megaponder.data.checks.open_datasets);
+    others are opened here.
 
     Under torch.distributed, global rank 0 builds missing index caches first and the other ranks
-    load them after a barrier (every rank must call this)."""
+    load them afterwards (every rank must call this). A failure on any rank stops every rank
+    with its message (megaponder.parallel.agreement) instead of leaving them in a barrier."""
+    datasets = {} if datasets is None else datasets
+
+    def opened(prefix: str) -> IndexedDataset:
+        if prefix not in datasets:
+            datasets[prefix] = IndexedDataset(prefix)
+        return datasets[prefix]
+
     prefixes, weights = parse_blend(data_cfg.path)
     if not prefixes:
         raise DataError("data.path is empty; point it at a dataset prefix (e.g. "
@@ -174,9 +186,9 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
     def build_all():
         whole_train = bool(valid_prefixes)  # separate validation data: train uses all of data.path
         train = _build_one_split(data_cfg, prefixes, weights, 0, whole_train, seed,
-                                 num_train_samples, eod, pad)
+                                 num_train_samples, eod, pad, opened)
         if train is None:
-            n = len(IndexedDataset(prefixes[0]))
+            n = len(opened(prefixes[0]))
             raise DataError(f"{prefixes[0]}.idx holds {n} sequence(s), and data.split "
                             f"'{data_cfg.split}' leaves none of them for training"
                             + (" (the dataset is empty: did preprocessing skip every record?)"
@@ -185,21 +197,27 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
         if num_valid_samples > 0:
             if valid_prefixes:
                 valid = _build_one_split(data_cfg, valid_prefixes, valid_weights, 1, True, seed,
-                                         num_valid_samples, eod, pad)
+                                         num_valid_samples, eod, pad, opened)
             else:
                 valid = _build_one_split(data_cfg, prefixes, weights, 1, False, seed,
-                                         num_valid_samples, eod, pad)
+                                         num_valid_samples, eod, pad, opened)
         return train, valid
 
     dist = _initialized_dist()
     if dist is None:
         return build_all()
-    if dist.get_rank() == 0:
-        result = build_all()
-        dist.barrier()
-        return result
-    dist.barrier()  # rank 0 has written the caches; this rank now loads them
-    return build_all()
+    from ..parallel.agreement import agree_on_failure
+
+    first = dist.get_rank() == 0
+    result = None
+    # two agreed phases instead of a barrier: rank 0 writes the caches, then the others load them
+    with agree_on_failure("building the sample index"):
+        if first:
+            result = build_all()
+    with agree_on_failure("loading the sample index"):
+        if not first:
+            result = build_all()
+    return result
 
 
 def _initialized_dist():

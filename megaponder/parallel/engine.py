@@ -17,6 +17,7 @@ ZeRO 2/3 with pp>1 is refused at config time (megaponder.config.validate).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Callable, Iterable, Optional, Union
 
@@ -44,7 +45,9 @@ def deepspeed_config(cfg, topo: Topology) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": p.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # check_grad_overflow: skip a step whose reduced gradients hold NaN/Inf also in bf16
+        # (DeepSpeed's default for it has changed between releases; train/guards.py relies on it)
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
     }
     if t.precision == "bf16":
@@ -95,13 +98,16 @@ class ParallelEngine:
     """A DeepSpeed engine plus the topology; ``train_step`` is one optimizer step."""
 
     def __init__(self, ds_engine, model, cfg, topo: Topology, base_optimizer=None):
-        from ..train.guards import LossGuard, injected_nan_steps
+        from ..train.guards import FAULT_NAN_GRAD_ENV, LossGuard, injected_nan_steps
 
         self.engine, self.model, self.cfg, self.topo = ds_engine, model, cfg, topo
         self.step_count = 0
         self.base_optimizer = base_optimizer
         self.guard = LossGuard(cfg.train.loss_spike_factor, cfg.train.loss_spike_warmup)
         self._nan_steps = injected_nan_steps(topo.rank)
+        self._nan_grad_steps = injected_nan_steps(topo.rank, FAULT_NAN_GRAD_ENV)
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        self._bf16_optimizer = isinstance(ds_engine.optimizer, BF16_Optimizer)
 
     @property
     def module(self):
@@ -135,7 +141,15 @@ class ParallelEngine:
             loss, lm_loss = out.loss, out.lm_loss if out.lm_loss is not None else out.loss
             if self.step_count + 1 in self._nan_steps:  # fault injection (tests only)
                 loss, lm_loss = loss * float("nan"), lm_loss * float("nan")
+            if self.step_count + 1 in self._nan_grad_steps:  # finite loss, NaN gradients
+                loss.register_hook(lambda grad: grad * float("nan"))
             losses.append(float(loss.detach()))
+            if i > 0 and self._bf16_optimizer:
+                # DeepSpeed's bf16 optimizer (ZeRO-1 + bf16) adds each micro-batch's bf16
+                # gradients into its fp32 buffer after backward, but leaves them in .grad, where
+                # the next backward accumulates on top: micro-batch k would count gas-k times.
+                # Clearing them here is what its backward prologue is meant to do.
+                self.engine.optimizer.clear_lp_grads()
             self.engine.backward(loss)
             if i == gas - 1:
                 if self.engine.zero_optimization_stage() == 0:
@@ -163,7 +177,18 @@ class ParallelEngine:
         stats = self._dp_mean(sums)
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        stats["grad_norm"] = float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else None
+        # (DeepSpeed reports a non-finite norm as inf, or as -1 in some of its helpers)
+        if not skip and norm is not None and not (math.isfinite(norm) and norm >= 0):
+            # only if DeepSpeed applied a non-finite update (its overflow check off, as in
+            # releases whose bf16 default was check_grad_overflow=false): the weights are lost
+            from ..train.guards import TrainingDiverged
+            raise TrainingDiverged(
+                f"step {self.step_count}: DeepSpeed applied an update whose gradient norm is "
+                f"{norm} (its non-finite gradient check did not skip it); the weights are not "
+                f"trustworthy. checkpoints/latest stays on the last good checkpoint; resume "
+                f"from it.")
+        stats["grad_norm"] = norm if norm is not None else float("nan")
         stats["lr"] = float(self.engine.get_lr()[0])
         stats["skipped"] = float(skip)
         return stats

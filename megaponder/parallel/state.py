@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_PORT = 29500
+DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's default for gloo; parallel.timeout_minutes sets it per run
 
 
 # --------------------------------------------------------------------------- launchers
@@ -207,8 +208,13 @@ class Topology:
         return DeepSpeedMPU(self)
 
 
-def build_topology(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Topology:
-    """Create the tp/dp/pp/mp process groups (every rank must call this, in the same order)."""
+def build_topology(tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
+                   timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Topology:
+    """Create the tp/dp/pp/mp process groups (every rank must call this, in the same order).
+    ``timeout_minutes`` as for the default group: ``new_group`` does not inherit it (torch
+    falls back to its own default, 30 min for gloo)."""
+    from datetime import timedelta
+
     if not dist.is_initialized():
         if tp * pp != 1:
             raise RuntimeError("tp*pp > 1 needs an initialised process group "
@@ -220,7 +226,7 @@ def build_topology(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) ->
     mine: dict[str, Any] = {}
     for kind, all_ranks in lists.items():
         for ranks in all_ranks:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timedelta(minutes=timeout_minutes))
             if rank in ranks:
                 mine[kind] = (g, ranks)
     tp_rank, dp_rank, pp_rank = coords_of(rank, tp, dp)
@@ -259,11 +265,13 @@ def skip_cpu_shm_comm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def init_distributed(tp: int = 1, pp: int = 1, *, backend: str = "auto",
-                     sequence_parallel: bool = False, seed: Optional[int] = None) -> Topology:
-    """Map the launcher's environment, initialise torch.distributed (through DeepSpeed so its
-    comm layer is ready too) and build the topology. Safe to call in a single process: it
-    then uses a private loopback rendezvous so the DeepSpeed engine path is the same."""
+def init_process_group(backend: str = "auto",
+                       timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+    """Map the launcher's environment and initialise torch.distributed's default group
+    (through DeepSpeed so its comm layer is ready too), no-op when already initialised. Safe
+    in a single process: it then uses a private loopback rendezvous so the DeepSpeed engine
+    path is the same. ``timeout_minutes`` bounds the rendezvous and every collective of the
+    run (gloo raises on the waiting ranks; NCCL's watchdog aborts them)."""
     info = launcher_env()
     if info.source == "single" and "MASTER_PORT" not in os.environ:
         import socket
@@ -276,23 +284,43 @@ def init_distributed(tp: int = 1, pp: int = 1, *, backend: str = "auto",
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
     if not dist.is_initialized():
+        from datetime import timedelta
+
         import deepspeed
         skip_cpu_shm_comm_op()
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    topo = build_topology(tp, pp, sequence_parallel)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
+
+
+def init_distributed(tp: int = 1, pp: int = 1, *, backend: str = "auto",
+                     sequence_parallel: bool = False, seed: Optional[int] = None,
+                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Topology:
+    """:func:`init_process_group`, then the tp/pp/dp process groups and, with ``seed``, the
+    RNG streams."""
+    init_process_group(backend, timeout_minutes)
+    topo = build_topology(tp, pp, sequence_parallel, timeout_minutes)
     if seed is not None:
         seed_everything(seed, topo)
     return topo
 
 
 def topology_from_config(cfg) -> Topology:
-    """init_distributed with the ``parallel:`` section of a Config (validated first)."""
-    from ..config import validate
-    info = launcher_env()
-    validate(cfg, check_paths=False, world_size=info.world_size)
+    """init_distributed with the ``parallel:`` section of a Config. The config is validated
+    after the default group exists and before any other group is made, with the ranks
+    agreeing on the verdict, so a config that fails on one rank only (another file on its
+    node) stops every rank instead of leaving them waiting in ``new_group``."""
+    from ..config import ConfigError, validate
+    from .agreement import agree_on_failure
+
     par = cfg.parallel
+    if not par.timeout_minutes > 0:  # the rendezvous needs it, so before validate()
+        raise ConfigError(f"parallel.timeout_minutes must be positive (got {par.timeout_minutes}).")
+    init_process_group(par.dist_backend, par.timeout_minutes)
+    with agree_on_failure("config"):
+        validate(cfg, check_paths=False, world_size=dist.get_world_size())
     return init_distributed(par.tp, par.pp, backend=par.dist_backend,
-                            sequence_parallel=par.sequence_parallel, seed=cfg.train.seed)
+                            sequence_parallel=par.sequence_parallel, seed=cfg.train.seed,
+                            timeout_minutes=par.timeout_minutes)
 
 
 class DeepSpeedMPU:

@@ -19,7 +19,10 @@ Preemption
 
 Fault injection (tests only)
     ``MEGAPONDER_FAULT_NAN="RANK@STEP,..."`` multiplies the loss of global rank RANK at step
-    STEP (1-based, as in metrics.jsonl) by NaN, e.g. ``1@3,1@4``. Never set it in a real job.
+    STEP (1-based, as in metrics.jsonl) by NaN, e.g. ``1@3,1@4``.
+    ``MEGAPONDER_FAULT_NAN_GRAD`` (same syntax) keeps the loss finite and makes the
+    gradients NaN instead (a hook on the loss scales its gradient by NaN): what a backward
+    overflow looks like, which only the gradient checks can see. Never set either in a real job.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 FAULT_NAN_ENV = "MEGAPONDER_FAULT_NAN"
+FAULT_NAN_GRAD_ENV = "MEGAPONDER_FAULT_NAN_GRAD"
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,14 +61,15 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def injected_nan_steps(rank: int) -> set[int]:
-    """Steps at which :data:`FAULT_NAN_ENV` poisons this rank's loss."""
-    spec = os.environ.get(FAULT_NAN_ENV, "").strip()
+def injected_nan_steps(rank: int, env: str = FAULT_NAN_ENV) -> set[int]:
+    """Steps at which ``env`` (:data:`FAULT_NAN_ENV` or :data:`FAULT_NAN_GRAD_ENV`) poisons
+    this rank's loss or gradients."""
+    spec = os.environ.get(env, "").strip()
     steps = set()
     for item in filter(None, (s.strip() for s in spec.split(","))):
         r, _, s = item.partition("@")
         if not (r.isdigit() and s.isdigit()):
-            raise ValueError(f"{FAULT_NAN_ENV}={spec!r}: expected RANK@STEP[,RANK@STEP...]")
+            raise ValueError(f"{env}={spec!r}: expected RANK@STEP[,RANK@STEP...]")
         if int(r) == rank:
             steps.add(int(s))
     return steps

@@ -32,20 +32,24 @@ def _log0(rank: int, msg: str) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config):
+        """Start-up, in phases that end with the ranks agreeing on success (a failure on one
+        rank stops all of them with its message: megaponder/parallel/agreement.py)."""
         from ..parallel import build_engine, parallelize, seed_everything, topology_from_config
+        from ..parallel.agreement import agree_on_failure
 
         self.cfg = cfg
-        self.topo = topology_from_config(cfg)  # validate(world_size) + process groups
+        self.topo = topology_from_config(cfg)  # process groups; validate(world_size), agreed
         self.rank = self.topo.rank
         self.dp_size, self.dp_rank = self.topo.dp, self.topo.dp_rank
-        # train.global_batch_size fixes the batch; the accumulation follows the world size
-        cfg.train.grad_accum_steps = grad_accum_for(cfg.train, self.dp_size)
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
+        with agree_on_failure("config"):
+            # train.global_batch_size fixes the batch; the accumulation follows the world size
+            cfg.train.grad_accum_steps = grad_accum_for(cfg.train, self.dp_size)
+            if cfg.train.threads > 0:
+                torch.set_num_threads(cfg.train.threads)
         # ids beyond the vocabulary, another tokenizer, empty files: one clear error before any
-        # model is built (megaponder/data/checks.py)
-        from ..data.checks import check_data_fits
-        check_data_fits(cfg, log=lambda msg: _log0(self.rank, msg))
+        # model is built; the tokens are scanned once per job (megaponder/data/checks.py)
+        from ..data.checks import open_and_check_data
+        self.datasets = open_and_check_data(cfg, log=lambda msg: _log0(self.rank, msg))
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.lock, self.resumes = self._claim_run_dir()
@@ -53,17 +57,19 @@ class Trainer:
         # Every rank builds the same full model from the same seed; parallelize() then keeps
         # its shard. Only afterwards do the ranks get their own streams (per pipeline stage,
         # per tensor-parallel rank), so the initial weights never depend on the layout.
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg)
-        if cfg.train.init_checkpoint:
-            self._load_init_weights(model, cfg.train.init_checkpoint)
-        if cfg.ponder.freeze_backbone:
-            trainable = set(model.extra_parameter_names())
-            if not trainable:
-                raise ConfigError(f"ponder.freeze_backbone=true but family '{cfg.model.family}' "
-                                 f"has no gate/router parameters to train.")
-            for name, p in model.named_parameters():
-                p.requires_grad_(name in trainable)
+        with agree_on_failure("building the model"):
+            torch.manual_seed(cfg.train.seed)
+            model = build_model(cfg)
+            if cfg.train.init_checkpoint:
+                self._load_init_weights(model, cfg.train.init_checkpoint)
+            if cfg.ponder.freeze_backbone:
+                trainable = set(model.extra_parameter_names())
+                if not trainable:
+                    raise ConfigError(f"ponder.freeze_backbone=true but family "
+                                      f"'{cfg.model.family}' has no gate/router parameters to "
+                                      f"train.")
+                for name, p in model.named_parameters():
+                    p.requires_grad_(name in trainable)
         model = parallelize(model, cfg, self.topo)
         seed_everything(cfg.train.seed, self.topo)
         self.engine = build_engine(model, cfg, self.topo,
@@ -100,7 +106,8 @@ class Trainer:
         # The sample order depends on the number of samples asked for; run_num_samples is the
         # one definition shared with tools/inspect_dataset.py and build_index_cache.py.
         num_train, num_valid = run_num_samples(self.cfg, self.dp_size)
-        self.train_ds, self.valid_ds = build_train_valid_datasets(self.cfg.data, t.seed, num_train, num_valid)
+        self.train_ds, self.valid_ds = build_train_valid_datasets(self.cfg.data, t.seed, num_train,
+                                                                  num_valid, self.datasets)
         self.train_iter = build_data_iterator(self.train_ds, t.micro_batch_size, self.dp_rank,
                                               self.dp_size, self.consumed_samples,
                                               num_workers=self.cfg.data.num_workers)
@@ -111,14 +118,15 @@ class Trainer:
         (what ``megaponder eval`` reads), independent of the seed, so runs with different
         seeds or families are scored on the same tokens; otherwise the held-out split."""
         from ..config import _data_prefixes
-        from ..data import IndexedDataset, build_data_iterator
+        from ..data import build_data_iterator
 
         t = self.cfg.train
         per_rank = t.eval_batches * t.micro_batch_size
         if self.cfg.data.valid_path:
             rows, wanted = [], per_rank * self.dp_size
             for prefix in _data_prefixes(self.cfg.data.valid_path):
-                for batch in sequential_batches(IndexedDataset(prefix), self.cfg.data.seq_length,
+                ds = self.datasets[str(prefix)]  # opened once at start-up
+                for batch in sequential_batches(ds, self.cfg.data.seq_length,
                                                 batch_size=1, max_samples=wanted - len(rows)):
                     rows.append(batch["tokens"])
                 if len(rows) >= wanted:
@@ -241,9 +249,12 @@ class Trainer:
         self.saved_step = self.step
 
     def _resume(self) -> None:
+        from ..parallel.agreement import agree_on_failure
+
         folder = self._resumable_checkpoint()
-        meta = ckpt.read_meta(folder)
-        reshard.check_global_batch(folder, meta, self.global_batch)
+        with agree_on_failure("reading the checkpoint"):
+            meta = ckpt.read_meta(folder)
+            reshard.check_global_batch(folder, meta, self.global_batch)
         here = (self.topo.tp, self.topo.pp, self.topo.dp, self.cfg.parallel.zero_stage)
         layout = (meta.get("tp"), meta.get("pp"), meta.get("dp"), meta.get("zero_stage", here[3]))
         if layout != here:
@@ -252,11 +263,12 @@ class Trainer:
                              f"tp,pp,dp,zero {layout} -> {here} (RNG streams re-seeded)")
             return
         client = self.engine.load(folder)
-        self.step, self.consumed_samples = client["step"], client["consumed_samples"]
-        state = ckpt.load_rng_file(os.path.join(folder, "rng", f"rank{self.rank}.pt"))
-        ckpt.set_rng_state(state)
-        if "loss_guard" in state:
-            self.engine.guard.load_state_dict(state["loss_guard"])
+        with agree_on_failure("loading the checkpoint"):  # this rank's own RNG file
+            self.step, self.consumed_samples = client["step"], client["consumed_samples"]
+            state = ckpt.load_rng_file(os.path.join(folder, "rng", f"rank{self.rank}.pt"))
+            ckpt.set_rng_state(state)
+            if "loss_guard" in state:
+                self.engine.guard.load_state_dict(state["loss_guard"])
         self.saved_step = self.step
         _log0(self.rank, f"resumed from {folder} at step {self.step}")
 
@@ -463,11 +475,16 @@ def train(cfg: Config) -> dict:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return summary
-    except BaseException:
+    except BaseException as err:
+        from ..parallel.agreement import describe_timeout
+
+        timeout = describe_timeout(err, cfg.parallel.timeout_minutes)
         # an error exit with a live gloo group can abort at interpreter shutdown ("terminate
         # called without an active exception", rc 134) instead of the CLI's one line and code
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if timeout is not None:
+            raise timeout from err
         raise
     finally:
         if trainer is not None:
