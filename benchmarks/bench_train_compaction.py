@@ -11,8 +11,8 @@ Halting is forced with a forward hook on the gates: after the first pass a rando
 ``h`` of the tokens halts (gate logit -10, far below logit(tau)), every other gate says +10,
 so the remaining tokens run all K+1 passes. The ideal ratio is the executed passes over the
 dense ones, (1 + K (1 - h)) / (K + 1): what compaction would cost if packing, write-back and
-attention's row padding were free. A small vocabulary keeps the pondering embedding (a softmax over the vocab
-per token and pass) from dominating the layers. The script also reports the loss difference
+attention's row padding were free. A small vocabulary keeps the pondering embedding (a
+softmax over the vocab per token and pass) from dominating the layers. The script also reports the loss difference
 of the two paths (expected 0 up to rounding). Reported: median step seconds, wall clock by
 default; ``--clock cpu --threads 1`` counts this process's CPU time instead, which other
 jobs on a shared machine disturb far less than the wall clock (the numbers to take there)."""
