@@ -12,10 +12,11 @@ Halting is forced with a forward hook on the gates: after the first pass a rando
 so the remaining tokens run all K+1 passes. The ideal ratio is the executed passes over the
 dense ones, (1 + K (1 - h)) / (K + 1): what compaction would cost if packing, write-back and
 attention's row padding were free. A small vocabulary keeps the pondering embedding (a
-softmax over the vocab per token and pass) from dominating the layers. The script also reports the loss difference
-of the two paths (expected 0 up to rounding). Reported: median step seconds, wall clock by
-default; ``--clock cpu --threads 1`` counts this process's CPU time instead, which other
-jobs on a shared machine disturb far less than the wall clock (the numbers to take there)."""
+softmax over the vocab per token and pass) from dominating the layers. The script also
+reports the loss difference of the two paths (expected 0 up to rounding). Reported: median
+step seconds, wall clock by default; ``--clock cpu --threads 1`` counts this process's CPU
+time instead, which other jobs on a shared machine disturb far less than the wall clock (the
+numbers to take there)."""
 import argparse
 import copy
 import json

@@ -27,7 +27,8 @@ def test_flat_queries_attend_like_their_rows(backend):
     q_flat = torch.randn(1, h, n, d)
     k, v = torch.randn(b, h, 16, d), torch.randn(b, h, 16, d)
     seg = (torch.arange(16) >= 7).long().expand(b, -1)   # a document boundary: masks compose
-    spec = comp.inputs(torch.zeros(b, 16, 4), torch.arange(16).unsqueeze(0), AttentionSpec(segment_ids=seg))[2]
+    _, _, spec = comp.inputs(torch.zeros(b, 16, 4), torch.arange(16).unsqueeze(0),
+                             AttentionSpec(segment_ids=seg))
     out = attention(q_flat, k, v, spec, backend=backend)
     assert out.shape == (1, h, n, d)
     for i, (row, col) in enumerate(zip(comp.row.tolist(), comp.col.tolist())):

@@ -125,7 +125,8 @@ class FlatQueries:
     def flat(self, out: torch.Tensor) -> torch.Tensor:
         """[B, H, A, D] -> [1, H, N, D]."""
         b, h, a, d = out.shape
-        return out.transpose(1, 2).reshape(b * a, h, d).index_select(0, self.from_rows).transpose(0, 1).unsqueeze(0)
+        flat = out.transpose(1, 2).reshape(b * a, h, d).index_select(0, self.from_rows)
+        return flat.transpose(0, 1).unsqueeze(0)
 
 
 AttentionFn = Callable[..., torch.Tensor]

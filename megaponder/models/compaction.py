@@ -43,7 +43,7 @@ class RowCompaction:
     packed tokens' new K/V are written into the previous pass's full K/V)."""
 
     def __init__(self, active: torch.Tensor, prev_kv, detach: bool):
-        batch, seq = active.shape
+        seq = active.shape[1]
         tokens = active.reshape(-1).nonzero().squeeze(1)   # row-major: row 0's, then row 1's, ...
         # a pass where every token has halted still runs the stack, on one halted token whose
         # results put() discards, so every layer and gate stays in the graph (zero gradients,
@@ -60,9 +60,9 @@ class RowCompaction:
         start = torch.cumsum(counts, 0) - counts
         width = self.q_index.shape[1]
         flat = start.unsqueeze(1) + torch.arange(width, device=active.device)
-        self.queries = FlatQueries(
-            to_rows=torch.where(slot, flat, torch.zeros_like(flat)).reshape(-1),
-            from_rows=self.row * width + (torch.arange(tokens.numel(), device=active.device) - start[self.row]))
+        rank_in_row = torch.arange(tokens.numel(), device=active.device) - start[self.row]
+        self.queries = FlatQueries(to_rows=torch.where(slot, flat, torch.zeros_like(flat)).reshape(-1),
+                                   from_rows=self.row * width + rank_in_row)
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> the packed tokens [1, N, ...]."""
