@@ -1,18 +1,22 @@
 #!/usr/bin/env python
 """AdaPonderLM training step (forward + backward) with ``ponder.train_compaction`` vs the
-dense where-select forward, at forced halting rates, against the ideal passes ratio.
+dense where-select forward (steps interleaved), at forced halting rates, against the ideal
+passes ratio.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_train_compaction.py
         [--hidden 512 --layers 4 --heads 8 --seq 512 --batch 4 --vocab 2048 --steps 3]
-        [--halt 0.25 0.5] [--reps 3] [--threads 2]
+        [--halt 0.25 0.5] [--reps 3] [--threads 2] [--clock wall|cpu]
 
 Halting is forced with a forward hook on the gates: after the first pass a random fraction
 ``h`` of the tokens halts (gate logit -10, far below logit(tau)), every other gate says +10,
 so the remaining tokens run all K+1 passes. The ideal ratio is the executed passes over the
-dense ones, (1 + K (1 - h)) / (K + 1): what compaction would cost if the gather/scatter and
-padding were free. A small vocabulary keeps the pondering embedding (a softmax over the vocab
-per token and pass) from dominating the layers. The script also reports the loss difference
-of the two paths (expected 0 up to rounding). Reported: median step seconds."""
+dense ones, (1 + K (1 - h)) / (K + 1): what compaction would cost if packing, write-back and
+attention's row padding were free. A small vocabulary keeps the pondering embedding (a
+softmax over the vocab per token and pass) from dominating the layers. The script also
+reports the loss difference of the two paths (expected 0 up to rounding). Reported: median
+step seconds, wall clock by default; ``--clock cpu --threads 1`` counts this process's CPU
+time instead, which other jobs on a shared machine disturb far less than the wall clock (the
+numbers to take there)."""
 import argparse
 import copy
 import json
@@ -40,18 +44,22 @@ def force_halting(model, frac: float, shape, seed: int = 0):
     return float(halt.float().mean())
 
 
-def step_time(model, ids, targets, reps: int):
-    times, loss = [], None
-    for r in range(reps + 1):   # first step: warm-up (allocator, thread pools)
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        out = model(ids, targets=targets)
-        out.loss.backward()
-        dt = time.perf_counter() - t0
-        loss = out.loss.item()
-        if r:
-            times.append(dt)
-    return statistics.median(times), loss
+def step_times(models, ids, targets, reps: int, clock=time.perf_counter):
+    """Median step time and last loss of each model, their steps interleaved (ABAB...) so a
+    change in machine load hits both alike; the first round is a warm-up (allocator, thread
+    pools)."""
+    times, losses = [[] for _ in models], [None] * len(models)
+    for r in range(reps + 1):
+        for i, model in enumerate(models):
+            model.zero_grad(set_to_none=True)
+            t0 = clock()
+            out = model(ids, targets=targets)
+            out.loss.backward()
+            dt = clock() - t0
+            losses[i] = out.loss.item()
+            if r:
+                times[i].append(dt)
+    return [statistics.median(t) for t in times], losses
 
 
 def main():
@@ -67,7 +75,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="sdpa")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: this process's CPU time (loaded machines)")
     args = ap.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = ModelConfig(family="adaponderlm", vocab_size=args.vocab, hidden_size=args.hidden,
@@ -82,8 +93,7 @@ def main():
         real_h = force_halting(dense, h, (args.batch, args.seq))
         comp = copy.deepcopy(dense)
         comp.ponder_cfg.train_compaction = True
-        td, ld = step_time(dense, ids, targets, args.reps)
-        tc, lc = step_time(comp, ids, targets, args.reps)
+        (td, tc), (ld, lc) = step_times((dense, comp), ids, targets, args.reps, clock)
         ideal = (1 + args.steps * (1 - real_h)) / (args.steps + 1)
         row = {"halt": round(real_h, 4), "dense_s": round(td, 3), "compact_s": round(tc, 3),
                "ratio": round(tc / td, 3), "ideal": round(ideal, 3),

@@ -6,16 +6,42 @@ import pytest
 import torch
 
 from megaponder.config import Config, validate
+from megaponder.models.attention import AttentionSpec, attention
+from megaponder.models.compaction import RowCompaction
 from test_families_helpers import force_ada_gates, real_batch, tiny
 
 TOL = 1e-5
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_flat_queries_attend_like_their_rows(backend):
+    """attention() with the packed tokens of all rows as one flat query block equals the
+    same queries laid out as padded [B, A] rows (what it hands the kernel)."""
+    torch.manual_seed(0)
+    active = torch.rand(3, 16) < 0.5
+    active[1] = False
+    active[1, 5] = True   # rows of 1 and of many active tokens
+    comp = RowCompaction(active, prev_kv=None, detach=False)
+    b, h, d = 3, 2, 8
+    n = int(active.sum())
+    q_flat = torch.randn(1, h, n, d)
+    k, v = torch.randn(b, h, 16, d), torch.randn(b, h, 16, d)
+    seg = (torch.arange(16) >= 7).long().expand(b, -1)   # a document boundary: masks compose
+    _, _, spec = comp.inputs(torch.zeros(b, 16, 4), torch.arange(16).unsqueeze(0),
+                             AttentionSpec(segment_ids=seg))
+    out = attention(q_flat, k, v, spec, backend=backend)
+    assert out.shape == (1, h, n, d)
+    for i, (row, col) in enumerate(zip(comp.row.tolist(), comp.col.tolist())):
+        # the reference: query i alone, at its key index, against its own row's keys
+        one = AttentionSpec(q_index=torch.tensor([[col]]), segment_ids=seg[row:row + 1])
+        ref = attention(q_flat[:, :, i:i + 1], k[row:row + 1], v[row:row + 1], one, backend="eager")
+        assert (out[:, :, i:i + 1] - ref).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("backend,segments", [("eager", False), ("sdpa", True)])
-def test_adaponderlm_compacted_training_equals_dense(backend, segments):
-    dense = tiny("adaponderlm", backend=backend, steps=3, halting_k_max=0.3)
+@pytest.mark.parametrize("backend,backbone,masks", [
+    ("eager", "neox", None), ("sdpa", "neox", "documents"), ("sdpa", "llama", "padding")])
+def test_adaponderlm_compacted_training_equals_dense(backend, backbone, masks):
+    dense = tiny("adaponderlm", backend=backend, backbone=backbone, steps=3, halting_k_max=0.3)
     ids, targets = real_batch(3, 24)
     with torch.no_grad():
         # moderate gate scale: gates stay off saturation so their gradients are not ~0
@@ -24,13 +50,19 @@ def test_adaponderlm_compacted_training_equals_dense(backend, segments):
     dense.set_step(10 ** 6)   # past the bottom-k warmup: the gate loss contributes
     comp = copy.deepcopy(dense)
     comp.ponder_cfg.train_compaction = True
-    seg = None
-    if segments:   # two documents per row, boundaries at different places
+    kwargs = {}
+    if masks == "documents":   # two documents per row, boundaries at different places
         seg = torch.zeros_like(ids)
         seg[0, 9:], seg[1, 15:], seg[2, 4:] = 1, 1, 1
+        kwargs["segment_ids"] = seg
+    elif masks == "padding":   # right padding of different lengths, ignored by the loss
+        pad = torch.ones_like(ids)
+        pad[0, 19:], pad[2, 11:] = 0, 0
+        kwargs["attention_mask"] = pad
+        targets = targets.masked_fill(pad == 0, -100)
     outs = []
     for model in (dense, comp):
-        out = model(ids, targets=targets, segment_ids=seg, return_token_stats=True)
+        out = model(ids, targets=targets, return_token_stats=True, **kwargs)
         out.loss.backward()
         outs.append(out)
     a, b = outs

@@ -71,8 +71,9 @@ class PonderConfig:
                                 "(false detaches them; a pipeline-parallel run may need false).")
     train_compaction: bool = param(
         False, "AdaPonderLM and the halting baselines: at every pass after the first, run the "
-        "stack only on the tokens still active (packed per row, queries at their positions, "
-        "keys over the whole row with halted tokens' reused K/V) instead of all tokens with a "
+        "stack only on the tokens still active (all rows' packed into one flat sequence, queries "
+        "at their positions, keys over their whole row with halted tokens' reused K/V) instead "
+        "of all tokens with a "
         "where-select. Equal to the dense forward and gradients (halting is a hard threshold); "
         "needs halted_readout last_active, bottomk_pool active, parallel.tp 1 and pp 1. "
         "Speed: see BENCHMARKS.md (bench_train_compaction).")

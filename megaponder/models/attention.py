@@ -7,7 +7,9 @@ Every model in megaponder calls :func:`attention` with queries/keys/values shape
 with a KV cache (queries at the end of a longer key sequence), and compacted inference where
 only the still-active tokens are queries (``q_index`` = their positions). Document masks
 (``segment_ids``), key padding and an additive key-side bias (PonderLM-3's log-survival) compose
-with it.
+with it. Compacted training goes one step further (``flat_queries``): the packed tokens of all
+rows arrive as one flat [1, H, N, D] block with no padding and :func:`attention` lays them
+out as [B, H, A, D] rows (A = the longest row) for the kernel only.
 
 Backends: ``eager`` is the reference math; ``sdpa`` is torch's fused kernel (``is_causal``
 for plain causal attention, so CUDA runs its flash / cuDNN kernel; the additive mask
@@ -43,6 +45,17 @@ class AttentionSpec:
     segment_ids: Optional[torch.Tensor] = None
     #: additive bias broadcastable to [B, H, Tq, Tk] (e.g. [B, 1, 1, Tk] log-survival).
     key_bias: Optional[torch.Tensor] = None
+    #: queries come flattened over rows (see :class:`FlatQueries`); q_index is then [B, A].
+    flat_queries: Optional["FlatQueries"] = None
+
+    def cached(self, key: tuple, build):
+        """``build()`` once per spec and key: the spec object is shared by every layer of a
+        stack call, so masks, block masks and cu_seqlens are built once per forward, not once
+        per layer."""
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
 
     def is_end_aligned_causal(self) -> bool:
         """Causal with queries at the end of the keys (training, or decoding with a KV cache)
@@ -95,6 +108,27 @@ class AttentionSpec:
         return mask
 
 
+@dataclass
+class FlatQueries:
+    """Where the flat queries of compacted training sit in the kernel's [B, A] row layout.
+    ``to_rows`` [B*A]: the flat query of each row slot (a padding slot repeats query 0; its
+    output is never read); ``from_rows`` [N]: the row slot of each flat query."""
+
+    to_rows: torch.Tensor
+    from_rows: torch.Tensor
+
+    def rows(self, q: torch.Tensor, batch: int, width: int) -> torch.Tensor:
+        """[1, H, N, D] -> [B, H, A, D]."""
+        h, d = q.shape[1], q.shape[-1]
+        return q[0].transpose(0, 1).index_select(0, self.to_rows).view(batch, width, h, d).transpose(1, 2)
+
+    def flat(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H, A, D] -> [1, H, N, D]."""
+        b, h, a, d = out.shape
+        flat = out.transpose(1, 2).reshape(b * a, h, d).index_select(0, self.from_rows)
+        return flat.transpose(0, 1).unsqueeze(0)
+
+
 AttentionFn = Callable[..., torch.Tensor]
 
 
@@ -102,7 +136,7 @@ def eager_attention(q, k, v, spec: AttentionSpec, scale: float, dropout_p: float
     b, _, tq, _ = q.shape
     tk = k.shape[-2]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    mask = spec.additive_mask(b, tq, tk, scores.dtype, q.device)
+    mask = _shared_mask(spec, b, tq, tk, scores.dtype, q.device)
     if mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -116,8 +150,18 @@ def sdpa_attention(q, k, v, spec: AttentionSpec, scale: float, dropout_p: float 
     tk = k.shape[-2]
     if spec.is_plain_causal(tq, tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
-    mask = spec.additive_mask(b, tq, tk, q.dtype, q.device)
+    mask = _shared_mask(spec, b, tq, tk, q.dtype, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def _shared_mask(spec: AttentionSpec, b: int, tq: int, tk: int, dtype, device):
+    """spec.additive_mask, built once for all the layers of a stack call. Rebuilt per call
+    inside a compiled layer (a cache lookup there would be a guard) and when a key bias
+    carries a gradient (an activation-checkpoint recompute must rebuild the same graph)."""
+    if torch.compiler.is_compiling() or (spec.key_bias is not None and spec.key_bias.requires_grad):
+        return spec.additive_mask(b, tq, tk, dtype, device)
+    return spec.cached(("additive", b, tq, tk, dtype, str(device)),
+                       lambda: spec.additive_mask(b, tq, tk, dtype, device))
 
 
 _BACKENDS: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_attention}
@@ -132,8 +176,6 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-
-
 def resolve_backend(name: str) -> str:
     if name not in _BACKENDS:
         raise ValueError(f"attention backend '{name}' is not available on this machine; "
@@ -145,7 +187,12 @@ def attention(q, k, v, spec: AttentionSpec, *, backend: str = "sdpa", dropout_p:
               scale: Optional[float] = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask(spec)) v with the chosen kernel; shapes [B, H, T, D]."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _BACKENDS[backend](q, k, v, spec, scale, dropout_p)
+    kernel = _BACKENDS[backend]
+    if spec.flat_queries is None:
+        return kernel(q, k, v, spec, scale, dropout_p)
+    batch, width = spec.q_index.shape
+    rows = kernel(spec.flat_queries.rows(q, batch, width), k, v, spec, scale, dropout_p)
+    return spec.flat_queries.flat(rows)
 
 
 def _register_optional_backends() -> None:

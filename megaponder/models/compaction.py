@@ -4,10 +4,13 @@ The dense training forward runs every token through every pass and then discards
 ``where``, what a halted token computed: its new K/V (replaced by the reused ones), its hidden
 state (the readout keeps its last active pass) and its gate and pondering update (multiplied
 by ``new_active = False``). Compaction computes only the tokens still active at pass i > 0:
-each row's active tokens are packed left-aligned into a [B, A] buffer (A = the largest count
-of any row; shorter rows get padding slots that point at distinct halted positions), the stack
-runs on that buffer with queries at their key indices (``AttentionSpec.q_index``) and keys
-over the whole row (halted tokens from their reused K/V), and results are scattered back.
+the active tokens of all rows are packed, row after row, into one flat [1, N] sequence (no
+padding: every linear layer, the gates and the pondering update see exactly the N active
+tokens), the stack runs on it with queries at their key indices and keys over each token's
+whole row (halted tokens from their reused K/V), and results are written back with
+``index_put`` (hidden states, K/V) or added (the pondering update). Only attention needs
+rows: :func:`megaponder.models.attention.attention` lays the flat queries out as [B, A]
+(A = the longest row, ``AttentionSpec.flat_queries``) for the kernel and back.
 
 It is exact (forward and gradients) because halting is a *hard* threshold
 (``m^{i+1} = m^i & (s^i >= tau)``, no straight-through): a halted token's later passes reach
@@ -21,7 +24,7 @@ import dataclasses
 
 import torch
 
-from .attention import AttentionSpec
+from .attention import AttentionSpec, FlatQueries
 
 
 def pack_rows(mask: torch.Tensor, min_width: int = 0):
@@ -35,47 +38,62 @@ def pack_rows(mask: torch.Tensor, min_width: int = 0):
     return idx, valid
 
 
-def _along(index: torch.Tensor, like: torch.Tensor, dim: int, width: int) -> torch.Tensor:
-    """[B, A] ``index`` broadcast to ``like``'s shape with size ``width`` along ``dim``."""
-    shape = [index.shape[0]] + [1] * (dim - 1) + [index.shape[1]] + [1] * (like.dim() - dim - 1)
-    size = list(like.shape)
-    size[dim] = width
-    return index.view(shape).expand(size)
-
-
 class RowCompaction:
     """One pass's packing of the active tokens; also the layers' kv_hook (KV reuse: the
     packed tokens' new K/V are written into the previous pass's full K/V)."""
 
     def __init__(self, active: torch.Tensor, prev_kv, detach: bool):
-        # at least one (padding) slot: a pass where every token has halted still runs the
-        # stack once, so its K/V outputs keep their shapes (nothing of it is kept)
-        self.idx, self.slot = pack_rows(active, min_width=1)
+        seq = active.shape[1]
+        tokens = active.reshape(-1).nonzero().squeeze(1)   # row-major: row 0's, then row 1's, ...
+        # a pass where every token has halted still runs the stack, on one halted token whose
+        # results put() discards, so every layer and gate stays in the graph (zero gradients,
+        # as in the dense forward) and the K/V outputs keep their shapes
+        self.discard = tokens.numel() == 0
+        if self.discard:
+            tokens = tokens.new_zeros(1)
+        self.row, self.col = tokens // seq, tokens % seq
         self.prev_kv, self.detach = prev_kv, detach
+        # attention's row layout: slot (b, a) holds row b's a-th active token, which is flat
+        # token start[b] + a (a < count[b]; padding slots repeat flat token 0)
+        self.q_index, slot = pack_rows(active, min_width=1)
+        counts = slot.sum(1)
+        start = torch.cumsum(counts, 0) - counts
+        width = self.q_index.shape[1]
+        flat = start.unsqueeze(1) + torch.arange(width, device=active.device)
+        rank_in_row = torch.arange(tokens.numel(), device=active.device) - start[self.row]
+        self.queries = FlatQueries(to_rows=torch.where(slot, flat, torch.zeros_like(flat)).reshape(-1),
+                                   from_rows=self.row * width + rank_in_row)
 
-    def take(self, full: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """The packed slots of ``full`` ([B, T, ...] with dim=1)."""
-        return full.gather(dim, _along(self.idx, full, dim, self.idx.shape[1]))
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> the packed tokens [1, N, ...]."""
+        return full[self.row, self.col].unsqueeze(0)
 
-    def put(self, full: torch.Tensor, part: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """``full`` with its active tokens replaced by ``part``'s real slots (padding slots
-        write back full's own values, so their gradient reaches full, not part)."""
-        index = _along(self.idx, full, dim, part.shape[dim])
-        keep = _along(self.slot, part, dim, part.shape[dim])
-        return full.scatter(dim, index, torch.where(keep, part, full.gather(dim, index)))
+    def put(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """``full`` [B, T, ...] with the packed tokens replaced by ``part`` [1, N, ...]."""
+        if self.discard:
+            part = torch.where(torch.zeros((), dtype=torch.bool, device=part.device), part, self.take(full))
+        return full.index_put((self.row, self.col), part[0])
+
+    def add(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """``full`` plus ``part`` [1, N, ...] at the packed tokens (the caller's weights are 0
+        for a discarded token: it has halted)."""
+        return full.index_put((self.row, self.col), part[0], accumulate=True)
 
     def spread(self, part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``part`` at its tokens' positions, zeros elsewhere (like's shape and dtype)."""
-        return self.put(torch.zeros(like.shape, dtype=part.dtype, device=part.device), part)
+        """``part`` [1, N, ...] at its tokens, zeros elsewhere (like's [B, T] shape)."""
+        return self.put(part.new_zeros(like.shape[:2] + part.shape[2:]), part)
 
     def inputs(self, e: torch.Tensor, position_ids: torch.Tensor, spec: AttentionSpec):
         """Stack inputs of the packed tokens: embeddings, positions, and the spec with
         queries at their key indices (document masks and key padding carry over)."""
         pos = position_ids.expand(e.shape[0], -1) if position_ids.shape[0] != e.shape[0] else position_ids
-        return self.take(e), pos.gather(1, self.idx), dataclasses.replace(spec, q_index=self.idx)
+        return (self.take(e), self.take(pos),
+                dataclasses.replace(spec, q_index=self.q_index, flat_queries=self.queries))
 
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         k_prev, v_prev = self.prev_kv[layer]
         if self.detach:
             k_prev, v_prev = k_prev.detach(), v_prev.detach()
-        return self.put(k_prev, k, dim=2), self.put(v_prev, v, dim=2)
+        # [B, H, T, D] seen as [B, T, H, D] so the (row, column) index picks whole tokens
+        return tuple(self.put(prev.transpose(1, 2), new.transpose(1, 2)).transpose(1, 2)
+                     for prev, new in ((k_prev, k), (v_prev, v)))

@@ -58,15 +58,6 @@ def _flex_kernel():
     return _compiled_flex
 
 
-def _cached(spec: AttentionSpec, key: tuple, build):
-    """One block mask / cu_seqlens per spec and shape: the spec object is shared by every
-    layer of a stack call, so this builds them once per forward, not once per layer."""
-    cache = spec.__dict__.setdefault("_kernel_cache", {})
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
-
-
 def flex_block_mask(spec: AttentionSpec, b: int, tq: int, tk: int, device):
     """The BlockMask of ``spec``: no [Tq, Tk] tensor is built, only the block-level
     summary create_block_mask evaluates from ``mask_mod``."""
@@ -130,8 +121,8 @@ def flex_attention_backend(q, k, v, spec: AttentionSpec, scale: float, dropout_p
                          "or model.attention_backend=sdpa")
     b, h, tq, _ = q.shape
     tk = k.shape[-2]
-    block_mask = _cached(spec, ("flex", b, tq, tk, str(q.device)),
-                         lambda: flex_block_mask(spec, b, tq, tk, q.device))
+    block_mask = spec.cached(("flex", b, tq, tk, str(q.device)),
+                             lambda: flex_block_mask(spec, b, tq, tk, q.device))
     score_mod = flex_score_mod(spec, b, h, tq, tk, q.device)
     return _flex_kernel()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
@@ -185,8 +176,8 @@ def flash_attention_backend(q, k, v, spec: AttentionSpec, scale: float, dropout_
                               dropout_p=dropout_p, softmax_scale=scale, causal=True)
         return out.transpose(1, 2)
     if half and is_varlen_documents(spec, tq, tk):
-        cu, longest = _cached(spec, ("varlen", b, tq, str(q.device)),
-                              lambda: documents_cu_seqlens(spec.segment_ids.to(q.device)))
+        cu, longest = spec.cached(("varlen", b, tq, str(q.device)),
+                                  lambda: documents_cu_seqlens(spec.segment_ids.to(q.device)))
         if cu is not None:
             from flash_attn import flash_attn_varlen_func
 

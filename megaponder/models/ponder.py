@@ -235,9 +235,10 @@ class PonderLM(PonderMixin, CausalLM):
                 new_active = active
             weight = new_active.to(e.dtype) if s is None else s.to(e.dtype) * new_active.to(e.dtype)
             update = self.ponder_update_from_hidden(hidden)
-            if comp is not None:
-                update = comp.spread(update, e)
-            e = e + weight.unsqueeze(-1) * update
+            if comp is None:
+                e = e + weight.unsqueeze(-1) * update
+            else:   # the packed tokens' updates only (everyone else's weight is 0)
+                e = comp.add(e, comp.take(weight).unsqueeze(-1) * update)
             active = new_active
             actives.append(active)
         if p.halted_readout == "final" or not self.adaptive:
