@@ -287,8 +287,9 @@ def main() -> None:
     vanilla_time, vanilla_train_flops = ref["train_time_s"], ref["train_flops_per_token"]
     md = [f"Equal steps: {args.steps} steps x 8 sequences x 128 tokens, seed 1234, train.threads={args.threads}, "
           f"final validation on {args.eval_batches} micro-batches ({args.eval_batches * 8 * 128:,} tokens) of "
-          f"data/demo/validation_text_document. AdaPonderLM bottom-k warm-up {s0}->{s1} "
-          f"(λ, k_max, tau at their defaults 0.1, 0.1, 1e-4).", "",
+          "data/demo/validation_text_document." + (
+              f" AdaPonderLM bottom-k warm-up {s0}->{s1} (λ, k_max, tau at their defaults 0.1, 0.1, 1e-4)."
+              if "adaponderlm" in args.families + args.noise_families else ""), "",
           "### Quality at equal steps", "", fmt_table(runs, vanilla_time, vanilla_train_flops)]
     if iso:
         md += ["", f"### Iso-FLOPs (target_mean_iters = AdaPonderLM's {iso[0]['mean_iters']:.4f} passes/token)", "",
