@@ -39,6 +39,7 @@ SETTINGS = [
     ("adaponderlm", "gate_activation=relu", ["ponder.gate_activation=relu"]),
     ("adaponderlm", "gate_activation=silu", ["ponder.gate_activation=silu"]),
     ("adaponderlm", "bottomk_pool=all", ["ponder.bottomk_pool=all"]),
+    ("adaponderlm", "halted_readout=final", ["ponder.halted_readout=final"]),
     ("ponderlm3", "default (router d, penalty 0.01, own steps)", []),
     ("ponderlm3", "default, train.seed=1", ["train.seed=1"]),
     ("ponderlm3", "router_hidden_mult=4", ["ponder.router_hidden_mult=4"]),

@@ -91,15 +91,51 @@ def train(name: str, family: str, args, extra: list[str], run_dir: str = None) -
             "train_active": {k: v for k, v in (last or {}).items() if k.startswith("active_frac/")}}
 
 
-def full_eval(run: dict, args) -> None:
-    """``megaponder eval`` on every window of the validation split (the same tokens for every
-    run; the trainer's final validation samples batches with the run's seed)."""
-    cmd = [MEGAPONDER, "eval", "--checkpoint", run["run_dir"], "--data", args.analysis_data, "--threads",
-           str(args.threads or 0)]
+LATENT_FAMILIES = ("ponderlm2", "ponderlm3")
+
+
+def megaponder_eval(run_dir: str, args, *extra: str) -> tuple[dict, str]:
+    """``megaponder eval`` on every window of the validation split: its JSON and its command."""
+    cmd = [MEGAPONDER, "eval", "--checkpoint", run_dir, "--data", args.analysis_data, "--threads",
+           str(args.threads or 0), *extra]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    res = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    run["full"] = res
-    run["eval_command"] = " ".join(shlex.quote(c) for c in cmd)
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1]), \
+        " ".join(shlex.quote(c) for c in cmd)
+
+
+def eval_renormalized(run_dir: str, args) -> dict:
+    """What ``megaponder eval`` computes (every window, exact mode), with the PonderLM-3
+    inference option ``ponder.renormalize_pruned`` switched on in the loaded checkpoint (the
+    CLI has no switch for it; the weights are the trained ones)."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from megaponder import load_model
+    from megaponder.data import IndexedDataset
+    from megaponder.train.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from megaponder.train.evaluate import evaluate, sequential_batches
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = resolve_checkpoint(run_dir)
+    model = load_model(folder)
+    model.ponder_cfg.renormalize_pruned = True
+    seq = read_checkpoint_config(folder).data.seq_length  # megaponder eval's default length
+    return evaluate(model, sequential_batches(IndexedDataset(args.analysis_data), seq, 8))
+
+
+def full_eval(run: dict, args) -> None:
+    """Score a run on the whole validation split (the same tokens for every run; the trainer's
+    final validation samples batches with the run's seed). PonderLM-2/3 are scored again in the
+    official code's mode (3 Jacobi passes, the number its authors report) besides the default
+    exact mode (Jacobi to tolerance, the sequential chain the decoder computes), and PonderLM-3
+    once more with its mixture renormalised over the kept steps (an inference-only choice)."""
+    run["full"], run["eval_command"] = megaponder_eval(run["run_dir"], args)
+    if run["family"] in LATENT_FAMILIES:
+        run["full_official"], run["eval_command_official"] = megaponder_eval(
+            run["run_dir"], args, "--eval-mode", "official")
+    if run["family"] == "ponderlm3":
+        run["full_renormalized"] = eval_renormalized(run["run_dir"], args)
 
 
 def training_flops_per_token(run_dir: str, seq_len: int = 128) -> float:
@@ -135,6 +171,23 @@ def fmt_table(runs: list[dict], vanilla_time: float, vanilla_train_flops: float)
                      f"{f.get('mean_iters', r['mean_iters']):.3f} | {f.get('flops_ratio', r['flops_ratio']):.3f} | "
                      f"{r['train_flops_per_token'] / vanilla_train_flops:.2f} | "
                      f"{r['tokens']:,} | {r['train_time_s'] / vanilla_time:.2f} |")
+    return "\n".join(lines)
+
+
+def fmt_eval_modes(runs: list[dict]) -> str:
+    lines = ["| run | eval mode | val ppl (full split) | Δ ppl vs exact | Jacobi passes per batch | "
+             "largest change of a thought in the last pass | passes/token (papers' scale) | "
+             "flops_ratio (inference) |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        exact = r["full"]
+        rows = [("exact", exact), ("official", r["full_official"])]
+        if "full_renormalized" in r:
+            rows.append(("exact, renormalize_pruned=true", r["full_renormalized"]))
+        for mode, f in rows:
+            delta = f"{f['ppl'] - exact['ppl']:+.4f}" if f is not exact else ""
+            resid = f"{f['jacobi_residual']:.1e}" if "jacobi_residual" in f else "–"
+            lines.append(f"| {r['name']} | {mode} | {f['ppl']:.3f} | {delta} | {f['jacobi_passes']:.2f} | "
+                         f"{resid} | {f['mean_iters']:.3f} | {f['flops_ratio']:.3f} |")
     return "\n".join(lines)
 
 
@@ -234,8 +287,9 @@ def main() -> None:
     vanilla_time, vanilla_train_flops = ref["train_time_s"], ref["train_flops_per_token"]
     md = [f"Equal steps: {args.steps} steps x 8 sequences x 128 tokens, seed 1234, train.threads={args.threads}, "
           f"final validation on {args.eval_batches} micro-batches ({args.eval_batches * 8 * 128:,} tokens) of "
-          f"data/demo/validation_text_document. AdaPonderLM bottom-k warm-up {s0}->{s1} "
-          f"(λ, k_max, tau at their defaults 0.1, 0.1, 1e-4).", "",
+          "data/demo/validation_text_document." + (
+              f" AdaPonderLM bottom-k warm-up {s0}->{s1} (λ, k_max, tau at their defaults 0.1, 0.1, 1e-4)."
+              if "adaponderlm" in args.families + args.noise_families else ""), "",
           "### Quality at equal steps", "", fmt_table(runs, vanilla_time, vanilla_train_flops)]
     if iso:
         md += ["", f"### Iso-FLOPs (target_mean_iters = AdaPonderLM's {iso[0]['mean_iters']:.4f} passes/token)", "",
@@ -244,12 +298,18 @@ def main() -> None:
         md += ["", "### Seed noise (same config, other train.seed: init, data order and the trainer's "
                "validation sample change)", "", fmt_table([by_name[f] for f in args.noise_families if f in by_name]
                                                           + noise, vanilla_time, vanilla_train_flops)]
+    latent = [r for r in runs + noise if "full_official" in r]
+    if latent:
+        md += ["", "### PonderLM-2/3: exact vs official evaluation, PonderLM-3 renormalised mixture (same checkpoints, "
+               "whole validation split)", "",
+               fmt_eval_modes(latent)]
     if depth:
         md += ["", "### Depth vs difficulty (NLL vs iterations used)", ""]
         for res in depth:
             md += [fmt_depth(res), ""]
     md += ["", "### Commands", "", "```"] + [r["command"] for r in runs + iso[1:] + noise] + \
-          [r["eval_command"] for r in runs + iso[1:] + noise] + [d["command"] for d in depth] + ["```"]
+          [r["eval_command"] for r in runs + iso[1:] + noise] + [r["eval_command_official"] for r in latent] + \
+          [d["command"] for d in depth] + ["```"]
     text = ("\n".join(md) + "\n").replace(ROOT + os.sep, "")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:

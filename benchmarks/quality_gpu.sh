@@ -5,7 +5,8 @@
 # iso-passes baselines (fixed pruning uniform/geometric, random halting at the trained
 # AdaPonderLM's mean_iters) from examples/configs/pythia-70m-*.yml for TOKENS training tokens,
 # then scores every checkpoint with `megaponder eval` (exact Jacobi evaluation for the latent
-# families, recorded in the JSON) and the depth analysis. One JSON line per run goes to
+# families, recorded in the JSON; PonderLM-2/3 also in the official 3-pass mode, "eval_official")
+# and the depth analysis. One JSON line per run goes to
 # $OUT/results.jsonl; tables are then written by hand into benchmarks/results/.
 #
 #   DATA=data/pile/pile_text_document VALID=data/pile-val/pile_val_text_document \
@@ -66,14 +67,19 @@ train() {   # train NAME FAMILY [--set ...]
     --set train.eval_every="$EVAL_EVERY" --set train.eval_batches=16 "${EXTRA_SETS[@]}" "$@"
 }
 
-score() {   # score NAME: full-split eval + depth analysis, one JSON line
+score() {   # score NAME: full-split eval (+ official 3-pass eval for PonderLM-2/3) + depth analysis, one JSON line
   local name=$1 run="$OUT/$1"
-  local eval_json
+  local eval_json official=""
   eval_json=$($PY -m megaponder eval --checkpoint "$run" --data "$VALID" --max-samples "$EVAL_SAMPLES" \
               --batch-size 8 | tail -n 1)
+  case $name in   # the latent families: the exact default above and the authors' 3 Jacobi passes
+    ponderlm2*|ponderlm3*)
+      official=$($PY -m megaponder eval --checkpoint "$run" --data "$VALID" --max-samples "$EVAL_SAMPLES" \
+                 --batch-size 8 --eval-mode official | tail -n 1) ;;
+  esac
   $PY tools/analyze_depth.py --checkpoint "$run" --data "$VALID" --windows "$DEPTH_WINDOWS" --seq-length "$SEQ" \
     --compare-full-depth --output "$OUT/depth-$name.json" > /dev/null
-  echo "{\"run\": \"$name\", \"eval\": $eval_json}" >> "$OUT/results.jsonl"
+  echo "{\"run\": \"$name\", \"eval\": $eval_json${official:+, \"eval_official\": $official}}" >> "$OUT/results.jsonl"
 }
 
 for seed in $SEEDS; do
