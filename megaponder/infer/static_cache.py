@@ -84,9 +84,8 @@ class StaticVerticalDecoder:
         self.tc = 0   # slots used
         self.activity: list[torch.Tensor] = []
         self.computed_slots = 0
-        self.active_slots = 0
         self._step = type(self)._forward
-        self._cuda_graphs = compile and dev.type == "cuda"
+        self._cuda_graphs = compile and dev.type == "cuda" and compile_backend == "inductor"
         if compile:
             # the cache keeps its address across steps, so CUDA graphs write it in place;
             # guard=False: another decoder of the same shapes reuses the compiled step
@@ -115,19 +114,14 @@ class StaticVerticalDecoder:
         acts = [active]
         readout = None
         for i in range(self.passes):
-            k_cache, v_cache = self.k[i], self.v[i]
-            k_prev, v_prev = (self.k[i - 1], self.v[i - 1]) if i else (None, None)
-            written_active = active[:, None, :, None]
-
-            def hook(layer, k, v, i=i, k_cache=k_cache, v_cache=v_cache, k_prev=k_prev,
-                     v_prev=v_prev, written_active=written_active):
+            def hook(layer, k, v, i=i, active_kv=active[:, None, :, None]):
                 if self.adaptive and i > 0:   # KV reuse: halted tokens keep pass i-1's K/V
-                    k = torch.where(written_active, k, k_prev[layer].index_select(2, slots))
-                    v = torch.where(written_active, v, v_prev[layer].index_select(2, slots))
+                    k = torch.where(active_kv, k, self.k[i - 1, layer].index_select(2, slots))
+                    v = torch.where(active_kv, v, self.v[i - 1, layer].index_select(2, slots))
                 # padding slots stay zero: never visible, and no NaN can leak through 0 * v
-                k_cache[layer].index_copy_(2, slots, torch.where(keep, k, torch.zeros_like(k)))
-                v_cache[layer].index_copy_(2, slots, torch.where(keep, v, torch.zeros_like(v)))
-                return k_cache[layer], v_cache[layer]
+                self.k[i, layer].index_copy_(2, slots, torch.where(keep, k, 0.0))
+                self.v[i, layer].index_copy_(2, slots, torch.where(keep, v, 0.0))
+                return self.k[i, layer], self.v[i, layer]
 
             hidden, _ = m.stack(e, positions, spec, kv_hook=hook)
             logits = m.head(hidden)
@@ -168,10 +162,11 @@ class StaticVerticalDecoder:
         positions = (self.next_position.unsqueeze(1) + real.long().cumsum(1) - 1).clamp_min(0)
         slots = torch.arange(self.tc, self.tc + n, device=dev)
         if n == 1:
-            if self._cuda_graphs:   # the previous step's outputs were copied out below
+            if self._cuda_graphs:   # a new step: the previous replay's outputs were copied
                 torch.compiler.cudagraph_mark_step_begin()
             readout, acts = self._step(self, ids, slots, positions, real)
-            readout, acts = readout.clone(), acts.clone()
+            if self._cuda_graphs:   # the graph's outputs are overwritten by its next replay
+                readout, acts = readout.clone(), acts.clone()
         else:   # a prompt: the same computation, eager (one compiled shape only)
             readout, acts = self._forward(ids, slots, positions, real)
         self.next_position += real.long().sum(1)
@@ -179,8 +174,13 @@ class StaticVerticalDecoder:
         acts = acts & real.unsqueeze(0)
         self.activity.append(acts)
         self.computed_slots += self.passes * b * n
-        self.active_slots += int(acts.sum())
         return readout
+
+    @property
+    def active_slots(self) -> int:
+        """Pass-token slots of real tokens that were active (counted on demand: no device
+        sync per step)."""
+        return int(self.executed().sum()) if self.activity else 0
 
     def executed(self) -> torch.Tensor:
         return torch.cat(self.activity, dim=2)  # [P, B, T]
