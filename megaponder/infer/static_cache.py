@@ -7,8 +7,8 @@ Python work, ``torch.cat`` growth and data-dependent shapes on top. A CUDA graph
 whole step in one launch, but only for a step whose shapes and control flow never change.
 :class:`StaticVerticalDecoder` is that step:
 
-* one preallocated cache per (pass, layer), ``[P, L, B, H_kv, T_max, D]`` for keys and values,
-  written in place at the step's slot (``index_copy_``) instead of grown;
+* one preallocated ``[B, H_kv, T_max, D]`` key and value cache per (pass, layer), written in
+  place at the step's slot (``index_copy_``) instead of grown;
 * attention over all ``T_max`` slots with a mask: a key is visible iff it was written by a real
   (not padding) token at a slot <= the query's (``AttentionSpec(q_index=slots,
   key_padding_mask=written)``); the unwritten slots hold zeros and get weight exactly 0;
@@ -75,9 +75,14 @@ class StaticVerticalDecoder:
         dev, dtype = param.device, param.dtype
         layer = model.stack.layers[0].attn
         kv_heads = getattr(layer, "num_kv_heads", layer.num_heads)
-        shape = (self.passes, len(model.stack.layers), batch, kv_heads, max_len, layer.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=dev)
-        self.v = torch.zeros(shape, dtype=dtype, device=dev)
+        shape = (batch, kv_heads, max_len, layer.head_dim)
+        # one tensor per (pass, layer), not views of one: an in-place write into a view of a
+        # graph input becomes a scatter into the whole base under torch.compile's
+        # functionalization, i.e. a copy of every cache per write
+        self.k = [[torch.zeros(shape, dtype=dtype, device=dev) for _ in model.stack.layers]
+                  for _ in range(self.passes)]
+        self.v = [[torch.zeros(shape, dtype=dtype, device=dev) for _ in model.stack.layers]
+                  for _ in range(self.passes)]
         self.written = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)  # visible keys
         self.next_position = torch.zeros(batch, dtype=torch.long, device=dev)     # real tokens so far
         self.rows = torch.arange(batch, device=dev).view(-1, 1)
@@ -89,7 +94,7 @@ class StaticVerticalDecoder:
         if compile:
             # the cache keeps its address across steps, so CUDA graphs write it in place;
             # guard=False: another decoder of the same shapes reuses the compiled step
-            for buf in (self.k, self.v, self.written):
+            for buf in [self.written, *(t for per_pass in self.k + self.v for t in per_pass)]:
                 torch._dynamo.mark_static_address(buf, guard=False)
             self._step = _compiled_step(compile_backend, "reduce-overhead" if self._cuda_graphs else None)
 
@@ -116,12 +121,12 @@ class StaticVerticalDecoder:
         for i in range(self.passes):
             def hook(layer, k, v, i=i, active_kv=active[:, None, :, None]):
                 if self.adaptive and i > 0:   # KV reuse: halted tokens keep pass i-1's K/V
-                    k = torch.where(active_kv, k, self.k[i - 1, layer].index_select(2, slots))
-                    v = torch.where(active_kv, v, self.v[i - 1, layer].index_select(2, slots))
+                    k = torch.where(active_kv, k, self.k[i - 1][layer].index_select(2, slots))
+                    v = torch.where(active_kv, v, self.v[i - 1][layer].index_select(2, slots))
                 # padding slots stay zero: never visible, and no NaN can leak through 0 * v
-                self.k[i, layer].index_copy_(2, slots, torch.where(keep, k, 0.0))
-                self.v[i, layer].index_copy_(2, slots, torch.where(keep, v, 0.0))
-                return self.k[i, layer], self.v[i, layer]
+                self.k[i][layer].index_copy_(2, slots, torch.where(keep, k, 0.0))
+                self.v[i][layer].index_copy_(2, slots, torch.where(keep, v, 0.0))
+                return self.k[i][layer], self.v[i][layer]
 
             hidden, _ = m.stack(e, positions, spec, kv_hook=hook)
             logits = m.head(hidden)
@@ -155,7 +160,7 @@ class StaticVerticalDecoder:
         if self.tc + n > self.max_len:
             raise ValueError(f"static cache holds {self.max_len} slots; {self.tc} used, {n} more "
                              f"fed: build the decoder with a larger max_len")
-        dev = self.k.device
+        dev = self.written.device
         ids = ids.to(dev)
         real = (torch.ones(b, n, dtype=torch.bool, device=dev) if attention_mask is None
                 else attention_mask.to(dev).bool())
