@@ -20,8 +20,10 @@ AdaPonderLM (halting forced so that ``--halted`` of the pondering slots halt) at
 ``--shapes`` (HIDDENxLAYERS) and batch sizes ``--batches``; also checks that the decoders'
 logits agree (max |difference| column) and their greedy tokens are equal.
 
-    .venv/bin/python benchmarks/bench_decode.py --static [--shapes 128x2 256x4] [--batches 1 8]
-        [--prompt 32 --new-tokens 64] [--halted 0.5] [--repeats 3] [--threads 1] [--device cpu]
+    .venv/bin/python benchmarks/bench_decode.py --static [--families vanilla adaponderlm]
+        [--shapes 128x2 256x4] [--batches 1 8]
+        [--prompt 32 --new-tokens 64] [--cache-len N] [--halted 0.5] [--repeats 3] [--threads 1]
+        [--device cpu]
 """
 import argparse
 import os
@@ -55,12 +57,14 @@ def _median_time(fn, repeats):
 def static_decode(a):
     device = torch.device(a.device)
     seq = a.prompt + a.new_tokens
+    cache = max(seq, a.cache_len or 0)   # static cache slots (attention reads all of them)
     print(f"new tokens/s of token-by-token decoding ({a.prompt}-token prompt, {a.new_tokens} new tokens), "
-          f"vocab {a.vocab}, {device}, {a.threads} threads, median of {a.repeats} interleaved runs")
+          f"vocab {a.vocab}, static cache of {cache} slots, {device}, {a.threads} threads, "
+          f"median of {a.repeats} interleaved runs")
     print("| family | d x L | B | dynamic (compacting) tok/s | static eager | static compiled | "
           "compile s | max abs diff of logits |")
     print("|---|---|---|---|---|---|---|---|")
-    for family in ("vanilla", "adaponderlm"):
+    for family in a.families:
         for shape in a.shapes:
             hidden, layers = (int(x) for x in shape.split("x"))
             torch.manual_seed(0)
@@ -71,8 +75,8 @@ def static_decode(a):
             for b in a.batches:
                 ids = torch.randint(0, a.vocab, (b, seq), generator=g).to(device)
                 variants = {"dynamic": lambda: make_decoder(model),
-                            "static": lambda: make_static_decoder(model, b, seq),
-                            "compiled": lambda: make_static_decoder(model, b, seq, compile=True)}
+                            "static": lambda: make_static_decoder(model, b, cache),
+                            "compiled": lambda: make_static_decoder(model, b, cache, compile=True)}
                 start = time.perf_counter()
                 logits = {name: time_token_by_token(make, ids, a.prompt)[1] for name, make in variants.items()}
                 compile_s = time.perf_counter() - start   # all three warm-ups; the compile dominates
@@ -93,11 +97,13 @@ def static_decode(a):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--static", action="store_true", help="static-shape decoder vs compacting (see above)")
+    p.add_argument("--families", nargs="+", default=["vanilla", "adaponderlm"], help="--static")
     p.add_argument("--shapes", nargs="+", default=["128x2", "256x4"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--halted", type=float, default=0.5, help="forced halting (AdaPonderLM, --static)")
+    p.add_argument("--cache-len", type=int, default=None, help="--static: cache slots (default: prompt + new)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
