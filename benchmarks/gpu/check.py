@@ -323,7 +323,8 @@ def check_static_decode(device, quick, budget, results) -> list:
     if quick:   # the CPU smoke test: Dynamo's capture only, not Inductor's C++ build (minutes)
         shape, batches, prompt, new, backend = dict(hidden=64, layers=2, vocab=512), (2,), 8, 6, "eager"
     else:       # the Pythia-70M shape: one compile per (family, batch) must fit the budget
-        shape, batches, prompt, new, backend = dict(hidden=512, layers=6, vocab=50304), (1, 8), 128, 64, "inductor"
+        shape, batches, prompt, new = dict(hidden=512, layers=6, vocab=50304), (1, 8), 128, 64
+        backend = "inductor"
     rows, failures = [], []
     for family in ("vanilla", "adaponderlm"):
         for b in batches:
@@ -357,7 +358,8 @@ def check_static_decode(device, quick, budget, results) -> list:
                     row[f"{n}_tokens_per_s"] = b * new / statistics.median(times[n])
                     if n != "dynamic":
                         row[f"{n}_max_diff"] = (logits[n] - logits["dynamic"]).abs().max().item()
-                        row[f"{n}_token_agree"] = (logits[n].argmax(-1) == logits["dynamic"].argmax(-1)).float().mean().item()
+                        same = logits[n].argmax(-1) == logits["dynamic"].argmax(-1)
+                        row[f"{n}_token_agree"] = same.float().mean().item()
                 row["ok"] = all(torch.isfinite(x).all().item() for x in logits.values()) and min(
                     row["static_token_agree"], row["compiled_token_agree"]) >= 0.9
             except Exception as exc:  # noqa: BLE001 - a step that does not compile is a finding
@@ -370,8 +372,8 @@ def check_static_decode(device, quick, budget, results) -> list:
             if not row["ok"]:
                 failures.append(f"static decode {family} B={b}: {row.get('error', row)}")
             del model
-    results["static_decode"] = {"compile_backend": backend + (" + CUDA graphs" if device.type == "cuda" else ""),
-                                "rows": rows}
+    graphs = " + CUDA graphs" if device.type == "cuda" else ""
+    results["static_decode"] = {"compile_backend": backend + graphs, "rows": rows}
     return failures
 
 
