@@ -19,3 +19,45 @@ def sized_config(family: str, hidden: int, layers: int, vocab: int, seq: int, ex
         f"model.hidden_size={hidden}", f"model.num_layers={layers}", f"model.num_heads={hidden // 64}",
         f"model.vocab_size={vocab}", f"model.max_position_embeddings={seq}", f"data.seq_length={seq}",
         "model.attention_backend=sdpa", *extra], check_paths=False)
+
+
+def calibrate_tau(model, ids, halted_fraction, iters=24):
+    """tau such that ``halted_fraction`` of the pondering slots (passes 1..K) are skipped in
+    the dense forward (mean_iters = 1 + K (1 - h)); the gates are untrained, so tau is what
+    sets how many tokens halt."""
+    import torch
+
+    k = model.num_passes - 1
+    target = 1 + k * (1 - halted_fraction)
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        model.ponder_cfg.tau = (lo + hi) / 2
+        with torch.no_grad():
+            mean_iters = float(model(ids).stats["mean_iters"])
+        if mean_iters > target:
+            lo = model.ponder_cfg.tau
+        else:
+            hi = model.ponder_cfg.tau
+    return model.ponder_cfg.tau, mean_iters
+
+
+def time_token_by_token(make_decoder, ids, prompt: int):
+    """(seconds of the token-by-token part, logits [B, T, V] of every position) of a fresh
+    decoder from ``make_decoder()``: ``ids[:, :prompt]`` fed at once, then one token a step."""
+    import time
+
+    import torch
+
+    def sync():
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+
+    dec = make_decoder()
+    with torch.no_grad():
+        out = [dec.feed(ids[:, :prompt])]
+        sync()
+        start = time.perf_counter()
+        for j in range(prompt, ids.shape[1]):
+            out.append(dec.feed(ids[:, j:j + 1]))
+        sync()
+    return time.perf_counter() - start, torch.cat(out, 1)

@@ -49,7 +49,8 @@ def _generate(args) -> int:
     tok = _load_tokenizer(folder, args.tokenizer_model)
     prompt = tok.encode(args.prompt)
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                   vocab_size=tok.vocab_size, eos_id=tok.eod, seed=args.seed)
+                   vocab_size=tok.vocab_size, eos_id=tok.eod, seed=args.seed,
+                   static_cache=args.static_cache, compile=args.compile)
     # decode prompt and continuation together: decoding the new ids alone drops the word
     # boundary SentencePiece keeps on the first new piece ("beginning" + "of" -> "beginningof")
     print(tok.decode(prompt + new) if not args.ids else json.dumps(prompt + new))
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", default=None, help="override the checkpoint's tokenizer")
     p.add_argument("--ids", action="store_true", help="print token ids (JSON) instead of text")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--static-cache", action="store_true",
+                   help="decode on a preallocated KV cache with a fixed-shape step (vertical "
+                        "families; same tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the static-cache step (CUDA graphs on CUDA; implies "
+                        "--static-cache; the first token pays the compile)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint on an indexed dataset")

@@ -1,7 +1,8 @@
 """The prepared GPU run (benchmarks/gpu/check.py, started by benchmarks/gpu/run.sh) runs its
 CPU path end to end on tiny shapes, so it is ready, not rotten, when a session gets a GPU:
 every backend vs eager (outputs and gradients), engine training steps of vanilla and
-AdaPonderLM (plain and chunked), the forced-halting decode, and its JSON + markdown output."""
+AdaPonderLM (plain and chunked), the forced-halting decode, the static-shape decoder (eager
+and compiled) vs the compacting one, and its JSON + markdown output."""
 import json
 import os
 import subprocess
@@ -33,4 +34,9 @@ def test_gpu_check_cpu_quick(tmp_path):
     assert [r["halted"] for r in dec] == [0.3, 0.5]
     for r in dec:   # tau calibration hit the forced halting rate (3 pondering passes)
         assert abs(r["mean_iters"] - (1 + 3 * (1 - r["halted"]))) < 0.1 and r["ideal"] > 1
+    static = {(r["family"], r["batch"]): r for r in res["static_decode"]["rows"]}
+    assert set(static) == {("vanilla", 2), ("adaponderlm", 2)}
+    for r in static.values():   # fp32 on CPU: the static decoders equal the compacting one
+        assert r["ok"] and max(r["static_max_diff"], r["compiled_max_diff"]) < 1e-5, r
+        assert r["compiled_token_agree"] == 1.0 and r["compiled_tokens_per_s"] > 0
     assert "| documents | sdpa | bfloat16 |" in open(tmp_path / "check.md").read()

@@ -415,6 +415,8 @@ def test_cli_generate_decodes_prompt_and_continuation_together(exported, capsys)
             "--max-new-tokens", "5", "--temperature", "0", "--device", "cpu"]
     assert main(args + ["--ids"]) == 0
     ids = json.loads(capsys.readouterr().out)
+    assert main(args + ["--ids", "--static-cache"]) == 0   # the static-shape decoder: same tokens
+    assert json.loads(capsys.readouterr().out) == ids
     assert main(args) == 0
     text = capsys.readouterr().out.rstrip("\n")
     assert text == sp.decode(ids)

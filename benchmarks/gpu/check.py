@@ -24,6 +24,10 @@ comes back with the finished parts.
 3. Decode: AdaPonderLM's batched KV-cached decoder with halting forced (tau calibrated on
    the dense forward) so that 30% / 50% of the pondering slots halt, vs fixed depth
    (no halting): time ratio = speed-up; ideal = dense slots / active slots.
+4. Static decode: vanilla and AdaPonderLM (50% halted) at the Pythia-70M shape, batch 1 and
+   8, token by token: the static-shape decoder eager and compiled (CUDA graphs) vs the
+   compacting decoder (tokens/s, warm-up = compile + capture, agreement). Last, so a short
+   loan skips it first; ``--parts static_decode`` runs it alone (about 4 compiles).
 """
 from __future__ import annotations
 
@@ -261,26 +265,8 @@ def check_training(device, quick, steps, peak_tflops, budget, results) -> list:
 
 
 # -- 3. decode ---------------------------------------------------------------------------------
-def _calibrate_tau(model, ids, halted_fraction, iters=24):
-    """tau such that ``halted_fraction`` of the pondering slots (passes 1..K) are skipped in
-    the dense forward (mean_iters = 1 + K (1 - h)); the gates are untrained, so tau is what
-    sets how many tokens halt."""
-    k = model.num_passes - 1
-    target = 1 + k * (1 - halted_fraction)
-    lo, hi = 0.0, 1.0
-    for _ in range(iters):
-        model.ponder_cfg.tau = (lo + hi) / 2
-        with torch.no_grad():
-            mean_iters = float(model(ids).stats["mean_iters"])
-        if mean_iters > target:
-            lo = model.ponder_cfg.tau
-        else:
-            hi = model.ponder_cfg.tau
-    return model.ponder_cfg.tau, mean_iters
-
-
 def check_decode(device, quick, budget, results) -> list:
-    from _configs import sized_config
+    from _configs import calibrate_tau, sized_config
     from megaponder.models import build_model
     from megaponder.infer.decoders import decode_logits
 
@@ -305,7 +291,7 @@ def check_decode(device, quick, budget, results) -> list:
         base_prefill = _median_time(lambda: decode_logits(model, ids), device, 1 if quick else 3)
         base_decode = _median_time(lambda: decode_logits(model, short, chunk=1), device, 1 if quick else 2)
     for frac in (0.3, 0.5):
-        tau, mean_iters = _calibrate_tau(model, ids, frac, iters=12 if quick else 20)
+        tau, mean_iters = calibrate_tau(model, ids, frac, iters=12 if quick else 20)
         with torch.no_grad():
             t_prefill = _median_time(lambda: decode_logits(model, ids), device, 1 if quick else 3)
             t_decode = _median_time(lambda: decode_logits(model, short, chunk=1), device, 1 if quick else 2)
@@ -318,6 +304,77 @@ def check_decode(device, quick, budget, results) -> list:
                          "fixed_depth_prefill_s": base_prefill, "fixed_depth_decode_s": base_decode,
                          "rows": rows}
     return []
+
+
+def check_static_decode(device, quick, budget, results) -> list:
+    """Batched token-by-token decoding of vanilla and AdaPonderLM (halting forced to 50% of
+    the pondering slots): the static-shape decoder, eager and with its compiled step (CUDA
+    graphs: mode reduce-overhead) vs the compacting decoder, same model, sdpa attention (the
+    static step's masked attention over the whole cache; CUDA graphs with sdpa are the
+    well-trodden path). New tokens/s after a prompt, the compile + capture time, and how far
+    the logits and greedy tokens of the static decoders are from the compacting decoder's
+    (bf16 on CUDA: reassociation can flip a gate that sits at tau, so agreement is reported,
+    and only a non-finite logit or < 90% equal tokens fails)."""
+    from _configs import calibrate_tau, sized_config, time_token_by_token
+    from megaponder.infer.decoders import make_decoder
+    from megaponder.infer.static_cache import make_static_decoder
+    from megaponder.models import build_model
+
+    if quick:   # the CPU smoke test: Dynamo's capture only, not Inductor's C++ build (minutes)
+        shape, batches, prompt, new, backend = dict(hidden=64, layers=2, vocab=512), (2,), 8, 6, "eager"
+    else:       # the Pythia-70M shape: one compile per (family, batch) must fit the budget
+        shape, batches, prompt, new = dict(hidden=512, layers=6, vocab=50304), (1, 8), 128, 64
+        backend = "inductor"
+    rows, failures = [], []
+    for family in ("vanilla", "adaponderlm"):
+        for b in batches:
+            if budget.left() < (5 if quick else 90):
+                rows.append({"family": family, "batch": b, "skipped": "time"})
+                continue
+            cfg = sized_config(family, shape["hidden"], shape["layers"], shape["vocab"], prompt + new)
+            torch.manual_seed(0)
+            model = build_model(cfg).to(device).eval()
+            if device.type == "cuda":
+                model = model.to(torch.bfloat16)
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(0, shape["vocab"], (b, prompt + new), generator=g).to(device)
+            row = {"family": family, "batch": b, "prompt": prompt, "new_tokens": new,
+                   "d": shape["hidden"], "layers": shape["layers"]}
+            if family == "adaponderlm":
+                row["tau"], row["mean_iters"] = calibrate_tau(model, ids, 0.5, iters=12 if quick else 16)
+            variants = {"dynamic": lambda: make_decoder(model),
+                        "static": lambda: make_static_decoder(model, b, prompt + new),
+                        "compiled": lambda: make_static_decoder(model, b, prompt + new, compile=True,
+                                                                compile_backend=backend)}
+            try:
+                start = time.perf_counter()
+                logits = {n: time_token_by_token(make, ids, prompt)[1].float() for n, make in variants.items()}
+                row["warmup_s"] = time.perf_counter() - start   # the compile and capture dominate
+                times = {n: [] for n in variants}
+                for _ in range(1 if quick else 3):   # interleaved
+                    for n, make in variants.items():
+                        times[n].append(time_token_by_token(make, ids, prompt)[0])
+                for n in variants:
+                    row[f"{n}_tokens_per_s"] = b * new / statistics.median(times[n])
+                    if n != "dynamic":
+                        row[f"{n}_max_diff"] = (logits[n] - logits["dynamic"]).abs().max().item()
+                        same = logits[n].argmax(-1) == logits["dynamic"].argmax(-1)
+                        row[f"{n}_token_agree"] = same.float().mean().item()
+                row["ok"] = all(torch.isfinite(x).all().item() for x in logits.values()) and min(
+                    row["static_token_agree"], row["compiled_token_agree"]) >= 0.9
+            except Exception as exc:  # noqa: BLE001 - a step that does not compile is a finding
+                row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            rows.append(row)
+            print(f"  static decode {family} B={b}: " + (
+                f"{row['static_tokens_per_s'] / row['dynamic_tokens_per_s']:.2f}x eager, "
+                f"{row['compiled_tokens_per_s'] / row['dynamic_tokens_per_s']:.2f}x compiled"
+                if "compiled_tokens_per_s" in row else row.get("error", "")), flush=True)
+            if not row["ok"]:
+                failures.append(f"static decode {family} B={b}: {row.get('error', row)}")
+            del model
+    graphs = " + CUDA graphs" if device.type == "cuda" else ""
+    results["static_decode"] = {"compile_backend": backend + graphs, "rows": rows}
+    return failures
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -367,6 +424,22 @@ def markdown(results) -> str:
                          f"{r['decode_speedup']:.2f} ({r['decode_vs_ideal']:.2f}) |")
     elif dec:
         lines.append(f"decode: skipped ({dec.get('skipped')})")
+    st = results.get("static_decode")
+    if st:
+        lines += ["", "Static-shape decoder (megaponder/infer/static_cache.py) vs the compacting decoder, "
+                  "token by token, AdaPonderLM with 50% of the pondering slots halted; compiled: "
+                  f"{st['compile_backend']}", "",
+                  "| family | d x L | batch | compacting tok/s | static eager | static compiled | "
+                  "warm-up s | max diff (eager / compiled) | equal tokens |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in st["rows"]:
+            if "compiled_tokens_per_s" not in r:
+                lines.append(f"| {r['family']} | | {r['batch']} | {r.get('skipped') or r.get('error')} | | | | | |")
+                continue
+            dyn = r["dynamic_tokens_per_s"]
+            lines.append(f"| {r['family']} | {r['d']} x {r['layers']} | {r['batch']} | {dyn:,.0f} | "
+                         f"{r['static_tokens_per_s'] / dyn:.2f}x | {r['compiled_tokens_per_s'] / dyn:.2f}x | "
+                         f"{r['warmup_s']:.0f} | {r['static_max_diff']:.1e} / {r['compiled_max_diff']:.1e} | "
+                         f"{min(r['static_token_agree'], r['compiled_token_agree']):.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak of the device for MFU (default on CUDA: 989, H100/H200 SXM)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip parts that would start after this")
-    p.add_argument("--parts", default="attention,training,decode")
+    p.add_argument("--parts", default="attention,training,decode,static_decode")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu-out"))
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -406,6 +479,9 @@ def main(argv=None) -> int:
     if "decode" in parts:
         failures += check_decode(device, a.quick, budget, results)
         print(f"decode done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if "static_decode" in parts:
+        failures += check_static_decode(device, a.quick, budget, results)
+        print(f"static decode done ({time.perf_counter() - t0:.0f} s)", flush=True)
     results["failures"] = failures
     results["wall_s"] = time.perf_counter() - t0
     os.makedirs(a.out, exist_ok=True)

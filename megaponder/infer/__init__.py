@@ -3,7 +3,10 @@
 ``generate`` samples with the family's KV-cached (and, for adaptive ones, compacting)
 decoder, the one its FamilySpec declares (megaponder/infer/decoders.py); ``cached=False``
 recomputes the whole prefix each step instead, which is exact for every family because they
-are all causal. A family without a decoder asked for cached sampling is an error.
+are all causal. ``static_cache=True`` decodes on a preallocated cache with a fixed-shape step
+instead (vertical families; megaponder/infer/static_cache.py) and ``compile=True`` compiles
+that step (CUDA graphs on CUDA); the tokens are the same. A family without the decoder asked
+for is an error.
 """
 from __future__ import annotations
 
@@ -15,12 +18,17 @@ import torch
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: int = 0, vocab_size: Optional[int] = None, eos_id: Optional[int] = None,
-             seed: int = 0, cached: bool = True) -> list[int]:
+             seed: int = 0, cached: bool = True, static_cache: bool = False,
+             compile: bool = False) -> list[int]:
     """Token ids of the continuation (prompt excluded). temperature 0 means greedy."""
+    if (static_cache or compile) and not cached:
+        raise ValueError("generate(): static_cache/compile need the cached decoder; drop "
+                         "cached=False")
     if cached:
         from .decoders import generate_cached
         return generate_cached(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, vocab_size=vocab_size, eos_id=eos_id, seed=seed)
+                               top_k=top_k, vocab_size=vocab_size, eos_id=eos_id, seed=seed,
+                               static_cache=static_cache, compile=compile)
     generator = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)

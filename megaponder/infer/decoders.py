@@ -349,15 +349,21 @@ def decode_logits(model, input_ids: torch.Tensor, chunk: Optional[int] = None, s
 @torch.no_grad()
 def generate_cached(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
                     top_k: int = 0, vocab_size: Optional[int] = None, eos_id: Optional[int] = None,
-                    seed: int = 0) -> list[int]:
-    """Sampling with the family's cached decoder (used by megaponder.infer.generate)."""
+                    seed: int = 0, static_cache: bool = False, compile: bool = False) -> list[int]:
+    """Sampling with the family's cached decoder (used by megaponder.infer.generate);
+    ``static_cache``: its static-shape decoder (``compile``: compiled step; implies it)."""
     from . import sample_next
 
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
-    dec = make_decoder(model, seed)
+    if static_cache or compile:
+        from .static_cache import cache_length, make_static_decoder
+        dec = make_static_decoder(model, 1, cache_length(len(prompt_ids) + max_new_tokens, compile),
+                                  seed, compile)
+    else:
+        dec = make_decoder(model, seed)
     logits = dec.feed(torch.tensor([prompt_ids], dtype=torch.long, device=dev))[0, -1].float()
     new: list[int] = []
     for _ in range(max_new_tokens):

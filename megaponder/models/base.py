@@ -26,7 +26,7 @@ from ..config import ModelConfig, PonderConfig
 from .attention import AttentionSpec
 from .chunked import IGNORE_INDEX, linear_cross_entropy
 from .init import init_backbone_weights
-from .spec import DECODERS, FamilySpec, family_spec, register_family
+from .spec import DECODERS, STATIC_DECODER, FamilySpec, family_spec, register_family
 from .backbones import build_stack
 
 
@@ -172,6 +172,7 @@ def _register() -> None:
     from . import flops
     register_family(FamilySpec(
         name="vanilla", model_cls=CausalLM, kind="fixed", decoder=DECODERS + "VerticalDecoder",
+        static_decoder=STATIC_DECODER,
         train_flops=flops.vanilla_train_flops, inference_flops=flops.vanilla_inference_flops,
         sequence_parallel=True))
 

@@ -25,7 +25,7 @@ from ..config import ModelConfig, PonderConfig
 from .base import ModelOutput, default_position_ids, with_fixed_token_stats
 from .latent import LatentLM
 from .ponder import HALTING_PONDER_KEYS, VERTICAL_PONDER_KEYS, PonderLM, valid_token_mask
-from .spec import DECODERS, FamilySpec, register_family
+from .spec import DECODERS, STATIC_DECODER, FamilySpec, register_family
 
 
 class LoopLM(PonderLM):
@@ -181,6 +181,7 @@ def _register() -> None:
         train_flops=flops.loop_train_flops, inference_flops=flops.loop_inference_flops,
         ponder_keys=("steps", "scale_embeds", "thought_embed_scale", "depth_scaled_init")))
     planned = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder", recurrent=True,
+                   static_decoder=STATIC_DECODER,
                    train_flops=flops.vertical_train_flops,
                    inference_flops=flops.vertical_inference_flops, sequence_parallel=True,
                    halting="schedule", full_depth_tau=None,

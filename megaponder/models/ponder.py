@@ -28,7 +28,7 @@ from ..config import ModelConfig, PonderConfig
 from .base import CausalLM, ModelOutput, default_position_ids
 from .chunked import linear_softmax_matmul
 from .compaction import RowCompaction
-from .spec import DECODERS, FamilySpec, register_family
+from .spec import DECODERS, STATIC_DECODER, FamilySpec, register_family
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -402,6 +402,7 @@ HALTING_PONDER_KEYS = ("tau", "halted_readout", "kv_reuse_grad", "bottomk_pool")
 def _register() -> None:
     from . import flops
     vertical = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder", recurrent=True,
+                    static_decoder=STATIC_DECODER,
                     train_flops=flops.vertical_train_flops,
                     inference_flops=flops.vertical_inference_flops, sequence_parallel=True)
     register_family(FamilySpec(name="ponderlm", model_cls=PonderLM, ponder_keys=VERTICAL_PONDER_KEYS,

@@ -24,6 +24,8 @@ BUILTIN_MODULES = ("megaponder.models.base", "megaponder.models.ponder",
 
 #: where the built-in decoders live (FamilySpec.decoder = DECODERS + "VerticalDecoder")
 DECODERS = "megaponder.infer.decoders:"
+#: the static-shape (CUDA-graph-friendly) decoder of the vertical families
+STATIC_DECODER = "megaponder.infer.static_cache:StaticVerticalDecoder"
 
 
 class MissingCapability(NotImplementedError):
@@ -46,6 +48,10 @@ class FamilySpec:
     #: training forward, or its "module:name" (resolved on use, so a family module need not
     #: import megaponder/infer/, which imports the models); None: no cached decoding
     decoder: Optional[Callable[..., Any] | str] = None
+    #: ``static_decoder(model, batch, max_len, seed, compile, compile_backend) -> decoder``
+    #: with the same ``feed`` on a preallocated cache and a fixed-shape one-token step
+    #: (megaponder/infer/static_cache.py), or its "module:name"; None: dynamic decoding only
+    static_decoder: Optional[Callable[..., Any] | str] = None
     #: ``train_flops(dims, seq_len, causal, jacobi_passes) -> float``: one training forward
     train_flops: Optional[Callable[..., float]] = None
     #: ``inference_flops(dims, seq_len, activity) -> float``: KV-cached decoding of a sequence
