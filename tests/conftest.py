@@ -1,5 +1,16 @@
-"""Suite-wide settings: offline, few threads, deterministic."""
+"""Suite-wide settings: offline, few threads, deterministic, nothing left in /tmp."""
+import atexit
 import os
+import shutil
+import tempfile
+
+# One temp folder for the session, removed when it ends: what the suite and its subprocesses
+# put in the temp dir (torchrun's and the deepspeed launcher's torchelastic_* log folders, the
+# shared demo corpus, pytest's tmp_path folders) would otherwise stay in /tmp after every run.
+_SESSION_TMP = tempfile.mkdtemp(prefix="megaponder-tests-")
+os.environ["TMPDIR"] = _SESSION_TMP  # inherited by every subprocess
+tempfile.tempdir = _SESSION_TMP
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
