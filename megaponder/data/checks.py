@@ -176,9 +176,9 @@ def open_and_check_data(cfg, log: Callable[[str], None] = lambda m: None
     stops all of them with its message. Without torch.distributed: open, then check."""
     import torch.distributed as dist
 
-    from ..parallel.agreement import agree_on_failure
+    from ..parallel.agreement import agree_on_failure, multi_process
 
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = multi_process()
     rank = dist.get_rank() if distributed else 0
     with agree_on_failure("opening the data"):
         datasets = open_datasets(cfg.data)

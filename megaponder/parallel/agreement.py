@@ -40,7 +40,8 @@ class CollectiveTimeout(RuntimeError):
     """A collective did not complete within ``parallel.timeout_minutes``."""
 
 
-def _distributed() -> bool:
+def multi_process() -> bool:
+    """A torch.distributed group of more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -54,10 +55,10 @@ def agree_on_failure(phase: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
-        if not _distributed():
+        if not multi_process():
             raise
         error = err
-    if not _distributed():
+    if not multi_process():
         return
     from .state import collective_device
 

@@ -305,7 +305,7 @@ def init_distributed(tp: int = 1, pp: int = 1, *, backend: str = "auto",
 
 
 def topology_from_config(cfg) -> Topology:
-    """init_distributed with the ``parallel:`` section of a Config. The config is validated
+    """:func:`init_distributed` with the ``parallel:`` section of a Config. The config is validated
     after the default group exists and before any other group is made, with the ranks
     agreeing on the verdict, so a config that fails on one rank only (another file on its
     node) stops every rank instead of leaving them waiting in ``new_group``."""
@@ -318,9 +318,10 @@ def topology_from_config(cfg) -> Topology:
     init_process_group(par.dist_backend, par.timeout_minutes)
     with agree_on_failure("config"):
         validate(cfg, check_paths=False, world_size=dist.get_world_size())
-    return init_distributed(par.tp, par.pp, backend=par.dist_backend,
-                            sequence_parallel=par.sequence_parallel, seed=cfg.train.seed,
-                            timeout_minutes=par.timeout_minutes)
+    # the default group exists already: the rest of init_distributed
+    topo = build_topology(par.tp, par.pp, par.sequence_parallel, par.timeout_minutes)
+    seed_everything(cfg.train.seed, topo)
+    return topo
 
 
 class DeepSpeedMPU:
