@@ -43,6 +43,12 @@ def _cat(past, new):
     return new if past is None else torch.cat([past, new], dim=2)
 
 
+def vertical_inputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """The first pass's stack input of a fixed/vertical family: the pondering families'
+    (scaled) input embeddings, vanilla's plain embedding."""
+    return model.input_embeddings(ids) if hasattr(model, "input_embeddings") else model.embed(ids)
+
+
 class VerticalDecoder:
     """vanilla / ponderlm / adaponderlm / fixed_pruning / random_halting, a batch of rows fed
     in lockstep ([B, n] per ``feed``).
@@ -65,10 +71,6 @@ class VerticalDecoder:
         self.computed_slots = 0   # query slots the stack ran (padding included)
         self.active_slots = 0     # of which belonged to tokens that needed them
         self.seed = seed
-
-    def _embed(self, ids):
-        m = self.model
-        return m.input_embeddings(ids) if hasattr(m, "input_embeddings") else m.embed(ids)
 
     def _pass(self, i, e, pos, idx, valid, active, chunk_prev):
         """Iteration i on the packed tokens ``idx`` ([B, A], ``valid`` slots real): the active
@@ -108,7 +110,7 @@ class VerticalDecoder:
         b, n = ids.shape
         dev = ids.device
         pos = torch.arange(self.tc, self.tc + n, device=dev).unsqueeze(0).expand(b, n)
-        e = self._embed(ids)
+        e = vertical_inputs(self.model, ids)
         readout = None
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None

@@ -44,6 +44,7 @@ import torch
 
 from ..models.attention import AttentionSpec
 from ..models.spec import family_spec, require
+from .decoders import vertical_inputs
 
 
 class StaticVerticalDecoder:
@@ -98,10 +99,6 @@ class StaticVerticalDecoder:
                 torch._dynamo.mark_static_address(buf, guard=False)
             self._step = _compiled_step(compile_backend, "reduce-overhead" if self._cuda_graphs else None)
 
-    def _embed(self, ids):
-        m = self.model
-        return m.input_embeddings(ids) if hasattr(m, "input_embeddings") else m.embed(ids)
-
     def _forward(self, ids, slots, positions, real):
         """All passes over tokens ``ids`` [B, n] at cache ``slots`` [n] with rotary
         ``positions`` [B, n]; ``real`` [B, n] is False for left padding. Static shapes, no
@@ -110,7 +107,7 @@ class StaticVerticalDecoder:
         self.written.index_copy_(1, slots, real)
         spec = AttentionSpec(q_index=slots, key_padding_mask=self.written)
         keep = real[:, None, :, None]
-        e = self._embed(ids)
+        e = vertical_inputs(m, ids)
         active = torch.ones_like(real)
         plan = None
         if self.scheduled:   # the eval forward's draws for these tokens (stream = seed)
