@@ -15,7 +15,9 @@ Non-finite / spiking losses
 Preemption
     :class:`StopRequest` turns SIGTERM, SIGINT and ``train.preempt_signal`` into a flag; the
     loop checks it (and ``train.exit_after_minutes``) once per step with one all-reduce, so
-    every rank stops after the same step, saves and exits 0.
+    every rank stops after the same step, saves and exits 0. Under the deepspeed launcher the
+    launcher's exit counts as a request too (launcher_watch.py: a SIGTERM to the launcher
+    alone does not reach the ranks).
 
 Fault injection (tests only)
     ``MEGAPONDER_FAULT_NAN="RANK@STEP,..."`` multiplies the loss of global rank RANK at step
@@ -34,6 +36,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .launcher_watch import LauncherWatch, survive_closed_pipes
 
 FAULT_NAN_ENV = "MEGAPONDER_FAULT_NAN"
 FAULT_NAN_GRAD_ENV = "MEGAPONDER_FAULT_NAN_GRAD"
@@ -154,6 +158,9 @@ class StopRequest:
     def __init__(self, extra_signal: Optional[str] = None, exit_after_minutes: float = 0.0):
         self.reason: Optional[str] = None
         self.deadline = time.time() + 60 * exit_after_minutes if exit_after_minutes > 0 else None
+        self.launcher = LauncherWatch.detect()
+        if self.launcher is not None:
+            survive_closed_pipes()
         sigs = {signal.SIGTERM, signal.SIGINT}
         if extra_signal:
             sigs.add(signal_from_name(extra_signal))
@@ -172,6 +179,8 @@ class StopRequest:
     def local_reason(self) -> Optional[str]:
         if self.reason is None and self.deadline is not None and time.time() >= self.deadline:
             self.reason = "train.exit_after_minutes"
+        if self.reason is None and self.launcher is not None:
+            self.reason = self.launcher.gone()
         return self.reason
 
     def should_stop(self) -> bool:
