@@ -10,12 +10,12 @@ not reach the ranks:
   never told; the ranks train on as orphans;
 - several nodes: the runner kills pdsh and runs ``pkill -f`` on every node through a second
   pdsh. When pdsh dies, the ssh sessions that started launch.py close, so their pipes, the
-  ranks' stdout and stderr, break: the next ``print`` raises BrokenPipeError, in the middle of
-  the save on a rank that got the SIGTERM.
+  ranks' stdout and stderr, break, seconds before that pkill arrives: the next log line
+  raised BrokenPipeError and rank 0 died without saving.
 
 :class:`LauncherWatch` (used by :class:`~megaponder.train.guards.StopRequest`) notices both:
 the process that started launch.py on this node (the runner, or the ssh session on a node it
-reached over ssh) is no longer launch.py's parent. That counts as a stop request, so every rank
+reached over ssh) is no longer its ancestor. That counts as a stop request, so every rank
 finishes its step, saves and exits 0 (launch.py then exits 0 too). :func:`survive_closed_pipes`
 makes writes to a pipe whose reader is gone go to /dev/null instead of raising, so that the
 save and the exit are not cut short by a log line.
@@ -48,40 +48,55 @@ def _parent_of(pid: int) -> Optional[int]:
     return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
-def _describe(pid: int) -> str:
-    args = _cmdline(pid)
-    if any(os.path.basename(a) == "deepspeed" for a in args[:2]):
-        return f"the deepspeed launcher (pid {pid})"
-    name = os.path.basename(args[0]) if args else "?"
-    return f"{name} (pid {pid}), which started {LAUNCH_MODULE} on this node,"
+def _is_runner(args: list[str]) -> bool:
+    """``python .../bin/deepspeed ...`` (DeepSpeed's runner script)."""
+    return any(os.path.basename(a) == "deepspeed" for a in args[:2])
+
+
+def _is_ssh_session(args: list[str]) -> bool:
+    """sshd's per-connection process (``sshd: root@notty``), on a node reached over ssh."""
+    return bool(args) and args[0].startswith("sshd:")
 
 
 class LauncherWatch:
-    """Whether the process that started this rank's launch.py is still its parent."""
+    """Whether the process that started this node's launch.py, the deepspeed runner or the
+    ssh session of the runner's pdsh, still is its ancestor: ``chain`` holds the PIDs from
+    launch.py up to it (a shell may sit in between), and the watch fires when any link breaks.
+    Nothing above that process is watched: a job started with ``nohup deepspeed ...`` keeps
+    training after its shell exits."""
 
-    def __init__(self, launch_pid: int, starter_pid: int):
-        self.launch_pid, self.starter_pid = launch_pid, starter_pid
-        self.starter = _describe(starter_pid)
+    MAX_LEVELS = 4  # launch.py <- [shell] <- [shell] <- runner or ssh session
+
+    def __init__(self, chain: list[int], starter: str):
+        self.chain, self.starter = chain, starter
 
     @classmethod
     def detect(cls) -> Optional["LauncherWatch"]:
         """A watch when this process is a rank of deepspeed's launch.py, else None (torchrun,
         mpirun, SLURM's srun, a plain process: their launchers forward signals themselves)."""
-        launch_pid = os.getppid()
-        cmd = _cmdline(launch_pid)
-        if LAUNCH_MODULE not in cmd[:4]:
+        chain = [os.getppid()]
+        if LAUNCH_MODULE not in _cmdline(chain[0])[:4]:
             return None
-        starter = _parent_of(launch_pid)
-        if starter is None or starter <= 1:  # started by init itself: nothing to watch
-            return None
-        return cls(launch_pid, starter)
+        for _ in range(cls.MAX_LEVELS):
+            parent = _parent_of(chain[-1])
+            if parent is None or parent <= 1:
+                return None
+            chain.append(parent)
+            args = _cmdline(parent)
+            if _is_runner(args):
+                return cls(chain, f"the deepspeed launcher (pid {parent})")
+            if _is_ssh_session(args):
+                return cls(chain, f"the ssh session that started {LAUNCH_MODULE} on this node "
+                                  f"(pid {parent}; the launcher's pdsh was stopped)")
+        return None  # started some other way: nothing known to watch
 
     def gone(self) -> Optional[str]:
-        """Why the job's launcher is gone, or None while it is there (two /proc reads)."""
-        if os.getppid() != self.launch_pid:
-            return f"{LAUNCH_MODULE} (pid {self.launch_pid}) exited"
-        if _parent_of(self.launch_pid) != self.starter_pid:
-            return f"{self.starter} exited"
+        """Why the job's launcher is gone, or None while it is there (a few /proc reads)."""
+        if os.getppid() != self.chain[0]:
+            return f"{LAUNCH_MODULE} (pid {self.chain[0]}) exited"
+        for child, parent in zip(self.chain, self.chain[1:]):
+            if _parent_of(child) != parent:
+                return f"{self.starter} exited"
         return None
 
 
