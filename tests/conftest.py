@@ -39,3 +39,8 @@ def convert_tool():
 @pytest.fixture
 def repo_root():
     return REPO_ROOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "netns: needs two emulated cluster nodes (network namespaces "
+                            "with sshd, root; tests/cluster/netns_prereqs.sh installs sshd and pdsh)")

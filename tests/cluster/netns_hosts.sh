@@ -37,7 +37,14 @@ down() {
         name=$(ns "$n")
         if [ -f "$state/sshd$n.pid" ]; then  # the `unshare` holding the node's PID namespace
             pid=$(cat "$state/sshd$n.pid")
-            kill -TERM "$pid" 2>/dev/null || true
+            # unshare ignores SIGTERM while it waits; its death SIGKILLs sshd (--kill-child), the
+            # PID namespace's init, and with it every process of the node
+            kill -KILL "$pid" 2>/dev/null || true
+            # gone, or a zombie waiting for the machine's init
+            for _ in $(seq 50); do
+                [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo Z)" = Z ] && break
+                sleep 0.1
+            done
         fi
         if ip netns list 2>/dev/null | grep -qw "^$name"; then
             # anything still inside the network namespace (its PID namespace dies with sshd)
