@@ -10,6 +10,7 @@ run it on the first node of an allocation:
 The reference for every loss curve is an uninterrupted 2-rank run of the same launcher on one
 node (dp=2 both times, same gloo all-reduce between the two ranks, so the curves are equal
 bit for bit; 1e-6 leaves room for nothing but float printing)."""
+import base64
 import json
 import os
 import shutil
@@ -123,11 +124,9 @@ def _assert_same_curve(reference, got):
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "prepare_demo_corpus.py"),
-                    "--output-dir", str(out)], check=True, capture_output=True, cwd=REPO)
-    return out
+def demo_data():
+    from conftest_data import demo_corpus_dir  # built once per test session
+    return demo_corpus_dir()
 
 
 @pytest.fixture(scope="module")
@@ -159,18 +158,20 @@ def test_sigterm_to_one_node_launcher_saves_and_leaves_no_orphan(tmp_path, demo_
     installs no handler on the one-node path) and never tells launch.py; the ranks see it gone,
     finish the step, save, exit 0, and launch.py exits after them."""
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    with open(log, "w") as out:
+    with open(log, "w") as out:  # in its own process group, as `setsid deepspeed ...`
         proc = subprocess.Popen(_train_cmd(["--num_gpus", "2", "--master_port", str(free_port())],
                                            run_dir, demo_data),
                                 cwd=REPO, env=_env(MEGAPONDER_FAULT_STEP_SLEEP=STEP_SLEEP),
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     _wait_for_steps(proc, run_dir, 3, log)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == -signal.SIGTERM  # the runner itself is simply killed
+    # what a batch script can wait for: the launcher's process group (launch.py, the ranks)
     deadline = time.time() + 120
-    while _processes_with(str(run_dir)):  # launch.py and the ranks carry the run dir in argv
-        assert time.time() < deadline, f"orphans still running: {_processes_with(str(run_dir))}"
+    while _group_members(proc.pid):
+        assert time.time() < deadline, f"still running: {_group_members(proc.pid)}"
         time.sleep(0.2)
+    assert not _processes_with(str(run_dir)), "a rank left the launcher's process group"
     text = open(log).read()
     stop = _latest_step(run_dir)
     assert stop < STEPS, text[-3000:]
@@ -179,6 +180,17 @@ def test_sigterm_to_one_node_launcher_saves_and_leaves_no_orphan(tmp_path, demo_
     _assert_saved_by_both_ranks(run_dir, stop)
     got = _losses(run_dir)
     assert max(got) == stop and all(abs(got[s] - reference[s]) <= 1e-6 for s in got)
+
+
+def _group_members(pgid):
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) == pgid and _running(int(pid)):
+                members.append(int(pid))
+        except OSError:
+            pass
+    return members
 
 
 def _running(pid):
@@ -271,13 +283,16 @@ def test_two_nodes_sigterm_to_launcher_saves_on_both_and_resume_is_exact(tmp_pat
     # DeepSpeed's runner stops pdsh, runs `pkill -f <launch.py>` on every node through pdsh,
     # waits a second and exits 1; the ranks are still saving then
     assert proc.wait(timeout=120) == 1, open(log).read()[-3000:]
-    deadline = time.time() + 120
-    while any(nodes.job_processes(n) for n in NODES):
-        assert time.time() < deadline, [nodes.job_processes(n) for n in NODES]
-        time.sleep(0.2)
+    # what a batch script can wait for: rank 0 holds the run-dir lock until it has exited,
+    # after the checkpoint of every rank is published
+    subprocess.run(["flock", "-w", "120", str(run_dir / ".lock"), "true"], check=True, timeout=150)
     stop = _latest_step(run_dir)
     assert 3 <= stop < STEPS, open(log).read()[-3000:]
     _assert_saved_by_both_ranks(run_dir, stop)
+    deadline = time.time() + 120
+    while any(nodes.job_processes(n) for n in NODES):  # node 2's ranks, launch.py, ssh sessions
+        assert time.time() < deadline, [nodes.job_processes(n) for n in NODES]
+        time.sleep(0.2)
     # the gradients crossed the veth pair: node 2 received at least 1 MB per step
     # (~4.6 MB expected: one all-reduce of 1.15M fp32 gradients)
     assert nodes.rx_bytes(NODES[1]) - rx_before > stop * 1_000_000
@@ -290,6 +305,50 @@ def test_two_nodes_sigterm_to_launcher_saves_on_both_and_resume_is_exact(tmp_pat
     assert f"resumed from {run_dir}/checkpoints/global_step{stop} at step {stop}" in stdout, stdout[-3000:]
     _assert_same_curve(reference, _losses(run_dir))
     assert not any(nodes.job_processes(n) for n in NODES)
+
+
+@netns
+def test_a_closed_ssh_session_stops_the_ranks_of_its_node(tmp_path, nodes):
+    """A node reached over ssh: a real sshd session starts DeepSpeed's launch.py, whose rank
+    (a small script with megaponder's launcher watch) prints through the session. Killing the
+    ssh client closes the session: the rank's next prints must not fail, and the watch fires."""
+    report = tmp_path / "watch.txt"
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from megaponder.train.launcher_watch import LauncherWatch, survive_closed_pipes\n"
+        "watch = LauncherWatch.detect()\n"
+        "survive_closed_pipes()\n"
+        f"out = open({str(report)!r}, 'w')\n"
+        "out.write(f'watching {watch.starter}\\n'); out.flush()\n"
+        "deadline = time.time() + 60\n"
+        "while time.time() < deadline and watch.gone() is None:\n"
+        "    print('tick', flush=True)\n"
+        "    time.sleep(0.05)\n"
+        "for _ in range(5):\n"
+        "    print('after', flush=True)\n"
+        "out.write(f'gone: {watch.gone()}\\n'); out.close()\n")
+    world = base64.urlsafe_b64encode(json.dumps({NODES[1]: [0]}).encode()).decode()
+    remote = (f"cd {REPO}; {sys.executable} -u -m deepspeed.launcher.launch --world_info={world} "
+              f"--node_rank=0 --master_addr={NODES[1]} --master_port=29500 --no_local_rank {script}")
+    ssh = subprocess.Popen(["ip", "netns", "exec", NODES[0], "ssh", "-p", str(SSH_PORT), NODES[1], remote],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (report.exists() and "watching" in report.read_text()):
+        assert ssh.poll() is None and time.time() < deadline, ssh.stdout.read().decode()[-3000:]
+        time.sleep(0.1)
+    assert "watching the ssh session that started deepspeed.launcher.launch" in report.read_text()
+    assert ssh.stdout.readline()  # the ticks come through the session
+    ssh.kill()
+    ssh.wait()
+    while "gone:" not in report.read_text():
+        assert time.time() < deadline, (report.read_text(), nodes.job_processes(NODES[1]))
+        time.sleep(0.1)
+    assert "gone: the ssh session that started deepspeed.launcher.launch" in report.read_text()
+    while nodes.job_processes(NODES[1]):  # the rank and launch.py exit
+        assert time.time() < deadline, nodes.job_processes(NODES[1])
+        time.sleep(0.1)
 
 
 @netns
