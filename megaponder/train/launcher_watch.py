@@ -87,7 +87,7 @@ class LauncherWatch:
                 return cls(chain, f"the deepspeed launcher (pid {parent})")
             if _is_ssh_session(args):
                 return cls(chain, f"the ssh session that started {LAUNCH_MODULE} on this node "
-                                  f"(pid {parent}; the launcher's pdsh was stopped)")
+                                  f"(pid {parent})")
         return None  # started some other way: nothing known to watch
 
     def gone(self) -> Optional[str]:
