@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import early_stop
+
 FAULT_NAN_ENV = "MEGAPONDER_FAULT_NAN"
 FAULT_NAN_GRAD_ENV = "MEGAPONDER_FAULT_NAN_GRAD"
 
@@ -152,7 +154,8 @@ class StopRequest:
     handlers on :meth:`close`. A second SIGINT (Ctrl-C twice) stops at once."""
 
     def __init__(self, extra_signal: Optional[str] = None, exit_after_minutes: float = 0.0):
-        self.reason: Optional[str] = None
+        # a signal held since start-up (early_stop.hold) that the start-up check did not see
+        self.reason: Optional[str] = early_stop.take()
         self.deadline = time.time() + 60 * exit_after_minutes if exit_after_minutes > 0 else None
         sigs = {signal.SIGTERM, signal.SIGINT}
         if extra_signal:
