@@ -83,7 +83,8 @@ MinJobAge=600
 # a pending job whose start time arrives runs within seconds, not at the next 60 s pass
 SchedulerParameters=sched_interval=5
 NodeName=$node $hardware State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
+# the test jobs (2 tasks each) share the node's few CPUs and run side by side
+PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
 EOF
 )
 
