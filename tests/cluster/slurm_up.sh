@@ -18,13 +18,15 @@ CANNOT=3
 
 cannot() { echo "slurm_up: $*" >&2; exit "$CANNOT"; }
 log() { echo "slurm_up: $*" >&2; }
+# a live process of that name behind the pid file (a stale file's pid may have been reused)
+running() { [ -s "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]; }
 
 if [ "${1:-}" = "--down" ]; then
   grep -qF "$MARK" "$CONF" 2>/dev/null || cannot "$CONF was not written by this script; not stopping anything"
   for pidfile in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
-    if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    if running "$pidfile"; then
       kill -TERM "$(cat "$pidfile")"
-      for _ in $(seq 50); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
+      for _ in $(seq 50); do running "$pidfile" || break; sleep 0.1; done
     fi
   done
   exit 0
@@ -92,7 +94,6 @@ if [ -e "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
   cannot "$CONF exists and was not written by this script (a real cluster?); not touching it"
 fi
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 node_state() { sinfo -h -n "$node" -o %t 2>/dev/null | head -1; }
 healthy() {
   running /run/munge/munged.pid && running /run/slurmctld.pid && running /run/slurmd.pid \
