@@ -4,11 +4,12 @@ A batch system sends SIGTERM at a time limit or on preemption whenever it likes,
 ``megaponder train`` is still importing torch, checking the data, building the model or
 loading a checkpoint. Python's default action would end the process with code 143, no message
 and, under a launcher, often only some of the ranks. :func:`hold` (called by the command line
-before the heavy imports) records SIGTERM/SIGINT instead; the trainer asks every rank once its
+before the heavy imports) records SIGTERM instead; the trainer asks every rank once its
 start-up is over (:func:`megaponder.train.loop.train`) and, if any rank was signalled, all of
 them exit 0 with "nothing to save yet". A signal that arrives after that check is taken over by
 the loop's own handlers (:class:`megaponder.train.guards.StopRequest`), which save after the
-current step. A second Ctrl-C stops at once, as in the loop.
+current step. Ctrl-C (SIGINT) during start-up still stops at once: someone at a terminal
+wants it to, and nothing is lost.
 
 This module imports nothing heavy on purpose: it must be usable before torch is imported.
 """
@@ -23,17 +24,14 @@ _previous: dict = {}  # the handlers hold() replaced, for release()
 
 def _record(signum, frame) -> None:
     global _reason
-    if signum == signal.SIGINT and _reason == "SIGINT":
-        raise KeyboardInterrupt
     _reason = signal.Signals(signum).name
 
 
 def hold() -> None:
-    """From now on SIGTERM and SIGINT are recorded, not fatal (until the loop's handlers)."""
+    """From now on SIGTERM is recorded, not fatal (until the loop's handlers take over)."""
     global _reason
     _reason = None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        _previous.setdefault(sig, signal.signal(sig, _record))
+    _previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, _record))
 
 
 def release(redeliver: bool = False) -> None:

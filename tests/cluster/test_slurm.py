@@ -124,7 +124,8 @@ class Job:
         return False
 
     def text(self) -> str:
-        return open(self.log).read() if os.path.exists(self.log) else ""
+        # newline="": keep the carriage returns a progress bar would write
+        return open(self.log, newline="").read() if os.path.exists(self.log) else ""
 
 
 @pytest.fixture(scope="module")
@@ -234,12 +235,18 @@ def test_sigterm_during_start_up_exits_0_with_one_line(tmp_path):
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
         env.update(OMP_NUM_THREADS="1", MASTER_PORT=port, SLURM_PROCID=str(rank), SLURM_NTASKS="2",
                    SLURM_LOCALID=str(rank), SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NODELIST="localhost")
+        # parallel.timeout_minutes: a rank left alone at the rendezvous fails in 30 s, not 30 min
         procs.append(subprocess.Popen([sys.executable, "-m", "megaponder", "train", "--config", config,
-                                       "--set", "train.progress_bar=false"], env=env, text=True,
+                                       "--set", "train.progress_bar=false",
+                                       "--set", "parallel.timeout_minutes=0.5"], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    time.sleep(1.0)
-    procs[0].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        time.sleep(1.0)
+        procs[0].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {rank}: {p.returncode}\n{err[-3000:]}"
     said = [line for line in outs[0][0].splitlines() if "during start-up" in line]
