@@ -255,3 +255,21 @@ def test_sigterm_during_start_up_exits_0_with_one_line(tmp_path):
     assert "during start-up" not in outs[1][0]  # rank 0 speaks for the job
     assert not logged_losses(tmp_path / "run")
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest")
+
+
+@pytest.mark.parametrize("script", ["train_srun.sbatch", "train.sbatch"])
+def test_scripts_say_in_one_line_where_the_repository_or_its_python_is_missing(tmp_path, script):
+    """As sbatch runs it: a copy outside the repository (its spool folder), started in a
+    folder that is not the repository: one line naming the fix, exit 2; the same for a PY
+    that does not exist."""
+    copy = tmp_path / "slurm_script"
+    copy.write_text(open(os.path.join(SCRIPTS, script)).read())
+    env = {k: v for k, v in os.environ.items() if k not in ("REPO", "PY", "SLURM_SUBMIT_DIR")}
+    out = subprocess.run(["bash", str(copy), "c.yml"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert "sbatch --chdir=/path/to/megaponder or set REPO=" in out.stderr
+    out = subprocess.run(["bash", str(copy), "c.yml"], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(env, SLURM_SUBMIT_DIR=REPO_ROOT, PY=str(tmp_path / "none")), timeout=60)
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        f"{script}: {tmp_path / 'none'} does not exist; run 'make setup' in {REPO_ROOT} or set PY="], out.stderr
