@@ -19,16 +19,19 @@ CANNOT=3
 cannot() { echo "slurm_up: $*" >&2; exit "$CANNOT"; }
 log() { echo "slurm_up: $*" >&2; }
 # a live process of that name behind the pid file (a stale file's pid may have been reused)
-running() { [ -s "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]; }
+running() { [ -s "$1" ] && [ "$(cat "/proc/$(cat "$1" 2>/dev/null)/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]; }
+stop() {  # the daemon behind a pid file, waiting until it is gone (it removes the file first)
+  local pid
+  running "$1" || return 0
+  pid=$(cat "$1")
+  kill -TERM "$pid"
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
 
 if [ "${1:-}" = "--down" ]; then
   grep -qF "$MARK" "$CONF" 2>/dev/null || cannot "$CONF was not written by this script; not stopping anything"
-  for pidfile in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
-    if running "$pidfile"; then
-      kill -TERM "$(cat "$pidfile")"
-      for _ in $(seq 50); do running "$pidfile" || break; sleep 0.1; done
-    fi
-  done
+  for pidfile in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do stop "$pidfile"; done
   exit 0
 fi
 
@@ -126,12 +129,7 @@ for _ in $(seq 50); do munge -n </dev/null | unmunge >/dev/null 2>&1 && break; s
 munge -n </dev/null | unmunge >/dev/null 2>&1 || cannot "munged does not answer (see /var/log/munge/munged.log)"
 
 if [ "$changed" = 1 ]; then   # a new configuration: restart what runs with the old one
-  for pidfile in /run/slurmd.pid /run/slurmctld.pid; do
-    if running "$pidfile"; then
-      kill -TERM "$(cat "$pidfile")"
-      for _ in $(seq 100); do running "$pidfile" || break; sleep 0.1; done
-    fi
-  done
+  for pidfile in /run/slurmd.pid /run/slurmctld.pid; do stop "$pidfile"; done
 fi
 running /run/slurmctld.pid || slurmctld
 for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
