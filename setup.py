@@ -19,6 +19,7 @@ setup(
         "numpy",
         "deepspeed>=0.15",
         "pyyaml",
+        "python-hostlist",  # SLURM node lists (megaponder.parallel.state.expand_nodelist)
         "tqdm",
         "sentencepiece",
         "tokenizers",

@@ -145,7 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import early_stop
+    # `train` takes a SIGTERM that arrives while torch imports (the parser's too) and the
+    # trainer starts as a stop request; the other commands get it back after parsing
+    early_stop.hold()
+    try:
+        args = build_parser().parse_args(argv)
+    except BaseException:  # --help, a usage error
+        early_stop.release(redeliver=True)
+        raise
+    if args.func is not _train:
+        early_stop.release(redeliver=True)
     from .errors import run_reporting_user_errors
     from .parallel.agreement import CollectiveTimeout
     from .train.guards import TrainingDiverged
@@ -164,7 +174,10 @@ def main(argv=None) -> int:
             return 130
 
     # a UserError (config, data, checkpoint) -> one line on stderr, exit 2; see errors.py
-    return run_reporting_user_errors(command, debug=args.debug)
+    try:
+        return run_reporting_user_errors(command, debug=args.debug)
+    finally:
+        early_stop.release()
 
 
 if __name__ == "__main__":

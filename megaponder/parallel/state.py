@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -51,23 +50,15 @@ class LaunchInfo:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list, e.g. ``gpu[01-03,07],login1`` -> gpu01 gpu02 gpu03 gpu07 login1."""
-    hosts: list[str] = []
-    for m in re.finditer(r"([^,\[]+)(\[([^\]]*)\])?(?:,|$)", nodelist.strip()):
-        prefix, ranges = m.group(1), m.group(3)
-        if not prefix and not ranges:
-            continue
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                width = len(lo)
-                hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(prefix + part)
-    return hosts
+    """A SLURM node list as SLURM expands it (``scontrol show hostnames``), by python-hostlist:
+    ``gpu[01-03,07],login1`` -> gpu01 gpu02 gpu03 gpu07 login1; ``r[1-2]n[01-02]`` -> r1n01
+    r1n02 r2n01 r2n02 (tests/cluster/test_slurm.py compares them with scontrol)."""
+    import hostlist
+
+    try:
+        return hostlist.expand_hostlist(nodelist.strip(), allow_duplicates=True)
+    except hostlist.BadHostlist as err:
+        raise ValueError(f"cannot expand the SLURM node list {nodelist!r}: {err}") from None
 
 
 def _int(env, name, default=None):

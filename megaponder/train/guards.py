@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import early_stop
 from .launcher_watch import LauncherWatch, survive_closed_pipes
 
 FAULT_NAN_ENV = "MEGAPONDER_FAULT_NAN"
@@ -156,7 +157,8 @@ class StopRequest:
     handlers on :meth:`close`. A second SIGINT (Ctrl-C twice) stops at once."""
 
     def __init__(self, extra_signal: Optional[str] = None, exit_after_minutes: float = 0.0):
-        self.reason: Optional[str] = None
+        # a signal held since start-up (early_stop.hold) that the start-up check did not see
+        self.reason: Optional[str] = early_stop.take()
         self.deadline = time.time() + 60 * exit_after_minutes if exit_after_minutes > 0 else None
         self.launcher = LauncherWatch.detect()
         if self.launcher is not None:

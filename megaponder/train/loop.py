@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .. import early_stop
 from ..config import Config, ConfigError
 from ..data.schedule import global_batch_size, grad_accum_for
 from ..models import build_model
@@ -324,6 +325,19 @@ class Trainer:
                          f"--set train.resume=auto")
         return {"steps": self.step, "stopped": reason, "checkpoint": folder}
 
+    def stop_before_first_step(self) -> Optional[dict]:
+        """Collective: a SIGTERM/SIGINT held during start-up (megaponder.early_stop) on any
+        rank makes every rank leave here, before the first step; there is nothing new to save."""
+        reason = early_stop.pending()
+        if not any_rank(reason is not None):
+            return None
+        self.metrics.close()
+        folder = os.path.join(self.ckpt_root, ckpt.tag_for_step(self.step)) if self.step else None
+        saved = f"nothing new to save ({folder} is on disk)" if folder else "nothing to save yet"
+        _log0(self.rank, f"{reason or 'a stop request on another rank'} during start-up: {saved}; "
+                         f"continue with the same command plus --set train.resume=auto")
+        return {"steps": self.step, "stopped": reason or "another rank", "checkpoint": folder}
+
     def train_step(self) -> dict:
         micro_batches = [model_inputs(next(self.train_iter))
                          for _ in range(self.cfg.train.grad_accum_steps)]
@@ -471,7 +485,7 @@ def train(cfg: Config) -> dict:
     trainer = None
     try:
         trainer = Trainer(cfg)
-        summary = trainer.run()
+        summary = trainer.stop_before_first_step() or trainer.run()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return summary
