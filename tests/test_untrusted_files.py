@@ -7,8 +7,10 @@ checks both that megaponder refuses or ignores it and that nothing outside chang
 file the planted code would write, a victim file a link points to)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -112,3 +114,218 @@ def test_offline_task_folder_is_private_and_removed(tmp_path):
         text = open(os.path.join(folder, "megaponder_kjv_cloze.yaml")).read()
         assert json.dumps(os.path.join(folder, "hf_datasets")) in text  # the datasets copy goes there too
     assert not os.path.exists(folder)
+
+
+# ---- run dirs: links planted under names megaponder writes or reads ------------------------
+def _tree_digest(root) -> dict:
+    """relative path -> bytes of every file below ``root`` (links followed: what they hold)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _train(run_dir, *extra):
+    from test_train import train
+
+    return train(run_dir, demo_corpus_dir(), "train.steps=2", "train.save_every=2", "train.eval_every=0",
+                 "model.hidden_size=32", "model.num_heads=2", *extra, check=False)
+
+
+def _one_line_refusal(proc, *words):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("megaponder:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """A 2-step training into a run dir where config.yml, metrics.jsonl, wandb_id and a staging
+    folder name are links to files/folders outside the run: the run completes, replacing or
+    removing each link, and writes nothing through them."""
+    base = tmp_path_factory.mktemp("planted")
+    outside, run = base / "outside", base / "run"
+    (outside / "stage").mkdir(parents=True)
+    for name in ("config.yml", "metrics.jsonl", "wandb_id"):
+        (outside / name).write_text(f"precious {name}\n")
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        os.symlink(outside / name, run / name)
+    os.symlink(outside / "stage", run / "checkpoints" / ".tmp-global_step2")
+    before = _tree_digest(outside)
+    proc = _train(run, "train.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, outside, before
+
+
+def test_training_never_writes_through_planted_links(planted_run):
+    run, outside, before = planted_run
+    assert _tree_digest(outside) == before  # nothing outside changed
+    for name in ("config.yml", "metrics.jsonl"):
+        assert not os.path.islink(run / name) and (run / name).stat().st_size > 0
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"loss"' in line] == [1, 2]
+    assert not os.path.lexists(run / "checkpoints" / ".tmp-global_step2")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step2"
+
+
+def test_lock_link_is_refused_and_its_target_untouched(planted_run, tmp_path):
+    """RunDirLock used to open `.lock` with O_CREAT|O_RDWR and truncate what a link there
+    points to; now the link is refused in one line, also through `megaponder train`."""
+    from megaponder.safe_files import UnsafePath
+    from megaponder.train.runlock import RunDirLock
+
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    shutil.copytree(planted_run[0], run, symlinks=True)
+    victim.write_text("precious\n")
+    os.unlink(run / ".lock")  # the training's own
+    os.symlink(victim, run / ".lock")
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        RunDirLock(str(run)).acquire()
+    _one_line_refusal(_train(run, "train.resume=auto"), ".lock", "symbolic link")
+    assert victim.read_text() == "precious\n"
+    os.unlink(run / ".lock")  # a real lock file is fine
+    os.mkfifo(run / ".lock")  # a FIFO must not hang the open
+    with pytest.raises(UnsafePath, match="not a regular file"):
+        RunDirLock(str(run)).acquire()
+
+
+def _resume_refusal(run, root) -> str:
+    """What the trainer's resume (claim_run_dir, then verify_checkpoint of the candidates)
+    refuses, in process; '' when it would resume."""
+    from megaponder.train import checkpoint as ckpt
+    from megaponder.train.runlock import claim_run_dir
+
+    try:
+        lock, _, _ = claim_run_dir(str(run), str(root), "auto", False)
+    except ckpt.CheckpointError as err:
+        return str(err)
+    lock.release()
+    for folder in ckpt.resume_candidates(str(root)):
+        problem = ckpt.verify_checkpoint(folder)
+        if problem:
+            assert problem.startswith(ckpt.UNSAFE), problem  # refused, not skipped as damaged
+            return problem
+    return ""
+
+
+@pytest.mark.parametrize("plant", ["linked_tag", "linked_root", "renamed_tag", "link_inside"])
+def test_checkpoints_only_from_real_folders_of_the_run(plant, planted_run, tmp_path):
+    """A tag that is a link (no `latest`: resume would pick it), a `checkpoints/` that is a
+    link, a tag whose meta.json step differs from its name, a link inside a tag: resume
+    (claim_run_dir, what `megaponder train` runs first) and loading from the run dir refuse in
+    one line; nothing outside the run is read for training or changed."""
+    from megaponder.train import checkpoint as ckpt
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    shutil.copytree(planted_run[0], run, symlinks=True)
+    outside.mkdir()
+    root = run / "checkpoints"
+    if plant == "linked_tag":
+        os.replace(root / "global_step2", outside / "global_step50")
+        os.symlink(outside / "global_step50", root / "global_step50")
+        os.unlink(root / "latest")
+        expect = "link out of the run"
+    elif plant == "linked_root":
+        os.replace(root, outside / "checkpoints")
+        os.symlink(outside / "checkpoints", root)
+        expect = "link out of the run"
+    elif plant == "renamed_tag":
+        os.replace(root / "global_step2", root / "global_step50")
+        (root / "latest").write_text("global_step50\n")
+        expect = "says step 2"
+    else:
+        os.replace(root / "global_step2" / "model.pt", outside / "model.pt")
+        os.symlink(outside / "model.pt", root / "global_step2" / "model.pt")
+        expect = "is a link"
+    before = _tree_digest(outside)
+    assert expect in _resume_refusal(run, root)
+    if plant == "linked_tag":  # no `latest`: loading finds nothing (it never searches tags)
+        with pytest.raises(FileNotFoundError, match="checkpoints/latest"):
+            ckpt.load_model(str(run))
+        (root / "latest").write_text("global_step50\n")
+    with pytest.raises(ckpt.CheckpointError, match=expect):
+        ckpt.load_model(str(run))
+    if plant == "linked_tag":
+        os.unlink(root / "latest")
+    line = _one_line_refusal(_train(run, "train.resume=auto"), expect)
+    assert str(outside) in line or "global_step" in line
+    assert _tree_digest(outside) == before
+
+
+# ---- YAML: alias bombs and huge values -----------------------------------------------------
+def _bomb_text() -> str:
+    # anchors must come before their aliases: put the bomb key last
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\ntrain:\n  steps: *a8\n"
+
+
+def _limited(cmd, seconds=60):
+    """``cmd`` with a 4 GB address-space limit (RLIMIT_AS), as a user's small VM would have."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds, preexec_fn=limit, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    return proc, time.monotonic() - start
+
+
+def test_alias_bomb_config_fails_in_one_line_within_seconds(tmp_path):
+    from megaponder.config import ConfigError, load_config
+    from megaponder.config.yaml_io import parse_yaml
+
+    text = _bomb_text()
+    assert len(text.encode()) < 1024
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="expands to more than") as err:
+        parse_yaml(text, "bomb.yml")
+    assert time.monotonic() - start < 1.0 and "\n" not in str(err.value) and len(str(err.value)) < 400
+    # --set takes YAML too: a flow-style bomb in one value
+    flow = "[" + ", ".join(["&b0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"&b{i} [" + ", ".join([f"*b{i - 1}"] * 9) + "]" for i in range(1, 9)]) + "]"
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(None, [f"data.path={flow}"], check_paths=False)
+    with pytest.raises(ConfigError, match="refers to a value that contains it"):
+        parse_yaml("a: &a [1, *a]\n", "self.yml")
+    # anchors within the budget are still YAML: merge keys and shared values work
+    assert parse_yaml("base: &b {x: 1}\nother:\n  <<: *b\n  y: 2\n", "ok.yml")["other"] == {"x": 1, "y": 2}
+
+    config = tmp_path / "bomb.yml"
+    config.write_text(text)
+    proc, seconds = _limited([sys.executable, "-m", "megaponder", "train", "--config", str(config)])
+    line = _one_line_refusal(proc, "bomb.yml", "expands to more than")
+    assert len(line) < 400 and seconds < 30, (seconds, line)
+
+
+def test_alias_bomb_in_a_checkpoint_config_fails_in_one_line(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "config.yml").write_text(_bomb_text())
+    proc, seconds = _limited([sys.executable, "-m", "megaponder", "generate", "--checkpoint", str(folder),
+                              "--prompt", "In the beginning", "--max-new-tokens", "2"])
+    line = _one_line_refusal(proc, "config.yml", "expands to more than")
+    assert len(line) < 400 and seconds < 30, (seconds, line)
+
+
+@pytest.mark.parametrize("value", ["x" * 100_000, list(range(50_000)), {"k%d" % i: i for i in range(5000)}])
+def test_errors_quote_a_short_prefix_of_a_value(value, tmp_path):
+    import yaml
+
+    from megaponder.config import ConfigError, load_config
+
+    for key in ("train.steps", "model.family", "train.resume", "optim.lr"):
+        section, name = key.split(".")
+        path = tmp_path / "c.yml"
+        path.write_text(yaml.safe_dump({section: {name: value}}))
+        with pytest.raises(ConfigError) as err:
+            load_config(str(path), check_paths=False)
+        assert len(str(err.value)) < 400 and key in str(err.value), str(err.value)[:500]

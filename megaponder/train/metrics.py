@@ -13,6 +13,8 @@ import secrets
 import warnings
 from typing import Optional
 
+from ..safe_files import open_for_write, write_atomic
+
 
 class MetricsWriter:
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = False, resume_step: int = 0,
@@ -52,7 +54,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with open_for_write(self.path, "a") as f:  # never appends through a planted link
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
@@ -100,8 +102,7 @@ def _start_wandb(run_dir: str, project: str, name: Optional[str] = None,
     id_file = os.path.join(run_dir, "wandb_id")
     # secrets, not random: drawing from the global Python RNG would change the training run
     run_id = open(id_file).read().strip() if os.path.exists(id_file) else secrets.token_hex(4)
-    with open(id_file, "w") as f:
-        f.write(run_id + "\n")
+    write_atomic(id_file, run_id + "\n")
     return wandb.init(project=project, name=name or os.path.basename(os.path.abspath(run_dir)),
                       entity=entity, id=run_id, resume="allow", config=config,
                       dir=os.environ.get("WANDB_DIR") or run_dir)
