@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -329,3 +330,85 @@ def test_errors_quote_a_short_prefix_of_a_value(value, tmp_path):
         with pytest.raises(ConfigError) as err:
             load_config(str(path), check_paths=False)
         assert len(str(err.value)) < 400 and key in str(err.value), str(err.value)[:500]
+
+
+# ---- index caches: data to check, never to trust -------------------------------------------
+class _Planted:
+    """Unpickling this writes the marker: what a pickled "index" could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _gpt_dataset(cache):
+    from megaponder.data import IndexedDataset
+    from megaponder.data.gpt_dataset import GPTDataset
+
+    ds = IndexedDataset(os.path.join(demo_corpus_dir(), "validation_text_document"))
+    return GPTDataset(ds, np.arange(len(ds), dtype=np.int32), 40, 16, 1, cache_dir=str(cache))
+
+
+def _damage(kind, path, marker):
+    import pickle
+
+    arr = np.load(path)
+    if kind == "pickled_npy":  # a valid .npy holding an object array (np.save pickles it)
+        np.save(path, np.array([_Planted(marker)] * 3, dtype=object), allow_pickle=True)
+    elif kind == "raw_pickle":
+        with open(path, "wb") as f:
+            pickle.dump(_Planted(marker), f)
+    elif kind == "truncated":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    elif kind == "out_of_range":
+        np.save(path, arr + 10 ** 6)
+    elif kind == "float":
+        np.save(path, arr.astype(np.float64))
+    elif kind == "wrong_shape":
+        np.save(path, arr.reshape(-1)[:-1] if arr.ndim == 2 else arr[:-1])
+
+
+@pytest.mark.parametrize("kind", ["pickled_npy", "raw_pickle", "truncated", "out_of_range", "float", "wrong_shape"])
+@pytest.mark.parametrize("part", ["doc_idx", "sample_idx", "shuffle_idx"])
+def test_damaged_index_cache_is_detected_and_rebuilt(kind, part, tmp_path, caplog):
+    marker = tmp_path / "MARKER"
+    cache = tmp_path / "cache"
+    clean = _gpt_dataset(cache)
+    want = [np.array(a) for a in (clean.doc_idx, clean.sample_idx, clean.shuffle_idx)]
+    path = clean.cache_paths[part]
+    del clean
+    _damage(kind, path, str(marker))
+    with caplog.at_level("WARNING", logger="megaponder.data.index_cache"):
+        again = _gpt_dataset(cache)
+    lines = [r.getMessage() for r in caplog.records if "index cache" in r.getMessage()]
+    entry = path.rsplit("-", 1)[0]  # <cache>/<hash>-train: the line names a file of this entry
+    assert len(lines) == 1 and entry in lines[0] and "rebuilding" in lines[0] and "\n" not in lines[0]
+    for a, b in zip(want, (again.doc_idx, again.sample_idx, again.shuffle_idx)):
+        np.testing.assert_array_equal(a, b)
+    assert not marker.exists()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megaponder.data.index_cache"):
+        _gpt_dataset(cache)  # the rebuilt entry is a clean hit
+    assert not [r for r in caplog.records if "index cache" in r.getMessage()]
+
+
+def test_index_cache_never_writes_through_a_link(tmp_path):
+    """Links planted at the cache file names (before the first build) are replaced, not
+    written through; the files they point to are untouched."""
+    from megaponder.data import index_cache
+
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    cache.mkdir()
+    outside.mkdir()
+    probe = _gpt_dataset(tmp_path / "probe")  # only to learn the entry's file names
+    for key, path in probe.cache_paths.items():
+        victim = outside / key
+        victim.write_text("precious\n")
+        os.symlink(victim, cache / os.path.basename(path))
+    g = _gpt_dataset(cache)
+    assert all(not os.path.islink(p) for p in g.cache_paths.values())
+    assert all((outside / key).read_text() == "precious\n" for key in probe.cache_paths)
+    assert index_cache.load(g.cache_paths, g.description) is not None

@@ -65,7 +65,12 @@ def cache_paths(cache_dir: str, description: dict) -> dict:
 
 
 class DamagedCache(ValueError):
-    """A cache file that is not what its name says (the message says why)."""
+    """A cache file that is not what its name says (the message says why; ``part`` names the
+    file: doc_idx, sample_idx, shuffle_idx or description)."""
+
+    def __init__(self, message: str, part: str = "description"):
+        super().__init__(message)
+        self.part = part
 
 
 def check_indices(description: dict, doc_idx: np.ndarray, sample_idx: np.ndarray,
@@ -76,22 +81,23 @@ def check_indices(description: dict, doc_idx: np.ndarray, sample_idx: np.ndarray
     inside the document when ``sizes`` is given), shuffle_idx a list of sample rows."""
     for name, arr, ndim in (("doc_idx", doc_idx, 1), ("sample_idx", sample_idx, 2), ("shuffle_idx", shuffle_idx, 1)):
         if arr.dtype.kind not in "iu":
-            raise DamagedCache(f"{name} has dtype {arr.dtype}, not integers")
+            raise DamagedCache(f"{name} has dtype {arr.dtype}, not integers", name)
         if arr.ndim != ndim or arr.shape[0] == 0 or (ndim == 2 and arr.shape[1] != 2):
-            raise DamagedCache(f"{name} has shape {arr.shape}")
+            raise DamagedCache(f"{name} has shape {arr.shape}", name)
     first, end = description["documents"]
     if int(doc_idx.min()) < first or int(doc_idx.max()) >= end:
-        raise DamagedCache(f"doc_idx names documents outside [{first}, {end})")
+        raise DamagedCache(f"doc_idx names documents outside [{first}, {end})", "doc_idx")
     rows, offsets = sample_idx[:, 0], sample_idx[:, 1]
     if int(rows.min()) < 0 or int(rows.max()) >= len(doc_idx) or bool((np.diff(rows) < 0).any()):
-        raise DamagedCache("sample_idx rows are not non-decreasing positions of doc_idx")
+        raise DamagedCache("sample_idx rows are not non-decreasing positions of doc_idx", "sample_idx")
     if int(offsets.min()) < 0 or (sizes is not None and bool((offsets > np.asarray(sizes)[doc_idx[rows]]).any())):
-        raise DamagedCache("sample_idx offsets fall outside their documents")
+        raise DamagedCache("sample_idx offsets fall outside their documents", "sample_idx")
     samples = len(sample_idx) - 1
     if samples < description["num_samples"]:
-        raise DamagedCache(f"sample_idx holds {samples} samples, fewer than the {description['num_samples']} asked")
+        raise DamagedCache(f"sample_idx holds {samples} samples, fewer than the "
+                           f"{description['num_samples']} asked", "sample_idx")
     if len(shuffle_idx) != samples or int(shuffle_idx.min()) < 0 or int(shuffle_idx.max()) >= samples:
-        raise DamagedCache(f"shuffle_idx is not a permutation of the {samples} samples")
+        raise DamagedCache(f"shuffle_idx is not a permutation of the {samples} samples", "shuffle_idx")
 
 
 def load(paths: dict, description: dict, sizes: Optional[np.ndarray] = None
@@ -110,10 +116,9 @@ def load(paths: dict, description: dict, sizes: Optional[np.ndarray] = None
         arrays = []
         for part in PARTS:  # allow_pickle=False: a pickled "array" is refused, never unpickled
             arrays.append(np.load(paths[part], mmap_mode="r", allow_pickle=False))
-        part = "indices"
         check_indices(description, *arrays, sizes=sizes)
     except (ValueError, OSError, EOFError, KeyError, TypeError, IndexError) as err:
-        where = paths[part] if part in paths else paths["description"]
+        where = paths[getattr(err, "part", part)]
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         logger.warning(f"index cache {where} is damaged or not an index ({reason}); rebuilding it")
         return None
