@@ -141,6 +141,28 @@ def real_folder(path: str, *, create: bool = False, what: str = "folder") -> str
     return path
 
 
+@contextlib.contextmanager
+def staged_output(output: str) -> Iterator[str]:
+    """For libraries that open files by name (transformers' ``save_pretrained``): yields a
+    fresh private folder (``mkdtemp``, mode 0700) inside ``output`` to write into; on success
+    every file is renamed into ``output`` (a planted link there is replaced, never written
+    through). The staging folder is removed in every case."""
+    import shutil
+    import tempfile
+
+    os.makedirs(output, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".megaponder-staging-", dir=output)
+    try:
+        yield stage
+        for folder, _, files in os.walk(stage):
+            rel = os.path.relpath(folder, stage)
+            dest = output if rel == "." else real_folder(os.path.join(output, rel), create=True)
+            for name in files:
+                os.replace(os.path.join(folder, name), os.path.join(dest, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def remove_tree(path: str) -> None:
     """Delete a folder megaponder made, or only the link if ``path`` is one (``shutil.rmtree``
     refuses links, and following one would delete someone else's files)."""

@@ -412,3 +412,46 @@ def test_index_cache_never_writes_through_a_link(tmp_path):
     assert all(not os.path.islink(p) for p in g.cache_paths.values())
     assert all((outside / key).read_text() == "precious\n" for key in probe.cache_paths)
     assert index_cache.load(g.cache_paths, g.description) is not None
+
+
+# ---- data and export folders ---------------------------------------------------------------
+def test_dataset_writer_refuses_links_and_replaces_index_links(tmp_path):
+    """Preprocessing writes through IndexedDatasetBuilder: a link planted at the output .bin
+    is refused in one line; one at the .idx (written last, by rename) is replaced."""
+    from megaponder.data import IndexedDataset, IndexedDatasetBuilder
+    from megaponder.safe_files import UnsafePath
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    prefix = tmp_path / "out_text_document"
+    os.symlink(victim, f"{prefix}.bin")
+    with pytest.raises(UnsafePath, match="symbolic link") as err:
+        IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    assert "\n" not in str(err.value)
+    os.unlink(f"{prefix}.bin")
+    os.symlink(victim, f"{prefix}.idx")
+    b = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    b.add_document([1, 2, 3], [3])
+    b.finalize(f"{prefix}.idx")
+    assert victim.read_text() == "precious\n" and not os.path.islink(f"{prefix}.idx")
+    assert IndexedDataset(str(prefix))[0].tolist() == [1, 2, 3]
+
+
+def test_hf_export_never_writes_through_planted_links(tiny_checkpoint, tmp_path):
+    """save_pretrained opens its files by name; the export writes into a private staging
+    folder and renames the files into --output, so links planted there are replaced."""
+    from megaponder.convert.hf_export import export_checkpoint
+
+    out, outside = tmp_path / "hf", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (outside / name).write_text("precious\n")
+        os.symlink(outside / name, out / name)
+    export_checkpoint(tiny_checkpoint, str(out))
+    assert all((outside / n).read_text() == "precious\n" for n in os.listdir(outside))
+    assert not any(os.path.islink(out / n) for n in os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    assert not [n for n in os.listdir(out) if n.startswith(".megaponder-staging")]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(str(out))  # a complete, loadable export
