@@ -90,8 +90,27 @@ def check_indices(description: dict, doc_idx: np.ndarray, sample_idx: np.ndarray
     rows, offsets = sample_idx[:, 0], sample_idx[:, 1]
     if int(rows.min()) < 0 or int(rows.max()) >= len(doc_idx) or bool((np.diff(rows) < 0).any()):
         raise DamagedCache("sample_idx rows are not non-decreasing positions of doc_idx", "sample_idx")
-    if int(offsets.min()) < 0 or (sizes is not None and bool((offsets > np.asarray(sizes)[doc_idx[rows]]).any())):
-        raise DamagedCache("sample_idx offsets fall outside their documents", "sample_idx")
+    # megatron's padded last sample (drop_last=false) points at the last token of the last
+    # document, offset -1 when that document is empty: its row is checked separately
+    padded_last = not description.get("drop_last", True)
+    inner = slice(0, len(rows) - 1) if padded_last else slice(None)
+    if len(offsets[inner]) and int(offsets[inner].min()) < 0 or int(offsets[-1]) < -1:
+        raise DamagedCache("sample_idx has negative offsets", "sample_idx")
+    if sizes is not None:
+        # every sample spans exactly seq_length + 1 tokens of the document stream (the padded
+        # last one at most that), and each offset lies inside its document (the walk may
+        # start at (0, 0) on an empty first document)
+        doc_sizes = np.asarray(sizes, dtype=np.int64)[doc_idx]
+        if bool((offsets[inner] >= np.maximum(doc_sizes[rows[inner]], 1)).any()):
+            raise DamagedCache("sample_idx offsets fall outside their documents", "sample_idx")
+        starts = np.concatenate(([0], np.cumsum(doc_sizes)[:-1]))
+        spans = np.diff(starts[rows] + offsets)
+        ok = spans == description["seq_length"]
+        if padded_last and len(ok):
+            ok[-1] = spans[-1] <= description["seq_length"]
+        if not bool(ok.all()):
+            raise DamagedCache(f"sample_idx rows do not span seq_length={description['seq_length']} "
+                               f"tokens each", "sample_idx")
     samples = len(sample_idx) - 1
     if samples < description["num_samples"]:
         raise DamagedCache(f"sample_idx holds {samples} samples, fewer than the "
