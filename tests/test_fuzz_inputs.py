@@ -190,10 +190,11 @@ SCALAR_TEXT = ["1", "0.5", "x", "true", "null", "'a b'", "2026-12-06", "aGVsbG8=
 @st.composite
 def yaml_with_aliases(draw):
     """A YAML document of anchored flow collections whose items are scalars (optionally
-    tagged) or aliases of earlier anchors, then a config section that uses some of them
-    (plain alias, merge key or tagged value). Fan-out up to 12 over up to 9 levels covers
-    the alias bomb and its smaller cousins."""
-    lines, anchors = [], []
+    tagged) or aliases of earlier anchors, used by a config key (plain alias, merge key or
+    tagged value); the anchors sit at the top level (an unknown key) or inside the key's own
+    value (what the loader then coerces). Fan-out up to 12 over up to 9 levels covers the
+    alias bomb and its smaller cousins."""
+    defs, anchors = [], []
     for i in range(draw(st.integers(0, 9))):
         items = []
         for _ in range(draw(st.integers(0, 12))):
@@ -205,25 +206,27 @@ def yaml_with_aliases(draw):
             body = "[" + ", ".join(items) + "]"
         else:
             body = "{" + ", ".join(f"k{j}: {v}" for j, v in enumerate(items)) + "}"
-        lines.append(f"a{i}: {draw(st.sampled_from(TAGS[:4]))}&a{i} {body}")
+        defs.append(f"{draw(st.sampled_from(TAGS[:4]))}&a{i} {body}")
         anchors.append(f"a{i}")
     section = draw(st.sampled_from(["model", "train", "data", "ponder"]))
     key = draw(st.sampled_from(KEYS)).split(".")[-1]
     use = draw(st.sampled_from(TAGS)) + (f"*{draw(st.sampled_from(anchors))}" if anchors else "1")
-    tail = draw(st.sampled_from([f"{section}:\n  {key}: {use}\n",
-                                 f"{section}:\n  <<: {use}\n",
-                                 f"{section}: {use}\n"]))
+    if draw(st.booleans()):  # anchors inside the value: [def, def, ..., use]
+        text = f"{section}:\n  {key}: [" + ", ".join(defs + [use]) + "]\n"
+    else:
+        text = "".join(f"d{i}: {d}\n" for i, d in enumerate(defs)) + draw(st.sampled_from(
+            [f"{section}:\n  {key}: {use}\n", f"{section}:\n  <<: {use}\n", f"{section}: {use}\n"]))
     if draw(st.booleans()) and anchors:  # a self-reference
-        tail += f"loop: &self [1, *self]\n"
-    return "\n".join(lines) + "\n" + tail
+        text += "loop: &self [1, *self]\n"
+    return text
 
 
 @pytest.mark.timeout(180)
 @settings(FUZZ, max_examples=80, deadline=5000)  # a bomb must fail fast: 5 s per example at most
 @given(yaml_with_aliases())
-@example("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
-         + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
-         + "train:\n  steps: *a8\n")                               # billion laughs, 9^9
+@example("train:\n  steps: [&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], "
+         + ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)) + "]\n")  # 9^9
+@example("model:\n  family: !!timestamp 1\n")  # found by this fuzzer: AttributeError inside PyYAML
 def test_config_loader_yaml_aliases_and_tags(text):
     marker = os.path.join(tempfile.gettempdir(), "megaponder-fuzz-marker")
     with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False, encoding="utf-8") as f:

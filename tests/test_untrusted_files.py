@@ -260,11 +260,11 @@ def test_checkpoints_only_from_real_folders_of_the_run(plant, planted_run, tmp_p
 
 # ---- YAML: alias bombs and huge values -----------------------------------------------------
 def _bomb_text() -> str:
-    # anchors must come before their aliases: put the bomb key last
-    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for i in range(1, 9):
-        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
-    return "\n".join(lines) + "\ntrain:\n  steps: *a8\n"
+    """The "billion laughs" document under a real key: 9 nested lists of 9 aliases (9^9
+    leaves once expanded), under 1 KB; the error for it used to format the whole value."""
+    levels = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "train:\n  steps: [" + ",\n    ".join(levels) + "]\n"
 
 
 def _limited(cmd, seconds=60):
@@ -315,6 +315,42 @@ def test_alias_bomb_in_a_checkpoint_config_fails_in_one_line(tiny_checkpoint, tm
                               "--prompt", "In the beginning", "--max-new-tokens", "2"])
     line = _one_line_refusal(proc, "config.yml", "expands to more than")
     assert len(line) < 400 and seconds < 30, (seconds, line)
+
+
+def test_other_yaml_readers_share_the_limits(tmp_path):
+    """A GPT-NeoX config (convert's --config) goes through the same reader; a config file
+    over 16 MB is refused before it is read whole."""
+    from megaponder.config import ConfigError, load_config
+    from megaponder.convert.neox_native import read_neox_config
+
+    bomb = tmp_path / "neox.yml"
+    bomb.write_text(_bomb_text())
+    with pytest.raises(ConfigError, match="expands to more than"):
+        read_neox_config(str(bomb))
+    huge = tmp_path / "huge.yml"
+    huge.write_text("# " + "x" * (17 << 20) + "\n")
+    with pytest.raises(ConfigError, match="larger than 16 MB"):
+        load_config(str(huge), check_paths=False)
+
+
+def test_hf_folder_code_is_never_imported(tmp_path):
+    """A Hugging Face folder given to `convert_checkpoint.py --from hf` whose config.json asks
+    for its own Python (auto_map) is read without trust_remote_code: the module never runs."""
+    from megaponder.convert.checkpoint import _load_hf
+
+    marker = tmp_path / "MARKER"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "evil", "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                     "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (hf / name).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    with pytest.raises(Exception) as err:
+        _load_hf(str(hf))
+    assert "trust_remote_code" in str(err.value) or "evil" in str(err.value)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("value", ["x" * 100_000, list(range(50_000)), {"k%d" % i: i for i in range(5000)}])

@@ -124,8 +124,10 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: YAML error: {' '.join(str(e).split())[:300]}") from None
     except ConfigError:
         raise
-    except (ValueError, OverflowError) as e:  # a constructor's: a 5000-digit int, a bad date
-        raise ConfigError(f"{source}: YAML value error: {' '.join(str(e).split())[:200]}") from None
+    except (ValueError, OverflowError, TypeError, AttributeError, KeyError, IndexError) as e:
+        # PyYAML's constructors fail like this on odd values (a 5000-digit int, `!!timestamp 1`)
+        raise ConfigError(f"{source}: YAML value error: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]}; check the tagged or unusual values.") from None
     except RecursionError:
         raise ConfigError(f"{source}: the YAML is nested too deeply to read; a config has a few "
                           f"levels of sections.") from None
