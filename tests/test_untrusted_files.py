@@ -353,7 +353,7 @@ def test_hf_folder_code_is_never_imported(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("value", ["x" * 100_000, list(range(50_000)), {"k%d" % i: i for i in range(5000)}])
+@pytest.mark.parametrize("value", ["x" * 100_000, list(range(5000)), {"k%d" % i: i for i in range(1000)}])
 def test_errors_quote_a_short_prefix_of_a_value(value, tmp_path):
     import yaml
 

@@ -13,7 +13,7 @@ import secrets
 import warnings
 from typing import Optional
 
-from ..safe_files import open_for_write, write_atomic
+from ..safe_files import open_for_write, real_folder, write_atomic
 
 
 class MetricsWriter:
@@ -25,14 +25,15 @@ class MetricsWriter:
         self.wandb = None
         if not enabled:
             return
-        if resume_step == 0 and os.path.exists(self.path):
+        if resume_step == 0 and os.path.lexists(self.path):
             os.remove(self.path)  # a fresh run never appends to an old run's curve
         elif resume_step > 0:
             self._truncate_after(resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+                # a real folder of the run: the event files never land behind a planted link
+                self.tb = SummaryWriter(real_folder(os.path.join(run_dir, "tb"), create=True))
             except ImportError:
                 print("[megaponder] train.tensorboard=true but the tensorboard package is not "
                       "installed (pip install tensorboard); continuing without it.")
@@ -48,8 +49,7 @@ class MetricsWriter:
         # run has none there (and a resumed finished run writes its own again)
         kept = [json.dumps(r) + "\n" for r in _parse_lines(self.path) if r.get("step", 0) < step
                 or (r.get("step") == step and "loss" in r)]
-        from .checkpoint import _write_atomic  # fsync, replace, fsync the folder
-        _write_atomic(self.path, "".join(kept))
+        write_atomic(self.path, "".join(kept), fsync=True)  # fsync, replace, fsync the folder
 
     def write(self, record: dict) -> None:
         if not self.enabled:
