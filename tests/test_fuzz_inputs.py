@@ -178,3 +178,174 @@ def test_preprocessor_random_records(rows, append_eod):
             assert ds.num_tokens == s["tokens"]["text"]
         else:
             assert not os.path.exists(s["outputs"]["text"] + ".bin")  # no empty outputs
+
+
+# ---- YAML with anchors, aliases and tags -----------------------------------------------------
+TAGS = ["", "", "", "!!str ", "!!int ", "!!float ", "!!binary ", "!!set ", "!!omap ", "!!timestamp ",
+        "!!python/object/apply:os.system ", "!!python/name:os.system ", "!function a_evil.run ",
+        "!custom "]
+SCALAR_TEXT = ["1", "0.5", "x", "true", "null", "'a b'", "2026-12-06", "aGVsbG8=", "1e30", "-7"]
+
+
+@st.composite
+def yaml_with_aliases(draw):
+    """A YAML document of anchored flow collections whose items are scalars (optionally
+    tagged) or aliases of earlier anchors, used by a config key (plain alias, merge key or
+    tagged value); the anchors sit at the top level (an unknown key) or inside the key's own
+    value (what the loader then coerces). Fan-out up to 12 over up to 9 levels covers the
+    alias bomb and its smaller cousins."""
+    defs, anchors = [], []
+    for i in range(draw(st.integers(0, 9))):
+        items = []
+        for _ in range(draw(st.integers(0, 12))):
+            if anchors and draw(st.booleans()):
+                items.append(f"*{draw(st.sampled_from(anchors))}")
+            else:
+                items.append(draw(st.sampled_from(TAGS)) + draw(st.sampled_from(SCALAR_TEXT)))
+        if draw(st.booleans()):
+            body = "[" + ", ".join(items) + "]"
+        else:
+            body = "{" + ", ".join(f"k{j}: {v}" for j, v in enumerate(items)) + "}"
+        defs.append(f"{draw(st.sampled_from(TAGS[:4]))}&a{i} {body}")
+        anchors.append(f"a{i}")
+    section = draw(st.sampled_from(["model", "train", "data", "ponder"]))
+    key = draw(st.sampled_from(KEYS)).split(".")[-1]
+    use = draw(st.sampled_from(TAGS)) + (f"*{draw(st.sampled_from(anchors))}" if anchors else "1")
+    if draw(st.booleans()):  # anchors inside the value: [def, def, ..., use]
+        text = f"{section}:\n  {key}: [" + ", ".join(defs + [use]) + "]\n"
+    else:
+        text = "".join(f"d{i}: {d}\n" for i, d in enumerate(defs)) + draw(st.sampled_from(
+            [f"{section}:\n  {key}: {use}\n", f"{section}:\n  <<: {use}\n", f"{section}: {use}\n"]))
+    if draw(st.booleans()) and anchors:  # a self-reference
+        text += "loop: &self [1, *self]\n"
+    return text
+
+
+@pytest.mark.timeout(180)
+@settings(FUZZ, max_examples=80, deadline=5000)  # a bomb must fail fast: 5 s per example at most
+@given(yaml_with_aliases())
+@example("train:\n  steps: [&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], "
+         + ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)) + "]\n")  # 9^9
+@example("model:\n  family: !!timestamp 1\n")  # found by this fuzzer: AttributeError inside PyYAML
+def test_config_loader_yaml_aliases_and_tags(text):
+    marker = os.path.join(tempfile.gettempdir(), "megaponder-fuzz-marker")
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False, encoding="utf-8") as f:
+        f.write(text.replace("a_evil.run", f"os.system('touch {marker}')"))
+    try:
+        try:
+            load_config(f.name, check_paths=False)
+        except ConfigError as e:
+            assert str(e) and "\n" not in str(e) and len(str(e)) < 1000  # one short line
+    finally:
+        os.unlink(f.name)
+    assert not os.path.exists(marker)
+
+
+# ---- index caches ---------------------------------------------------------------------------
+def _cache_dataset(cache_dir):
+    from megaponder.data.gpt_dataset import GPTDataset
+
+    ds = IndexedDataset(os.path.join(demo_corpus_dir(), "validation_text_document"))
+    return GPTDataset(ds, np.arange(len(ds), dtype=np.int32), 30, 16, 3, cache_dir=cache_dir)
+
+
+arrays = st.builds(lambda dtype, shape, seed: np.random.RandomState(seed).randint(-5, 5000, size=shape).astype(dtype),
+                   st.sampled_from([np.int32, np.int64, np.uint32, np.uint16, np.float64, np.bool_]),
+                   st.sampled_from([(0,), (3,), (31,), (31, 2), (32, 2), (40,), (2, 31), (5, 3)]),
+                   st.integers(0, 2 ** 31))
+
+
+@pytest.mark.timeout(180)
+@settings(FUZZ, max_examples=40)
+@given(st.sampled_from(["doc_idx", "sample_idx", "shuffle_idx", "description"]),
+       st.one_of(arrays, st.binary(max_size=200),
+                 st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6)))
+def test_index_cache_random_contents(part, damage):
+    """Whatever a cache file holds (random arrays of any dtype/shape, random bytes, byte
+    flips of the valid file), the dataset comes up and every sample has seq_length + 1 tokens
+    from the data: a bad entry is rebuilt, never trusted, never unpickled."""
+    with tempfile.TemporaryDirectory() as cache:
+        clean = _cache_dataset(cache)
+        want = [clean.sample_tokens(i)[0] for i in range(len(clean))]
+        path = clean.cache_paths[part]
+        del clean
+        if isinstance(damage, np.ndarray):
+            np.save(path, damage) if part != "description" else open(path, "w").write(json.dumps(damage.tolist()))
+        elif isinstance(damage, bytes):
+            open(path, "wb").write(damage)
+        else:
+            raw = bytearray(open(path, "rb").read())
+            for pos, byte in damage:
+                raw[pos % len(raw)] = byte
+            open(path, "wb").write(bytes(raw))
+        again = _cache_dataset(cache)
+        got = [again.sample_tokens(i)[0] for i in range(len(again))]
+        assert len(got) == len(want) and all(g.shape == (17,) for g in got)
+        if part == "description" or not isinstance(damage, list):
+            assert all(np.array_equal(g, w) for g, w in zip(got, want))  # rebuilt exactly
+
+
+# ---- checkpoint folders with links ----------------------------------------------------------
+LINKABLE = ["checkpoints", "checkpoints/global_step2", "checkpoints/latest", "checkpoints/global_step2/model.pt",
+            "checkpoints/global_step2/meta.json", "checkpoints/global_step2/config.yml", ".lock",
+            "checkpoints/.tmp-global_step2", "checkpoints/.old-global_step2"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run dir with one checkpoint in the saved format (fresh weights: only files matter)."""
+    from megaponder.config import Config, ModelConfig
+    from megaponder.models import build_model
+    from megaponder.train.checkpoint import write_model_files
+
+    run = tmp_path_factory.mktemp("saved") / "run"
+    tag = run / "checkpoints" / "global_step2"
+    cfg = Config(model=ModelConfig(family="vanilla", vocab_size=8192, hidden_size=16, num_layers=1,
+                                   num_heads=2, max_position_embeddings=32))
+    write_model_files(str(tag), cfg, build_model(cfg).state_dict(), {"step": 2, "family": "vanilla"})
+    (run / "checkpoints" / "latest").write_text("global_step2\n")
+    return str(run)
+
+
+@pytest.mark.timeout(300)
+@settings(FUZZ, max_examples=25)
+@given(st.sets(st.sampled_from(LINKABLE), min_size=1, max_size=3), st.booleans())
+def test_checkpoint_folders_with_links(saved_run, linked, dangling):
+    """Any of the run's own names replaced by a link (to a copy outside, or dangling): taking
+    the run dir (claim_run_dir) and loading from it give a result or the one-line
+    CheckpointError/UnsafePath; nothing outside the run changes."""
+    import shutil
+
+    from megaponder.safe_files import UnsafePath
+    from megaponder.train import checkpoint as ckpt
+    from megaponder.train.runlock import claim_run_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run, outside = os.path.join(tmp, "run"), os.path.join(tmp, "outside")
+        shutil.copytree(saved_run, run)
+        os.makedirs(outside)
+        for i, rel in enumerate(sorted(linked, key=len)):
+            path = os.path.join(run, rel)
+            if not os.path.lexists(os.path.dirname(path)) or os.path.islink(os.path.dirname(path)):
+                continue  # its folder is already a link: nothing more to plant below it
+            target = os.path.join(outside, f"t{i}")
+            if os.path.lexists(path):
+                shutil.move(path, target)
+            elif rel.startswith("checkpoints/.") or rel == ".lock":
+                os.makedirs(target) if rel != ".lock" else open(target, "w").write("precious\n")
+            if dangling and os.path.exists(target):
+                shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
+            os.symlink(target, path)
+        before = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+                  for d, _, fs in os.walk(outside) for f in fs}
+        root = os.path.join(run, "checkpoints")
+        for call in (lambda: claim_run_dir(run, root, "auto", False)[0].release(),
+                     lambda: ckpt.load_model(run),
+                     lambda: [ckpt.verify_checkpoint(f) for f in ckpt.resume_candidates(root)]):
+            try:
+                call()
+            except (ckpt.CheckpointError, UnsafePath, FileNotFoundError) as e:
+                assert "\n" not in str(e)
+        after = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+                 for d, _, fs in os.walk(outside) for f in fs}
+        assert after == before

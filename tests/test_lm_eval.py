@@ -19,7 +19,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from megaponder.cli import main  # noqa: E402
 from megaponder.evaluation.harness import ComputeCounter, MegaponderLM, _vertical_activity  # noqa: E402
-from megaponder.evaluation.tasks import OFFLINE_TASKS, ensure_offline_tasks  # noqa: E402
+from megaponder.evaluation.tasks import OFFLINE_TASKS, offline_task_dir  # noqa: E402
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.seq_length=64",
         "train.micro_batch_size=2", "train.log_every=1", "train.progress_bar=false",
@@ -213,13 +213,13 @@ def test_hf_route_gives_the_native_loglikelihoods(family, hf_tokenizer_run, demo
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"), "--from",
                     "megaponder", "--to", "hf", "--input", run, "--output", str(hf_dir)],
                    check=True, capture_output=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
-    tasks_dir = ensure_offline_tasks(demo)
     tasks = list(OFFLINE_TASKS)
 
     def per_request(model, model_args=None):
-        res = simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=4, log_samples=True,
-                              bootstrap_iters=0, task_manager=TaskManager(include_path=tasks_dir,
-                                                                          include_defaults=False))
+        with offline_task_dir(demo) as tasks_dir:
+            res = simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=4, log_samples=True,
+                                  bootstrap_iters=0, task_manager=TaskManager(include_path=tasks_dir,
+                                                                              include_defaults=False))
         return res, {(t, s["doc_id"], i): r[0][0] for t in tasks for s in res["samples"][t]
                      for i, r in enumerate(s["resps"])}
 

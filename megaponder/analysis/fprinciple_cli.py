@@ -22,9 +22,10 @@ def _inits(choice: str) -> list[str]:
 
 
 def _dump(path: str, obj) -> None:
+    from ..safe_files import write_atomic
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f)
+    write_atomic(path, json.dumps(obj))  # never through a link planted in --out
 
 
 def _first_below_summary(steps, curves, threshold=0.1) -> list:

@@ -25,6 +25,7 @@ import os
 import time
 from typing import Optional
 
+from ..safe_files import write_atomic
 from .fprinciple import LMProbe, build_lm_probe, read_tokens
 
 PROBE_FILE = "fprinciple_probe.json"
@@ -73,8 +74,7 @@ class FPrincipleMonitor:
             desc = self.probe.describe()
             desc["baselines"]["step0"] = rows
             desc["build_seconds"] = round(self.build_seconds, 3)
-            with open(os.path.join(self.run_dir, PROBE_FILE), "w") as f:
-                json.dump(desc, f, indent=1)
+            write_atomic(os.path.join(self.run_dir, PROBE_FILE), json.dumps(desc, indent=1))
         return record
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from .analysis import AnalysisConfig
-from .base import ConfigError, _nearest, coerce, field_docs, from_dict, param, to_dict
+from .base import ConfigError, _nearest, coerce, field_docs, from_dict, param, short, to_dict
 from .data import DataConfig
 from .model import FAMILIES, ModelConfig, known_families
 from .parallel import ParallelConfig
@@ -106,8 +106,8 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
 
     families = known_families()
     if m.family not in families:
-        raise ConfigError(f"model.family: '{m.family}' is not one of {list(families)}."
-                          f"{_nearest(str(m.family), list(families))}")
+        raise ConfigError(f"model.family: {short(m.family)} is not one of {list(families)}."
+                          f"{_nearest(str(m.family)[:100], list(families))}")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
         need(getattr(m, name) > 0, f"model.{name} must be positive (got {getattr(m, name)}).")
     if m.num_heads > 0:
@@ -256,10 +256,10 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
                      f"PREFIX (without .bin/.idx).")
         if d.tokenizer_model is not None:
             need(os.path.exists(d.tokenizer_model),
-                 f"data.tokenizer_model: '{d.tokenizer_model}' does not exist.")
+                 f"data.tokenizer_model: {short(d.tokenizer_model, 300)} does not exist.")
         if t.init_checkpoint is not None:
             need(os.path.exists(t.init_checkpoint),
-                 f"train.init_checkpoint: '{t.init_checkpoint}' does not exist.")
+                 f"train.init_checkpoint: {short(t.init_checkpoint, 300)} does not exist.")
     if len(problems) == 1:
         raise ConfigError(f"Invalid configuration: {problems[0]}")
     if problems:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 import types
 import typing
 from typing import Any
@@ -29,6 +30,19 @@ def _nearest(name: str, options: list[str]) -> str:
     return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
 
 
+_SHORT = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+for _name, _limit in dict(maxlevel=2, maxtuple=4, maxlist=4, maxarray=4, maxdict=4, maxset=4,
+                          maxfrozenset=4, maxdeque=4, maxstring=60, maxlong=40, maxother=60).items():
+    setattr(_SHORT, _name, _limit)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to a short prefix for an error message: never the whole of a huge
+    value (reprlib stops after a few items, whatever the value's size)."""
+    text = repr(value[:limit]) if isinstance(value, str) else _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _unwrap_optional(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -49,7 +63,7 @@ def coerce(value: Any, tp, where: str) -> Any:
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where}: '{value}' is not one of {list(choices)}.{_nearest(str(value), [str(c) for c in choices])}")
+            raise ConfigError(f"{where}: {short(value)} is not one of {list(choices)}.{_nearest(str(value)[:100], [str(c) for c in choices])}")
         return value
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
@@ -62,7 +76,7 @@ def coerce(value: Any, tp, where: str) -> Any:
                 return coerce(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: cannot interpret {value!r} as {tp}.")
+        raise ConfigError(f"{where}: cannot interpret {short(value)} as {tp}.")
     if tp is Any:
         return value
     if tp is bool:
@@ -70,22 +84,22 @@ def coerce(value: Any, tp, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}.")
+        raise ConfigError(f"{where}: expected true/false, got {short(value)}.")
     if tp is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+            raise ConfigError(f"{where}: expected an integer, got {short(value)}.")
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}.") from None
+            raise ConfigError(f"{where}: expected an integer, got {short(value)}.") from None
     if tp is float:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}.") from None
+            raise ConfigError(f"{where}: expected a number, got {short(value)}.") from None
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}.")
+            raise ConfigError(f"{where}: expected a string, got {short(value)}.")
         return str(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
@@ -96,7 +110,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got "
-                          f"{type(data).__name__} {data!r:.60}.")
+                          f"{type(data).__name__} {short(data)}.")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]

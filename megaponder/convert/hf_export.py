@@ -45,15 +45,21 @@ def _hf_remote_config(cfg: Config, model, special: dict) -> "object":
 def export_checkpoint(path: str, output: str) -> str:
     """Write the Hugging Face folder of megaponder checkpoint (or run dir) ``path``; returns
     the class name written."""
+    from ..safe_files import staged_output
+
+    folder = resolve_checkpoint(path)
+    cfg = read_checkpoint_config(folder)
+    model = load_model(folder)
+    with staged_output(output) as stage:  # save_pretrained opens by name: never via a planted link
+        return _export(folder, cfg, model, stage)
+
+
+def _export(folder: str, cfg, model, output: str) -> str:
     from transformers import GenerationConfig
 
     from .hf import HF_HEAD_NAMES, hf_config_from_model_config, hf_model_class, megaponder_to_hf
     from .tokenizer import export_tokenizer
 
-    folder = resolve_checkpoint(path)
-    cfg = read_checkpoint_config(folder)
-    model = load_model(folder)
-    os.makedirs(output, exist_ok=True)
     tok_path = checkpoint_tokenizer_path(folder)
     tok = export_tokenizer(tok_path, output, cfg.model.max_position_embeddings) if tok_path else None
     special = {"eos_token_id": tok.eod, "pad_token_id": tok.pad} if tok is not None else {}

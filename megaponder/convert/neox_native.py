@@ -37,9 +37,9 @@ import re
 from typing import Callable, Optional
 
 import torch
-import yaml
 
 from ..config import ModelConfig
+from ..config.yaml_io import load_yaml_file
 from ..errors import UserError
 
 # GPT-NeoX name (legacy, as in Pythia's files / newer) -> megaponder name suffix, and merge rule
@@ -81,8 +81,7 @@ def read_neox_config(paths) -> dict:
         if not os.path.isfile(path):
             raise NeoXCheckpointError(f"GPT-NeoX config '{path}' does not exist (pass the run's "
                                       f"YAML with --config).")
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+        tree = load_yaml_file(path) or {}  # megaponder's reader: alias bombs fail in one line
         if not isinstance(tree, dict):
             raise NeoXCheckpointError(f"{path}: a GPT-NeoX config is a mapping of keys")
         merged.update(tree)

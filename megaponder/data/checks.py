@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import DataError
+from ..safe_files import write_atomic
 from .indexed import IndexedDataset, get_bin_path, get_idx_path
 
 META_SUFFIX = ".meta.json"
@@ -80,10 +81,7 @@ def _file_sizes(prefix: str) -> tuple[int, int]:
 def _save_meta(prefix: str, meta: dict) -> dict:
     """Stamp ``meta`` with the files' sizes and write it atomically (no half-written sidecar)."""
     meta["bin_bytes"], meta["idx_bytes"] = _file_sizes(prefix)
-    tmp = meta_path(prefix) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, meta_path(prefix))
+    write_atomic(meta_path(prefix), json.dumps(meta, indent=1))  # never through a planted link
     return meta
 
 

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from ..safe_files import atomic_write, write_atomic
+
 VOCAB_SIZE = 8192
 SEED = 1234
 HOLDOUT_EVERY = 20  # chapter k is validation iff k % 20 == 19  (5%, spread over the whole book)
@@ -67,11 +69,9 @@ def kjv_chapters() -> list[str]:
 
 
 def _write_jsonl(path: str, chapters: list[tuple[int, str]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:  # a fresh temp name, renamed: never through a link
         for idx, text in chapters:
             f.write(json.dumps({"text": text, "chapter": idx}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def train_tokenizer(train_jsonl: str, model_prefix: str, vocab_size: int = VOCAB_SIZE,
@@ -89,10 +89,7 @@ def train_tokenizer(train_jsonl: str, model_prefix: str, vocab_size: int = VOCAB
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, user_defined_symbols=[EOD_PIECE],
         num_threads=1, minloglevel=2, shuffle_input_sentence=False)
-    tmp = model_prefix + ".model.tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, model_prefix + ".model")
+    write_atomic(model_prefix + ".model", buf.getvalue())
 
 
 def unigram_perplexity(train_tokens: np.ndarray, valid_tokens: np.ndarray, vocab_size: int) -> float:
@@ -157,8 +154,7 @@ def prepare_demo_corpus(out_dir: str = "data/demo", workers: int = 1, log=print)
             "unigram_note": "unigram model on the train tokens (incl. EOD), add-one smoothing "
                             "over the vocabulary, evaluated on every validation token",
         }
-        with open(p("stats.json"), "w") as f:
-            json.dump(stats, f, indent=2)
+        write_atomic(p("stats.json"), json.dumps(stats, indent=2))
         built.append("stats")
     if reused:
         log(f"demo corpus: reused {', '.join(reused)} in {out_dir}")

@@ -66,7 +66,8 @@ class GPTDataset:
                                           drop_last=drop_last)
 
         (self.doc_idx, self.sample_idx, self.shuffle_idx), self.cache_paths = \
-            index_cache.load_or_build(cache_dir, self.description, build, log=logger.info)
+            index_cache.load_or_build(cache_dir, self.description, build, log=logger.info,
+                                      sizes=dataset.sizes)
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)

@@ -28,6 +28,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import DataError, MissingFileError
+from ..safe_files import atomic_write, open_for_write
 
 MAGIC = b"MMIDIDX\x00\x00"
 LEGACY_MAGIC = b"TNTIDX\x00\x00"  # GPT-NeoX/old Megatron "cached"/"lazy" format
@@ -96,8 +97,7 @@ def write_index(idx_path: str, dtype, sizes: Sequence[int], doc_idx: Sequence[in
     if len(sizes) > 1:
         # exclusive prefix sum in bytes; int64 so that >2 GiB files do not wrap
         np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
-    tmp = idx_path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(idx_path) as f:  # readers never see a half-written index; never via a link
         f.write(MAGIC)
         f.write(struct.pack("<Q", VERSION))
         f.write(struct.pack("<B", dtype_code(dtype)))
@@ -106,7 +106,6 @@ def write_index(idx_path: str, dtype, sizes: Sequence[int], doc_idx: Sequence[in
         f.write(sizes.astype("<i4").tobytes(order="C"))
         f.write(pointers.astype("<i8").tobytes(order="C"))
         f.write(doc_idx.astype("<i8").tobytes(order="C"))
-    os.replace(tmp, idx_path)  # readers never see a half-written index
 
 
 class IndexedDatasetBuilder:
@@ -122,7 +121,7 @@ class IndexedDatasetBuilder:
         self.bin_path = bin_path
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)  # reject unsupported dtypes now, not at finalize
-        self._bin = open(bin_path, "wb")
+        self._bin = open_for_write(bin_path, "wb")  # a planted link at the name is refused
         self.sizes: list[int] = []
         self.doc_idx: list[int] = [0]
 

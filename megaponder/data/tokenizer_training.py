@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Iterator, Optional
 
 from ..errors import DataError
+from ..safe_files import write_atomic
 from .preprocess import _category, _parse_line, open_input
 from .tokenizer import EOD_PIECE
 
@@ -103,10 +104,7 @@ def train_hf_bpe(texts: Iterator[str], output: str, vocab_size: int, *,
 
 def _write_atomically(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)  # an existing tokenizer is replaced only by a complete one
+    write_atomic(path, data)  # replaced only by a complete one; never written through a link
 
 
 def train_tokenizer(inputs: list[str], keys: list[str], kind: str, output: str, vocab_size: int,

@@ -25,6 +25,7 @@ Hugging Face route sees it, so both routes give the same numbers on a vanilla mo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Optional
@@ -273,7 +274,7 @@ def run_lm_eval(args) -> int:
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from .tasks import OFFLINE_TASKS, ensure_offline_tasks
+    from .tasks import OFFLINE_TASKS, offline_task_dir
 
     from ..train.checkpoint import resolve_checkpoint
 
@@ -284,26 +285,29 @@ def run_lm_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise SystemExit("megaponder lm-eval: --tasks is empty; name at least one task")
+    # include paths: only the folders the user named, plus (for an offline task) a private
+    # temp folder this run writes the offline tasks into and removes at the end
     include = [p for p in (args.include_path or "").split(",") if p]
-    if any(t in OFFLINE_TASKS for t in tasks):
-        include.append(ensure_offline_tasks(args.demo_dir, log=lambda *a: print(*a, file=sys.stderr)))
-    task_manager = _task_manager(tasks, include)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = MegaponderLM(checkpoint, batch_size=args.batch_size, device=args.device,
-                      max_length=args.max_length, tokenizer_model=args.tokenizer_model, seed=args.seed)
-    tracker = None
-    if args.output_path:
-        from lm_eval.loggers import EvaluationTracker
-        tracker = EvaluationTracker(output_path=args.output_path)
-    gen_kwargs = args.gen_kwargs
-    results = simple_evaluate(
-        # model_args is ignored for an LM object, but names the --output_path subfolder
-        model=lm, model_args=f"pretrained={checkpoint}", tasks=tasks, num_fewshot=args.num_fewshot, limit=_limit(args.limit),
-        task_manager=task_manager, log_samples=args.log_samples, evaluation_tracker=tracker,
-        gen_kwargs=gen_kwargs, bootstrap_iters=args.bootstrap_iters,
-        random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-        fewshot_random_seed=args.seed)
+    with contextlib.ExitStack() as stack:
+        if any(t in OFFLINE_TASKS for t in tasks):
+            include.append(stack.enter_context(
+                offline_task_dir(args.demo_dir, log=lambda *a: print(*a, file=sys.stderr))))
+        task_manager = _task_manager(tasks, include)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        lm = MegaponderLM(checkpoint, batch_size=args.batch_size, device=args.device,
+                          max_length=args.max_length, tokenizer_model=args.tokenizer_model, seed=args.seed)
+        tracker = None
+        if args.output_path:
+            from lm_eval.loggers import EvaluationTracker
+            tracker = EvaluationTracker(output_path=args.output_path)
+        results = simple_evaluate(
+            # model_args is ignored for an LM object, but names the --output_path subfolder
+            model=lm, model_args=f"pretrained={checkpoint}", tasks=tasks, num_fewshot=args.num_fewshot,
+            limit=_limit(args.limit), task_manager=task_manager, log_samples=args.log_samples,
+            evaluation_tracker=tracker, gen_kwargs=args.gen_kwargs, bootstrap_iters=args.bootstrap_iters,
+            random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed)
     summary = lm.compute_summary()
     results["megaponder"] = summary
     samples = results.pop("samples", None)

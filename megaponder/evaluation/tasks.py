@@ -14,19 +14,23 @@ Two tasks, written as lm-eval task YAMLs over local jsonl files by :func:`write_
 The validation split is the demo corpus's (every 20th KJV chapter, megaponder/data/demo.py),
 so a model trained on ``data/demo/train_*`` has never seen these passages. Everything is a pure
 function of that jsonl and ``SEED``: the same files come out on every machine, so scores are
-comparable across runs. ``megaponder lm-eval`` calls :func:`ensure_offline_tasks` whenever a
-requested task is one of ``OFFLINE_TASKS`` (building the demo corpus first if it is missing)
-and adds the folder to lm-eval's include path.
+comparable across runs. ``megaponder lm-eval`` calls :func:`offline_task_dir` whenever a
+requested task is one of ``OFFLINE_TASKS`` (building the demo corpus first if it is missing):
+the task files are written to a fresh private temp folder for that run only, which is what
+goes on lm-eval's include path; nothing under the demo folder is ever an include path.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import string
+import tempfile
+from typing import Iterator, Optional
 
 OFFLINE_TASKS = ("megaponder_kjv_cloze", "megaponder_kjv_mc4")
-TASKS_SUBDIR = "lm_eval_tasks"
 SEED = 1234
 CLOZE_CONTEXT_WORDS = 48
 CLOZE_MIN_WORDS = 12
@@ -36,12 +40,12 @@ MC_ENDING_WORDS = 8
 # both tasks read their items the same way (one local jsonl as the test split); ``_YAML`` is
 # the rest of each task file, written as is (no format fields)
 _HEADER = """\
-# written by megaponder/evaluation/tasks.py from {source}; do not edit (rewritten on every run)
+# written by megaponder/evaluation/tasks.py from {source}; do not edit
 task: {task}
 dataset_path: json
 dataset_name: null
 dataset_kwargs:
-  data_files:
+{cache}  data_files:
     test: {data}
 test_split: test
 """
@@ -122,34 +126,50 @@ def mc_items(paragraphs: list[list[str]], seed: int = SEED) -> list[dict]:
     return items
 
 
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # a concurrent reader sees the old or the new file, never half
+def write_offline_tasks(validation_jsonl: str, out_dir: str, dataset_cache_dir: Optional[str] = None) -> str:
+    """Write ``<task>.jsonl`` and ``<task>.yaml`` for every offline task into ``out_dir`` (a
+    folder the caller names; made if missing); returns ``out_dir``. ``dataset_cache_dir``, when
+    given, is where the Hugging Face ``json`` loader keeps its converted copy (by default its
+    user cache). Files are written without following links (megaponder/safe_files.py)."""
+    from ..safe_files import real_folder, write_atomic
 
-
-def write_offline_tasks(validation_jsonl: str, out_dir: str) -> str:
-    """Write ``<task>.jsonl`` and ``<task>.yaml`` for every offline task into ``out_dir``;
-    returns ``out_dir`` (pass it to lm-eval as ``--include_path``)."""
     os.makedirs(out_dir, exist_ok=True)
+    real_folder(out_dir, what="task files")
     paragraphs = _paragraphs(validation_jsonl)
     data = {"megaponder_kjv_cloze": cloze_items(paragraphs), "megaponder_kjv_mc4": mc_items(paragraphs)}
     for task, items in data.items():
         jsonl = os.path.abspath(os.path.join(out_dir, f"{task}.jsonl"))
-        _write(jsonl, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
-        # json.dumps quotes the path, so any character in it is valid YAML
-        _write(os.path.join(out_dir, f"{task}.yaml"),
-               _HEADER.format(task=task, data=json.dumps(jsonl), source=os.path.abspath(validation_jsonl))
-               + _YAML[task])
+        write_atomic(jsonl, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
+        # json.dumps quotes the paths, so any character in them is valid YAML
+        cache = "" if dataset_cache_dir is None else f"  cache_dir: {json.dumps(os.path.abspath(dataset_cache_dir))}\n"
+        write_atomic(os.path.join(out_dir, f"{task}.yaml"),
+                     _HEADER.format(task=task, data=json.dumps(jsonl), cache=cache,
+                                    source=json.dumps(os.path.abspath(validation_jsonl))) + _YAML[task])
     return out_dir
 
 
-def ensure_offline_tasks(demo_dir: str = "data/demo", log=print) -> str:
-    """The offline task folder under ``demo_dir`` (the demo corpus is built there first if its
-    validation split is missing; an existing corpus is reused as is)."""
+def demo_validation(demo_dir: str = "data/demo", log=print) -> str:
+    """``<demo_dir>/validation.jsonl``, preparing the demo corpus there first when it is
+    missing (an existing corpus is reused as is)."""
     validation = os.path.join(demo_dir, "validation.jsonl")
     if not os.path.isfile(validation):
         from ..data.demo import prepare_demo_corpus
         prepare_demo_corpus(demo_dir, log=log)
-    return write_offline_tasks(validation, os.path.join(demo_dir, TASKS_SUBDIR))
+    return validation
+
+
+@contextlib.contextmanager
+def offline_task_dir(demo_dir: str = "data/demo", log=print) -> Iterator[str]:
+    """A fresh private folder (``mkdtemp``: mode 0700, a random name) holding the offline
+    tasks built from ``demo_dir``'s validation split, removed on exit. Pass it to lm-eval as
+    an include path: lm-eval reads *every* YAML of an include path and imports the Python
+    its ``!function`` tags name, so only a folder nobody else can write is safe to include;
+    ``demo_dir`` itself is only read (its ``validation.jsonl``), never included. The Hugging
+    Face ``json`` loader's converted copy goes into the same folder, so repeated runs leave
+    nothing behind in the user's datasets cache."""
+    validation = demo_validation(demo_dir, log=log)
+    folder = tempfile.mkdtemp(prefix="megaponder-lm-eval-tasks-")
+    try:
+        yield write_offline_tasks(validation, folder, dataset_cache_dir=os.path.join(folder, "hf_datasets"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -21,6 +21,14 @@ Loading never unpickles code: every ``torch.load`` here is ``weights_only=True``
 are stored as tensors and plain Python values for that), ``latest`` must name a
 ``global_step<N>`` folder of the same ``checkpoints/`` folder, and a damaged or unsafe file
 stops with one line naming it (:class:`CheckpointError`).
+
+Links are never followed inside a run: ``checkpoints/`` and every ``global_step<N>`` tag must
+be real folders (not symlinks), no file or folder inside a tag may be a link, and the ``step``
+in a tag's meta.json must be the step in its name; anything else is refused in one line
+(:class:`UnsafeCheckpoint`), never a reason to fall back quietly. Every file is written
+through megaponder/safe_files.py (temp name created exclusively, renamed into place), so a
+planted link is replaced, never written through. A folder the user names explicitly
+(``--checkpoint DIR``, ``load_model(DIR)``) may itself be a link: that is the user's choice.
 """
 from __future__ import annotations
 
@@ -30,12 +38,14 @@ import pickle
 import random
 import re
 import shutil
+import stat
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from ..config import Config, ConfigError, config_from_dict
+from ..safe_files import atomic_write, fsync_dir, remove_tree, write_atomic
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -63,21 +73,12 @@ def tag_step(tag: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename/create inside ``path`` durable (POSIX: the folder entry is data too)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: str) -> None:
     """fsync every file and folder below ``root`` (before a checkpoint is published, so a
     power loss cannot leave ``latest`` naming a folder whose data never reached the disk)."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
@@ -86,13 +87,56 @@ def fsync_tree(root: str) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    """Durably replace ``path`` by ``text`` (never through a link: safe_files.write_atomic)."""
+    write_atomic(path, text, fsync=True)
+
+
+def _link_target(path: str) -> str:
+    try:
+        return os.readlink(path)[:120]
+    except OSError:
+        return "?"
+
+
+def real_subfolder(path: str, what: str = "checkpoint folder") -> bool:
+    """Whether ``path`` (a name megaponder owns inside a run: ``checkpoints/``, a tag, a
+    staging folder) exists as a real folder; a link or a non-folder is a one-line
+    :class:`UnsafeCheckpoint`, whatever it points to."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(mode):
+        raise UnsafeCheckpoint(f"{what} {path} is a link out of the run (to {_link_target(path)}); "
+                               f"megaponder reads and writes checkpoints only in real folders inside "
+                               f"the run. Replace the link by the folder itself, or pass the "
+                               f"checkpoint folder explicitly.")
+    if not stat.S_ISDIR(mode):
+        raise UnsafeCheckpoint(f"{what} {path} is not a folder; remove it and run again.")
+    return True
+
+
+def check_tag_folder(folder: str, named_by_user: bool = False) -> None:
+    """A checkpoint folder read for resume or loading: a real folder (unless the user named
+    it: then it may be a link, their choice), no link inside, and, for a ``global_step<N>``
+    folder, meta.json's step equal to N (a copied or renamed tag would resume at the wrong
+    step and data position). :class:`UnsafeCheckpoint` in one line otherwise."""
+    if not named_by_user:
+        real_subfolder(folder)
+    for inner, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(inner, name)
+            if os.path.islink(path):
+                raise UnsafeCheckpoint(f"{path} is a link (to {_link_target(path)}); a checkpoint "
+                                       f"holds only real files, refusing to load it. Replace the "
+                                       f"link by the file itself.")
+    named = tag_step(os.path.basename(os.path.normpath(folder)))
+    saved = read_meta(folder).get("step")
+    if named is not None and saved is not None and saved != named:
+        raise UnsafeCheckpoint(f"{os.path.join(folder, META_FILE)} says step {str(saved)[:40]} but the "
+                               f"folder is named global_step{named}; a renamed or copied checkpoint "
+                               f"would resume at the wrong step. Rename the folder to "
+                               f"global_step<its step> or remove it.")
 
 
 def safe_load(path: str, map_location: Any = "cpu", what: str = "checkpoint file",
@@ -100,6 +144,9 @@ def safe_load(path: str, map_location: Any = "cpu", what: str = "checkpoint file
     """``torch.load(weights_only=True)`` with one-line errors naming the file: refuses pickled
     code (anything but tensors, plain containers/numbers/strings and the ``allow`` classes)
     and damaged files."""
+    if os.path.islink(path):
+        raise UnsafeCheckpoint(f"{what} {path} is a link (to {_link_target(path)}); a checkpoint "
+                               f"holds only real files, refusing to load it.")
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} {path} is missing.")
     try:
@@ -185,18 +232,30 @@ def publish(ckpt_root: str, tag: str) -> str:
     final, stage, aside = (os.path.join(ckpt_root, tag), staging_dir(ckpt_root, tag),
                            aside_dir(ckpt_root, tag))
     fsync_tree(stage)
-    if os.path.exists(aside):  # left by an earlier crash after `final` was back in place
-        shutil.rmtree(aside)
-    if os.path.exists(final):
+    if os.path.lexists(aside):  # left by an earlier crash after `final` was back in place
+        remove_tree(aside)
+    if os.path.lexists(final):
         os.replace(final, aside)
         fsync_dir(ckpt_root)
         _fault_kill("aside")
     os.replace(stage, final)
     fsync_dir(ckpt_root)
     _write_atomic(os.path.join(ckpt_root, LATEST_FILE), tag + "\n")
-    if os.path.exists(aside):
-        shutil.rmtree(aside)
+    if os.path.lexists(aside):
+        remove_tree(aside)
     return final
+
+
+def make_staging_dir(ckpt_root: str, tag: str) -> str:
+    """Rank 0 before a save: a new, empty, real ``.tmp-<tag>/rng`` (whatever was under that
+    name, a link included, is removed first, so every rank writes into a folder this job made)."""
+    real_subfolder(ckpt_root, "checkpoints folder")
+    stage = staging_dir(ckpt_root, tag)
+    if os.path.lexists(stage):
+        remove_tree(stage)
+    os.mkdir(stage)
+    os.mkdir(os.path.join(stage, "rng"))
+    return stage
 
 
 def recover(ckpt_root: str) -> list[str]:
@@ -204,13 +263,16 @@ def recover(ckpt_root: str) -> list[str]:
     run-dir lock): an ``.old-<tag>`` whose ``<tag>`` is missing goes back in place, one whose
     ``<tag>`` was published is deleted, staging folders are deleted. Returns what it did."""
     done = []
-    if not os.path.isdir(ckpt_root):
+    if not real_subfolder(ckpt_root, "checkpoints folder"):
         return done
     for name in sorted(os.listdir(ckpt_root)):
         path = os.path.join(ckpt_root, name)
-        if name.startswith(".old-"):
+        if name.startswith((".old-", ".tmp-")) and os.path.islink(path):
+            os.unlink(path)  # never ours: a link is not put in place nor followed
+            done.append(f"deleted the link {name} (megaponder never makes links there)")
+        elif name.startswith(".old-"):
             final = os.path.join(ckpt_root, name[len(".old-"):])
-            if os.path.exists(final):
+            if os.path.lexists(final):
                 shutil.rmtree(path)
                 done.append(f"deleted {name} (its replacement is complete)")
             else:
@@ -227,10 +289,12 @@ def recover(ckpt_root: str) -> list[str]:
 def complete_tags(ckpt_root: str) -> list[str]:
     """``global_step<N>`` folders that hold a meta.json (written last into the staging
     folder), newest first."""
-    if not os.path.isdir(ckpt_root):
+    if not real_subfolder(ckpt_root, "checkpoints folder"):
         return []
-    tags = [t for t in os.listdir(ckpt_root) if tag_step(t) is not None
-            and os.path.isfile(os.path.join(ckpt_root, t, META_FILE))]
+    tags = [t for t in os.listdir(ckpt_root) if tag_step(t) is not None]
+    for tag in tags:  # a link among the tags is refused, not skipped: someone planted it
+        real_subfolder(os.path.join(ckpt_root, tag))
+    tags = [t for t in tags if os.path.isfile(os.path.join(ckpt_root, t, META_FILE))]
     return sorted(tags, key=tag_step, reverse=True)
 
 
@@ -242,7 +306,7 @@ def prune(ckpt_root: str, keep_last: int) -> list[str]:
     latest = latest_tag(ckpt_root)
     gone = [t for t in complete_tags(ckpt_root)[keep_last:] if t != latest]
     for tag in gone:
-        shutil.rmtree(os.path.join(ckpt_root, tag))
+        remove_tree(os.path.join(ckpt_root, tag))
     return gone
 
 
@@ -252,6 +316,7 @@ def verify_checkpoint(folder: str, rank: int = 0, world_size: int = 1) -> Option
     the ranks together read the checkpoint once; the caller combines the verdicts. An unsafe
     file is reported with the prefix :data:`UNSAFE` (the caller stops instead of falling back)."""
     try:
+        check_tag_folder(folder)
         meta = read_meta(folder)
         read_checkpoint_config(folder)
         for name in (META_FILE, MODEL_FILE, "deepspeed"):
@@ -294,11 +359,13 @@ def write_model_files(folder: str, cfg: Config, state_dict: Optional[dict], meta
     ``state_dict=None`` when the caller wrote model.pt itself (the parallel engine does)."""
     os.makedirs(folder, exist_ok=True)
     if state_dict is not None:
-        torch.save(state_dict, os.path.join(folder, MODEL_FILE))
+        with atomic_write(os.path.join(folder, MODEL_FILE)) as f:
+            torch.save(state_dict, f)
     _write_atomic(os.path.join(folder, CONFIG_FILE), cfg.to_yaml())
-    if tokenizer_path and os.path.exists(tokenizer_path):
+    if tokenizer_path and os.path.isfile(tokenizer_path):
         dest = os.path.join(folder, "tokenizer" + os.path.splitext(tokenizer_path)[1])
-        shutil.copyfile(tokenizer_path, dest)
+        with open(tokenizer_path, "rb") as src, atomic_write(dest) as dst:
+            shutil.copyfileobj(src, dst)
         meta = {**meta, "tokenizer": os.path.basename(dest)}
     _write_atomic(os.path.join(folder, META_FILE), json.dumps(meta, indent=2) + "\n")
 
@@ -309,8 +376,11 @@ def latest_tag(ckpt_root: str, must_exist: bool = True) -> Optional[str]:
     run): anything else is a :class:`CheckpointError`, as is a missing folder (unless
     ``must_exist=False``)."""
     path = os.path.join(ckpt_root, LATEST_FILE)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
+    if os.path.islink(path):
+        raise CheckpointError(f"{path} is a link (to {_link_target(path)}); megaponder writes it "
+                              f"as a file, refusing to follow it. Delete it (training rewrites it).")
     try:
         with open(path) as f:
             tag = f.read(256).strip()
@@ -321,10 +391,7 @@ def latest_tag(ckpt_root: str, must_exist: bool = True) -> Optional[str]:
         raise CheckpointError(f"{path} names {tag[:80]!r}, not a global_step<N> folder of "
                               f"{ckpt_root}; refusing to follow it. Fix or delete the file.")
     folder = os.path.join(ckpt_root, tag)  # the pattern has no '/' or '..': stays inside
-    if os.path.islink(folder):
-        raise CheckpointError(f"{path} names {tag}, which is a link out of {ckpt_root}; "
-                              f"refusing to follow it.")
-    if not os.path.isdir(folder):
+    if not real_subfolder(folder):
         if must_exist:
             raise CheckpointError(f"{path} names {tag} but {folder} does not exist; pass a "
                                   f"checkpoint folder explicitly or fix {path}.")
@@ -338,10 +405,15 @@ def resolve_checkpoint(path: str) -> str:
         raise CheckpointError("no checkpoint given (empty path); pass a run dir or a "
                               "checkpoint folder.")
     if os.path.isfile(os.path.join(path, MODEL_FILE)):
+        check_tag_folder(path, named_by_user=True)
         return path
-    for root in (os.path.join(path, "checkpoints"), path):
+    runs_root = os.path.join(path, "checkpoints")
+    for root in (runs_root, path):
+        if root == runs_root:
+            real_subfolder(root, "checkpoints folder")
         tag = latest_tag(root)
         if tag is not None:
+            check_tag_folder(os.path.join(root, tag))
             return os.path.join(root, tag)
     raise FileNotFoundError(
         f"'{path}' is neither a megaponder checkpoint (no {MODEL_FILE}) nor a run directory "
@@ -350,16 +422,18 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def read_checkpoint_config(folder: str) -> Config:
-    import yaml
+    from ..config.yaml_io import load_yaml_file
 
     path = os.path.join(folder, CONFIG_FILE)
-    try:
-        with open(path) as f:
-            tree = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is damaged: {_first_line(err)}") from None
+    if os.path.islink(path):
+        raise UnsafeCheckpoint(f"{path} is a link (to {_link_target(path)}); a checkpoint holds only "
+                               f"real files, refusing to load it.")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.")
+    try:  # the config reader's limits: an alias bomb or a huge file fails in one line
+        tree = load_yaml_file(path)
+    except ConfigError as err:
+        raise CheckpointError(f"{CONFIG_FILE} is damaged: {err}") from None
     if not isinstance(tree, dict):
         raise CheckpointError(f"{path} is damaged: not a mapping of config sections.")
     try:
@@ -370,11 +444,14 @@ def read_checkpoint_config(folder: str) -> Config:
 
 def read_meta(folder: str) -> dict:
     path = os.path.join(folder, META_FILE)
+    if os.path.islink(path):
+        raise UnsafeCheckpoint(f"{path} is a link (to {_link_target(path)}); a checkpoint holds only "
+                               f"real files, refusing to load it.")
     if not os.path.exists(path):
         return {}
     try:
         with open(path) as f:
-            meta = json.load(f)
+            meta = json.loads(f.read(1 << 20))  # a meta.json is a few hundred bytes
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is damaged ({_first_line(err)}); the checkpoint cannot "
                               f"be trusted.") from None

@@ -16,6 +16,7 @@ from .. import early_stop
 from ..config import Config, ConfigError
 from ..data.schedule import global_batch_size, grad_accum_for
 from ..models import build_model
+from ..safe_files import write_atomic
 from . import checkpoint as ckpt
 from .guards import StopRequest, TrainingDiverged, any_rank, fault_step_sleep, max_over_ranks
 from . import reshard
@@ -83,8 +84,7 @@ class Trainer:
         if self.resumes:
             self._resume()
         if self.rank == 0:
-            with open(os.path.join(self.run_dir, "config.yml"), "w") as f:
-                f.write(cfg.to_yaml())
+            write_atomic(os.path.join(self.run_dir, "config.yml"), cfg.to_yaml())  # never through a link
         t = cfg.train
         wandb = (dict(project=t.wandb_project, name=t.wandb_run_name, entity=t.wandb_entity,
                       config=cfg.to_dict()) if t.wandb_project else None)
@@ -225,8 +225,8 @@ class Trainer:
                                    f"optim.lr or raise optim.warmup_steps and resume from it.")
         tag = ckpt.tag_for_step(self.step)
         stage = ckpt.staging_dir(self.ckpt_root, tag)
-        if self.rank == 0:
-            os.makedirs(os.path.join(stage, "rng"), exist_ok=True)
+        if self.rank == 0:  # a fresh real folder: nothing planted under that name is written through
+            ckpt.make_staging_dir(self.ckpt_root, tag)
         torch.distributed.barrier()
         self.engine.save(stage, client_state={"step": self.step,
                                               "consumed_samples": self.consumed_samples})

@@ -13,6 +13,8 @@ import secrets
 import warnings
 from typing import Optional
 
+from ..safe_files import open_for_write, real_folder, write_atomic
+
 
 class MetricsWriter:
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = False, resume_step: int = 0,
@@ -23,14 +25,15 @@ class MetricsWriter:
         self.wandb = None
         if not enabled:
             return
-        if resume_step == 0 and os.path.exists(self.path):
+        if resume_step == 0 and os.path.lexists(self.path):
             os.remove(self.path)  # a fresh run never appends to an old run's curve
         elif resume_step > 0:
             self._truncate_after(resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+                # a real folder of the run: the event files never land behind a planted link
+                self.tb = SummaryWriter(real_folder(os.path.join(run_dir, "tb"), create=True))
             except ImportError:
                 print("[megaponder] train.tensorboard=true but the tensorboard package is not "
                       "installed (pip install tensorboard); continuing without it.")
@@ -46,13 +49,12 @@ class MetricsWriter:
         # run has none there (and a resumed finished run writes its own again)
         kept = [json.dumps(r) + "\n" for r in _parse_lines(self.path) if r.get("step", 0) < step
                 or (r.get("step") == step and "loss" in r)]
-        from .checkpoint import _write_atomic  # fsync, replace, fsync the folder
-        _write_atomic(self.path, "".join(kept))
+        write_atomic(self.path, "".join(kept), fsync=True)  # fsync, replace, fsync the folder
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with open_for_write(self.path, "a") as f:  # never appends through a planted link
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
@@ -100,8 +102,7 @@ def _start_wandb(run_dir: str, project: str, name: Optional[str] = None,
     id_file = os.path.join(run_dir, "wandb_id")
     # secrets, not random: drawing from the global Python RNG would change the training run
     run_id = open(id_file).read().strip() if os.path.exists(id_file) else secrets.token_hex(4)
-    with open(id_file, "w") as f:
-        f.write(run_id + "\n")
+    write_atomic(id_file, run_id + "\n")
     return wandb.init(project=project, name=name or os.path.basename(os.path.abspath(run_dir)),
                       entity=entity, id=run_id, resume="allow", config=config,
                       dir=os.environ.get("WANDB_DIR") or run_dir)

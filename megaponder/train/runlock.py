@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import socket
 import time
 from typing import Optional
 
 from ..config import ConfigError
+from ..safe_files import open_fd_for_write, real_folder, remove_tree
 
 LOCK_FILE = ".lock"
 
@@ -32,7 +32,9 @@ class RunDirLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # never through a link: a planted `.lock -> victim` would be truncated below
+        # (a link is refused in one line, megaponder/safe_files.py)
+        fd = open_fd_for_write(self.path, "r+", perm=0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -59,8 +61,8 @@ def prepare_fresh_start(run_dir: str, overwrite: bool) -> Optional[str]:
     Returns a warning to print, or None."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    used = [p for p in (metrics,) if os.path.exists(p)]
-    if os.path.isdir(ckpt_root) and os.listdir(ckpt_root):
+    used = [p for p in (metrics,) if os.path.lexists(p)]
+    if os.path.lexists(ckpt_root) and (os.path.islink(ckpt_root) or os.listdir(ckpt_root)):
         used.append(ckpt_root)
     if not used:
         return None
@@ -69,7 +71,7 @@ def prepare_fresh_start(run_dir: str, overwrite: bool) -> Optional[str]:
                           f"Continue it with --set train.resume=auto, start over with "
                           f"--set train.overwrite=true, or choose another train.run_dir.")
     for path in used:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        remove_tree(path)  # a link goes, never what it points to
     return f"train.overwrite=true: removed the earlier run's {', '.join(used)}"
 
 
@@ -98,7 +100,7 @@ def claim_run_dir(run_dir: str, ckpt_root: str, resume, overwrite: bool):
             wandb_id = os.path.join(run_dir, "wandb_id")
             if os.path.exists(wandb_id):
                 os.remove(wandb_id)  # a new run is a new W&B run
-            os.makedirs(ckpt_root, exist_ok=True)
+            real_folder(ckpt_root, create=True, what="checkpoints")
         return lock, resumes, notes
     except BaseException:
         lock.release()
