@@ -8,6 +8,13 @@ setup(
     "on a GPT-NeoX/Pythia backbone with Megatron-style parallelism and DeepSpeed.",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
+    # an SPDX expression (PEP 639); setuptools >= 77 deprecates the "License ::" classifiers for it
+    license_expression="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     packages=find_packages(include=["megaponder", "megaponder.*"]),
     # The one-pass sample-index builder (CPython C API only: no numpy headers, no CUDA). Optional:

@@ -39,3 +39,9 @@ def convert_tool():
 @pytest.fixture
 def repo_root():
     return REPO_ROOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "image: builds docker/Dockerfile with buildah on the NGC stand-in (root; "
+        "`make image-check`)")
