@@ -6,7 +6,8 @@
 #
 # The base defaults to docker/ngc_standin/build.sh's image (built first if needed). Cached: the
 # image is tagged with a hash of the base and of every file the build copies, and not rebuilt
-# while they are unchanged; older megaponder images in the store are removed.
+# while they are unchanged; older megaponder images in the store are untagged (their layers stay
+# as the build's step cache).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=docker/buildah_env.sh
@@ -32,10 +33,11 @@ fi
 
 t0=$SECONDS
 log "building $TAG on $BASE"
-# --pull=false: the stand-in exists only in this store. The layers are not cached (--layers is
-# off): the pip cache mount makes a rebuild fast without keeping a copy of every step.
-bah bud --pull=false --isolation chroot -f docker/Dockerfile --build-arg "BASE_IMAGE=$BASE" \
-    -t "$TAG" . >&2
+# --pull=false: the stand-in exists only in this store. --layers: a code change reruns only the
+# steps from the first COPY of code on (apt and pip stay cached while the base and
+# requirements/gpu.txt are unchanged); the pip cache mount serves the wheels when they rerun.
+bah bud --pull=false --layers --isolation chroot -f docker/Dockerfile \
+    --build-arg "BASE_IMAGE=$BASE" -t "$TAG" . >&2
 log "build took $((SECONDS - t0)) s"
 # keep the store to the current image: drop older builds of this script
 bah images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/megaponder:' | grep -vxF "$TAG" |

@@ -12,9 +12,11 @@
 MEGAPONDER_IMAGE_STORE=${MEGAPONDER_IMAGE_STORE:-/var/lib/megaponder-images}
 MEGAPONDER_IMAGE_CACHE=${MEGAPONDER_IMAGE_CACHE:-/var/cache/megaponder-images}
 MEGAPONDER_STORAGE_DRIVER=${MEGAPONDER_STORAGE_DRIVER:-overlay}
-# buildah keeps `RUN --mount=type=cache` folders and temporary blobs under TMPDIR: a test's
-# private TMPDIR (removed at its end) would throw the pip cache away after every build
-export TMPDIR=/var/tmp
+# buildah keeps `RUN --mount=type=cache` folders (the Dockerfile's pip cache) and temporary
+# blobs under TMPDIR: keep them with the other caches (a test's private TMPDIR, removed at its
+# end, would throw the pip cache away after every build)
+export TMPDIR=$MEGAPONDER_IMAGE_CACHE/tmp
+mkdir -p "$TMPDIR"
 export BUILDAH_ISOLATION=chroot
 
 bah() {

@@ -29,8 +29,8 @@ TORCH_PIN=$(sed -n 's/^torch==\([^ #]*\).*/\1/p' "$REPO/requirements/constraints
 log() { echo "[ngc-standin $(date +%T)] $*" >&2; }
 
 need_root_and_tools buildah debootstrap
-TAG="localhost/megaponder-ngc-standin:$( (content_hash "$HERE/build.sh" "$HERE/packages.py" "$HERE/dpkg-nodoc.cfg" \
-        "$NGC_LIST" "$REPO/docker/buildah_env.sh"; echo "$TORCH_PIN $DEBIAN_MIRROR") | sha256sum | cut -c1-16)"
+TAG="localhost/megaponder-ngc-standin:$( (content_hash "$HERE/build.sh" "$HERE/packages.py" \
+        "$HERE/dpkg-nodoc.cfg" "$NGC_LIST"; echo "$TORCH_PIN $DEBIAN_MIRROR") | sha256sum | cut -c1-16)"
 if bah inspect --type image "$TAG" >/dev/null 2>&1; then
     log "cached: $TAG"
     echo "$TAG"
