@@ -126,11 +126,13 @@ def test_image_keeps_every_package_of_the_base(image):
     out = run_in(image, "cat /etc/pip/constraint.txt; echo ===; "
                         "python -m pip list --format=freeze --disable-pip-version-check").stdout
     pinned, installed = out.split("===")
-    norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731
-    have = dict(norm(line).split("==", 1) for line in installed.split() if "==" in line)
-    pins = [norm(line).split("==", 1) for line in pinned.splitlines()
-            if line and not line.startswith("#")]
-    assert len(pins) > 20 and ["pyyaml", "6.0.2"] in pins
+    def name_version(line):
+        name, version = line.split("==", 1)
+        return re.sub(r"[-_.]+", "-", name).lower(), version
+
+    have = dict(name_version(line) for line in installed.split() if "==" in line)
+    pins = [name_version(line) for line in pinned.splitlines() if line and not line.startswith("#")]
+    assert len(pins) > 20 and ("pyyaml", "6.0.2") in pins
     changed = [(n, v, have[n]) for n, v in pins if n in have and have[n] != v]
     assert not changed, changed
 
