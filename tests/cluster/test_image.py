@@ -164,8 +164,13 @@ def _host_key_of_a_new_container(image):
     out = run_in(image, f"""
         test -z "$(ls /etc/ssh/ssh_host_* 2>/dev/null)" || {{ echo "host keys in the image"; exit 3; }}
         SSH_PORT={port} start-sshd -o ListenAddress=127.0.0.1 -o PidFile=/run/sshd-test.pid
-        key=$(ssh-keyscan -p {port} -t ed25519 127.0.0.1 2>/dev/null)
-        kill "$(cat /run/sshd-test.pid)"
+        key=
+        for _ in $(seq 100); do  # sshd forks into the background: wait until it answers
+            key=$(ssh-keyscan -p {port} -t ed25519 127.0.0.1 2>/dev/null || true)
+            [ -n "$key" ] && break
+            sleep 0.1
+        done
+        kill "$(cat /run/sshd-test.pid)" || true
         echo "KEY $key"
     """).stdout
     found = re.search(r"^KEY \S+ (ssh-ed25519 \S+)", out, re.M)  # [127.0.0.1]:PORT ssh-ed25519 KEY
