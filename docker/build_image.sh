@@ -42,4 +42,7 @@ log "build took $((SECONDS - t0)) s"
 # keep the store to the current image: drop older builds of this script
 bah images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/megaponder:' | grep -vxF "$TAG" |
     while read -r old; do bah rmi "$old" >/dev/null 2>&1 || true; done
+# and drop the step cache of builds no image stands on any more (an older requirements/gpu.txt
+# leaves a whole pip layer behind); the current image's steps are its parents and stay
+bah rmi --prune >/dev/null 2>&1 || true
 echo "$TAG"
