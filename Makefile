@@ -36,3 +36,11 @@ test: $(STAMP)
 
 clean-runs:
 	rm -rf runs/
+
+# docker/Dockerfile built with buildah on a CPU stand-in of its NGC base (Debian, CPU torch, NGC's
+# pip constraint file), then trained inside (tests/cluster/test_image.py; docker/README.md).
+# Needs root; installs buildah and debootstrap from apt when missing. Cached: a second run with
+# unchanged inputs builds nothing.
+.PHONY: image-check
+image-check: $(STAMP)
+	$(BIN)/python -m pytest -q -m image tests/cluster/test_image.py $(PYTEST_ARGS)

@@ -8,6 +8,15 @@ setup(
     "on a GPT-NeoX/Pythia backbone with Megatron-style parallelism and DeepSpeed.",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
+    # The License field, not PEP 639's license_expression: setuptools >= 77 needs packaging >= 24.2
+    # to read an expression, and NGC images pin an older packaging (the image build failed on it).
+    # No "License ::" classifier either: setuptools >= 77 warns that those are deprecated.
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     packages=find_packages(include=["megaponder", "megaponder.*"]),
     # The one-pass sample-index builder (CPython C API only: no numpy headers, no CUDA). Optional:

@@ -11,9 +11,15 @@ that names an image package with the image's version. Pre-release image versions
 so NGC's ``2.8.0a0+...`` satisfies ``torch>=2.6`` — but ``2.6.0a0+...`` (NGC 25.01) does not:
 a pre-release of 2.6.0 sorts *below* 2.6.0.
 
-A requirement the image cannot meet is an error when pip would have to replace an image package
-that must stay (torch and the CUDA-built stack): exit 1. For other image packages pip would
-upgrade them; that is reported as a note. Exit 0 when the pins fit.
+NGC PyTorch images since 25.03 pin every package they ship in /etc/pip/constraint.txt (and set
+PIP_CONSTRAINT), so pip may replace none of them: a pin, or a pinned package's requirement, that
+the image's version of a package does not satisfy fails the build with ResolutionImpossible. Each
+is an error here: exit 1. A pin that names torch or another CUDA-built image package is an error
+too (it must come from the image). Requirements of the pins' unpinned dependencies are notes
+(pip may find an older release that fits). Exit 0 when the pins fit.
+
+The pins file takes ``name==version`` for what the image lacks and ranges (``name>=version``)
+for what it ships: the image's version is then used as it is.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import os
 import sys
 
 from packaging.markers import default_environment
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -55,6 +61,31 @@ def read_list(path: str) -> dict[str, str]:
     return out
 
 
+def read_pins(path: str) -> dict[str, Requirement]:
+    """Requirement lines (``name==1.0``, ``name>=1.0``; comments and blank lines ignored)
+    -> {canonical name: Requirement}."""
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                req = Requirement(line)
+            except InvalidRequirement as e:
+                raise SystemExit(f"{path}:{n}: not a requirement: '{line}' ({e})")
+            out[canonicalize_name(req.name)] = req
+    return out
+
+
+def exact_version(req: Requirement) -> str | None:
+    """The version of a ``name==version`` requirement, else None."""
+    specs = list(req.specifier)
+    if len(specs) == 1 and specs[0].operator in ("==", "===") and "*" not in specs[0].version:
+        return specs[0].version
+    return None
+
+
 def declared_requirements(name: str, version: str) -> tuple[list[str], str]:
     """(requirement strings of name==version, note). Read from this environment's metadata."""
     try:
@@ -67,8 +98,8 @@ def declared_requirements(name: str, version: str) -> tuple[list[str], str]:
     return list(md.requires(name) or []), ""
 
 
-def check(pins: dict[str, str], image: dict[str, str]) -> tuple[list[str], list[str]]:
-    """(errors, notes)."""
+def check(pins: dict[str, Requirement], image: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(errors, notes) for the pins (read_pins) against the image's packages (read_list)."""
     errors, notes = [], []
     if "python" not in image:
         raise SystemExit("the image list needs a python==X.Y.Z line")
@@ -77,12 +108,24 @@ def check(pins: dict[str, str], image: dict[str, str]) -> tuple[list[str], list[
     env.update(python_version=f"{py.major}.{py.minor}", python_full_version=str(py),
                sys_platform="linux", platform_system="Linux", platform_machine="x86_64",
                os_name="posix", implementation_name="cpython", extra="")
-    for name, version in pins.items():
+    # what pip ends up with: the image's version of what it ships, the pin of what it lacks
+    resolved = {name: image.get(name) or exact_version(req) for name, req in pins.items()}
+    for name, pin in pins.items():
         if name in PROTECTED:
-            errors.append(f"{name} is pinned ({version}) but must come from the image "
+            errors.append(f"{name} is pinned ({pin}) but must come from the image "
                           f"({image.get(name, 'not listed')}); remove it from the pins")
-        elif name in image and Version(image[name]) != Version(version):
-            notes.append(f"{name}: the pin {version} replaces the image's {image[name]}")
+            continue
+        if name in image:
+            if not pin.specifier.contains(image[name], prereleases=True):
+                errors.append(f"{pin} conflicts with the image's constraint {name}=={image[name]} "
+                              f"(pip: ResolutionImpossible); relax the pin to one the image's "
+                              f"version meets, e.g. {name}>={image[name]}")
+            continue  # the image's own version is used: nothing of it to install
+        version = exact_version(pin)
+        if version is None:
+            notes.append(f"{pin}: not an exact pin and not in the image; its requirements are "
+                         f"not checked")
+            continue
         reqs, note = declared_requirements(name, version)
         if note:
             notes.append(note)
@@ -91,28 +134,29 @@ def check(pins: dict[str, str], image: dict[str, str]) -> tuple[list[str], list[
             if req.marker is not None and not req.marker.evaluate(env):
                 continue  # an extra, or another platform / Python
             dep = canonicalize_name(req.name)
-            if dep in pins:  # pinned together: the pin must fit the requirement
-                if not req.specifier.contains(pins[dep], prereleases=True):
-                    errors.append(f"{name}=={version} needs {req}, but the pins say "
-                                  f"{dep}=={pins[dep]}")
-                continue
-            if dep not in image:
-                continue  # pip installs it fresh: nothing in the image to conflict with
-            if not req.specifier.contains(image[dep], prereleases=True):
-                msg = (f"{name}=={version} needs {req}, but the image has {dep} {image[dep]}"
-                       + (" (a pre-release of that version sorts below it by PEP 440)"
-                          if Version(image[dep]).is_prerelease else ""))
-                (errors if dep in PROTECTED else notes).append(
-                    msg if dep in PROTECTED else msg + "; pip will replace it")
+            have = image.get(dep) or resolved.get(dep)
+            if have is None or req.specifier.contains(have, prereleases=True):
+                continue  # pip installs it fresh, or the version there fits
+            if dep in PROTECTED:
+                where, fix = f"the image has {dep} {have}", f"use an image whose {dep} meets it"
+            elif dep in image:
+                where = f"the image's constraint file pins {dep}=={have}"
+                fix = f"pin a {name} release that accepts it"
+            else:
+                where, fix = f"the pins say {dep}=={have}", "make the two pins agree"
+            errors.append(f"{name}=={version} needs {req}, but {where}"
+                          + (" (a pre-release of that version sorts below it by PEP 440)"
+                             if Version(have).is_prerelease else "") + f"; {fix}")
     notes += _transitive_notes(pins, image, env)
     return errors, notes
 
 
 def _transitive_notes(pins, image, env) -> list[str]:
     """Requirements of the pins' unpinned dependencies (at the versions installed here, which
-    pip may not pick on the image) that an image package must stay within: notes, not errors."""
+    pip may not pick on the image) that an image package cannot meet: notes, not errors, as
+    pip may find an older release of the dependency that fits."""
     out, seen = [], set(pins)
-    todo = list(pins)
+    todo = [name for name in pins if name not in image]
     while todo:
         name = todo.pop()
         try:
@@ -124,11 +168,11 @@ def _transitive_notes(pins, image, env) -> list[str]:
             if req.marker is not None and not req.marker.evaluate(env):
                 continue
             dep = canonicalize_name(req.name)
-            if name not in pins and dep in PROTECTED and dep in image and \
+            if name not in pins and dep in image and \
                     not req.specifier.contains(image[dep], prereleases=True):
                 out.append(f"{name} (a dependency, at its version here) needs {req}; the image "
-                           f"has {dep} {image[dep]}: pin an older {name} if pip picks this one")
-            if dep not in seen:
+                           f"pins {dep}=={image[dep]}: pip has to find an older {name}")
+            if dep not in seen and dep not in image:
                 seen.add(dep)
                 todo.append(dep)
     return sorted(set(out))
@@ -139,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--pins", default=os.path.join(ROOT, "requirements", "gpu.txt"))
     p.add_argument("--image", default=os.path.join(HERE, "ngc-packages.txt"))
     args = p.parse_args(argv)
-    errors, notes = check(read_list(args.pins), read_list(args.image))
+    errors, notes = check(read_pins(args.pins), read_list(args.image))
     for n in notes:
         print(f"note: {n}")
     for e in errors:

@@ -44,3 +44,6 @@ def repo_root():
 def pytest_configure(config):
     config.addinivalue_line("markers", "netns: needs two emulated cluster nodes (network namespaces "
                             "with sshd, root; tests/cluster/netns_prereqs.sh installs sshd and pdsh)")
+    config.addinivalue_line(
+        "markers", "image: builds docker/Dockerfile with buildah on the NGC stand-in (root; "
+        "`make image-check`)")
