@@ -325,3 +325,28 @@ def test_pause_inputs_are_scaled_like_token_embeddings():
     assert torch.allclose(x[:, :, 0], model.embed_in(ids) * math.sqrt(d), atol=1e-6)
     logits = decode_logits(model, ids)
     assert (logits - out.logits).abs().max().item() < 1e-5
+
+
+# -- PonderLM-3 router ablation knobs -------------------------------------------------------
+def test_ponderlm3_router_temperature_and_warmup():
+    """router_temperature divides the router logits; router_warmup_steps gives a uniform s and
+    no router gradient in training before that step (evaluation always uses the router).
+    Mutation tried: dropping the `self.training` condition fails the eval assertion."""
+    from megaponder.models.latent import log_survival
+    model = tiny("ponderlm3", steps=2, router_temperature=4.0, router_warmup_steps=5)
+    with torch.no_grad():
+        model.router.fc2.weight.normal_(std=1.0)
+    h0 = torch.randn(2, 3, model.cfg.hidden_size)
+    model.eval()
+    s, _, _ = model.route(h0)
+    assert torch.allclose(s, log_survival(model.router(h0) / 4.0)[0])
+    model.train()
+    model.set_step(4)
+    s, _, _ = model.route(h0)
+    assert torch.allclose(s, torch.full_like(s, 1 / 3))
+    ids, targets = real_batch(2, 8)
+    model(ids, targets=targets, jacobi_passes=2).loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.router.parameters())
+    model.set_step(5)
+    s, _, _ = model.route(h0)
+    assert s.std() > 1e-3

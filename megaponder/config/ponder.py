@@ -108,6 +108,12 @@ class PonderConfig:
                                     "(architecture not given in the paper).")
     router_bias_init: float = param(0.0, "PonderLM-3: initial bias of the router logit of the "
                                     "K_max-steps outcome (0: uniform start over 0..K).")
+    router_temperature: float = param(1.0, "PonderLM-3: the router's softmax temperature "
+                                      "(s = softmax(logits / T); not in the paper, an ablation "
+                                      "knob against router collapse).")
+    router_warmup_steps: int = param(0, "PonderLM-3: training steps with a uniform router "
+                                     "(logits zeroed, no router gradient) so every stage's "
+                                     "readout trains first (not in the paper; ablation knob).")
     compute_penalty: float = param(0.01, "PonderLM-3 weight of the compute penalty: the mean "
                                    "expected number of extra steps sum_{k>=1} w_k (form and "
                                    "weight not given in the paper).")

@@ -522,7 +522,7 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         return hidden.view(b, t, n, d), kvs
 
     def route(self, h0):
-        s, log_w = log_survival(self.router(h0))
+        s, log_w = log_survival(self.router(h0) / getattr(self.ponder_cfg, "router_temperature", 1.0))
         keep = log_w >= math.log(self.ponder_cfg.tau)
         keep[..., 0] = True
         return s, log_w, keep
