@@ -89,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--init-method", default="official")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-batches", type=int, default=4)
@@ -97,13 +97,17 @@ def main() -> None:
     ap.add_argument("--out-dir", default="runs/matched")
     ap.add_argument("--output", default="benchmarks/results/matched-init.md")
     ap.add_argument("--skip-existing", action="store_true")
+    ap.add_argument("--seed-major", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     os.chdir(ROOT)
     runs: dict[str, list[dict]] = {}
-    # seeds outermost: a partial study still has every variant at the first seeds
-    for seed in args.seeds:
-        for name in args.variants:
+    # variants outermost (cheapest first: a partial study has every seed of the variants it
+    # reached) or, with --seed-major, seeds outermost (paired differences at every seed reached)
+    order = [(n, s) for s in args.seeds for n in args.variants] if args.seed_major else \
+        [(n, s) for n in args.variants for s in args.seeds]
+    for name, seed in order:
+        if True:
             family, extra = VARIANTS[name]
             sets = extra if any(s.startswith("model.init_method=") for s in extra) else \
                 extra + [f"model.init_method={args.init_method}"]

@@ -40,8 +40,8 @@ VARIANT_SETS = {
     },
     "v2": {
         "default (T=1, penalty 0.01)": [],
-        "temperature 4": ["ponder.router_temperature=4.0"],
         "router warm-up 50 steps": ["ponder.router_warmup_steps=50"],
+        "temperature 4": ["ponder.router_temperature=4.0"],
         "temperature 4 + warm-up 50": ["ponder.router_temperature=4.0", "ponder.router_warmup_steps=50"],
         "temperature 4 + warm-up 50 + penalty 0.1": ["ponder.router_temperature=4.0",
                                                      "ponder.router_warmup_steps=50",
@@ -61,7 +61,7 @@ def train(run_dir: str, extra: list[str], args) -> None:
            "--set", "train.eval_every=0", "--set", "train.save_every=0",
            "--set", "train.progress_bar=false", "--set", f"train.threads={args.threads}",
            "--set", f"train.log_every={max(1, args.steps // 20)}", "--set", "train.eval_batches=4"]
-    for s in extra:
+    for s in list(args.set) + extra:
         cmd += ["--set", s]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--output", default=None)
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
     ap.add_argument("--variants", choices=sorted(VARIANT_SETS), default="v1")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides for every variant (e.g. "
+                    "data.seq_length=64 train.micro_batch_size=4 on a loaded machine)")
     ap.add_argument("--skip-existing", action="store_true")
     args = ap.parse_args()
     rows = {}
@@ -130,11 +132,14 @@ def main() -> None:
         train(run_dir, extra, args)
         rows[name] = router_stats(run_dir, args.windows)
         print(name, json.dumps(rows[name]), flush=True)
-    md = [f"PonderLM-3 router on the tiny config (K=2, {args.steps} steps x 8 x 128 = "
-          f"{args.steps * 8 * 128:,} training tokens, seed 1234, init_method official), statistics over "
+    sets = dict(x.split("=", 1) for x in args.set)
+    mb, seq = int(sets.get("train.micro_batch_size", 8)), int(sets.get("data.seq_length", 128))
+    md = [f"PonderLM-3 router on the tiny config (K=2, {args.steps} steps x {mb} x {seq} = "
+          f"{args.steps * mb * seq:,} training tokens, seed 1234, init_method official), statistics over "
           f"the first {args.windows} windows of 128 tokens of the demo validation split.",
           f"Command: `python benchmarks/bench_router.py --variants {args.variants} --steps {args.steps} "
-          f"--windows {args.windows} --out-dir {args.out_dir}`", "",
+          f"--windows {args.windows} --out-dir {args.out_dir}"
+          + (f" --set {' '.join(args.set)}" if args.set else "") + "`", "",
           "Per-token expected steps 1 + w_1 + w_2: " + ", ".join(f"[{a:g}, {b:.4g})" for a, b in zip(EDGES, EDGES[1:]))
           + " share of tokens per bin.", "",
           "| variant | tokens | mean | std | p10, p90 | histogram (share per bin) | Spearman with token NLL |",
