@@ -30,7 +30,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quality import ROOT, megaponder_eval, train  # noqa: E402
+from bench_quality import ROOT, final_record, megaponder_eval, train  # noqa: E402
 
 #: name -> (family whose tiny config is used, extra --set values)
 VARIANTS = {
@@ -98,8 +98,11 @@ def main() -> None:
     ap.add_argument("--output", default="benchmarks/results/matched-init.md")
     ap.add_argument("--skip-existing", action="store_true")
     ap.add_argument("--seed-major", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="tables from the finished runs only (implies --skip-existing; trains nothing)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    args.skip_existing = args.skip_existing or args.report_only
     os.chdir(ROOT)
     runs: dict[str, list[dict]] = {}
     # variants outermost (cheapest first: a partial study has every seed of the variants it
@@ -112,6 +115,8 @@ def main() -> None:
             sets = extra if any(s.startswith("model.init_method=") for s in extra) else \
                 extra + [f"model.init_method={args.init_method}"]
             tag = name.split(" (")[0].replace(" ", "-")
+            if args.report_only and final_record(os.path.join(args.out_dir, f"{tag}-seed{seed}")) is None:
+                continue   # not finished: left out of the tables
             r = train(f"{tag}-seed{seed}", family, args, sets + [f"train.seed={seed}"],
                       run_dir=os.path.join(args.out_dir, f"{tag}-seed{seed}"))
             cached = os.path.join(r["run_dir"], "full_eval.json")

@@ -375,11 +375,13 @@ def test_continued_pretraining_two_stages_start_near_their_source():
       * stage 1 starts within 1.5 of the vanilla source (measured +1.04: PonderLM has no
         function-preserving start, its pondering updates change the function; the sign of
         the input-scaling effect flips with size, so no setting is asserted better);
-      * stage 2 starts within 0.01 of its PonderLM source (gates at s = 1 - 1e-3);
+      * stage 2 starts within 1e-3 of its PonderLM source (gates at s = 1 - 1e-3: measured
+        5e-5; with the fresh gates left at s = 0.88 the gap is 7.2e-3);
       * the old recipe (AdaPonderLM straight from vanilla, gates at s = 0.88) starts more
         than 0.5 from its source (measured +1.04): its gate phase trained gates on a model
         that had not learned to ponder.
-    Mutation tried: gate_preserve_tol=None for stage 2 fails the 0.01 margin."""
+    Mutation tried: not opening the gates for stage 2 (skipping preserve_loaded_function)
+    passed an earlier 0.01 margin, hence 1e-3, which it fails."""
     from megaponder.models.ponder import init_family_from_backbone
     held_ids, held_targets = real_batch(8, 32, offset=60_000)
 
@@ -407,4 +409,4 @@ def test_continued_pretraining_two_stages_start_near_their_source():
     missing, unexpected = stage2.load_state_dict(stage1.state_dict(), strict=False)
     assert not unexpected and set(missing) == set(stage2.extra_parameter_names())
     assert preserve_loaded_function(stage2, "ponderlm")
-    assert abs(loss(stage2.eval()) - source2) < 0.01, (loss(stage2), source2)
+    assert abs(loss(stage2.eval()) - source2) < 1e-3, (loss(stage2), source2)
