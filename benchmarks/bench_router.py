@@ -130,7 +130,13 @@ def main() -> None:
             continue
         run_dir = os.path.join(args.out_dir, f"v{i}")
         train(run_dir, extra, args)
-        rows[name] = router_stats(run_dir, args.windows)
+        cached = os.path.join(run_dir, f"router_stats-{args.windows}.json")
+        if args.skip_existing and os.path.exists(cached):
+            rows[name] = json.load(open(cached))
+        else:
+            rows[name] = router_stats(run_dir, args.windows)
+            with open(cached, "w") as f:
+                json.dump(rows[name], f)
         print(name, json.dumps(rows[name]), flush=True)
     sets = dict(x.split("=", 1) for x in args.set)
     mb, seq = int(sets.get("train.micro_batch_size", 8)), int(sets.get("data.seq_length", 128))
