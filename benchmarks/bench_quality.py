@@ -286,6 +286,7 @@ def main() -> None:
     ref = by_name.get("vanilla", runs[0])
     vanilla_time, vanilla_train_flops = ref["train_time_s"], ref["train_flops_per_token"]
     md = [f"Equal steps: {args.steps} steps x 8 sequences x 128 tokens, seed 1234, train.threads={args.threads}, "
+          "init_method official for every family (one scheme, docs/families.md 'Initialisation'), "
           f"final validation on {args.eval_batches} micro-batches ({args.eval_batches * 8 * 128:,} tokens) of "
           "data/demo/validation_text_document." + (
               f" AdaPonderLM bottom-k warm-up {s0}->{s1} (λ, k_max, tau at their defaults 0.1, 0.1, 1e-4)."

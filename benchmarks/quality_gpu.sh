@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The quality study at the Pythia-70M shape on one GPU (prepared, not run on this CPU machine).
 #
-# Trains vanilla, PonderLM, AdaPonderLM (2 seeds each), PonderLM-2, PonderLM-3 and the
+# Trains vanilla, vanilla with twice the layers (2x non-embedding parameters, the papers'
+# "twice the parameters" counterpart), PonderLM, AdaPonderLM (3 seeds each), PonderLM-2,
+# PonderLM-3 and the
 # iso-passes baselines (fixed pruning uniform/geometric, random halting at the trained
 # AdaPonderLM's mean_iters) from examples/configs/pythia-70m-*.yml for TOKENS training tokens,
 # then scores every checkpoint with `megaponder eval` (exact Jacobi evaluation for the latent
@@ -12,7 +14,9 @@
 #   DATA=data/pile/pile_text_document VALID=data/pile-val/pile_val_text_document \
 #   TOKENIZER=data/tokenizer/20B_tokenizer.json TOKENS=300000000 bash benchmarks/quality_gpu.sh
 #
-# The recipes set train.global_batch_size (256); this script overrides it with MICRO x ACCUM
+# Every run uses one init scheme, model.init_method=$INIT (default official; docs/families.md
+# "Initialisation"), so family gaps are not init gaps (benchmarks/results/matched-init.md).
+# The recipes set train.global_batch_size; this script overrides it with MICRO x ACCUM
 # (one GPU, dp = 1), so STEPS x SEQ x MICRO x ACCUM = TOKENS holds.
 # CPU smoke of every command on the demo data (a few minutes):
 #   DATA=data/demo/train_text_document VALID=data/demo/validation_text_document \
@@ -35,7 +39,8 @@ SEQ=${SEQ:-2048}
 MICRO=${MICRO:-16}
 ACCUM=${ACCUM:-4}
 OUT=${OUT:-runs/quality-70m}
-SEEDS=${SEEDS:-"1234 1"}
+SEEDS=${SEEDS:-"1234 1 2"}
+INIT=${INIT:-official}
 EVAL_SAMPLES=${EVAL_SAMPLES:-2000}   # validation windows scored by `megaponder eval`
 PY=${PY:-python}
 TOKENIZER_TYPE=${TOKENIZER_TYPE:-HFTokenizer}   # SentencePieceTokenizer for a .model file
@@ -55,10 +60,7 @@ train() {   # train NAME FAMILY [--set ...]
   local run="$OUT/$name"
   if [ -f "$run/checkpoints/latest" ]; then echo "[quality_gpu] $name: exists"; return; fi
   local config="examples/configs/pythia-70m-$family.yml"
-  if [ "$family" = vanilla ]; then   # no vanilla recipe: the PonderLM one's shape and optimiser
-    config=examples/configs/pythia-70m-ponderlm.yml; set -- --set model.family=vanilla "$@"
-  fi
-  $PY -m megaponder train --config "$config" \
+  $PY -m megaponder train --config "$config" --set model.init_method="$INIT" \
     --set train.run_dir="$run" --set train.steps="$STEPS" --set optim.warmup_steps="$WARMUP" \
     --set data.path="[$DATA]" --set data.valid_path="[$VALID]" --set data.tokenizer_model="$TOKENIZER" \
     --set data.tokenizer_type="$TOKENIZER_TYPE" --set train.precision="$PRECISION" \
@@ -84,6 +86,7 @@ score() {   # score NAME: full-split eval (+ official 3-pass eval for PonderLM-2
 
 for seed in $SEEDS; do
   train "vanilla-s$seed" vanilla --set train.seed="$seed"
+  train "vanilla2x-s$seed" vanilla --set train.seed="$seed" --set model.num_layers=12
   train "ponderlm-s$seed" ponderlm --set train.seed="$seed"
   train "adaponderlm-s$seed" adaponderlm --set train.seed="$seed" \
     --set ponder.halting_warmup_start="$S0" --set ponder.halting_warmup_end="$S1"

@@ -135,17 +135,19 @@ def test_gqa_needs_llama_and_tp_dividing_kv_heads():
         validate(cfg, check_paths=False)
 
 
-@pytest.mark.parametrize("family, depth", [("vanilla", 1), ("ponderlm", 4), ("pause", 1)])
-def test_official_init_std_per_parameter_group(family, depth):
-    """Truncated normal sigma = sqrt(2/(5d)) everywhere, o_proj/down_proj sigma/sqrt(2L(K+1)),
-    RMSNorm weights one (PonderLM-2's Llama files; K+1 = ponder.steps + 1 = 4 here)."""
+@pytest.mark.parametrize("family, depth, scaled", [("vanilla", 1, None), ("ponderlm", 1, None),
+                                                   ("ponderlm", 4, True), ("pause", 1, None)])
+def test_official_init_std_per_parameter_group(family, depth, scaled):
+    """Truncated normal sigma = sqrt(2/(5d)) everywhere, o_proj/down_proj sigma/sqrt(2L*D),
+    RMSNorm weights one. PonderLM's and PonderLM-2's Llama files have no depth factor (D = 1
+    for every family); ponder.depth_scaled_init=true adds D = K+1 = 4 here."""
     from megaponder.config import PonderConfig
     from megaponder.models import build_model
 
     cfg = Config(model=_llama(family=family, hidden_size=128, num_layers=4, num_kv_heads=2,
                               intermediate_size=384, vocab_size=1024,
                               max_position_embeddings=128))
-    cfg.ponder = PonderConfig(steps=3)
+    cfg.ponder = PonderConfig(steps=3, depth_scaled_init=scaled)
     validate(cfg, check_paths=False)
     torch.manual_seed(0)
     model = build_model(cfg)

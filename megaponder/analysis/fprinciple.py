@@ -9,8 +9,10 @@ the network's output h(x) *of the same input*. For a language model we define, p
   where the two contexts differ), so "low frequency" has a plain meaning here: smooth
   over contexts that share tokens; the highest frequency is a function of the exact context.
 * **y_i** — the empirical next-token distribution of that context in the scanned training
-  tokens (a function of x, not a noisy one-hot sample: with one-hot targets even the true
-  conditional distribution has e_high far from 0, so a large e_high would say nothing).
+  tokens (a function of x). It averages over the context's occurrences, so it is close to
+  the true conditional distribution only for frequent contexts; a context seen once has a
+  one-hot target (on the demo corpus 192 of 512 probes, median count 2: docs/analysis.md),
+  whose sampling noise is high-frequency and inflates e_high.
 * **h_i** — the model's next-token distribution computed from *those c tokens only* (the
   model is run on the c-token sequence; position c−1's prediction), so h is a function of x.
 

@@ -128,6 +128,8 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
     need(d.seq_length <= m.max_position_embeddings or _spec(m.family).kind == "latent",
          f"data.seq_length={d.seq_length} exceeds model.max_position_embeddings="
          f"{m.max_position_embeddings}; raise the latter or shorten the former.")
+    need(p.router_temperature > 0, f"ponder.router_temperature must be > 0 (got {p.router_temperature}).")
+    need(p.router_warmup_steps >= 0, f"ponder.router_warmup_steps must be >= 0 (got {p.router_warmup_steps}).")
     need(p.steps >= 0, f"ponder.steps must be >= 0 (got {p.steps}).")
     need(0.0 < p.tau < 1.0, f"ponder.tau must lie in (0, 1) (got {p.tau}).")
     need(0.0 <= p.halting_k_max <= 1.0, f"ponder.halting_k_max must lie in [0, 1] (got {p.halting_k_max}).")

@@ -78,12 +78,12 @@ class ModelConfig:
     init_std: float = param(0.02, "Std of the normal initialisation of weights (init_method "
                             "normal).")
     init_method: Literal["official", "normal", "small_init_wang"] = param(
-        "official", "Weight init. 'official': each family's published code (vanilla: Pythia's "
-        "small_init/wang_init; recurrent families: truncated normal sqrt(2/(5d)), output "
-        "projections / sqrt(2L(K+1)); pause: / sqrt(2L)). 'small_init_wang': GPT-NeoX small_init "
-        "for inputs, wang_init 2/(L sqrt(d)) for the output projections; 'normal': init_std "
-        "everywhere (both divide the recurrent families' output projections by sqrt(K+1) with "
-        "ponder.depth_scaled_init).")
+        "official", "Weight init, one scheme for every family (vanilla included) so family gaps "
+        "are not init gaps. 'official': the pondering papers' code, truncated normal "
+        "sqrt(2/(5d)), output projections / sqrt(2L*D) (D = K+1 for the recurrent families "
+        "on neox, 1 otherwise; ponder.depth_scaled_init). 'small_init_wang': Pythia's GPT-NeoX "
+        "small_init for inputs, wang_init 2/(L sqrt(d)) for the output projections; 'normal': "
+        "init_std everywhere (both divide the output projections by sqrt(D)).")
 
     @property
     def ffn_size(self) -> int:

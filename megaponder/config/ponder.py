@@ -28,10 +28,12 @@ class PonderConfig:
                                  "410M up).")
     top_k: int = param(0, "Pondering embedding from the softmax over the top-k logits only "
                        "(0: full softmax; the paper's ablation finds top-100 equivalent).")
-    depth_scaled_init: bool = param(True, "Depth factor of the recurrent families' init: the "
-                                    "output projections (attn.out, mlp.fc2) get the (K+1) of the "
-                                    "official sigma/sqrt(2*L*(K+1)) (other init_methods: their std "
-                                    "divided by sqrt(K+1)); pause never gets it (one pass).")
+    depth_scaled_init: Optional[bool] = param(
+        None, "Depth factor of the recurrent families' init: the output projections (attn.out, "
+        "mlp.fc2) get the (K+1) of sigma/sqrt(2*L*(K+1)) (init_method official; the other "
+        "schemes divide their std by sqrt(K+1)). null follows the papers' code: on neox for "
+        "the recurrent families (PonderLM/PonderLM-2 GPT-NeoX files), never on llama (their "
+        "Llama files); true/false force it on/off. Vanilla and pause never get it (one pass).")
     sample_seed: int = param(0, "Seed of the model's own random draws (PonderLM-2 Jacobi count, "
                              "random/fixed pruning); combined with the training step so a run "
                              "is reproducible and resumes identically.")
@@ -106,6 +108,12 @@ class PonderConfig:
                                     "(architecture not given in the paper).")
     router_bias_init: float = param(0.0, "PonderLM-3: initial bias of the router logit of the "
                                     "K_max-steps outcome (0: uniform start over 0..K).")
+    router_temperature: float = param(1.0, "PonderLM-3: the router's softmax temperature "
+                                      "(s = softmax(logits / T); not in the paper, an ablation "
+                                      "knob against router collapse).")
+    router_warmup_steps: int = param(0, "PonderLM-3: training steps with a uniform router "
+                                     "(logits zeroed, no router gradient) so every stage's "
+                                     "readout trains first (not in the paper; ablation knob).")
     compute_penalty: float = param(0.01, "PonderLM-3 weight of the compute penalty: the mean "
                                    "expected number of extra steps sum_{k>=1} w_k (form and "
                                    "weight not given in the paper).")

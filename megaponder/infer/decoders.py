@@ -296,7 +296,7 @@ class LatentDecoder:
                 n_steps = m.num_stages
             for k in range(1, n_steps):
                 if m.family == "pause":
-                    x = m.pause_embedding.detach().to(h.dtype).view(1, 1, -1)
+                    x = m.pause_input(h.dtype).detach().view(1, 1, -1)
                 else:
                     x = hs[-1]
                 bias = float(log_w[k]) if self.is_p3 else 0.0

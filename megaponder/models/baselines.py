@@ -3,7 +3,8 @@
 * ``loop``: the stack repeated K+1 times on the (pre-final-norm) hidden state — a weight-shared
   deeper model, the Loop Transformer of the papers' tables.
 * ``pause``: ``ponder.pause_tokens`` learned pause embeddings after every token, in the
-  PonderLM-2 interleaved layout (repeated position ids), one pass, read at the last pause.
+  PonderLM-2 interleaved layout (repeated position ids), one pass, read at the last pause;
+  the pause embedding is scaled by sqrt(d) like the token embeddings (official code).
 * ``fixed_pruning``: PonderLM with AdaPonderLM's halting machinery (monotonic mask, KV reuse,
   halted readout) but a non-learned mask: iteration i keeps a fraction r_i of each sequence's
   tokens, chosen at random (uniform: r falls linearly; geometric: r_i = q^i).
@@ -149,9 +150,16 @@ class PauseLM(LatentLM):
     def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
         ponder = ponder or PonderConfig()
         super().__init__(cfg, ponder, stages=ponder.pause_tokens + 1)
-        # the PonderLM-2 code's pause baseline scales token embeddings by sqrt(d)
+        # the PonderLM-2 code's pause baseline scales every input by sqrt(d), the pause
+        # token's embedding row included (it is one more row of the embedding table)
         self.embed_scale = math.sqrt(cfg.hidden_size) if self.ponder_cfg.scale_embeds else 1.0
         self.pause_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * (2.0 / (5.0 * cfg.hidden_size)) ** 0.5)
+
+    def pause_input(self, dtype) -> torch.Tensor:
+        """The input [d] of every pause position: the learned pause embedding at the token
+        embeddings' scale (sqrt(d) with scale_embeds), as the official code embeds a pause
+        token id and scales all inputs alike."""
+        return self.pause_embedding.to(dtype) * self.embed_scale
 
     @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
@@ -159,7 +167,7 @@ class PauseLM(LatentLM):
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         e0 = self.token_embeddings(input_ids)
-        pause = self.pause_embedding.to(e0.dtype).expand_as(e0)
+        pause = self.pause_input(e0.dtype).expand_as(e0)
         hidden, _ = self.run_stages([e0] + [pause] * (self.num_stages - 1), position_ids,
                                     attention_mask, segment_ids)
         logits = self.head(hidden[:, :, -1])

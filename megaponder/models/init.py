@@ -1,28 +1,28 @@
 """Weight initialisation of every family (``model.init_method``; docs/families.md
 "Initialisation").
 
-``official`` (default) follows the code each family was published with:
+Every scheme applies to every family of a comparison, vanilla included, so a gap between two
+families is never an initialisation gap. Only the depth factor differs per family: the output
+projections (attention-out, MLP-out) of a family that runs the shared stack K+1 times are
+divided by sqrt(K+1) where the paper's code does so.
 
-* vanilla: Pythia's GPT-NeoX scheme (small_init std sqrt(2/(5d)) for inputs, embeddings and
-  the head; wang_init std 2/(L*sqrt(d)) for the projections into the residual stream).
-* recurrent families (ponderlm, adaponderlm, fixed_pruning, random_halting, loop, ponderlm2,
-  ponderlm3): truncated normal (cut at +-3 sigma) with sigma = sqrt(2/(5d)) for every linear
-  layer and embedding; attention-out and MLP-out get sigma / sqrt(2*L*(K+1)), K+1 being the
-  passes (vertical) or stages (latent) of the stack. This is ``_init_weights`` of the official
-  PonderLM and PonderLM-2 GPT-NeoX files (the loop baseline's NeoX file uses the same factor).
-  ``ponder.depth_scaled_init=false`` drops the (K+1).
-* pause: the same truncated normal with sigma / sqrt(2*L): one pass over a longer sequence,
-  so no depth factor (the Llama pause file of PonderLM-2; its NeoX file keeps Hugging Face's
-  normal(0.02), i.e. ``init_method: normal``).
+``official`` (default): the truncated normal (cut at +-3 sigma) of the official PonderLM and
+PonderLM-2 code, sigma = sqrt(2/(5d)) for every linear layer and embedding, attention-out and
+MLP-out sigma / sqrt(2*L*D), D the depth factor:
 
-On the llama backbone ``official`` is the Llama files of PonderLM-2 for every family,
-vanilla included: the truncated normal with sigma = sqrt(2/(5d)), o_proj and down_proj at
-sigma / sqrt(2*L), times the same 1/sqrt(K+1) depth factor for the recurrent families as on
-neox (the published Llama files leave the depth factor out; ``ponder.depth_scaled_init=false``
-reproduces them exactly). RMSNorm weights start at one.
+* neox: D = K+1 for the recurrent families (ponderlm, adaponderlm, fixed_pruning,
+  random_halting, loop, ponderlm2, ponderlm3; ``_init_weights`` of the official PonderLM and
+  PonderLM-2 GPT-NeoX files), D = 1 for vanilla and pause (one pass).
+* llama: D = 1 for every family (PonderLM's and PonderLM-2's Llama files, vanilla, loop and
+  pause files included, have no depth factor).
 
-``small_init_wang`` and ``normal`` are the previous schemes, kept by name; for them the
-recurrent families divide the output projections by sqrt(K+1) when ``depth_scaled_init``.
+``ponder.depth_scaled_init`` overrides the code's choice: true gives every recurrent family
+D = K+1 on either backbone, false gives D = 1. With K = 0 every family's shared modules start
+bit-equal to vanilla's under the same scheme and seed (tests/test_fidelity.py).
+
+``small_init_wang`` (Pythia's own GPT-NeoX scheme: normal sqrt(2/(5d)) inputs, wang_init
+2/(L sqrt(d)) output projections) and ``normal`` (``init_std`` everywhere) are the other
+schemes; the recurrent families divide their output projections by sqrt(D) with the same D.
 Gate and router MLPs initialise themselves (megaponder/models/ponder.py ``GateMLP``).
 """
 from __future__ import annotations
@@ -40,13 +40,21 @@ def depth_passes(family: str, ponder) -> int:
     return ponder.steps + 1 if family_spec(family).recurrent else 1
 
 
+def depth_factor(cfg, ponder, family: str) -> int:
+    """D of the output projections' sigma / sqrt(2*L*D): K+1 for a recurrent family where its
+    paper's code scales by depth (the GPT-NeoX files), 1 elsewhere (the Llama files, vanilla,
+    pause); ``ponder.depth_scaled_init`` true/false overrides the backbone's default."""
+    scaled = ponder.depth_scaled_init
+    if scaled is None:
+        scaled = cfg.backbone == "neox"
+    return depth_passes(family, ponder) if scaled else 1
+
+
 def init_stds(cfg, ponder, family: str) -> tuple[str, float, float]:
     """(distribution 'normal' | 'trunc_normal', input std, output-projection std) of a family."""
     d, n_layers = cfg.hidden_size, cfg.num_layers
-    depth = depth_passes(family, ponder) if ponder.depth_scaled_init else 1
+    depth = depth_factor(cfg, ponder, family)
     method = cfg.init_method
-    if method == "official" and family == "vanilla" and cfg.backbone == "neox":
-        method = "small_init_wang"
     if method == "official":
         sigma = math.sqrt(2.0 / (5.0 * d))
         return "trunc_normal", sigma, sigma / math.sqrt(2.0 * n_layers * depth)

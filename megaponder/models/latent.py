@@ -194,8 +194,16 @@ class PonderLM3(PonderLM2):
                               p.router_bias_init, math.sqrt(2.0 / (5.0 * d)))
 
     def route(self, h0: torch.Tensor):
-        """Stage-0 hidden [.., d] -> (s [.., K+1], log w [.., K+1], keep [.., K+1] bool)."""
-        s, log_w = log_survival(self.router(h0))
+        """Stage-0 hidden [.., d] -> (s [.., K+1], log w [.., K+1], keep [.., K+1] bool).
+        Router logits are divided by ``router_temperature``; during the first
+        ``router_warmup_steps`` training steps they are zeroed (uniform s, no router gradient),
+        so every stage's readout is trained before the router may choose (benchmarks/
+        bench_router.py ablations; neither knob is in the paper)."""
+        p = self.ponder_cfg
+        logits = self.router(h0) / p.router_temperature
+        if self.training and self.training_step < p.router_warmup_steps:
+            logits = logits * 0.0
+        s, log_w = log_survival(logits)
         keep = log_w >= math.log(self.ponder_cfg.tau)
         keep[..., 0] = True
         return s, log_w, keep
@@ -286,8 +294,8 @@ def _register() -> None:
         # log tau must exist: the smallest positive float keeps every step (log w finite)
         full_depth_tau=5e-324,
         ponder_keys=LATENT_PONDER_KEYS + (
-            "tau", "router_hidden_mult", "router_bias_init", "compute_penalty", "bias_own_steps",
-            "train_hard_prune", "eval_hard_prune", "renormalize_pruned"),
+            "tau", "router_hidden_mult", "router_bias_init", "router_temperature",
+            "router_warmup_steps", "compute_penalty", "bias_own_steps", "train_hard_prune", "eval_hard_prune", "renormalize_pruned"),
         **latent))
 
 

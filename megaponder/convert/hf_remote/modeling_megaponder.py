@@ -522,7 +522,7 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         return hidden.view(b, t, n, d), kvs
 
     def route(self, h0):
-        s, log_w = log_survival(self.router(h0))
+        s, log_w = log_survival(self.router(h0) / getattr(self.ponder_cfg, "router_temperature", 1.0))
         keep = log_w >= math.log(self.ponder_cfg.tau)
         keep[..., 0] = True
         return s, log_w, keep
@@ -558,7 +558,7 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
         p, K = self.ponder_cfg, self.num_stages - 1
         e0 = self.token_embeddings(input_ids)
         if self.family == "pause":
-            pause = self.pause_embedding.to(e0.dtype).expand_as(e0)
+            pause = (self.pause_embedding.to(e0.dtype) * self.embed_scale).expand_as(e0)
             hidden, _ = self.run_stages([e0] + [pause] * K, position_ids, attention_mask)
             return self.head(hidden[:, :, -1])
         state, thoughts = None, []
@@ -1061,7 +1061,7 @@ class LatentDecoder:
                 n_steps = m.num_stages
             for k in range(1, n_steps):
                 if m.family == "pause":
-                    x = m.pause_embedding.detach().to(h.dtype).view(1, 1, -1)
+                    x = (m.pause_embedding.detach().to(h.dtype) * m.embed_scale).view(1, 1, -1)
                 else:
                     x = hs[-1]
                 bias = float(log_w[k]) if self.is_p3 else 0.0
