@@ -286,7 +286,7 @@ class PonderLM(PonderMixin, CausalLM):
         return torch.where(finite, smallest, torch.zeros_like(smallest)).sum() / finite.sum().clamp_min(1)
 
     def _stats(self, actives, valid, seq_len: int) -> dict:
-        from .flops import flops_ratio_from_activity
+        from .flops import flops_ratio_tensor
         act = torch.stack(actives).float()  # [P, B, T]
         v = valid.float()
         n = v.sum().clamp_min(1.0)
@@ -294,7 +294,8 @@ class PonderLM(PonderMixin, CausalLM):
         for i in range(act.shape[0]):
             stats[f"active_frac/{i}"] = (act[i] * v).sum() / n
         per_pos = (act * v).sum(1) / v.sum(0).clamp_min(1.0)  # [P, T]
-        stats["flops_ratio"] = torch.tensor(flops_ratio_from_activity(self, per_pos))
+        # float32 on the device, as the value was before (no host read in the step)
+        stats["flops_ratio"] = flops_ratio_tensor(self, per_pos).float()
         return {k: (x.detach() if torch.is_tensor(x) else x) for k, x in stats.items()}
 
 
