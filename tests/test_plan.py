@@ -99,12 +99,14 @@ def test_model_states_match_deepspeed_estimators():
 
 def test_plan_runs_for_every_recipe():
     from megaponder.config import load_config
-    from megaponder.train.plan import check_micro_batch_fits, model_states, parameter_count, step_flops
+    from megaponder.train.plan import model_states, parameter_count, step_flops
     recipes = sorted(glob.glob(os.path.join(REPO, "examples/configs/pythia-*.yml"))
                      + glob.glob(os.path.join(REPO, "examples/configs/llama-*.yml")))
     assert len(recipes) >= 50
     for path in recipes:
         cfg = load_config(path, check_paths=False)
+        # what a GPU user wants on: compiled layers, fused AdamW, the fastest attention kernel
+        assert cfg.model.compile and cfg.optim.fused and cfg.model.attention_backend == "auto", path
         params = parameter_count(cfg)
         assert params > 5e7, path
         states = sum(model_states(params, cfg.train.precision, cfg.parallel.zero_stage, 8))
