@@ -290,10 +290,12 @@ def _vanilla_inference_flops(dm: Dims, t: int) -> float:
     return vanilla_inference_flops(Dims(**{**dm.__dict__, "family": "vanilla"}), t)
 
 
+@torch.compiler.assume_constant_result
 def fixed_flops_ratio(model, seq_len: int) -> float:
     """``flops_ratio`` of a family whose every token runs every pass (loop, pause, PonderLM-2,
     PonderLM without halting): a function of the shape and length only, computed once per
-    (shape, length) and then taken from a cache, so a training step reads no tensor for it."""
+    (shape, length) and then taken from a cache, so a training step reads no tensor for it.
+    A constant for torch.compile too (``assume_constant_result``: evaluated while tracing)."""
     dm = _dims(model)
     key = (repr(dm), int(seq_len))
     if key not in _FIXED_RATIOS:

@@ -83,8 +83,24 @@ class LatentLM(PonderMixin, CausalLM):
             return int(override)
         if not self.training:
             return p.eval_jacobi_passes if p.eval_mode == "official" else None
-        g = self.sample_generator(salt=1, per_step=True)  # same J on every micro-batch/rank
-        return int(p.jacobi_passes[host_randint(len(p.jacobi_passes), g)])
+        if self._step_jacobi[0] != self.training_step:   # set_step was not called for this step
+            self._step_jacobi = (self.training_step, self.draw_jacobi_count())
+        return self._step_jacobi[1]
+
+    #: (training step, its Jacobi count), drawn by set_step
+    _step_jacobi = (-1, 0)
+
+    def draw_jacobi_count(self) -> int:
+        """The step's Jacobi count: one draw for the whole optimizer step (every micro-batch
+        and every data-parallel rank alike)."""
+        p = self.ponder_cfg
+        return int(p.jacobi_passes[host_randint(len(p.jacobi_passes), self.training_generator(salt=1))])
+
+    def set_step(self, step: int) -> None:
+        """Also draws the step's Jacobi count here, outside the forward: under a whole-model
+        torch.compile the count is then a plain int (a guard, no graph break for the draw)."""
+        super().set_step(step)
+        self._step_jacobi = (step, self.draw_jacobi_count())
 
 
 class PonderLM2(LatentLM):

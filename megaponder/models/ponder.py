@@ -94,9 +94,15 @@ class PonderMixin:
             if not per_step:
                 call = self._calls_this_step * self._draw_stride + self._draw_offset
                 self._calls_this_step += 1
-            seed = (self.ponder_cfg.sample_seed * 1_000_003 + self.training_step * 7919 + call * 31 + salt)
+            return self.training_generator(salt, call)
         else:
             seed = self.ponder_cfg.sample_seed * 1_000_003 + 17 + salt
+        return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def training_generator(self, salt: int, call: int = 0) -> torch.Generator:
+        """The training draws' generator of global micro-batch ``call`` of the current step
+        (``call=0``: the per-step draw), whatever mode the module is in now."""
+        seed = (self.ponder_cfg.sample_seed * 1_000_003 + self.training_step * 7919 + call * 31 + salt)
         return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
 
     def set_step(self, step: int) -> None:

@@ -399,14 +399,17 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
                  optimizer: Optional[torch.optim.Optimizer] = None) -> ParallelEngine:
     """``deepspeed.initialize`` on a parallelized model: torch AdamW (GPT-NeoX decay split;
     no JIT op to build; ``optim.fused``: torch's fused kernel), ``LambdaLR(lr_lambda)`` if
-    given, DS config from the Config; ``model.compile`` compiles the layers first."""
+    given, DS config from the Config; ``model.compile`` compiles the layers (``true``) or the
+    whole model (``whole``) first."""
     import deepspeed
 
     from ..train.guards import SkippableAdamW
 
     skip_cpu_shm_comm_op()
     o = cfg.optim
-    if cfg.model.compile:
+    if cfg.model.compile == "whole":   # forward by Dynamo, backward by AOT autograd, in place
+        model.compile()
+    elif cfg.model.compile:
         from ..models.compile import compile_layers
         compile_layers(model)
     if optimizer is None:  # AdamW that can skip a non-finite step (train/guards.py)
