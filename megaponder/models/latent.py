@@ -83,12 +83,13 @@ class LatentLM(PonderMixin, CausalLM):
             return int(override)
         if not self.training:
             return p.eval_jacobi_passes if p.eval_mode == "official" else None
-        if self._step_jacobi[0] != self.training_step:   # set_step was not called for this step
-            self._step_jacobi = (self.training_step, self.draw_jacobi_count())
-        return self._step_jacobi[1]
+        if self._step_jacobi is None:   # set_step was never called
+            self._step_jacobi = self.draw_jacobi_count()
+        return self._step_jacobi
 
-    #: (training step, its Jacobi count), drawn by set_step
-    _step_jacobi = (-1, 0)
+    #: the Jacobi count of the step set_step set (the forward never reads the step number:
+    #: a whole-model torch.compile would guard on it and recompile every step)
+    _step_jacobi = None
 
     def draw_jacobi_count(self) -> int:
         """The step's Jacobi count: one draw for the whole optimizer step (every micro-batch
@@ -100,7 +101,7 @@ class LatentLM(PonderMixin, CausalLM):
         """Also draws the step's Jacobi count here, outside the forward: under a whole-model
         torch.compile the count is then a plain int (a guard, no graph break for the draw)."""
         super().set_step(step)
-        self._step_jacobi = (step, self.draw_jacobi_count())
+        self._step_jacobi = self.draw_jacobi_count()
 
 
 class PonderLM2(LatentLM):

@@ -108,6 +108,12 @@ class PonderMixin:
     def set_step(self, step: int) -> None:
         self.training_step = step
         self._calls_this_step = 0
+        # the step's bottom-k fraction as a float, so the forward never reads the step number
+        # (a whole-model torch.compile would guard on it and recompile every step)
+        self._step_bottomk = self.bottomk_fraction(step) if hasattr(self, "bottomk_fraction") else None
+
+    #: the bottom-k fraction of the step set_step set (None: computed from training_step)
+    _step_bottomk = None
 
     #: which evaluation batch the next eval-mode forward is (set_eval_stream)
     _eval_stream = 0
@@ -277,7 +283,7 @@ class PonderLM(PonderMixin, CausalLM):
 
     def bottomk_loss(self, gates, valid) -> Optional[torch.Tensor]:
         """Mean of the smallest k = frac * (all gate slots) gate values of the batch."""
-        frac = self.bottomk_fraction()
+        frac = self._step_bottomk if self._step_bottomk is not None else self.bottomk_fraction()
         if frac <= 0.0 or self.ponder_cfg.halting_loss_weight == 0.0:
             return None
         s = torch.stack([g for g, _ in gates]).float()
