@@ -5,6 +5,7 @@
     megaponder eval     --checkpoint DIR --data PREFIX
     megaponder lm-eval  --checkpoint DIR --tasks T1,T2 [--limit N] ...
     megaponder fprinciple {1d,digits,lm} ...   (docs/analysis.md)
+    megaponder plan     --config FILE.yml --world-size N --device H100|--memory-gb G
 """
 from __future__ import annotations
 
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lm_eval)
     from .analysis.fprinciple_cli import add_parser as add_fprinciple_parser
     add_fprinciple_parser(sub)  # megaponder fprinciple {1d,digits,lm}
+    from .train.plan import add_parser as add_plan_parser
+    add_plan_parser(sub)  # megaponder plan (docs/performance.md)
     return parser
 
 

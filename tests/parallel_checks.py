@@ -121,6 +121,8 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
     from megaponder.models import build_model
     from megaponder.parallel.engine import build_engine, param_groups
     from megaponder.parallel.parallelize import gather_full_state_dict, load_full_state_dict, parallelize
+    from megaponder.train.guards import StopRequest
+    from sync_count import SyncCounter
     if cfg is None:
         cfg = family_config(family, topo.tp, topo.pp, zero, sp, **(ponder or {}))
     torch.manual_seed(0)
@@ -133,15 +135,19 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
     g = torch.Generator().manual_seed(1)
     mb, gas, dp = cfg.train.micro_batch_size, cfg.train.grad_accum_steps, topo.dp
     vocab = cfg.model.vocab_size
-    losses, ref_losses, norms = [], [], []
+    losses, ref_losses, norms, syncs = [], [], [], []
+    stop = StopRequest()   # the training loop's per-step stop check, counted with the step
     for step in range(steps):
         ids = torch.randint(0, vocab, (dp * gas, mb, 8), generator=g)
         tgt = torch.randint(0, vocab, (dp * gas, mb, 8), generator=g)
         tgt[:, 0, :2] = -100
         mine = [i * dp + topo.dp_rank for i in range(gas)]
         engine.step_count = step
-        stats = engine.train_step([{"input_ids": ids[j], "targets": tgt[j]} for j in mine])
-        losses.append(stats["loss"])
+        with SyncCounter() as counter:   # host reads of a step that logs nothing
+            stats = engine.train_step([{"input_ids": ids[j], "targets": tgt[j]} for j in mine])
+            stop.should_stop()
+        syncs.append({**counter.by_origin(), "sites": counter.report()})
+        losses.append(stats["loss"])   # a logging step's read, outside the count
         opt.zero_grad()
         ref.set_step(step)
         total = 0.0
@@ -153,7 +159,8 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
         opt.step()
         ref_losses.append(total)
         norms.append((stats["grad_norm"], ref_norm))
-    res = {"losses": losses, "ref_losses": ref_losses, "norms": norms, "keys": keys,
+    stop.close()
+    res = {"syncs": syncs, "losses": losses, "ref_losses": ref_losses, "norms": norms, "keys": keys,
            "mean_iters": stats.get("mean_iters"), "passes": getattr(ref, "num_passes", None),
            # activation checkpointing applied to which modules ("layer"/"iteration" markers)
            "checkpointing": sorted({m._ckpt for m in model.modules() if getattr(m, "_ckpt", None)})}

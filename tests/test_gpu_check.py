@@ -28,6 +28,10 @@ def test_gpu_check_cpu_quick(tmp_path):
     runs = {r["name"]: r for r in res["training"]["rows"]}
     assert {"vanilla", "adaponderlm", "adaponderlm +chunked"} <= set(runs)
     assert all(r["falls"] and r["tokens_per_s"] > 0 for r in runs.values())
+    # host syncs of a training step (one process: the skip decision; ZeRO-1's DeepSpeed checks)
+    assert all(r["syncs_megaponder"] <= 2 and r["syncs_deepspeed"] <= 3 for r in runs.values()), runs
+    first = res["training"]["rows"][0]   # megaponder plan vs measured (CPU: the process RSS,
+    assert first["plan_mb"] > 0          # so only its presence is checked here)
     # chunking changes memory, not the numbers: same losses as the plain run
     assert abs(runs["adaponderlm +chunked"]["last_loss"] - runs["adaponderlm"]["last_loss"]) < 1e-4
     dec = res["decode"]["rows"]

@@ -48,6 +48,10 @@ EXTRA_2 = [("tp2_ckpt", 2, 1, 1, ["vanilla", "ponderlm", "adaponderlm", "ponderl
            # sequence parallelism inside the stack (the vertical pondering families)
            ("tp2_sp", 2, 1, 1, ["ponderlm", "adaponderlm", "fixed_pruning", "random_halting"],
             {"parallel.sequence_parallel": True})]
+# ZeRO-0 for every family, and AdaPonderLM with training-time compaction (dense parity and
+# host syncs per step, test_host_syncs_per_optimizer_step)
+EXTRA_2 += [("dp2_z0", 1, 1, 0, ["vanilla"] + FAMILIES, {}),
+            ("dp2_z1_compact", 1, 1, 1, ["adaponderlm"], {"ponder.train_compaction": True})]
 # LLaMA backbone with grouped-query attention (4 query heads, 2 kv heads: under tp2 each
 # rank holds 1 kv head and its 2 query heads), same tolerances as GPT-NeoX
 LLAMA = {"model.backbone": "llama", "model.num_kv_heads": 2}
@@ -201,3 +205,50 @@ def test_adaponderlm_kv_reuse_gradient_matters():
         grads.append(m.stack.layers[0].attn.qkv.weight.grad.clone())
     rel = (grads[0] - grads[1]).norm() / grads[0].norm()
     assert rel > 1e-3, rel
+
+
+#: Host reads ("syncs", tests/sync_count.py) per optimizer step of a step that logs, evaluates
+#: and saves nothing: megaponder's own are the skip decision and the stop check (each one
+#: all-reduce then one read); its losses, statistics, FLOPs and gradient norm stay on the
+#: device until a logging step reads them all at once.
+MEGAPONDER_SYNCS = 2
+#: DeepSpeed's own, inside engine.step() (DeepSpeed 0.18): ZeRO-1/2 check the reduced
+#: gradient norm on the host three times (overflow check, clip-norm validity, norm of norm
+#: groups), ZeRO-3 once; ZeRO-0 (megaponder computes the norm) none. Beyond megaponder's
+#: reach without patching DeepSpeed's step; asserted so that a DeepSpeed upgrade or a change
+#: of the engine config that adds reads shows up here.
+DEEPSPEED_SYNCS = {0: 0, 1: 3, 2: 3, 3: 1}
+#: Under ZeRO-3 a change of the module call order (a new Jacobi count of PonderLM-2/3 draws
+#: 1 or 2 passes here) makes DeepSpeed re-record its parameter trace, with a host read per
+#: traced parameter in its cross-rank consistency checks: hundreds of reads on such steps.
+ZERO3_RETRACE = ("ponderlm2", "ponderlm3")
+
+
+def _sync_cases():
+    for world, layouts, extra in ((2, LAYOUTS_2, EXTRA_2), (4, LAYOUTS_4, EXTRA_4)):
+        for name, tp, pp, zero in layouts:
+            for family in FAMILIES:
+                yield world, name, zero, family, {}
+        for name, tp, pp, zero, families, overrides in extra:
+            for family in families:
+                yield world, name, zero, family, overrides
+
+
+@pytest.mark.parametrize("world,layout,zero,family,overrides",
+                         [pytest.param(*case, id=f"{case[1]}-{case[3]}") for case in _sync_cases()])
+def test_host_syncs_per_optimizer_step(world, layout, zero, family, overrides):
+    """<= 2 host reads per step from megaponder for every family and layout (ZeRO 0-3, tp2,
+    pp2, tp2 x pp2), plus one per compacted pass with ponder.train_compaction (its shapes are
+    the active counts: that read is what compaction costs), and DeepSpeed's own. The first
+    step is left out: it builds DeepSpeed's ZeRO-3 trace and the attention kernel choice."""
+    from parallel_checks import FAMILY_PONDER
+    budget = MEGAPONDER_SYNCS
+    if overrides.get("ponder.train_compaction"):
+        budget += FAMILY_PONDER[family]["steps"] * 2   # compacted passes x micro-batches
+    for rank, per_rank in enumerate(_results(world)):
+        res = per_rank[layout][family]
+        assert "error" not in res, res["error"]
+        for step, syncs in enumerate(res["syncs"][1:], start=1):
+            assert syncs["megaponder"] <= budget, (rank, step, syncs["sites"])
+            if not (zero == 3 and family in ZERO3_RETRACE):
+                assert syncs["deepspeed"] <= DEEPSPEED_SYNCS[zero], (rank, step, syncs["sites"])

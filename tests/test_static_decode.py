@@ -125,3 +125,24 @@ def test_generate_with_static_cache_and_refusals():
     # compiled steps share a graph across prompts of similar length
     assert [cache_length(n, True) for n in (1, 64, 65, 300)] == [64, 64, 128, 512]
     assert cache_length(65, False) == 65
+
+
+@pytest.mark.parametrize("family, ponder", [("vanilla", {}), ("adaponderlm", {}),
+                                            ("random_halting", {"halting_rate": 0.4})])
+def test_static_decoder_reads_nothing_per_token(family, ponder):
+    """Token-by-token decoding on the static cache makes no host read (tests/sync_count.py)
+    until the caller asks for the results: greedy tokens chosen on the device, halting
+    applied with ``where``. The compacting decoder, for comparison, reads per pass (its
+    shapes are the active counts): more than one read per token."""
+    from sync_count import SyncCounter
+    model = model_for(family, "neox", **ponder)
+    ids, _ = real_batch(3, 16)
+    counts = {}
+    for name, decoder in (("static", make_static_decoder(model, 3, 16)), ("dynamic", make_decoder(model))):
+        logits = decoder.feed(ids[:, :6])
+        with SyncCounter() as syncs:
+            for _ in range(5):
+                logits = decoder.feed(logits[:, -1:].argmax(-1))
+        counts[name] = syncs
+    assert counts["static"].count == 0, counts["static"].report()
+    assert counts["dynamic"].count > 5, counts["dynamic"].report()

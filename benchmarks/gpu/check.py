@@ -42,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(HERE))   # benchmarks/_configs.py
+sys.path.insert(0, os.path.join(ROOT, "tests"))   # tests/sync_count.py
 
 import torch  # noqa: E402
 
@@ -156,13 +157,14 @@ def check_attention(device, quick, budget, results) -> list:
 def training_variants(quick, device):
     """(name, family, size, extra overrides). The levers are measured on 160M vanilla and
     AdaPonderLM; 410M runs the recommended setting."""
-    base = ["optim.fused=true"]
+    # the recipes compile by default now: the base rows measure eager layers, "+compile" the lever
+    base = ["optim.fused=true", "model.compile=false"]
     if quick:
         return [("vanilla", "vanilla", "tiny", base),
                 ("adaponderlm", "adaponderlm", "tiny", base),
                 ("adaponderlm +chunked", "adaponderlm", "tiny", base + ["model.loss_chunk_size=64"])]
     return [("vanilla", "vanilla", "160m", base),
-            ("vanilla unfused adamw", "vanilla", "160m", ["optim.fused=false"]),
+            ("vanilla unfused adamw", "vanilla", "160m", ["optim.fused=false", "model.compile=false"]),
             ("vanilla +chunked", "vanilla", "160m", base + ["model.loss_chunk_size=4096"]),
             ("adaponderlm", "adaponderlm", "160m", base),
             ("adaponderlm +chunked", "adaponderlm", "160m", base + ["model.loss_chunk_size=4096"]),
@@ -190,7 +192,7 @@ def _train_config(family, size, extra, device, micro_batch):
                                      "parallel.zero_stage=1", *extra], check_paths=False)
 
 
-def train_one(family, size, extra, device, steps, micro_batch, peak_tflops, topo):
+def train_one(family, size, extra, device, steps, micro_batch, peak_tflops, topo, plan_memory=False):
     from megaponder.models import build_model, flops
     from megaponder.parallel import build_engine, parallelize
 
@@ -207,12 +209,17 @@ def train_one(family, size, extra, device, steps, micro_batch, peak_tflops, topo
         torch.cuda.reset_peak_memory_stats()
     losses, start, warm = [], None, 2 if steps > 3 else 1
     first_step_s = None
+    syncs = []
+    from sync_count import SyncCounter   # tests/sync_count.py
     for step in range(steps):
         if step == warm:   # after warm-up (allocator, kernel selection, compilation)
             _sync(device)
             start = time.perf_counter()
         t0 = time.perf_counter()
-        stats = engine.train_step(batch)
+        with SyncCounter(keep_sites=True) as counter:   # host reads of a step that logs nothing
+            stats = engine.train_step(batch)
+        if step >= warm:
+            syncs.append(counter.by_origin())
         if step == 0:
             _sync(device)
             first_step_s = time.perf_counter() - t0
@@ -227,12 +234,35 @@ def train_one(family, size, extra, device, steps, micro_batch, peak_tflops, topo
            "flops_per_token": per_token, "first_loss": losses[0], "last_loss": losses[-1],
            "tokens_per_s": tokens_per_s, "step_s": seconds / (steps - warm), "first_step_s": first_step_s,
            "mfu": per_token * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None,
-           "mem_peak_mb": mem, "mem_kind": kind, "mean_iters": stats.get("mean_iters")}
+           "mem_peak_mb": mem, "mem_kind": kind, "mean_iters": stats.get("mean_iters"),
+           "syncs_megaponder": max(x["megaponder"] for x in syncs) if syncs else None,
+           "syncs_deepspeed": max(x["deepspeed"] for x in syncs) if syncs else None}
+    if plan_memory:   # megaponder plan's total for this rank (fake tensors, in a subprocess)
+        row["plan_mb"] = _planned_mb(cfg)
     row["falls"] = losses[-1] < losses[0] - 0.05
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _planned_mb(cfg) -> float:
+    """``megaponder plan``'s per-rank total (MiB) for this config, world size 1: computed in a
+    subprocess, since the plan builds its own fake process group."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
+        f.write(cfg.to_yaml())
+    code = ("import sys; from megaponder.config import load_config; from megaponder.train.plan import plan; "
+            "print(plan(load_config(sys.argv[1], check_paths=False), 1)[0].total / 2**20)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, f.name], capture_output=True, text=True,
+                             timeout=240, cwd=ROOT)
+        return float(out.stdout.strip().splitlines()[-1])
+    except Exception:  # noqa: BLE001 - a missing number, not a failed check
+        return float("nan")
+    finally:
+        os.unlink(f.name)
 
 
 def check_training(device, quick, steps, peak_tflops, budget, results) -> list:
@@ -246,7 +276,8 @@ def check_training(device, quick, steps, peak_tflops, budget, results) -> list:
             continue
         micro = 4 if quick else 8
         try:
-            row = train_one(family, size, extra, device, steps, micro, peak_tflops, topo)
+            row = train_one(family, size, extra, device, steps, micro, peak_tflops, topo,
+                            plan_memory=not rows)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             micro //= 2
@@ -401,15 +432,18 @@ def markdown(results) -> str:
     if tr:
         lines += [f"Training, DeepSpeed engine (ZeRO-1, 1 process), {tr['steps']} steps on one batch, "
                   f"MFU vs {tr['peak_tflops']} TFLOP/s", "",
-                  "| run | size | precision | batch x seq | tokens/s | MFU | peak mem (MB) | step s | first step s | loss first -> last |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | size | precision | batch x seq | tokens/s | MFU | peak mem (MB) | plan (MB) | "
+                  "syncs/step megaponder + DeepSpeed | step s | first step s | loss first -> last |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in tr["rows"]:
             if "tokens_per_s" not in r:
-                lines.append(f"| {r['name']} | {r['size']} | {r.get('skipped') or r.get('error')} | | | | | | | |")
+                lines.append(f"| {r['name']} | {r['size']} | {r.get('skipped') or r.get('error')} | | | | | | | | | |")
                 continue
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            plan = f"{r['plan_mb']:,.0f}" if r.get("plan_mb") is not None else "-"
             lines.append(f"| {r['name']} | {r['size']} | {r['precision']} | {r['batch']} x {r['seq']} | "
                          f"{r['tokens_per_s']:,.0f} | {mfu} | {r['mem_peak_mb']:,.0f} ({r['mem_kind']}) | "
+                         f"{plan} | {r.get('syncs_megaponder')} + {r.get('syncs_deepspeed')} | "
                          f"{r['step_s']:.3f} | {r['first_step_s']:.1f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
         lines.append("")
     dec = results.get("decode")
@@ -449,7 +483,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (the CPU smoke test)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 10; quick 4)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak of the device for MFU (default on CUDA: 989, H100/H200 SXM)")
+                   help="dense bf16 peak of the device for MFU (default on CUDA: the datasheet "
+                        "figure of the card, megaponder/train/accelerators.py)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip parts that would start after this")
     p.add_argument("--parts", default="attention,training,decode,static_decode")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu-out"))
@@ -458,7 +493,8 @@ def main(argv=None) -> int:
     budget = Budget(a.budget_s)
     if device.type == "cuda":
         torch.cuda.set_device(0)
-        peak = a.peak_tflops or 989.0
+        from megaponder.train.accelerators import device_peak_tflops
+        peak = device_peak_tflops(torch.device("cuda", 0), "bf16", a.peak_tflops) or 989.0
         name = torch.cuda.get_device_name(0)
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -239,6 +239,10 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
          f"model.loss_chunk_size={m.loss_chunk_size} needs parallel.tp=1 and zero_stage<3 (it reads "
          f"the head weight outside the head module); set it to 0 for this layout.")
     need(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops must be positive or null.")
+    need(not t.profile_steps or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+         f"train.profile_steps must be [first, last] with 1 <= first <= last (got {t.profile_steps}).")
+    need(cfg.parallel.zero_bucket_size >= 1, "parallel.zero_bucket_size must be >= 1 (elements).")
+    need(t.memory_gb is None or t.memory_gb > 0, "train.memory_gb must be positive or null.")
     if world_size is not None:
         need(world_size % (par.tp * par.pp) == 0,
              f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "

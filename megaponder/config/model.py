@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .base import param
 
@@ -73,8 +73,11 @@ class ModelConfig:
                                  "entropy and head + pondering softmax in training (their [tokens, "
                                  "vocab] logits are recomputed in backward instead of kept; "
                                  "docs/performance.md); 0 keeps the plain ops. tp=1 only.")
-    compile: bool = param(False, "torch.compile each transformer layer (regional: the recurrence, "
-                          "KV reuse and halting stay eager Python around the compiled blocks).")
+    compile: Union[bool, Literal["whole"]] = param(
+        False, "true: torch.compile each transformer layer (regional: the recurrence, KV reuse "
+        "and halting stay eager Python around the compiled blocks). whole: compile the whole "
+        "model's forward and backward (one graph per family, no graph break except "
+        "ponder.train_compaction's data-dependent shapes; BENCHMARKS.md bench_compile).")
     init_std: float = param(0.02, "Std of the normal initialisation of weights (init_method "
                             "normal).")
     init_method: Literal["official", "normal", "small_init_wang"] = param(

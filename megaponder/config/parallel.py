@@ -41,5 +41,10 @@ class ParallelConfig:
                                    "failure handling). Must exceed the longest legitimate "
                                    "wait, e.g. rank 0 writing a checkpoint or building the "
                                    "sample index while the others wait.")
+    zero_bucket_size: int = param(500_000_000, "ZeRO 1-3: elements of DeepSpeed's gradient reduce "
+                                  "and parameter all-gather buckets (its reduce_bucket_size and "
+                                  "allgather_bucket_size; DeepSpeed's default 5e8). Every ZeRO run "
+                                  "allocates one reduce bucket of this many fp32 elements (2 GB at "
+                                  "5e8) whatever the model size; megaponder plan counts it.")
     dist_backend: str = param("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU), "
                               "nccl or gloo.")

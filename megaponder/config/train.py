@@ -102,6 +102,18 @@ class TrainConfig:
     tensorboard: bool = param(False, "Also write TensorBoard event files to run_dir/tb.")
     progress_bar: bool = param(True, "Show a progress bar on rank 0.")
     peak_tflops: Optional[float] = param(None, "Peak dense TFLOP/s of one device at the training "
-                                         "precision, for the MFU column of metrics.jsonl (H100/H200 "
-                                         "SXM bf16: 989); null logs no MFU.")
+                                         "precision, for the MFU column of metrics.jsonl; null: "
+                                         "the CUDA device's datasheet figure "
+                                         "(megaponder/train/accelerators.py: H100/H200/A100/L40S/"
+                                         "MI300X), no MFU on CPU or an unknown device.")
+    profile_steps: list[int] = param(None, "[first, last] optimizer steps (1-based, as in "
+                                     "metrics.jsonl) to record with torch.profiler: CPU and CUDA "
+                                     "activity, tensor memory and shapes, written to "
+                                     "run_dir/profile/ as TensorBoard traces (Chrome-trace JSON, "
+                                     "open in Perfetto or chrome://tracing). Empty: off.",
+                                     factory=list)
+    memory_gb: Optional[float] = param(None, "Memory of one device in GB, for the check that "
+                                       "refuses a micro-batch that cannot fit (megaponder plan); "
+                                       "null: the CUDA device's total memory, on CPU the host's "
+                                       "RAM divided by the processes of this node.")
     threads: int = param(0, "torch CPU threads (0: leave torch's default).")

@@ -52,10 +52,9 @@ class LoopLM(PonderLM):
         for _ in range(self.num_passes):
             x, _ = self.stack(x, position_ids, spec, apply_final_norm=False)
         logits = self.head(self.stack.final_norm(x))
-        from .flops import flops_ratio_from_activity
-        t = input_ids.shape[1]
+        from .flops import fixed_flops_ratio
         stats = {"mean_iters": float(self.num_passes),
-                 "flops_ratio": float(flops_ratio_from_activity(self, torch.ones(self.num_passes, t)))}
+                 "flops_ratio": fixed_flops_ratio(self, input_ids.shape[1])}
         if targets is None:
             return ModelOutput(logits=logits, stats=stats)
         lm_loss = self.lm_loss(logits, targets)
@@ -171,10 +170,9 @@ class PauseLM(LatentLM):
         hidden, _ = self.run_stages([e0] + [pause] * (self.num_stages - 1), position_ids,
                                     attention_mask, segment_ids)
         logits = self.head(hidden[:, :, -1])
-        from .flops import flops_ratio_from_activity
+        from .flops import fixed_flops_ratio
         stats = {"mean_iters": float(self.num_stages),
-                 "flops_ratio": float(flops_ratio_from_activity(
-                     self, torch.full((input_ids.shape[1],), float(self.num_stages))))}
+                 "flops_ratio": fixed_flops_ratio(self, input_ids.shape[1])}
         if targets is None:
             return ModelOutput(logits=logits, stats=stats)
         lm_loss = self.lm_loss(logits, targets)

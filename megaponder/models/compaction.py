@@ -21,20 +21,24 @@ later gate values into the loss); config validation refuses the other combinatio
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
 from .attention import AttentionSpec, FlatQueries
 
 
-def pack_rows(mask: torch.Tensor, min_width: int = 0):
+def pack_rows(mask: torch.Tensor, min_width: int = 0, counts: Optional[list] = None):
     """Left-align each row's True entries: (idx [B, A], valid [B, A]) with A the largest row
     count; padding slots point at distinct False positions of their row (a stable argsort
-    puts them after the True ones), so a scatter through ``idx`` never writes one slot twice."""
-    counts = mask.sum(1)
-    width = max(int(counts.max()), min_width)
+    puts them after the True ones), so a scatter through ``idx`` never writes one slot twice.
+    ``counts``: the rows' True counts already read on the host (else read here: one sync)."""
+    row_counts = mask.sum(1)
+    if counts is None:
+        counts = row_counts.tolist()
+    width = max(max(counts, default=0), min_width)
     idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
+    valid = torch.arange(width, device=mask.device).unsqueeze(0) < row_counts.unsqueeze(1)
     return idx, valid
 
 
@@ -44,7 +48,10 @@ class RowCompaction:
 
     def __init__(self, active: torch.Tensor, prev_kv, detach: bool):
         seq = active.shape[1]
-        tokens = active.reshape(-1).nonzero().squeeze(1)   # row-major: row 0's, then row 1's, ...
+        # the one host read of the pass: the active count of every row fixes every shape below
+        # (nonzero_static then needs no second read for its length)
+        counts = active.sum(1).tolist()
+        tokens = torch.nonzero_static(active.reshape(-1), size=sum(counts)).squeeze(1)  # row-major
         # a pass where every token has halted still runs the stack, on one halted token whose
         # results put() discards, so every layer and gate stays in the graph (zero gradients,
         # as in the dense forward) and the K/V outputs keep their shapes
@@ -55,7 +62,7 @@ class RowCompaction:
         self.prev_kv, self.detach = prev_kv, detach
         # attention's row layout: slot (b, a) holds row b's a-th active token, which is flat
         # token start[b] + a (a < count[b]; padding slots repeat flat token 0)
-        self.q_index, slot = pack_rows(active, min_width=1)
+        self.q_index, slot = pack_rows(active, min_width=1, counts=counts)
         counts = slot.sum(1)
         start = torch.cumsum(counts, 0) - counts
         width = self.q_index.shape[1]

@@ -200,9 +200,17 @@ def inference_flops(model=None, seq_len: int = 0, activity=None, *, cfg=None, po
     ``activity``: vertical adaptive families — [passes, T] (bool or expected fraction) of tokens
     active at each iteration (None: all); ponderlm3 — [T] executed steps per token including
     step 0, i.e. 1 + K̂_t (None: K+1). Other families ignore it."""
+    return float(inference_flops_tensor(model, seq_len, activity, cfg=cfg, ponder=ponder,
+                                        family=family))
+
+
+def inference_flops_tensor(model=None, seq_len: int = 0, activity=None, *, cfg=None, ponder=None,
+                           family=None):
+    """:func:`inference_flops` as a float64 0-d tensor on ``activity``'s device (or a float
+    for families whose cost does not depend on it): computed without reading the activity on
+    the host, so a training step can log it without a device sync."""
     dm = _dims(model, cfg, ponder, family)
-    t, f = seq_len, dm.family
-    return require(f, "inference_flops")(dm, t, activity)
+    return require(dm.family, "inference_flops")(dm, seq_len, activity)
 
 
 def cached_rows(dm: Dims, t: int) -> float:
@@ -218,22 +226,27 @@ def loop_inference_flops(dm: Dims, t: int, activity=None) -> float:
     return dm.passes * cached_rows(dm, t) + t * dm.head
 
 
-def vertical_inference_flops(dm: Dims, t: int, activity=None) -> float:
-    keys = torch.arange(1, t + 1, dtype=torch.float64)
+def vertical_inference_flops(dm: Dims, t: int, activity=None):
     P = dm.passes
-    a = torch.ones(P, t, dtype=torch.float64) if activity is None else torch.as_tensor(activity).double()
+    if activity is None:
+        a = torch.ones(P, t, dtype=torch.float64)
+    else:
+        a = torch.as_tensor(activity).to(torch.float64)
     a = a.reshape(P, -1)[:, :t]
     a_row = a.clone()
     if dm.readout_final and dm.halting != "none":
         a_row[-1] = 1.0
-    row_cost = torch.tensor([dm.row(k) for k in keys.tolist()], dtype=torch.float64)
+    # token i of the cache attends i keys: dm.row(i) for every i, as one vector (exact: the
+    # values are integers below 2**53)
+    keys = torch.arange(1, t + 1, dtype=torch.float64, device=a.device)
+    row_cost = dm.layers * (dm.layer_linear() + 4 * dm.d * keys)
     total = (a_row * row_cost).sum()
     total += a_row.sum() * dm.head  # every computed row's logits (readout or pondering)
     total += a[:-1].sum() * dm.gate + a[1:].sum() * dm.pemb
-    return float(total)
+    return total
 
 
-def latent_inference_flops(dm: Dims, t: int, activity=None) -> float:
+def latent_inference_flops(dm: Dims, t: int, activity=None):
     """ponderlm2 / pause: K+1 (pause+1) steps per token; ponderlm3: ``activity`` = executed
     steps per token (None: K+1) plus the router."""
     if dm.family == "pause":
@@ -241,14 +254,14 @@ def latent_inference_flops(dm: Dims, t: int, activity=None) -> float:
     elif dm.halting != "router" or activity is None:
         n = torch.full((t,), float(dm.steps + 1), dtype=torch.float64)
     else:
-        n = torch.as_tensor(activity).double().reshape(-1)[:t]
+        n = torch.as_tensor(activity).to(torch.float64).reshape(-1)[:t]
     before = torch.cumsum(n, 0) - n  # kept keys of earlier tokens
     # step k of token t attends before_t + k + 1 keys; sum over k < n_t
     key_sum = n * before + n * (n + 1) / 2
     total = dm.layers * (n.sum() * dm.layer_linear() + 4 * dm.d * key_sum.sum()) + t * dm.head
     if dm.halting == "router":
         total += t * dm.router + 2 * dm.d * n.sum()
-    return float(total)
+    return total
 
 
 def inference_flops_per_token(model=None, seq_len: int = 0, activity=None, **kw) -> float:
@@ -257,11 +270,37 @@ def inference_flops_per_token(model=None, seq_len: int = 0, activity=None, **kw)
 
 def flops_ratio_from_activity(model, activity, seq_len: Optional[int] = None) -> float:
     """Inference FLOPs at this activity / vanilla inference FLOPs (same shape, same length)."""
+    return float(flops_ratio_tensor(model, activity, seq_len))
+
+
+def flops_ratio_tensor(model, activity, seq_len: Optional[int] = None):
+    """:func:`flops_ratio_from_activity` as a float64 0-d tensor on ``activity``'s device,
+    read by nobody until the step's statistics are logged (no host sync in the step)."""
     a = torch.as_tensor(activity)
     t = seq_len or a.shape[-1]
     dm = _dims(model)
-    vanilla = Dims(**{**dm.__dict__, "family": "vanilla"})
-    return inference_flops(dm, t, a) / inference_flops(vanilla, t)
+    return inference_flops_tensor(dm, t, a) / _vanilla_inference_flops(dm, t)
+
+
+_FIXED_RATIOS: dict = {}
+
+
+def _vanilla_inference_flops(dm: Dims, t: int) -> float:
+    """The vanilla model's cost of the same shape: host arithmetic only (no tensor)."""
+    return vanilla_inference_flops(Dims(**{**dm.__dict__, "family": "vanilla"}), t)
+
+
+@torch.compiler.assume_constant_result
+def fixed_flops_ratio(model, seq_len: int) -> float:
+    """``flops_ratio`` of a family whose every token runs every pass (loop, pause, PonderLM-2,
+    PonderLM without halting): a function of the shape and length only, computed once per
+    (shape, length) and then taken from a cache, so a training step reads no tensor for it.
+    A constant for torch.compile too (``assume_constant_result``: evaluated while tracing)."""
+    dm = _dims(model)
+    key = (repr(dm), int(seq_len))
+    if key not in _FIXED_RATIOS:
+        _FIXED_RATIOS[key] = flops_ratio_from_activity(dm, _full_activity(dm, seq_len), seq_len)
+    return _FIXED_RATIOS[key]
 
 
 def schedule_for_ratio(model, target: float, kind: str, seq_len: int = 128) -> list[float]:

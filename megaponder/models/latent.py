@@ -29,6 +29,13 @@ from .ponder import GateMLP, PonderMixin, masked_mean, valid_token_mask
 from .spec import DECODERS, FamilySpec, register_family
 
 
+def host_randint(n: int, generator: torch.Generator) -> int:
+    """One draw in [0, n) from a CPU generator, as a Python int. The tensor lives on the host
+    from the start, so reading it makes no device wait (tests/sync_count.py leaves this
+    function out of its count by name)."""
+    return int(torch.randint(n, (1,), generator=generator))
+
+
 def interleave(stages: list[torch.Tensor]) -> torch.Tensor:
     """n tensors [B, T, d] -> [B, T*n, d] with stride n (token t's stages are adjacent)."""
     return torch.stack(stages, dim=2).flatten(1, 2)
@@ -76,8 +83,25 @@ class LatentLM(PonderMixin, CausalLM):
             return int(override)
         if not self.training:
             return p.eval_jacobi_passes if p.eval_mode == "official" else None
-        g = self.sample_generator(salt=1, per_step=True)  # same J on every micro-batch/rank
-        return int(p.jacobi_passes[int(torch.randint(len(p.jacobi_passes), (1,), generator=g))])
+        if self._step_jacobi is None:   # set_step was never called
+            self._step_jacobi = self.draw_jacobi_count()
+        return self._step_jacobi
+
+    #: the Jacobi count of the step set_step set (the forward never reads the step number:
+    #: a whole-model torch.compile would guard on it and recompile every step)
+    _step_jacobi = None
+
+    def draw_jacobi_count(self) -> int:
+        """The step's Jacobi count: one draw for the whole optimizer step (every micro-batch
+        and every data-parallel rank alike)."""
+        p = self.ponder_cfg
+        return int(p.jacobi_passes[host_randint(len(p.jacobi_passes), self.training_generator(salt=1))])
+
+    def set_step(self, step: int) -> None:
+        """Also draws the step's Jacobi count here, outside the forward: under a whole-model
+        torch.compile the count is then a plain int (a guard, no graph break for the draw)."""
+        super().set_step(step)
+        self._step_jacobi = self.draw_jacobi_count()
 
 
 class PonderLM2(LatentLM):
@@ -175,11 +199,9 @@ class PonderLM2(LatentLM):
         return fixed_token_stats(input_ids, self.num_stages)
 
     def readout(self, hidden, state, valid):
-        from .flops import flops_ratio_from_activity
-        t = hidden.shape[1]
-        steps = torch.full((t,), float(self.num_stages))
+        from .flops import fixed_flops_ratio
         stats = {"mean_iters": float(self.num_stages),
-                 "flops_ratio": float(flops_ratio_from_activity(self, steps))}
+                 "flops_ratio": fixed_flops_ratio(self, hidden.shape[1])}
         return self.head(hidden[:, :, -1]), stats, None
 
 
@@ -253,7 +275,7 @@ class PonderLM3(PonderLM2):
         return s
 
     def readout(self, hidden, state, valid):
-        from .flops import flops_ratio_from_activity
+        from .flops import flops_ratio_tensor
         s, log_w, keep = state
         mix = self.mixture_weights(s, keep).to(hidden.dtype)
         h = torch.einsum("btk,btkd->btd", mix, hidden)
@@ -267,7 +289,8 @@ class PonderLM3(PonderLM2):
         for k in range(1, self.num_stages):
             stats[f"active_frac/{k}"] = masked_mean(keep[..., k].float(), valid).detach()
         per_pos = (steps * v).sum(0) / v.sum(0).clamp_min(1.0)
-        stats["flops_ratio"] = float(flops_ratio_from_activity(self, per_pos.detach().cpu()))
+        # a device tensor: read with the step's other statistics, on logging steps
+        stats["flops_ratio"] = flops_ratio_tensor(self, per_pos.detach())
         extra = self.ponder_cfg.compute_penalty * penalty if self.ponder_cfg.compute_penalty else None
         if extra is not None:
             stats["compute_penalty"] = extra.detach()

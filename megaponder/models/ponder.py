@@ -94,14 +94,26 @@ class PonderMixin:
             if not per_step:
                 call = self._calls_this_step * self._draw_stride + self._draw_offset
                 self._calls_this_step += 1
-            seed = (self.ponder_cfg.sample_seed * 1_000_003 + self.training_step * 7919 + call * 31 + salt)
+            return self.training_generator(salt, call)
         else:
             seed = self.ponder_cfg.sample_seed * 1_000_003 + 17 + salt
+        return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def training_generator(self, salt: int, call: int = 0) -> torch.Generator:
+        """The training draws' generator of global micro-batch ``call`` of the current step
+        (``call=0``: the per-step draw), whatever mode the module is in now."""
+        seed = (self.ponder_cfg.sample_seed * 1_000_003 + self.training_step * 7919 + call * 31 + salt)
         return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
 
     def set_step(self, step: int) -> None:
         self.training_step = step
         self._calls_this_step = 0
+        # the step's bottom-k fraction as a float, so the forward never reads the step number
+        # (a whole-model torch.compile would guard on it and recompile every step)
+        self._step_bottomk = self.bottomk_fraction(step) if hasattr(self, "bottomk_fraction") else None
+
+    #: the bottom-k fraction of the step set_step set (None: computed from training_step)
+    _step_bottomk = None
 
     #: which evaluation batch the next eval-mode forward is (set_eval_stream)
     _eval_stream = 0
@@ -271,7 +283,7 @@ class PonderLM(PonderMixin, CausalLM):
 
     def bottomk_loss(self, gates, valid) -> Optional[torch.Tensor]:
         """Mean of the smallest k = frac * (all gate slots) gate values of the batch."""
-        frac = self.bottomk_fraction()
+        frac = self._step_bottomk if self._step_bottomk is not None else self.bottomk_fraction()
         if frac <= 0.0 or self.ponder_cfg.halting_loss_weight == 0.0:
             return None
         s = torch.stack([g for g, _ in gates]).float()
@@ -286,7 +298,7 @@ class PonderLM(PonderMixin, CausalLM):
         return torch.where(finite, smallest, torch.zeros_like(smallest)).sum() / finite.sum().clamp_min(1)
 
     def _stats(self, actives, valid, seq_len: int) -> dict:
-        from .flops import flops_ratio_from_activity
+        from .flops import flops_ratio_tensor
         act = torch.stack(actives).float()  # [P, B, T]
         v = valid.float()
         n = v.sum().clamp_min(1.0)
@@ -294,7 +306,8 @@ class PonderLM(PonderMixin, CausalLM):
         for i in range(act.shape[0]):
             stats[f"active_frac/{i}"] = (act[i] * v).sum() / n
         per_pos = (act * v).sum(1) / v.sum(0).clamp_min(1.0)  # [P, T]
-        stats["flops_ratio"] = torch.tensor(flops_ratio_from_activity(self, per_pos))
+        # float32 on the device, as the value was before (no host read in the step)
+        stats["flops_ratio"] = flops_ratio_tensor(self, per_pos).float()
         return {k: (x.detach() if torch.is_tensor(x) else x) for k, x in stats.items()}
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import MutableMapping
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -44,7 +45,8 @@ def deepspeed_config(cfg, topo: Topology) -> dict:
         "gradient_clipping": float(o.grad_clip),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": p.zero_stage},
+        "zero_optimization": {"stage": p.zero_stage, "reduce_bucket_size": int(p.zero_bucket_size),
+                              "allgather_bucket_size": int(p.zero_bucket_size)},
         # check_grad_overflow: skip a step whose reduced gradients hold NaN/Inf also in bf16
         # (DeepSpeed's default for it has changed between releases; train/guards.py relies on it)
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
@@ -94,6 +96,76 @@ def split_micro_batches(batch: Union[Batch, list], n: int) -> list[Batch]:
     return out
 
 
+class StepStats(MutableMapping):
+    """What :meth:`ParallelEngine.train_step` returns: a dict of floats whose device values
+    are read only when first asked for.
+
+    ``lr`` and ``skipped`` are host values from the start. The rest (losses, the model's
+    statistics, the gradient norm) stay device tensors until any of them is read; then all
+    of them are reduced at once (:meth:`ParallelEngine.read_step_stats`: one DP all-reduce,
+    one host read). That read is a collective over the DP group: every rank reads the same
+    steps' stats (the training loop reads on logging steps only, on every rank)."""
+
+    def __init__(self, engine: "ParallelEngine", sums: dict, norm, host: dict, step: int,
+                 skipped: bool):
+        self._engine, self._sums, self._norm = engine, sums, norm
+        self._host = dict(host)
+        self._step, self._skipped = step, skipped
+        self._read = False
+
+    def _materialize(self) -> None:
+        if self._read:
+            return
+        values = self._engine.read_step_stats(self._sums, self._norm)
+        norm = values.pop("grad_norm")
+        self._read, self._sums = True, {}
+        # (DeepSpeed reports a non-finite norm as inf, or as -1 in some of its helpers)
+        if not self._skipped and norm is not None and not (math.isfinite(norm) and norm >= 0):
+            # only if DeepSpeed applied a non-finite update (its overflow check off, as in
+            # releases whose bf16 default was check_grad_overflow=false): the weights are lost
+            from ..train.guards import TrainingDiverged
+            raise TrainingDiverged(
+                f"step {self._step}: DeepSpeed applied an update whose gradient norm is "
+                f"{norm} (its non-finite gradient check did not skip it); the weights are not "
+                f"trustworthy. checkpoints/latest stays on the last good checkpoint; resume "
+                f"from it.")
+        host = self._host
+        self._host = {**values, "grad_norm": norm if norm is not None else float("nan")}
+        self._host.update(host)
+
+    def read(self) -> dict:
+        """Every value as a plain dict (reads the device values: collective)."""
+        self._materialize()
+        return dict(self._host)
+
+    def __getitem__(self, key):
+        if key not in self._host:
+            self._materialize()
+        return self._host[key]
+
+    def __setitem__(self, key, value) -> None:
+        self._host[key] = value
+
+    def __delitem__(self, key) -> None:
+        if key not in self._host:
+            self._materialize()
+        del self._host[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._host or (not self._read and (key in self._sums or key == "grad_norm"))
+
+    def __iter__(self):
+        self._materialize()
+        return iter(list(self._host))
+
+    def __len__(self) -> int:
+        self._materialize()
+        return len(self._host)
+
+    def __repr__(self) -> str:
+        return f"StepStats({self._host if self._read else 'unread'})"
+
+
 class ParallelEngine:
     """A DeepSpeed engine plus the topology; ``train_step`` is one optimizer step."""
 
@@ -108,20 +180,29 @@ class ParallelEngine:
         self._nan_grad_steps = injected_nan_steps(topo.rank, FAULT_NAN_GRAD_ENV)
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
         self._bf16_optimizer = isinstance(ds_engine.optimizer, BF16_Optimizer)
+        bf16 = getattr(ds_engine, "_config", None) and ds_engine._config.bfloat16_config
+        # megaponder's config always turns DeepSpeed's bf16 gradient check on; a config
+        # without it (some releases' default) needs the gradient norm read every step
+        self._unchecked_bf16 = bool(bf16 and bf16.enabled and not bf16.check_grad_overflow)
 
     @property
     def module(self):
         return self.engine.module
 
-    def train_step(self, batch: Union[Batch, list]) -> dict:
+    def train_step(self, batch: Union[Batch, list]) -> "StepStats":
         """Forward/backward over ``train.grad_accum_steps`` micro-batches of this DP rank's
         data (a dict of [grad_accum*micro, T] tensors, split along rows, or a list of
         micro-batch dicts), then one optimizer step. Keys are passed to the model
         (``input_ids``, ``targets``, optional ``position_ids``/``attention_mask``/
-        ``segment_ids``). Returns floats averaged over micro-batches and DP ranks:
-        ``loss``, ``lm_loss``, every numeric entry of ``ModelOutput.stats``, plus
-        ``grad_norm``, ``lr`` and ``skipped`` (1.0 when the update was skipped on every rank
-        for a non-finite or spiking loss, see megaponder.train.guards)."""
+        ``segment_ids``). Returns a :class:`StepStats`: floats averaged over micro-batches
+        and DP ranks, ``loss``, ``lm_loss``, every numeric entry of ``ModelOutput.stats``,
+        plus ``grad_norm``, ``lr`` and ``skipped`` (1.0 when the update was skipped on every
+        rank for a non-finite or spiking loss, see megaponder.train.guards).
+
+        Host syncs: the losses and statistics stay on the device; the step reads one value
+        (the skip decision, after one all-reduce). Reading any other entry of the result
+        reduces all of them at once (one DP all-reduce, one host read): the loop does that on
+        logging steps only, on every rank."""
         gas = self.cfg.train.grad_accum_steps
         micro = split_micro_batches(batch, gas)
         if hasattr(self.module, "set_step"):
@@ -129,9 +210,9 @@ class ParallelEngine:
         if hasattr(self.module, "set_draw_layout"):  # seeded draws keyed on the global micro-batch
             self.module.set_draw_layout(self.topo.dp_rank, self.topo.dp)
         self.engine.train()
-        sums: dict[str, float] = {}
+        sums: dict = {}   # device tensors (and plain numbers the model reports as such)
         norm = None
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         skip = False
         for i, mb in enumerate(micro):
             # the data pipeline yields CPU tensors; the model lives on the engine's device
@@ -143,7 +224,7 @@ class ParallelEngine:
                 loss, lm_loss = loss * float("nan"), lm_loss * float("nan")
             if self.step_count + 1 in self._nan_grad_steps:  # finite loss, NaN gradients
                 loss.register_hook(lambda grad: grad * float("nan"))
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach().float())
             if i > 0 and self._bf16_optimizer:
                 # DeepSpeed's bf16 optimizer (ZeRO-1 + bf16) adds each micro-batch's bf16
                 # gradients into its fp32 buffer after backward, but leaves them in .grad, where
@@ -154,14 +235,15 @@ class ParallelEngine:
             if i == gas - 1:
                 if self.engine.zero_optimization_stage() == 0:
                     norm = self._plain_grad_norm()  # ZeRO-0 does not record the norm it clips with
-                skip = self._decide_skip(losses, norm)
+                skip = self._decide_skip(torch.stack(losses), norm)
             self.engine.step()
-            vals = {"loss": loss.detach().float(), "lm_loss": lm_loss.detach().float()}
+            # float64 as the host sums were: the logged values do not change
+            vals = {"loss": losses[-1].double(), "lm_loss": lm_loss.detach().double()}
             for k, v in (out.stats or {}).items():
                 if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
-                    vals[k] = torch.as_tensor(v, dtype=torch.float32).detach()
+                    vals[k] = v.detach().double().reshape(()) if isinstance(v, torch.Tensor) else float(v)
             for k, v in vals.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / gas
+                sums[k] = sums.get(k, 0.0) + v / gas
         if self.base_optimizer is not None:
             self.base_optimizer.skip_next = False
         if not self.engine.was_step_applied():
@@ -174,32 +256,25 @@ class ParallelEngine:
                 self.engine.lr_scheduler.step()
         self.guard.update(losses, skip)
         self.step_count += 1
-        stats = self._dp_mean(sums)
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
-        # (DeepSpeed reports a non-finite norm as inf, or as -1 in some of its helpers)
-        if not skip and norm is not None and not (math.isfinite(norm) and norm >= 0):
-            # only if DeepSpeed applied a non-finite update (its overflow check off, as in
-            # releases whose bf16 default was check_grad_overflow=false): the weights are lost
-            from ..train.guards import TrainingDiverged
-            raise TrainingDiverged(
-                f"step {self.step_count}: DeepSpeed applied an update whose gradient norm is "
-                f"{norm} (its non-finite gradient check did not skip it); the weights are not "
-                f"trustworthy. checkpoints/latest stays on the last good checkpoint; resume "
-                f"from it.")
-        stats["grad_norm"] = norm if norm is not None else float("nan")
-        stats["lr"] = float(self.engine.get_lr()[0])
-        stats["skipped"] = float(skip)
+        stats = StepStats(self, sums, norm, host={"lr": float(self.engine.get_lr()[0]),
+                                                  "skipped": float(skip)},
+                          step=self.step_count, skipped=skip)
+        if self._unchecked_bf16:
+            # DeepSpeed's bf16 optimizer applies non-finite gradients when its check is off:
+            # read the norm now, so such an update stops the run at this step
+            stats.read()
         return stats
 
-    def _decide_skip(self, losses: list[float], grad_norm: Optional[float]) -> bool:
-        """One all-reduce: skip this update on every rank if any rank saw a non-finite loss
-        or gradient norm (or a loss spike). The base optimizer then leaves weights and state
-        alone; DeepSpeed's ZeRO/bf16 optimizers also skip non-finite reduced gradients."""
-        from ..train.guards import any_rank
+    def _decide_skip(self, losses: torch.Tensor, grad_norm) -> bool:
+        """One all-reduce and one host read: skip this update on every rank if any rank saw
+        a non-finite loss or gradient norm (or a loss spike). The base optimizer then leaves
+        weights and state alone; DeepSpeed's ZeRO/bf16 optimizers also skip non-finite
+        reduced gradients."""
+        from ..train.guards import any_rank_on_device
 
-        skip = any_rank(self.guard.local_flag(losses, grad_norm))
+        skip = any_rank_on_device(self.guard.local_flag(losses, grad_norm))
         if skip:
             if self.base_optimizer is None or not hasattr(self.base_optimizer, "skip_next"):
                 raise RuntimeError("a non-finite or spiking loss needs the step skipped, but the "
@@ -208,13 +283,15 @@ class ParallelEngine:
             self.base_optimizer.skip_next = True
         return skip
 
-    def _plain_grad_norm(self) -> float:
+    def _plain_grad_norm(self) -> torch.Tensor:
+        """The global gradient norm as a device tensor (DeepSpeed's model-parallel aware
+        norm; with max_norm=inf it scales nothing and reads nothing on the host)."""
         from deepspeed.runtime.utils import clip_grad_norm_
         params = [p for p in self.module.parameters() if p.grad is not None]
         if not params:
-            return float("nan")
-        return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=self.topo.mpu()
-                                     if dist.is_initialized() else None))
+            return torch.tensor(float("nan"))
+        return clip_grad_norm_(params, max_norm=float("inf"), mpu=self.topo.mpu()
+                               if dist.is_initialized() else None).reshape(())
 
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> dict:
@@ -230,6 +307,24 @@ class ParallelEngine:
         t = torch.tensor([vals[k] for k in keys], dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, group=self.topo.dp_group)
         return {k: v / self.topo.dp for k, v in zip(keys, t.tolist())}
+
+    def read_step_stats(self, sums: dict, norm) -> dict:
+        """The device values of one step as floats: DP means of ``sums`` (one all-reduce over
+        the DP group, as one float64 vector) and the global ``norm``, in one host read."""
+        keys = list(sums)
+        device = collective_device()
+        parts = [torch.as_tensor(sums[k], dtype=torch.float64).to(device).reshape(1) for k in keys]
+        vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+        if self.topo.dp > 1 and keys:
+            dist.all_reduce(vector, group=self.topo.dp_group)
+            vector = vector / self.topo.dp
+        if norm is not None:
+            vector = torch.cat([vector, torch.as_tensor(norm, dtype=torch.float64).to(device).reshape(1)])
+        values = vector.tolist()   # the one host read
+        # the order of the keys as before (with dp > 1 the DP mean sorted them)
+        out = {k: values[keys.index(k)] for k in (sorted(keys) if self.topo.dp > 1 else keys)}
+        out["grad_norm"] = values[-1] if norm is not None else None
+        return out
 
     # -- checkpoints ------------------------------------------------------------------
     def full_state_dict(self) -> Optional[dict]:
@@ -304,14 +399,17 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
                  optimizer: Optional[torch.optim.Optimizer] = None) -> ParallelEngine:
     """``deepspeed.initialize`` on a parallelized model: torch AdamW (GPT-NeoX decay split;
     no JIT op to build; ``optim.fused``: torch's fused kernel), ``LambdaLR(lr_lambda)`` if
-    given, DS config from the Config; ``model.compile`` compiles the layers first."""
+    given, DS config from the Config; ``model.compile`` compiles the layers (``true``) or the
+    whole model (``whole``) first."""
     import deepspeed
 
     from ..train.guards import SkippableAdamW
 
     skip_cpu_shm_comm_op()
     o = cfg.optim
-    if cfg.model.compile:
+    if cfg.model.compile == "whole":   # forward by Dynamo, backward by AOT autograd, in place
+        model.compile()
+    elif cfg.model.compile:
         from ..models.compile import compile_layers
         compile_layers(model)
     if optimizer is None:  # AdamW that can skip a non-finite step (train/guards.py)

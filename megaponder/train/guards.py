@@ -93,28 +93,33 @@ class LossGuard:
     def running_mean(self) -> float:
         return self.ema / (1 - self.beta ** self.good_steps)  # bias-corrected EMA
 
-    def local_flag(self, losses: list[float], grad_norm: Optional[float]) -> int:
-        """1 when this rank wants the step skipped: non-finite loss/norm, or a spike."""
-        if not all(math.isfinite(x) for x in losses):
-            return 1
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            return 1
+    def local_flag(self, losses, grad_norm) -> torch.Tensor:
+        """1 when this rank wants the step skipped: non-finite loss/norm, or a spike. On
+        the losses' device (a 0-d int32 tensor): deciding reads nothing on the host."""
+        losses = torch.as_tensor(losses, dtype=torch.float32).reshape(-1)
+        bad = ~torch.isfinite(losses).all()
+        if grad_norm is not None:
+            norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(losses.device)
+            bad = bad | ~torch.isfinite(norm).all()
         if self.spike_factor > 0 and self.good_steps >= self.spike_warmup:
-            if sum(losses) / len(losses) > self.spike_factor * self.running_mean():
-                return 1
-        return 0
+            bad = bad | (losses.double().mean() > self.spike_factor * self.running_mean())
+        return bad.to(torch.int32)
 
-    def update(self, losses: list[float], skipped: bool) -> None:
+    def update(self, losses, skipped: bool) -> None:
+        """After the step: the counters, and the running mean of the mean loss (a device
+        tensor once a step was taken; :meth:`state_dict` reads it as a float)."""
         if skipped:
             self.skipped_total += 1
             self.skipped_in_row += 1
             return
         self.skipped_in_row = 0
-        self.ema = self.beta * self.ema + (1 - self.beta) * (sum(losses) / len(losses))
+        mean = (torch.stack([torch.as_tensor(x).double().reshape(()) for x in losses]).mean()
+                if len(losses) else 0.0)
+        self.ema = self.beta * self.ema + (1 - self.beta) * mean
         self.good_steps += 1
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "good_steps": self.good_steps,
+        return {"ema": float(self.ema), "good_steps": self.good_steps,
                 "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row}
 
     def load_state_dict(self, state: dict) -> None:
@@ -136,6 +141,16 @@ def max_over_ranks(value: int, device=None) -> int:
     t = torch.tensor([int(value)], dtype=torch.int32, device=device or collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def any_rank_on_device(flag: torch.Tensor) -> bool:
+    """:func:`any_rank` of a 0-d device tensor: one all-reduce (MAX) where the collective
+    backend wants it, then the one host read of the step."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from ..parallel.state import collective_device
+        flag = flag.to(device=collective_device(), dtype=torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.reshape(-1)[0])
 
 
 def signal_from_name(name: str) -> signal.Signals:

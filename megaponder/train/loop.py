@@ -23,7 +23,7 @@ from . import reshard
 from .phases import PhaseSchedule
 from .evaluate import evaluate, model_inputs, sequential_batches
 from .metrics import MetricsWriter, format_summary
-from .throughput import ThroughputMeter
+from .throughput import StepProfiler, ThroughputMeter
 from .schedule import lr_multiplier
 
 
@@ -48,6 +48,9 @@ class Trainer:
             cfg.train.grad_accum_steps = grad_accum_for(cfg.train, self.dp_size)
             if cfg.train.threads > 0:
                 torch.set_num_threads(cfg.train.threads)
+            # a micro-batch that cannot fit is refused before anything is allocated
+            from .plan import check_micro_batch_fits
+            check_micro_batch_fits(cfg, self.topo.world_size, _training_device())
         # ids beyond the vocabulary, another tokenizer, empty files: one clear error before any
         # model is built; the tokens are scanned once per job (megaponder/data/checks.py)
         from ..data.checks import open_and_check_data
@@ -365,14 +368,17 @@ class Trainer:
                          f"global batch {self.global_batch} x {self.cfg.data.seq_length} tokens")
         start, tokens_at_start = time.time(), self.consumed_samples * self.cfg.data.seq_length
         meter = ThroughputMeter(self.cfg, self.topo.world_size, self.engine.engine.device, tokens_at_start)
+        profiler = StepProfiler(t.profile_steps, self.run_dir, self.rank, self.engine.engine.device)
         last_step = min(t.steps, t.exit_at_step or t.steps)
         if self.fprinciple is not None and self.step == 0:
             self.fprinciple.maybe_log(0, self.model, self.metrics)  # the step-0 baseline
         stop = StopRequest(t.preempt_signal, t.exit_after_minutes)  # SIGTERM etc. (guards.py)
         try:
             while self.step < last_step:
+                profiler.before_step(self.step + 1)
                 stats = self.train_step()
                 self.step += 1
+                profiler.after_step(self.step)
                 self.consumed_samples += self.global_batch
                 skipped = stats.pop("skipped")
                 tokens = self.consumed_samples * self.cfg.data.seq_length
@@ -416,6 +422,7 @@ class Trainer:
             self.save()  # a signal now is held until the final checkpoint is out (exit 0 anyway)
         finally:
             stop.close()
+            profiler.close()
         self.metrics.close()
         summary = {"steps": self.step, "val_ppl": final_val["ppl"], "val_loss": final_val["loss"],
                    "mean_iters": final_val["mean_iters"], "flops_ratio": final_val["flops_ratio"],
@@ -440,6 +447,13 @@ class Trainer:
                 ("wall time", f"{s['wall_s']:.1f} s"),
                 ("checkpoint", s["checkpoint"])]
         print("\n[megaponder] training finished\n" + format_summary(rows), flush=True)
+
+
+def _training_device() -> torch.device:
+    """The device DeepSpeed's accelerator will train on (before the engine exists)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _log_line(record: dict, total_steps: int) -> str:
