@@ -4,6 +4,7 @@ import os
 import pytest
 
 from megaponder.config import ConfigError, load_config, reference_markdown
+from megaponder.train.preflight import load_run_config
 
 from conftest import REPO_ROOT
 
@@ -62,17 +63,17 @@ def test_config_reference_is_current():
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO_ROOT, "examples", "configs"))))
 def test_example_configs_load(name):
-    load_config(os.path.join(REPO_ROOT, "examples", "configs", name), check_paths=False)
+    load_run_config(os.path.join(REPO_ROOT, "examples", "configs", name), check_paths=False)
 
 
 def test_sequence_parallel_families():
     # vertical pondering families shard inside the stack; latent layouts and loop are refused
     for family in ("vanilla", "ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
-        load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
+        load_run_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
                            f"model.family={family}"], check_paths=False)
     for family in ("ponderlm2", "ponderlm3", "pause", "loop"):
         with pytest.raises(ConfigError, match=rf"not model.family={family}"):
-            load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
+            load_run_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
                                f"model.family={family}"], check_paths=False)
 
 

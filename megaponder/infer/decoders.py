@@ -43,12 +43,6 @@ def _cat(past, new):
     return new if past is None else torch.cat([past, new], dim=2)
 
 
-def vertical_inputs(model, ids: torch.Tensor) -> torch.Tensor:
-    """The first pass's stack input of a fixed/vertical family: the pondering families'
-    (scaled) input embeddings, vanilla's plain embedding."""
-    return model.input_embeddings(ids) if hasattr(model, "input_embeddings") else model.embed(ids)
-
-
 class VerticalDecoder:
     """vanilla / ponderlm / adaponderlm / fixed_pruning / random_halting, a batch of rows fed
     in lockstep ([B, n] per ``feed``).
@@ -110,7 +104,7 @@ class VerticalDecoder:
         b, n = ids.shape
         dev = ids.device
         pos = torch.arange(self.tc, self.tc + n, device=dev).unsqueeze(0).expand(b, n)
-        e = vertical_inputs(self.model, ids)
+        e = self.model.input_embeddings(ids)
         readout = None
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
@@ -287,7 +281,7 @@ class LatentDecoder:
         for j in range(ids.shape[1]):
             tok = ids[:, j:j + 1]
             pos = torch.full((1, 1), self.tc_token, dtype=torch.long, device=ids.device)
-            h = self._step(m.token_embeddings(tok), pos, 0.0, 0)
+            h = self._step(m.input_embeddings(tok), pos, 0.0, 0)
             hs = [h]
             if self.is_p3:
                 s, log_w, keep = m.route(h[0, 0])
@@ -354,7 +348,7 @@ def generate_cached(model, prompt_ids: list[int], max_new_tokens: int = 50, temp
                     seed: int = 0, static_cache: bool = False, compile: bool = False) -> list[int]:
     """Sampling with the family's cached decoder (used by megaponder.infer.generate);
     ``static_cache``: its static-shape decoder (``compile``: compiled step; implies it)."""
-    from . import sample_next
+    from .sampling import sample_next
 
     was_training = model.training
     model.eval()

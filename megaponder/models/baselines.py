@@ -158,7 +158,7 @@ class PauseLM(LatentLM):
                 segment_ids=None) -> ModelOutput:
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
-        e0 = self.token_embeddings(input_ids)
+        e0 = self.input_embeddings(input_ids)
         pause = self.pause_embedding.to(e0.dtype).expand_as(e0)
         hidden, _ = self.run_stages([e0] + [pause] * (self.num_stages - 1), position_ids,
                                     attention_mask, segment_ids)

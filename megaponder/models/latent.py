@@ -57,7 +57,7 @@ class LatentLM(PonderMixin, CausalLM):
         self._calls_this_step = 0
         self.embed_scale = math.sqrt(p.thought_embed_scale * cfg.hidden_size) if p.scale_embeds else 1.0
 
-    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids) * self.embed_scale
 
     def run_stages(self, stages, position_ids, attention_mask=None, segment_ids=None, key_bias=None):
@@ -94,7 +94,7 @@ class PonderLM2(LatentLM):
         """Build-up, Jacobi and final passes -> (hidden of the final pass [B, T, S, d], state,
         J, K/V of the final pass)."""
         p, K = self.ponder_cfg, self.num_stages - 1
-        e0 = self.token_embeddings(input_ids)
+        e0 = self.input_embeddings(input_ids)
         state, thoughts = None, []
         if p.buildup_passes:
             for k in range(K):
@@ -139,7 +139,7 @@ class PonderLM2(LatentLM):
             return residual
         if not any(hasattr(p, "ds_id") for p in self.parameters()):
             return residual
-        from ..parallel.state import collective_device
+        from ..collectives import collective_device
         t = torch.tensor([residual], dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())

@@ -35,7 +35,8 @@ def main(argv=None) -> int:
 
     from megaponder.config import Config, ModelConfig
     from megaponder.models import build_model
-    from megaponder.parallel import build_engine, init_distributed, launcher_env, parallelize
+    from megaponder.parallel import init_distributed, launcher_env, parallelize
+    from megaponder.train.engine import build_engine
 
     torch.set_num_threads(1)
     source = launcher_env().source

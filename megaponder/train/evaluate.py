@@ -55,7 +55,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
         residual = torch.maximum(residual, torch.tensor([_scalar(out.stats.get("jacobi_residual", 0.0))],
                                                         dtype=torch.float64))
     if world > 1:
-        from ..parallel.state import collective_device
+        from ..collectives import collective_device
         reduced = totals.to(collective_device())
         torch.distributed.all_reduce(reduced, group=group)  # DP ranks hold different batches
         totals = reduced.cpu()
