@@ -54,6 +54,7 @@ def repo_root():
 # fails any test that starts a process after all (the check that the detection is right).
 import inspect  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import types  # noqa: E402
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -87,8 +88,10 @@ def _spawns(obj, seen: set) -> bool:
         names.update(c.co_names)
         stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
     glb = getattr(obj, "__globals__", {})
-    for name in names:
-        target = glb.get(name)
+    # modules it names (imported at the top or inside the function), then what it reads from them
+    modules = [m for m in (glb.get(n, sys.modules.get(n)) for n in names) if inspect.ismodule(m)]
+    targets = [glb.get(n) for n in names] + [getattr(m, n, None) for m in modules for n in names]
+    for target in targets:
         try:
             if target in _SPAWNERS:
                 return True
@@ -106,7 +109,8 @@ def _fixture_funcs(item):
     info = getattr(item, "_fixtureinfo", None)
     for name in getattr(item, "fixturenames", ()):
         for fixdef in (info.name2fixturedefs.get(name, ()) if info else ()):
-            yield fixdef.func
+            if name != "_inprocess_tier_check":  # the checker itself patches, never spawns
+                yield fixdef.func
 
 
 def pytest_configure(config):

@@ -132,7 +132,8 @@ def config_problems(cfg: Config, *, check_paths: bool = True) -> list[str]:
              f"choose a head count that divides it (e.g. {_divisor_near(m.hidden_size, m.num_heads)}).")
     need(m.make_vocab_size_divisible_by > 0, f"model.make_vocab_size_divisible_by must be "
          f"positive (got {m.make_vocab_size_divisible_by}); GPT-NeoX uses 128.")
-    need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct must lie in [0, 1] (got {m.rotary_pct}).")
+    need(m.rotary_pct is None or 0.0 <= m.rotary_pct <= 1.0,
+         f"model.rotary_pct must lie in [0, 1] (got {m.rotary_pct}).")
     if m.padded_vocab_size is not None:
         need(m.padded_vocab_size >= m.vocab_size,
              f"model.padded_vocab_size={m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}.")
