@@ -275,7 +275,7 @@ class LatentDecoder:
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         m = self.model
         if (self.prefill == "jacobi" and self.tc == 0 and ids.shape[1] > 1
-                and m.family in ("ponderlm2", "ponderlm3")):
+                and family_spec(m.family).jacobi):
             return self.jacobi_prefill(ids)
         out = []
         for j in range(ids.shape[1]):
@@ -289,10 +289,7 @@ class LatentDecoder:
             else:
                 n_steps = m.num_stages
             for k in range(1, n_steps):
-                if m.family == "pause":
-                    x = m.pause_embedding.detach().to(h.dtype).view(1, 1, -1)
-                else:
-                    x = hs[-1]
+                x = m.stage_input(hs[-1])
                 bias = float(log_w[k]) if self.is_p3 else 0.0
                 hs.append(self._step(x, pos, bias, k))
             if self.is_p3:

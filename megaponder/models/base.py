@@ -179,7 +179,7 @@ def _register() -> None:
         name="vanilla", model_cls=CausalLM, kind="fixed", decoder=DECODERS + "VerticalDecoder",
         static_decoder=STATIC_DECODER,
         train_flops=flops.vanilla_train_flops, inference_flops=flops.vanilla_inference_flops,
-        sequence_parallel=True))
+        sequence_parallel=True, plain_backbone=True))
 
 
 _register()

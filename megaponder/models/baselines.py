@@ -153,6 +153,10 @@ class PauseLM(LatentLM):
         self.embed_scale = math.sqrt(cfg.hidden_size) if self.ponder_cfg.scale_embeds else 1.0
         self.pause_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * (2.0 / (5.0 * cfg.hidden_size)) ** 0.5)
 
+    def stage_input(self, previous_hidden: torch.Tensor) -> torch.Tensor:
+        """Every pause position's input is the learned pause embedding (as in forward)."""
+        return self.pause_embedding.detach().to(previous_hidden.dtype).expand_as(previous_hidden)
+
     @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
                 segment_ids=None) -> ModelOutput:
@@ -193,7 +197,7 @@ def _register() -> None:
                                ponder_keys=keys + ("halting_rate",), **planned))
     register_family(FamilySpec(
         name="pause", model_cls=PauseLM, kind="latent", decoder=DECODERS + "LatentDecoder",
-        train_flops=flops.pause_train_flops, inference_flops=flops.latent_inference_flops,
+        train_flops=flops.pause_train_flops, inference_flops=flops.pause_inference_flops,
         extra_parameters=("pause_embedding",),
         ponder_keys=("pause_tokens", "depth_scaled_init")))
 

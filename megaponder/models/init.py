@@ -45,7 +45,7 @@ def init_stds(cfg, ponder, family: str) -> tuple[str, float, float]:
     d, n_layers = cfg.hidden_size, cfg.num_layers
     depth = depth_passes(family, ponder) if ponder.depth_scaled_init else 1
     method = cfg.init_method
-    if method == "official" and family == "vanilla" and cfg.backbone == "neox":
+    if method == "official" and family_spec(family).plain_backbone and cfg.backbone == "neox":
         method = "small_init_wang"
     if method == "official":
         sigma = math.sqrt(2.0 / (5.0 * d))

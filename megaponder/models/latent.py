@@ -60,6 +60,10 @@ class LatentLM(PonderMixin, CausalLM):
     def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids) * self.embed_scale
 
+    def stage_input(self, previous_hidden: torch.Tensor) -> torch.Tensor:
+        """A token's next thought position's input: its previous stage's last hidden state."""
+        return previous_hidden
+
     def run_stages(self, stages, position_ids, attention_mask=None, segment_ids=None, key_bias=None):
         """One backbone pass over the interleaved stages -> hidden [B, T, n, d] and K/V."""
         n = len(stages)
@@ -279,7 +283,7 @@ def _register() -> None:
                   train_flops=flops.latent_train_flops,
                   inference_flops=flops.latent_inference_flops)
     register_family(FamilySpec(name="ponderlm2", model_cls=PonderLM2, ponder_keys=LATENT_PONDER_KEYS,
-                               **latent))
+                               jacobi=True, **latent))
     register_family(FamilySpec(
         name="ponderlm3", model_cls=PonderLM3, halting="router", extra_parameters=("router",),
         iteration_kind="executed steps 1 + K-hat (router w >= tau)",
@@ -288,7 +292,7 @@ def _register() -> None:
         ponder_keys=LATENT_PONDER_KEYS + (
             "tau", "router_hidden_mult", "router_bias_init", "compute_penalty", "bias_own_steps",
             "train_hard_prune", "eval_hard_prune", "renormalize_pruned"),
-        **latent))
+        jacobi=True, **latent))
 
 
 _register()
