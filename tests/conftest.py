@@ -52,6 +52,7 @@ def repo_root():
 # every function of tests/ they reach through their globals are searched for a name bound to a
 # process-starting module or function. With MEGAPONDER_CHECK_TIERS=1 the in-process tier also
 # fails any test that starts a process after all (the check that the detection is right).
+import fnmatch  # noqa: E402
 import inspect  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -68,9 +69,38 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
-#: in-process tests that take the longest (each >= ~4 s on the 2-core machine, idle); the
-#: nodeid prefix matches every parametrization
-SLOW_TESTS: tuple[str, ...] = ()
+#: in-process tests that take the longest (fnmatch patterns of node ids). The family-matrix
+#: modules build, train and decode tiny models of every family on both backbones (measured
+#: 2-12 s of CPU per test, tests/test_families_consistency.py); FlexAttention and inductor
+#: compile C++ in worker processes (minutes on 2 cores).
+SLOW_TESTS: tuple[str, ...] = (
+    "tests/test_families.py::*", "tests/test_families_consistency.py::*",
+    "tests/test_fidelity.py::*", "tests/test_parallel_families.py::*", "tests/test_llama.py::*",
+    "tests/test_parallel_wrap.py::*", "tests/test_train_compaction.py::*",
+    "tests/test_hf_parity.py::*", "tests/test_fprinciple_lm.py::*",
+    "tests/test_analysis_depth.py::test_adaponderlm_forced_halting_iterations_are_exact",
+    "tests/test_analysis_depth.py::test_ponderlm3_iterations_are_the_executed_steps",
+    "tests/test_analysis_depth.py::test_full_depth_counterfactual_and_entropy",
+    "tests/test_analysis_depth.py::test_analyze_batches_end_to_end",
+    "tests/test_attention.py::test_backend_matches_eager[[]*-flex[]]",
+    "tests/test_attention.py::test_flex_*",
+    "tests/test_perf_switches.py::test_compiled_layers_equal_eager_with_kv_reuse",
+)
+
+
+#: tests that start processes where the code search cannot see it (fnmatch patterns): worker
+#: pools inside the package (data.workers > 1, DataLoader workers) and fixtures looked up by
+#: name at run time; MEGAPONDER_CHECK_TIERS=1 found each of them
+SPAWN_TESTS: tuple[str, ...] = (
+    "tests/test_data_checks.py::test_all_bad_records_leave_previous_outputs_untouched[[]2[]]",
+    "tests/test_data_checks.py::test_a_crash_leaves_previous_outputs_intact[[]2[]]",
+    "tests/test_data_preprocess.py::test_bad_records_counted_with_line_numbers[[]2[]]",
+    "tests/test_data_preprocess.py::test_workers_do_not_change_a_byte",
+    "tests/test_data_preprocess.py::test_gzip_input_and_multiple_keys",
+    "tests/test_data_preprocess.py::test_zstd_input_equals_plain_jsonl",
+    "tests/test_data_sampler.py::test_worker_processes_give_the_same_batches",
+    "tests/test_lm_eval.py::test_lm_eval_cli_reports_task_metrics_and_compute[[]*[]]",
+)
 
 
 def _spawns(obj, seen: set) -> bool:
@@ -123,9 +153,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         seen: set = set()
         funcs = [getattr(item, "function", None), *_fixture_funcs(item)]
-        if any(f is not None and _spawns(f, seen) for f in funcs):
+        if (any(fnmatch.fnmatchcase(item.nodeid, pattern) for pattern in SPAWN_TESTS)
+                or any(f is not None and _spawns(f, seen) for f in funcs)):
             item.add_marker(pytest.mark.spawn)
-        elif item.nodeid.startswith(SLOW_TESTS) if SLOW_TESTS else False:
+        elif any(fnmatch.fnmatchcase(item.nodeid, pattern) for pattern in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
         else:
             item.add_marker(pytest.mark.inprocess)
