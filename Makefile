@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # (used for torch alone, before everything else; the pins then find it installed).
 TORCH_INDEX ?=
 
-.PHONY: setup train test clean-runs
+.PHONY: setup train test test-fast clean-runs
 
 # The stamp depends on the requirement files, so `make setup` is a no-op when
 # nothing changed and re-installs when a pin moves; and on the C extension's source, which
@@ -33,6 +33,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+# The in-process tier for the edit-test loop: no test that starts a process and none of the
+# long ones (markers set in tests/conftest.py). `make test` stays the full suite and CI.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m inprocess tests $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf runs/

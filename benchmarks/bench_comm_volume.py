@@ -178,7 +178,8 @@ def _worker(rank, world, port, a, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     from megaponder.models import build_model
-    from megaponder.parallel import build_engine, parallelize
+    from megaponder.parallel import parallelize
+    from megaponder.train.engine import build_engine
     from megaponder.parallel.state import build_topology, seed_everything
     rows = []
     for family, steps in FAMILIES:

@@ -18,9 +18,10 @@ def _train(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.set or [])
+    from .analysis.fprinciple_monitor import step_hook as fprinciple_hook
     from .train import train
 
-    train(cfg)
+    train(cfg, step_hooks=[fprinciple_hook])
     return 0
 
 
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     if args.func is not _train:
         early_stop.release(redeliver=True)
     from .errors import run_reporting_user_errors
-    from .parallel.agreement import CollectiveTimeout
+    from .collectives import CollectiveTimeout
     from .train.guards import TrainingDiverged
 
     def command() -> int:

@@ -7,7 +7,7 @@ the message, so it is shown only with ``megaponder --debug ...`` or ``MEGAPONDER
 
 Under a multi-process launcher every rank usually hits the same error (they read the same
 config and files), so only rank 0 prints it. During training start-up the ranks agree on who
-failed (megaponder.parallel.agreement): a rank that fails alone prints its own message and rank
+failed (megaponder.collectives): a rank that fails alone prints its own message and rank
 0 prints which rank failed and why. Every failing rank also writes its message into torchrun's
 error file (``TORCHELASTIC_ERROR_FILE``), which torchrun shows as the root cause in its
 ``ChildFailedError`` summary — the last block it prints.
@@ -87,7 +87,7 @@ _REPORT_HERE = "_megaponder_report_here"
 
 def mark_report_here(err: BaseException, here: bool) -> None:
     """Decide whether this rank prints ``err`` (overriding the rank-0 rule): set when the ranks
-    know who failed (megaponder.parallel.agreement), e.g. rank 1 alone."""
+    know who failed (megaponder.collectives), e.g. rank 1 alone."""
     setattr(err, _REPORT_HERE, bool(here))
 
 

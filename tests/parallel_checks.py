@@ -119,7 +119,7 @@ def training_parity(topo, zero, sp=False, steps=5, family="vanilla", ponder=None
     trainer's interleaved sharding, megaponder/data/sampler.py), which is also the order in
     which the reference consumes them, so seeded draws (Jacobi counts, pruning plans) agree."""
     from megaponder.models import build_model
-    from megaponder.parallel.engine import build_engine, param_groups
+    from megaponder.train.engine import build_engine, param_groups
     from megaponder.parallel.parallelize import gather_full_state_dict, load_full_state_dict, parallelize
     from megaponder.train.guards import StopRequest
     from sync_count import SyncCounter
@@ -267,7 +267,7 @@ def bf16_training(topo, family, steps=3):
     """tp layout, DeepSpeed bf16 (fp32 master weights) vs the same layout in fp32, ``steps``
     steps on ONE repeated batch (so the loss must fall). Returns both loss curves."""
     from megaponder.models import build_model
-    from megaponder.parallel.engine import build_engine
+    from megaponder.train.engine import build_engine
     from megaponder.parallel.parallelize import parallelize
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, VOCAB, (4, 8), generator=g)

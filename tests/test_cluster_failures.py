@@ -1,4 +1,4 @@
-"""Failures on one rank of a multi-process job (megaponder/parallel/agreement.py,
+"""Failures on one rank of a multi-process job (megaponder/collectives.py,
 megaponder/data/checks.py): start-up errors every rank agrees on, the collective timeout for a
 stuck rank, non-finite gradients behind a finite loss under bf16 + ZeRO-2, and data checks that
 scan once per job.
@@ -180,7 +180,7 @@ def _outcome(fn):
 
 
 def _fail_on(rank, error):
-    from megaponder.parallel.agreement import agree_on_failure
+    from megaponder.collectives import agree_on_failure
     with agree_on_failure("a phase"):
         if rank:
             raise error
@@ -218,7 +218,8 @@ def _bf16_zero1_and_zero2():
     import torch
 
     from megaponder.models import build_model
-    from megaponder.parallel import build_engine, parallelize
+    from megaponder.parallel import parallelize
+    from megaponder.train.engine import build_engine
     from megaponder.parallel.state import build_topology
 
     topo = build_topology()
@@ -237,7 +238,7 @@ def _bf16_zero1_and_zero2():
         out[stage] = (norms, float(sum(p.double().sum() for p in engine.module.parameters())))
     # DeepSpeed's bf16 gradient check off (the default of some releases) and NaN gradients
     # behind a finite loss at step 1: the update goes through, so the run must stop at once
-    import megaponder.parallel.engine as engine_module
+    import megaponder.train.engine as engine_module
     from megaponder.train.guards import FAULT_NAN_GRAD_ENV
 
     ds_config = engine_module.deepspeed_config

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from megaponder.config import ConfigError, load_config, reference_markdown
+from megaponder.train.preflight import load_run_config
 
 from conftest import REPO_ROOT
 
@@ -62,17 +63,17 @@ def test_config_reference_is_current():
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO_ROOT, "examples", "configs"))))
 def test_example_configs_load(name):
-    load_config(os.path.join(REPO_ROOT, "examples", "configs", name), check_paths=False)
+    load_run_config(os.path.join(REPO_ROOT, "examples", "configs", name), check_paths=False)
 
 
 def test_sequence_parallel_families():
     # vertical pondering families shard inside the stack; latent layouts and loop are refused
     for family in ("vanilla", "ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
-        load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
+        load_run_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
                            f"model.family={family}"], check_paths=False)
     for family in ("ponderlm2", "ponderlm3", "pause", "loop"):
         with pytest.raises(ConfigError, match=rf"not model.family={family}"):
-            load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
+            load_run_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true",
                                f"model.family={family}"], check_paths=False)
 
 
@@ -80,3 +81,18 @@ def test_adaponderlm_pipeline_keeps_the_reused_kv_gradient():
     cfg = load_config(None, ["parallel.pp=2", "parallel.zero_stage=1", "model.family=adaponderlm",
                              "ponder.kv_reuse_grad=true"], check_paths=False)
     assert cfg.ponder.kv_reuse_grad
+
+
+def test_backbone_sets_its_own_defaults():
+    """rotary_pct / parallel_residual left null take the backbone's values, so switching the
+    backbone of a NeoX config is one --set; an explicit value the backbone cannot run is still
+    refused."""
+    tiny = os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml")
+    neox = load_run_config(tiny, check_paths=False)
+    assert (neox.model.rotary_pct, neox.model.parallel_residual) == (0.25, True)
+    llama = load_run_config(tiny, ["model.backbone=llama"], check_paths=False)
+    assert (llama.model.rotary_pct, llama.model.parallel_residual) == (1.0, False)
+    with pytest.raises(ConfigError, match="set model.rotary_pct=1.0"):
+        load_run_config(tiny, ["model.backbone=llama", "model.rotary_pct=0.25"], check_paths=False)
+    with pytest.raises(ConfigError, match="set model.parallel_residual=false"):
+        load_run_config(tiny, ["model.backbone=llama", "model.parallel_residual=true"], check_paths=False)

@@ -13,6 +13,7 @@ from megaponder.infer import generate
 from megaponder.infer.decoders import decode_logits, make_decoder
 from megaponder.models import CausalLM, ModelOutput, build_model, flops
 from megaponder.models.base import default_position_ids, with_fixed_token_stats
+from megaponder.train.preflight import load_run_config
 from megaponder.models.spec import (BUILTIN_MODULES, DECODERS, FamilySpec, MissingCapability, family_names,
                                     family_spec, register_family, require)
 from test_families_helpers import ALL_FAMILIES, BACKBONES, real_batch, tiny
@@ -80,8 +81,8 @@ def test_toy_family_validates_in_config():
     cfg = load_config(None, [f"model.family={TOY}"], check_paths=False)
     assert type(build_model(cfg)) is TwiceLM
     with pytest.raises(ConfigError, match=rf"not model.family={TOY}"):
-        load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", f"model.family={TOY}"],
-                    check_paths=False)
+        load_run_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", f"model.family={TOY}"],
+                        check_paths=False)
     with pytest.raises(ConfigError, match=r"'toy_twise' is not one of.*Did you mean 'toy_twice'"):
         load_config(None, ["model.family=toy_twise"], check_paths=False)
 

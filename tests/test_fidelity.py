@@ -153,7 +153,7 @@ def test_official_init_statistics(family, backbone):
              "pause": math.sqrt(d), "ponderlm": math.sqrt(d), "adaponderlm": math.sqrt(d)}
     if family in scale:
         ids = torch.arange(8).view(1, 8)
-        emb = model.input_embeddings(ids) if hasattr(model, "input_embeddings") else model.token_embeddings(ids)
+        emb = model.input_embeddings(ids)
         assert torch.allclose(emb, model.embed_in(ids) * scale[family], rtol=1e-6)
 
 
@@ -282,7 +282,7 @@ def _zero3_exact_eval(rank, world):
     """ZeRO-3, dp=2, PonderLM-2 in eval_mode exact, a different batch per rank: every module
     call is a collective, so the ranks must agree on the number of Jacobi passes."""
     from megaponder.models import build_model as build
-    from megaponder.parallel.engine import build_engine
+    from megaponder.train.engine import build_engine
     from megaponder.parallel.parallelize import parallelize
     from megaponder.parallel.state import build_topology
     from parallel_checks import family_config

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from megaponder.config import Config, ModelConfig, validate
+from megaponder.config import Config, ModelConfig
+from megaponder.train.preflight import preflight
 from megaponder.convert.hf import hf_config_from_model_config, hf_to_megaponder
 from megaponder.models.base import CausalLM
 
@@ -122,17 +123,17 @@ def test_llama_checkpoint_refuses_what_it_cannot_compute(tmp_path):
 def test_llama_config_validation(change, message):
     cfg = Config(model=_llama(**change))
     with pytest.raises(ValueError, match=message):
-        validate(cfg, check_paths=False)
+        preflight(cfg, check_paths=False)
 
 
 def test_gqa_needs_llama_and_tp_dividing_kv_heads():
     cfg = Config(model=ModelConfig(num_kv_heads=2))
     with pytest.raises(ValueError, match="needs model.backbone=llama"):
-        validate(cfg, check_paths=False)
+        preflight(cfg, check_paths=False)
     cfg = Config(model=_llama(num_kv_heads=1))
     cfg.parallel.tp = 2
     with pytest.raises(ValueError, match="does not divide model.num_kv_heads=1"):
-        validate(cfg, check_paths=False)
+        preflight(cfg, check_paths=False)
 
 
 @pytest.mark.parametrize("family, depth, scaled", [("vanilla", 1, None), ("ponderlm", 1, None),
@@ -148,7 +149,7 @@ def test_official_init_std_per_parameter_group(family, depth, scaled):
                               intermediate_size=384, vocab_size=1024,
                               max_position_embeddings=128))
     cfg.ponder = PonderConfig(steps=3, depth_scaled_init=scaled)
-    validate(cfg, check_paths=False)
+    preflight(cfg, check_paths=False)
     torch.manual_seed(0)
     model = build_model(cfg)
     sigma = math.sqrt(2 / (5 * 128))

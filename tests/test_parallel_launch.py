@@ -1,5 +1,5 @@
 """One 2-rank job per launcher: torchrun, the deepspeed launcher, mpirun (if installed) and
-the SLURM sbatch dry-run. Each runs megaponder.parallel.selftest (tp=2, 2 DeepSpeed steps);
+the SLURM sbatch dry-run. Each runs megaponder.train.selftest (tp=2, 2 DeepSpeed steps);
 both tensor-parallel ranks must report the same losses."""
 import glob
 import json
@@ -45,12 +45,12 @@ def _selftest_lines(cmd, env=None):
 
 def test_torchrun():
     _selftest_lines([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port",
-                     str(free_port()), "-m", "megaponder.parallel.selftest", "--tp", "2"])
+                     str(free_port()), "-m", "megaponder.train.selftest", "--tp", "2"])
 
 
 def test_deepspeed_launcher():
     _selftest_lines([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port",
-                     str(free_port()), "megaponder/parallel/selftest.py", "--tp", "2"])
+                     str(free_port()), "megaponder/train/selftest.py", "--tp", "2"])
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI not installed (apt-get install openmpi-bin)")
@@ -59,7 +59,7 @@ def test_mpirun():
     env["MASTER_PORT"] = str(free_port())
     lines = _selftest_lines(["mpirun", "--allow-run-as-root", "-np", "2", "--mca", "btl", "self,vader",
                              "--mca", "oob_tcp_if_include", "lo", "-x", "MASTER_PORT", "-x", "PATH",
-                             "-x", "DS_ACCELERATOR", sys.executable, "-m", "megaponder.parallel.selftest",
+                             "-x", "DS_ACCELERATOR", sys.executable, "-m", "megaponder.train.selftest",
                              "--tp", "2"], env)
     assert all(r["source"] == "openmpi" for r in lines)
 

@@ -1,7 +1,8 @@
 """Topology and launcher mapping without processes; config-time refusals."""
 import pytest
 
-from megaponder.config import Config, ConfigError, validate
+from megaponder.config import Config, ConfigError
+from megaponder.train.preflight import preflight
 from megaponder.parallel.state import (coords_of, expand_nodelist, group_ranks, launcher_env,
                                        rank_of, strip_local_rank_arg)
 
@@ -86,19 +87,19 @@ def _cfg(**par):
 ])
 def test_config_refuses_unsupported_layouts(changes, needle):
     with pytest.raises(ConfigError) as err:
-        validate(_cfg(**changes), check_paths=False)
+        preflight(_cfg(**changes), check_paths=False)
     assert needle in str(err.value)
 
 
 def test_world_size_must_be_multiple_of_tp_pp():
     cfg = _cfg(parallel__tp=2, parallel__pp=2)
-    validate(cfg, check_paths=False, world_size=8)
+    preflight(cfg, check_paths=False, world_size=8)
     with pytest.raises(ConfigError, match="multiple of tp\\*pp=4"):
-        validate(cfg, check_paths=False, world_size=6)
+        preflight(cfg, check_paths=False, world_size=6)
 
 
 def test_deepspeed_config_is_explicit():
-    from megaponder.parallel.engine import deepspeed_config
+    from megaponder.train.engine import deepspeed_config
     from megaponder.parallel.state import Topology
     cfg = _cfg(parallel__zero_stage=1, optim__grad_clip=0.0)
     ds = deepspeed_config(cfg, Topology(world_size=4, tp=2, dp=2))

@@ -6,7 +6,7 @@ import torch
 from megaponder.config import load_config
 from megaponder.models import build_model
 from megaponder.models.compile import compile_layers
-from megaponder.parallel.engine import param_groups
+from megaponder.train.engine import param_groups
 
 
 def _model(family, **over):

@@ -77,18 +77,20 @@ def test_resume_with_another_global_batch_is_refused_in_one_line():
 
 def test_layout_that_cannot_hold_the_model_is_refused():
     """tp=3 cannot split 4 heads: refused at config time, before any checkpoint is read."""
-    from megaponder.config import ConfigError, load_config, validate
+    from megaponder.config import ConfigError, load_config
+    from megaponder.train.preflight import preflight
     from test_train import REPO_ROOT
 
     cfg = load_config(os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml"),
                       ["train.resume=true"], check_paths=False)
     cfg.parallel.tp = 3
     with pytest.raises(ConfigError, match="parallel.tp=3 does not divide model.num_heads=4"):
-        validate(cfg, check_paths=False, world_size=3)
+        preflight(cfg, check_paths=False, world_size=3)
 
 
 def test_global_batch_size_derives_accumulation_from_the_world_size():
-    from megaponder.config import ConfigError, load_config, validate
+    from megaponder.config import ConfigError, load_config
+    from megaponder.train.preflight import preflight
     from megaponder.data.schedule import grad_accum_for
     from test_train import REPO_ROOT
 
@@ -98,7 +100,7 @@ def test_global_batch_size_derives_accumulation_from_the_world_size():
     # 256 sequences whatever the world: 8 ranks at tp=2 -> dp=4 -> 32 steps of 2; 16 -> 16
     assert grad_accum_for(cfg.train, 4) == 32 and grad_accum_for(cfg.train, 8) == 16
     with pytest.raises(ConfigError) as err:
-        validate(cfg, check_paths=False, world_size=6)   # dp=3: 256 is not a multiple of 6
+        preflight(cfg, check_paths=False, world_size=6)   # dp=3: 256 is not a multiple of 6
     msg = str(err.value)
     assert "train.global_batch_size=256 is not a multiple of micro_batch_size x dp = 2 x 3 = 6" in msg
     assert "252 or 258" in msg   # the nearest global batches that work

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from megaponder.config import Config, validate
+from megaponder.config import Config
+from megaponder.train.preflight import preflight
 from megaponder.models.attention import AttentionSpec, attention
 from megaponder.models.compaction import RowCompaction
 from test_families_helpers import force_ada_gates, real_batch, tiny
@@ -107,7 +108,7 @@ def test_train_compaction_refuses_inexact_or_untested_settings(key, value, msg):
     section, field = key.split(".")
     setattr(getattr(cfg, section), field, value)
     with pytest.raises(Exception, match=msg.replace(".", r"\.")):
-        validate(cfg, check_paths=False, world_size=2)
+        preflight(cfg, check_paths=False, world_size=2)
 
 
 def test_compaction_when_every_token_halted_after_the_first_pass():

@@ -242,7 +242,7 @@ def test_planted_pickles_and_outside_latest_are_refused_everywhere(tmp_path, ref
     file: resume's check, DeepSpeed's own loader, the RNG load, eval, generate and convert all
     refuse it with one line, and the marker never appears."""
     from megaponder.cli import main as cli
-    from megaponder.parallel.engine import weights_only_loads
+    from megaponder.train.checkpoint import weights_only_loads
 
     sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
     from convert_checkpoint import main as convert

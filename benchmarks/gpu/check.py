@@ -194,7 +194,8 @@ def _train_config(family, size, extra, device, micro_batch):
 
 def train_one(family, size, extra, device, steps, micro_batch, peak_tflops, topo, plan_memory=False):
     from megaponder.models import build_model, flops
-    from megaponder.parallel import build_engine, parallelize
+    from megaponder.parallel import parallelize
+    from megaponder.train.engine import build_engine
 
     cfg = _train_config(family, size, extra, device, micro_batch)
     torch.manual_seed(0)

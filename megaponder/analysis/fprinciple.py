@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..models.spec import family_spec
 from .spectral import filter_forms, filtered_errors_gram, gaussian_kernels, median_squared_distance, squared_distances
 
 DELTA_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -222,7 +223,8 @@ def iteration_distributions(model, contexts: torch.Tensor, vocab_size: int, batc
     output if it stopped after pass i+1: head(H^i) at the last position. For AdaPonderLM a
     token that halted keeps the prediction of its last active pass (what its readout uses)."""
     passes = getattr(model, "num_passes", None)
-    if passes is None or getattr(model, "family", "") not in ("ponderlm", "adaponderlm", "fixed_pruning", "random_halting"):
+    family = getattr(model, "family", None)
+    if passes is None or family is None or family_spec(family).kind != "vertical":
         raise ValueError(f"per-iteration view needs a vertical pondering family (ponderlm, adaponderlm), "
                          f"not {getattr(model, 'family', type(model).__name__)}")
     device = next(model.parameters()).device

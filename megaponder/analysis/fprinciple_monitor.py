@@ -1,7 +1,7 @@
 """The spectral probe inside ``megaponder train`` (``analysis.fprinciple_every`` > 0).
 
-The trainer calls ``FPrincipleMonitor.maybe_log(step, model, metrics)`` after every step (and
-once before the first); every ``fprinciple_every`` steps it measures the model on the probe
+The CLI hands :func:`step_hook` to the trainer, which then calls
+``FPrincipleMonitor.maybe_log(step, model, metrics)`` after every step (and once before the first); every ``fprinciple_every`` steps it measures the model on the probe
 of megaponder/analysis/fprinciple.py and writes one metrics.jsonl record (and TensorBoard
 scalars, if enabled)::
 
@@ -79,7 +79,13 @@ class FPrincipleMonitor:
 
 
 def build_monitor(cfg, run_dir: str, rank: int) -> Optional[FPrincipleMonitor]:
-    """The trainer's hook: None when ``analysis.fprinciple_every`` is 0."""
+    """The probe of a run: None when ``analysis.fprinciple_every`` is 0."""
     if cfg.analysis.fprinciple_every <= 0:
         return None
     return FPrincipleMonitor(cfg, run_dir, write=rank == 0)
+
+
+def step_hook(trainer):
+    """The trainer's step hook (megaponder.train.loop.StepHookFactory), wired by the CLI."""
+    monitor = build_monitor(trainer.cfg, trainer.run_dir, trainer.rank)
+    return None if monitor is None else monitor.maybe_log

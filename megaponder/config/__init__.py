@@ -21,12 +21,13 @@ from .data import DataConfig
 from .model import FAMILIES, ModelConfig, known_families
 from .parallel import ParallelConfig
 from .ponder import PonderConfig
-from .train import OptimConfig, TrainConfig
+from .train import OptimConfig, TrainConfig, train_config_problems
 from .yaml_io import load_yaml_file, parse_yaml
 
 __all__ = [
     "AnalysisConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "PonderConfig", "TrainConfig", "FAMILIES", "load_config", "validate", "config_from_dict",
+    "config_problems", "raise_problems",
 ]
 
 
@@ -95,8 +96,23 @@ def _data_prefixes(paths: Optional[list[str]]) -> list[str]:
     return list(paths[1::2]) if weighted else list(paths)
 
 
-def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int] = None) -> None:
-    """Every cross-field rule, each failing with a message that says what to change."""
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
+    """Every rule that reads the config alone, each failing with a message that says what to
+    change. The rules owned by the model layer (backbones, family specs) and those that need
+    the world size run in the train layer's preflight (megaponder/train/preflight.py)."""
+    raise_problems(config_problems(cfg, check_paths=check_paths))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One ConfigError listing ``problems`` (nothing when there are none)."""
+    if len(problems) == 1:
+        raise ConfigError(f"Invalid configuration: {problems[0]}")
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def config_problems(cfg: Config, *, check_paths: bool = True) -> list[str]:
+    """The one-line problems of :func:`validate` (an unknown family raises at once)."""
     m, p, par, d, t, o = cfg.model, cfg.ponder, cfg.parallel, cfg.data, cfg.train, cfg.optim
     problems: list[str] = []
 
@@ -116,18 +132,12 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
              f"choose a head count that divides it (e.g. {_divisor_near(m.hidden_size, m.num_heads)}).")
     need(m.make_vocab_size_divisible_by > 0, f"model.make_vocab_size_divisible_by must be "
          f"positive (got {m.make_vocab_size_divisible_by}); GPT-NeoX uses 128.")
-    need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct must lie in [0, 1] (got {m.rotary_pct}).")
-    from ..models.backbones import backbone_problems  # per-backbone rules (models/backbones.py)
-    problems.extend(backbone_problems(m))
+    need(m.rotary_pct is None or 0.0 <= m.rotary_pct <= 1.0,
+         f"model.rotary_pct must lie in [0, 1] (got {m.rotary_pct}).")
     if m.padded_vocab_size is not None:
         need(m.padded_vocab_size >= m.vocab_size,
              f"model.padded_vocab_size={m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}.")
     need(d.seq_length > 0, f"data.seq_length must be positive (got {d.seq_length}).")
-    # latent layouts repeat a token's position id for its thoughts (spec kind), so only the
-    # token count is bounded; the spec (and torch) is imported only when the bound is crossed
-    need(d.seq_length <= m.max_position_embeddings or _spec(m.family).kind == "latent",
-         f"data.seq_length={d.seq_length} exceeds model.max_position_embeddings="
-         f"{m.max_position_embeddings}; raise the latter or shorten the former.")
     need(p.router_temperature > 0, f"ponder.router_temperature must be > 0 (got {p.router_temperature}).")
     need(p.router_warmup_steps >= 0, f"ponder.router_warmup_steps must be >= 0 (got {p.router_warmup_steps}).")
     need(p.steps >= 0, f"ponder.steps must be >= 0 (got {p.steps}).")
@@ -165,7 +175,6 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
          "ponder.freeze_backbone=true and train.phases both freeze the backbone; with phases set "
          "train.phases[i].freeze_backbone per phase and ponder.freeze_backbone=false.")
     need(t.save_every >= 0 and t.eval_every >= 0, "train.save_every / train.eval_every must be >= 0.")
-    from ..train.guards import train_config_problems  # run-safety keys (train/guards.py)
     problems.extend(train_config_problems(t))
     need(0 < o.lr < float("inf"), f"optim.lr must be a positive finite number (got {o.lr}).")
     need(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping).")
@@ -230,10 +239,6 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         need(d.seq_length % par.tp == 0,
              f"parallel.sequence_parallel splits the sequence over tp={par.tp} ranks, but "
              f"data.seq_length={d.seq_length} is not a multiple of it; change one of them.")
-        need(_spec(m.family).sequence_parallel,
-             f"parallel.sequence_parallel is supported for {', '.join(sequence_parallel_families())}, "
-             f"not model.family={m.family} (its FamilySpec declares no sequence_parallel: its stack "
-             f"calls are not full-length final-normed sequences); set it to false.")
     need(m.loss_chunk_size >= 0, f"model.loss_chunk_size must be >= 0 (got {m.loss_chunk_size}).")
     need(not m.loss_chunk_size or (par.tp == 1 and par.zero_stage < 3),
          f"model.loss_chunk_size={m.loss_chunk_size} needs parallel.tp=1 and zero_stage<3 (it reads "
@@ -243,15 +248,6 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
          f"train.profile_steps must be [first, last] with 1 <= first <= last (got {t.profile_steps}).")
     need(cfg.parallel.zero_bucket_size >= 1, "parallel.zero_bucket_size must be >= 1 (elements).")
     need(t.memory_gb is None or t.memory_gb > 0, "train.memory_gb must be positive or null.")
-    if world_size is not None:
-        need(world_size % (par.tp * par.pp) == 0,
-             f"world size {world_size} is not a multiple of tp*pp={par.tp * par.pp}; launch a "
-             f"multiple of {par.tp * par.pp} processes or change parallel.tp/pp.")
-        if t.global_batch_size and world_size % (par.tp * par.pp) == 0 and t.micro_batch_size > 0:
-            from ..data.schedule import batch_mismatch_message
-            dp = world_size // (par.tp * par.pp)
-            need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
-                 batch_mismatch_message(t.global_batch_size, t.micro_batch_size, dp))
     if check_paths:
         prefixes = _data_prefixes(d.path) + _data_prefixes(d.valid_path)
         for prefix in prefixes:
@@ -266,10 +262,7 @@ def validate(cfg: Config, *, check_paths: bool = True, world_size: Optional[int]
         if t.init_checkpoint is not None:
             need(os.path.exists(t.init_checkpoint),
                  f"train.init_checkpoint: {short(t.init_checkpoint, 300)} does not exist.")
-    if len(problems) == 1:
-        raise ConfigError(f"Invalid configuration: {problems[0]}")
-    if problems:
-        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -279,16 +272,6 @@ def _divisor_near(n: int, k: int) -> int:
             if 1 <= c <= n and n % c == 0:
                 return c
     return 1
-
-
-def _spec(family: str):
-    from ..models.spec import family_spec
-    return family_spec(family)
-
-
-def sequence_parallel_families() -> list[str]:
-    from ..models.spec import family_names
-    return [f for f in family_names() if _spec(f).sequence_parallel]
 
 
 def _type_name(tp) -> str:

@@ -26,6 +26,14 @@ def known_families() -> tuple[str, ...]:
     return FAMILIES + extra
 
 
+#: what each backbone runs when the config leaves a key null. A new backbone adds its name to
+#: ``ModelConfig.backbone`` and its defaults here (docs/architecture.md).
+BACKBONE_DEFAULTS: dict[str, dict] = {
+    "neox": {"rotary_pct": 0.25, "parallel_residual": True},
+    "llama": {"rotary_pct": 1.0, "parallel_residual": False},
+}
+
+
 @dataclass
 class ModelConfig:
     """Backbone shape; the defaults are a tiny CPU model, Pythia recipes live in examples/."""
@@ -37,8 +45,8 @@ class ModelConfig:
     backbone: Literal["neox", "llama"] = param(
         "neox", "Decoder backbone: neox (GPT-NeoX/Pythia: LayerNorm, GELU MLP, partial rotary, "
         "biases) or llama (RMSNorm, SwiGLU MLP, full rotary with theta rotary_base, no biases, "
-        "optional grouped-query attention via num_kv_heads; rotary_pct must be 1.0, "
-        "parallel_residual false). Every family runs on either.")
+        "optional grouped-query attention via num_kv_heads; rotary_pct 1.0 and "
+        "parallel_residual false, which it sets when they are null). Every family runs on either.")
     vocab_size: int = param(8192, "Tokenizer vocabulary size (before padding).")
     make_vocab_size_divisible_by: int = param(128, "Pad the embedding/head rows up to a multiple of "
                                               "this (GPT-NeoX default 128). Unlike Megatron, the padding "
@@ -57,11 +65,13 @@ class ModelConfig:
                                         "multi-head). Must divide num_heads.")
     intermediate_size: Optional[int] = param(None, "MLP width; null means 4 * hidden_size (Pythia).")
     max_position_embeddings: int = param(2048, "Longest position the rotary cache is built for.")
-    rotary_pct: float = param(0.25, "Fraction of each head's dimensions that get rotary "
-                              "embeddings (Pythia: 0.25).")
+    rotary_pct: Optional[float] = param(None, "Fraction of each head's dimensions that get rotary "
+                                        "embeddings; null: the backbone's (neox/Pythia: 0.25, "
+                                        "llama: 1.0).")
     rotary_base: float = param(10000.0, "Rotary embedding base (theta).")
-    parallel_residual: bool = param(True, "GPT-NeoX parallel residual: x + attn(ln1(x)) + "
-                                    "mlp(ln2(x)); false gives the sequential GPT-2 form.")
+    parallel_residual: Optional[bool] = param(None, "GPT-NeoX parallel residual: x + attn(ln1(x)) + "
+                                              "mlp(ln2(x)); false gives the sequential GPT-2 form; "
+                                              "null: the backbone's (neox: true, llama: false).")
     layernorm_eps: float = param(1e-5, "LayerNorm epsilon.")
     tie_word_embeddings: bool = param(False, "Share embed_in and embed_out (Pythia: untied).")
     hidden_dropout: float = param(0.0, "Dropout on the attention and MLP outputs (Pythia: 0).")
@@ -87,6 +97,13 @@ class ModelConfig:
         "on neox, 1 otherwise; ponder.depth_scaled_init). 'small_init_wang': Pythia's GPT-NeoX "
         "small_init for inputs, wang_init 2/(L sqrt(d)) for the output projections; 'normal': "
         "init_std everywhere (both divide the output projections by sqrt(D)).")
+
+    def __post_init__(self):
+        # the backbone owns these unless the config sets them; an explicit value the backbone
+        # cannot run is refused by its rules (models/backbones.py)
+        for key, value in BACKBONE_DEFAULTS.get(self.backbone, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     @property
     def ffn_size(self) -> int:

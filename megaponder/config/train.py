@@ -1,6 +1,7 @@
 """``train:`` and ``optim:`` — the loop, schedule, precision, checkpoints and logging."""
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -117,3 +118,41 @@ class TrainConfig:
                                        "null: the CUDA device's total memory, on CPU the host's "
                                        "RAM divided by the processes of this node.")
     threads: int = param(0, "torch CPU threads (0: leave torch's default).")
+
+
+def signal_from_name(name: str) -> signal.Signals:
+    """``"SIGUSR1"``, ``"USR1"`` or ``"10"`` -> the signal; a ValueError says what exists."""
+    text = str(name).strip().upper()
+    if text.isdigit():
+        return signal.Signals(int(text))
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        raise ValueError(f"train.preempt_signal={name!r} is not a signal name "
+                         f"(e.g. SIGTERM, SIGUSR1, SIGUSR2)") from None
+
+
+def train_config_problems(t) -> list[str]:
+    """The run-safety rules of the ``train:`` section (megaponder.config.validate)."""
+    problems = []
+    if not str(t.run_dir).strip():
+        problems.append("train.run_dir is empty; name the run directory (e.g. runs/my-run).")
+    if t.keep_last < 0:
+        problems.append(f"train.keep_last must be >= 0 (got {t.keep_last}; 0 keeps all).")
+    if t.max_skipped_steps < 1:
+        problems.append(f"train.max_skipped_steps must be >= 1 (got {t.max_skipped_steps}).")
+    if t.loss_spike_factor < 0 or 0 < t.loss_spike_factor <= 1:
+        problems.append(f"train.loss_spike_factor must be 0 (off) or > 1 (got {t.loss_spike_factor}).")
+    if t.exit_after_minutes < 0:
+        problems.append(f"train.exit_after_minutes must be >= 0 (got {t.exit_after_minutes}).")
+    if t.preempt_signal:
+        try:
+            sig = signal_from_name(t.preempt_signal)
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                problems.append(f"train.preempt_signal={t.preempt_signal} cannot be caught; "
+                                f"use e.g. SIGUSR1.")
+        except ValueError as err:
+            problems.append(str(err) + ".")
+    return problems

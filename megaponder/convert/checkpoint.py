@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..config import Config, ModelConfig, validate
+from ..models.spec import family_spec
 from ..train.checkpoint import write_model_files
 from .hf import HF_MODEL_TYPES, hf_model_class, hf_to_megaponder, model_config_from_hf
 
@@ -72,7 +73,7 @@ def write_backbone_checkpoint(model_cfg: ModelConfig, backbone: dict, output: st
     from ..models import build_model
 
     model = build_model(cfg)
-    if family == "vanilla":
+    if family_spec(family).plain_backbone:
         model.load_state_dict(backbone)
     else:
         from ..models.ponder import init_family_from_backbone

@@ -19,6 +19,7 @@ import os
 from typing import Optional
 
 from ..config import Config, config_from_dict
+from ..models.spec import family_spec
 from ..train.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, checkpoint_tokenizer_path, write_model_files
 
 REMOTE_MODEL_TYPE = "megaponder"
@@ -64,7 +65,7 @@ def _export(folder: str, cfg, model, output: str) -> str:
     tok = export_tokenizer(tok_path, output, cfg.model.max_position_embeddings) if tok_path else None
     special = {"eos_token_id": tok.eod, "pad_token_id": tok.pad} if tok is not None else {}
     state = model.state_dict()
-    if cfg.model.family == "vanilla":
+    if family_spec(cfg.model.family).plain_backbone:
         backbone = cfg.model.backbone
         hf = hf_model_class(backbone)(hf_config_from_model_config(cfg.model, **special))
         head_name = next(n for n in HF_HEAD_NAMES if n in hf.state_dict())
@@ -106,7 +107,8 @@ def import_export(hf_dir: str, output: str, family: str = "vanilla", tp: Optiona
         raise ValueError(f"{hf_dir}/config.json has model_type 'megaponder' but no "
                          f"megaponder_config; re-export it with tools/convert_checkpoint.py")
     cfg = config_from_dict(stored, check_paths=False)
-    if family not in ("vanilla", cfg.model.family):
+    # --family names a family to build on a plain backbone checkpoint; an export has its own
+    if family != cfg.model.family and not family_spec(family).plain_backbone:
         raise ValueError(f"{hf_dir} holds a '{cfg.model.family}' model; drop --family "
                          f"{family} (an export keeps its family)")
     if tp is not None:

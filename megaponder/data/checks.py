@@ -170,11 +170,11 @@ def open_and_check_data(cfg, log: Callable[[str], None] = lambda m: None
     files normally live on a shared file system, where a scan per rank or per node would read
     the same bytes again. The other ranks compare their files' sizes with rank 0's (a stat,
     no read), so a node-local copy that differs from the one rank 0 checked is refused. Each
-    step ends with the ranks agreeing (megaponder.parallel.agreement): a failure on any rank
+    step ends with the ranks agreeing (megaponder.collectives): a failure on any rank
     stops all of them with its message. Without torch.distributed: open, then check."""
     import torch.distributed as dist
 
-    from ..parallel.agreement import agree_on_failure, multi_process
+    from ..collectives import agree_on_failure, multi_process
 
     distributed = multi_process()
     rank = dist.get_rank() if distributed else 0

@@ -164,7 +164,7 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
 
     Under torch.distributed, global rank 0 builds missing index caches first and the other ranks
     load them afterwards (every rank must call this). A failure on any rank stops every rank
-    with its message (megaponder.parallel.agreement) instead of leaving them in a barrier."""
+    with its message (megaponder.collectives) instead of leaving them in a barrier."""
     datasets = {} if datasets is None else datasets
 
     def opened(prefix: str) -> IndexedDataset:
@@ -207,7 +207,7 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
     dist = _initialized_dist()
     if dist is None:
         return build_all()
-    from ..parallel.agreement import agree_on_failure
+    from ..collectives import agree_on_failure
 
     first = dist.get_rank() == 0
     result = None

@@ -20,13 +20,15 @@ from numpy (each document's row count and ``np.repeat``, about six passes over t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from typing import Optional
 
 import numpy as np
 
-try:
-    from . import _sample_index as _compiled
+try:  # the C extension (a leaf, imports nothing); by name, since `from . import` would read as
+    # an import of the megaponder.data package, which imports this module
+    _compiled = importlib.import_module(f"{__package__}._sample_index")
 except ImportError:  # installed without a C compiler: the numpy path gives the same rows
     _compiled = None
 

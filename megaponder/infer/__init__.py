@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from .sampling import sample_next
+
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
@@ -43,15 +45,3 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature
             break
         ids = torch.cat([ids, torch.tensor([[next_id]], device=dev)], dim=1)
     return new
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator) -> int:
-    # sampled on the CPU with a CPU generator: the same seed gives the same tokens on any device
-    logits = logits.detach().float().cpu()
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))

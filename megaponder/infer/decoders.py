@@ -43,12 +43,6 @@ def _cat(past, new):
     return new if past is None else torch.cat([past, new], dim=2)
 
 
-def vertical_inputs(model, ids: torch.Tensor) -> torch.Tensor:
-    """The first pass's stack input of a fixed/vertical family: the pondering families'
-    (scaled) input embeddings, vanilla's plain embedding."""
-    return model.input_embeddings(ids) if hasattr(model, "input_embeddings") else model.embed(ids)
-
-
 class VerticalDecoder:
     """vanilla / ponderlm / adaponderlm / fixed_pruning / random_halting, a batch of rows fed
     in lockstep ([B, n] per ``feed``).
@@ -110,7 +104,7 @@ class VerticalDecoder:
         b, n = ids.shape
         dev = ids.device
         pos = torch.arange(self.tc, self.tc + n, device=dev).unsqueeze(0).expand(b, n)
-        e = vertical_inputs(self.model, ids)
+        e = self.model.input_embeddings(ids)
         readout = None
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
@@ -281,13 +275,13 @@ class LatentDecoder:
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         m = self.model
         if (self.prefill == "jacobi" and self.tc == 0 and ids.shape[1] > 1
-                and m.family in ("ponderlm2", "ponderlm3")):
+                and family_spec(m.family).jacobi):
             return self.jacobi_prefill(ids)
         out = []
         for j in range(ids.shape[1]):
             tok = ids[:, j:j + 1]
             pos = torch.full((1, 1), self.tc_token, dtype=torch.long, device=ids.device)
-            h = self._step(m.token_embeddings(tok), pos, 0.0, 0)
+            h = self._step(m.input_embeddings(tok), pos, 0.0, 0)
             hs = [h]
             if self.is_p3:
                 s, log_w, keep = m.route(h[0, 0])
@@ -295,10 +289,7 @@ class LatentDecoder:
             else:
                 n_steps = m.num_stages
             for k in range(1, n_steps):
-                if m.family == "pause":
-                    x = m.pause_input(h.dtype).detach().view(1, 1, -1)
-                else:
-                    x = hs[-1]
+                x = m.stage_input(hs[-1])
                 bias = float(log_w[k]) if self.is_p3 else 0.0
                 hs.append(self._step(x, pos, bias, k))
             if self.is_p3:
@@ -354,7 +345,7 @@ def generate_cached(model, prompt_ids: list[int], max_new_tokens: int = 50, temp
                     seed: int = 0, static_cache: bool = False, compile: bool = False) -> list[int]:
     """Sampling with the family's cached decoder (used by megaponder.infer.generate);
     ``static_cache``: its static-shape decoder (``compile``: compiled step; implies it)."""
-    from . import sample_next
+    from .sampling import sample_next
 
     was_training = model.training
     model.eval()

@@ -44,7 +44,6 @@ import torch
 
 from ..models.attention import AttentionSpec
 from ..models.spec import family_spec, require
-from .decoders import vertical_inputs
 
 
 class StaticVerticalDecoder:
@@ -107,7 +106,7 @@ class StaticVerticalDecoder:
         self.written.index_copy_(1, slots, real)
         spec = AttentionSpec(q_index=slots, key_padding_mask=self.written)
         keep = real[:, None, :, None]
-        e = vertical_inputs(m, ids)
+        e = m.input_embeddings(ids)
         active = torch.ones_like(real)
         plan = None
         if self.scheduled:   # the eval forward's draws for these tokens (stream = seed)

@@ -168,7 +168,8 @@ _BACKENDS: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_atte
 
 
 def register_backend(name: str, fn: AttentionFn) -> None:
-    """Optional kernels (flex, flash) register themselves here when importable."""
+    """Optional kernels (flex, flash) and ``auto`` register themselves here when
+    megaponder.models.kernels is imported (the models package does on import)."""
     _BACKENDS[name] = fn
 
 
@@ -193,16 +194,3 @@ def attention(q, k, v, spec: AttentionSpec, *, backend: str = "sdpa", dropout_p:
     batch, width = spec.q_index.shape
     rows = kernel(spec.flat_queries.rows(q, batch, width), k, v, spec, scale, dropout_p)
     return spec.flat_queries.flat(rows)
-
-
-def _register_optional_backends() -> None:
-    from .kernels import register_optional_backends
-
-    register_optional_backends()
-    # auto picks among the registered kernels per call (megaponder.models.kernels.choose_backend)
-    from .kernels import make_auto_backend
-
-    _BACKENDS["auto"] = make_auto_backend(_BACKENDS)
-
-
-_register_optional_backends()

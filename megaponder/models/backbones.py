@@ -92,7 +92,7 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 def backbone_problems(m) -> list[str]:
-    """Config problems of the model section's backbone (config.validate calls this)."""
+    """Config problems of the model section's backbone (megaponder/train/preflight.py)."""
     if m.backbone not in BACKBONES:
         return [f"model.backbone={m.backbone!r} is unknown; choose one of {sorted(BACKBONES)}."]
     return BACKBONES[m.backbone].problems(m)

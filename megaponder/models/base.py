@@ -95,6 +95,11 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_in(input_ids)
 
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The stack input of a token's first pass (the one name every family and decoder
+        uses): the plain embedding here; families that scale it override this."""
+        return self.embed(input_ids)
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.embed_out(hidden)
 
@@ -149,7 +154,7 @@ class CausalLM(nn.Module):
                 segment_ids=None) -> ModelOutput:
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
-        hidden, _ = self.stack(self.embed(input_ids), position_ids,
+        hidden, _ = self.stack(self.input_embeddings(input_ids), position_ids,
                                self.attention_spec(attention_mask, segment_ids))
         if targets is None:
             return ModelOutput(logits=self.head(hidden))
@@ -174,7 +179,7 @@ def _register() -> None:
         name="vanilla", model_cls=CausalLM, kind="fixed", decoder=DECODERS + "VerticalDecoder",
         static_decoder=STATIC_DECODER,
         train_flops=flops.vanilla_train_flops, inference_flops=flops.vanilla_inference_flops,
-        sequence_parallel=True))
+        sequence_parallel=True, plain_backbone=True))
 
 
 _register()

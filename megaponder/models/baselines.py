@@ -160,12 +160,16 @@ class PauseLM(LatentLM):
         token id and scales all inputs alike."""
         return self.pause_embedding.to(dtype) * self.embed_scale
 
+    def stage_input(self, previous_hidden: torch.Tensor) -> torch.Tensor:
+        """Every pause position's input is the scaled pause embedding (as in forward)."""
+        return self.pause_input(previous_hidden.dtype).detach().expand_as(previous_hidden)
+
     @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
                 segment_ids=None) -> ModelOutput:
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
-        e0 = self.token_embeddings(input_ids)
+        e0 = self.input_embeddings(input_ids)
         pause = self.pause_input(e0.dtype).expand_as(e0)
         hidden, _ = self.run_stages([e0] + [pause] * (self.num_stages - 1), position_ids,
                                     attention_mask, segment_ids)
@@ -199,7 +203,7 @@ def _register() -> None:
                                ponder_keys=keys + ("halting_rate",), **planned))
     register_family(FamilySpec(
         name="pause", model_cls=PauseLM, kind="latent", decoder=DECODERS + "LatentDecoder",
-        train_flops=flops.pause_train_flops, inference_flops=flops.latent_inference_flops,
+        train_flops=flops.pause_train_flops, inference_flops=flops.pause_inference_flops,
         extra_parameters=("pause_embedding",),
         ponder_keys=("pause_tokens", "depth_scaled_init")))
 

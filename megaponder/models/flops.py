@@ -146,7 +146,7 @@ def training_forward_flops(model=None, seq_len: int = 0, *, cfg=None, ponder=Non
     ``jacobi_passes`` (latent families) defaults to the mean of ``ponder.jacobi_passes``."""
     dm = _dims(model, cfg, ponder, family)
     t, f = seq_len, dm.family
-    if jacobi_passes is None and dm.kind == "latent" and f != "pause":
+    if jacobi_passes is None and family_spec(f).jacobi:
         p = model.ponder_cfg if hasattr(model, "ponder_cfg") else ponder
         jacobi_passes = sum(p.jacobi_passes) / len(p.jacobi_passes)
     return require(f, "train_flops")(dm, t, causal, jacobi_passes)
@@ -246,15 +246,23 @@ def vertical_inference_flops(dm: Dims, t: int, activity=None):
     return total
 
 
+def pause_inference_flops(dm: Dims, t: int, activity=None):
+    """pause: pause+1 steps per token."""
+    return _latent_flops(dm, t, torch.full((t,), float(dm.pause + 1), dtype=torch.float64))
+
+
 def latent_inference_flops(dm: Dims, t: int, activity=None):
-    """ponderlm2 / pause: K+1 (pause+1) steps per token; ponderlm3: ``activity`` = executed
-    steps per token (None: K+1) plus the router."""
-    if dm.family == "pause":
-        n = torch.full((t,), float(dm.pause + 1), dtype=torch.float64)
-    elif dm.halting != "router" or activity is None:
+    """ponderlm2: K+1 steps per token; ponderlm3: ``activity`` = executed steps per token
+    (None: K+1) plus the router (a tensor on ``activity``'s device: no host read)."""
+    if dm.halting != "router" or activity is None:
         n = torch.full((t,), float(dm.steps + 1), dtype=torch.float64)
     else:
         n = torch.as_tensor(activity).to(torch.float64).reshape(-1)[:t]
+    return _latent_flops(dm, t, n)
+
+
+def _latent_flops(dm: Dims, t: int, n: torch.Tensor):
+    """Interleaved decoding with n[i] steps for token i."""
     before = torch.cumsum(n, 0) - n  # kept keys of earlier tokens
     # step k of token t attends before_t + k + 1 keys; sum over k < n_t
     key_sum = n * before + n * (n + 1) / 2

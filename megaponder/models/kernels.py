@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .attention import AttentionSpec, register_backend, sdpa_attention
+from .attention import _BACKENDS, AttentionSpec, register_backend, sdpa_attention
 
 
 def _flex_available() -> bool:
@@ -261,3 +261,8 @@ def register_optional_backends() -> None:
         register_backend("flex", flex_attention_backend)
     if _flash_available():
         register_backend("flash", flash_attention_backend)
+    # auto picks among the registered kernels per call (choose_backend)
+    register_backend("auto", make_auto_backend(_BACKENDS))
+
+
+register_optional_backends()

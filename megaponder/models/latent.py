@@ -64,8 +64,12 @@ class LatentLM(PonderMixin, CausalLM):
         self._calls_this_step = 0
         self.embed_scale = math.sqrt(p.thought_embed_scale * cfg.hidden_size) if p.scale_embeds else 1.0
 
-    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids) * self.embed_scale
+
+    def stage_input(self, previous_hidden: torch.Tensor) -> torch.Tensor:
+        """A token's next thought position's input: its previous stage's last hidden state."""
+        return previous_hidden
 
     def run_stages(self, stages, position_ids, attention_mask=None, segment_ids=None, key_bias=None):
         """One backbone pass over the interleaved stages -> hidden [B, T, n, d] and K/V."""
@@ -118,7 +122,7 @@ class PonderLM2(LatentLM):
         """Build-up, Jacobi and final passes -> (hidden of the final pass [B, T, S, d], state,
         J, K/V of the final pass)."""
         p, K = self.ponder_cfg, self.num_stages - 1
-        e0 = self.token_embeddings(input_ids)
+        e0 = self.input_embeddings(input_ids)
         state, thoughts = None, []
         if p.buildup_passes:
             for k in range(K):
@@ -163,7 +167,7 @@ class PonderLM2(LatentLM):
             return residual
         if not any(hasattr(p, "ds_id") for p in self.parameters()):
             return residual
-        from ..parallel.state import collective_device
+        from ..collectives import collective_device
         t = torch.tensor([residual], dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
@@ -310,7 +314,7 @@ def _register() -> None:
                   train_flops=flops.latent_train_flops,
                   inference_flops=flops.latent_inference_flops)
     register_family(FamilySpec(name="ponderlm2", model_cls=PonderLM2, ponder_keys=LATENT_PONDER_KEYS,
-                               **latent))
+                               jacobi=True, **latent))
     register_family(FamilySpec(
         name="ponderlm3", model_cls=PonderLM3, halting="router", extra_parameters=("router",),
         iteration_kind="executed steps 1 + K-hat (router w >= tau)",
@@ -319,7 +323,7 @@ def _register() -> None:
         ponder_keys=LATENT_PONDER_KEYS + (
             "tau", "router_hidden_mult", "router_bias_init", "router_temperature",
             "router_warmup_steps", "compute_penalty", "bias_own_steps", "train_hard_prune", "eval_hard_prune", "renormalize_pruned"),
-        **latent))
+        jacobi=True, **latent))
 
 
 _register()

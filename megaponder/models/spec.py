@@ -70,6 +70,13 @@ class FamilySpec:
     #: analysis/depth.py full_depth(): the ponder.tau that keeps every token at full depth
     #: (None: the family has no tau to change)
     full_depth_tau: Optional[float] = None
+    #: the model is the backbone LM alone (no parameter of its own, one pass per token): it
+    #: loads a backbone checkpoint as is, exports to transformers' own classes, gets the
+    #: backbone's published init, and sequence parallelism covers its embedding and head too
+    plain_backbone: bool = False
+    #: the interleaved stages are trained by Jacobi iteration (``ponder.jacobi_passes``) and
+    #: evaluated so (``ponder.eval_mode``, reported by evaluation; a cached-decoder prefill)
+    jacobi: bool = False
     #: parameters the family adds to the backbone (prefixes of their names); the model's
     #: extra_parameter_names() lists exactly the parameters under them
     extra_parameters: tuple[str, ...] = ()

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..models.spec import require
+from ..models.spec import family_spec, require
 from ..models.base import IGNORE_INDEX
 from .pipeline import PipelinedStack
 from .state import RNG, Topology, checkpointed_call
@@ -255,7 +255,7 @@ def parallelize(model: nn.Module, cfg, topo: Topology) -> nn.Module:
     model._mp_full_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if topo.pp > 1:
         model.stack = PipelinedStack(model.stack, topo, chunks=cfg.parallel.pipeline_chunks)
-    stack_only_sp = topo.sequence_parallel and cfg.model.family != "vanilla"
+    stack_only_sp = topo.sequence_parallel and not family_spec(cfg.model.family).plain_backbone
     if topo.sequence_parallel:
         require(cfg.model.family, "sequence_parallel")
     if topo.tp > 1:

@@ -228,14 +228,6 @@ def build_topology(tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
                     dp_ranks=mine["dp"][1], sequence_parallel=sequence_parallel)
 
 
-def collective_device() -> torch.device:
-    """Where tensors handed to torch.distributed collectives must live: NCCL moves CUDA
-    tensors only, gloo CPU ones."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def skip_cpu_shm_comm_op() -> None:
     """Keep DeepSpeed's comm backend from building and mapping its CPU shared-memory op.
 
@@ -292,26 +284,6 @@ def init_distributed(tp: int = 1, pp: int = 1, *, backend: str = "auto",
     topo = build_topology(tp, pp, sequence_parallel, timeout_minutes)
     if seed is not None:
         seed_everything(seed, topo)
-    return topo
-
-
-def topology_from_config(cfg) -> Topology:
-    """:func:`init_distributed` with the ``parallel:`` section of a Config. The config is validated
-    after the default group exists and before any other group is made, with the ranks
-    agreeing on the verdict, so a config that fails on one rank only (another file on its
-    node) stops every rank instead of leaving them waiting in ``new_group``."""
-    from ..config import ConfigError, validate
-    from .agreement import agree_on_failure
-
-    par = cfg.parallel
-    if not par.timeout_minutes > 0:  # the rendezvous needs it, so before validate()
-        raise ConfigError(f"parallel.timeout_minutes must be positive (got {par.timeout_minutes}).")
-    init_process_group(par.dist_backend, par.timeout_minutes)
-    with agree_on_failure("config"):
-        validate(cfg, check_paths=False, world_size=dist.get_world_size())
-    # the default group exists already: the rest of init_distributed
-    topo = build_topology(par.tp, par.pp, par.sequence_parallel, par.timeout_minutes)
-    seed_everything(cfg.train.seed, topo)
     return topo
 
 

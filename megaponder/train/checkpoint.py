@@ -32,6 +32,7 @@ planted link is replaced, never written through. A folder the user names explici
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -330,7 +331,6 @@ def verify_checkpoint(folder: str, rank: int = 0, world_size: int = 1) -> Option
             return f"{own_rng} is missing"
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
                        if f.endswith(".pt"))
-        from ..parallel.engine import deepspeed_safe_globals
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             for path in files[rank::world_size]:
                 load_rng_file(path) if os.path.basename(os.path.dirname(path)) == "rng" else safe_load(path)
@@ -486,3 +486,37 @@ def load_model(path: str, map_location: str = "cpu"):
         raise RuntimeError(f"checkpoint {folder} does not match a '{cfg.model.family}' model: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoint files (ZeRO optimizer
+    states: the loss scaler, the stage enum; bf16: fragment addresses). Found by
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3, fp32 and bf16 states."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside runs with ``weights_only=True``, whatever its call site
+    asks for: DeepSpeed's checkpoint engine passes ``weights_only=False``, which would run any
+    code pickled into a shared run dir. TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides an explicit
+    argument (torch.serialization), and the allow-list admits DeepSpeed's own classes. A
+    refused or damaged file becomes a CheckpointError naming it."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"a DeepSpeed state file holds pickled objects other than tensors "
+                              f"and DeepSpeed's own classes; refusing to load it (it could run "
+                              f"code): {_first_line(err)}") from None
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old

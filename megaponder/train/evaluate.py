@@ -7,6 +7,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..models.spec import family_spec
+
 
 def model_inputs(batch: dict) -> dict:
     """Split a batch of ``seq_len + 1`` tokens into model inputs and aligned targets."""
@@ -55,7 +57,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], group=None,
         residual = torch.maximum(residual, torch.tensor([_scalar(out.stats.get("jacobi_residual", 0.0))],
                                                         dtype=torch.float64))
     if world > 1:
-        from ..parallel.state import collective_device
+        from ..collectives import collective_device
         reduced = totals.to(collective_device())
         torch.distributed.all_reduce(reduced, group=group)  # DP ranks hold different batches
         totals = reduced.cpu()
@@ -76,14 +78,14 @@ def computation(model: torch.nn.Module, jacobi_passes: float = 0.0, residual: fl
     (exact: Jacobi to ``jacobi_tol``; official: a fixed count), the mean Jacobi passes per
     batch and the largest last-pass change of a thought (``jacobi_residual``); PonderLM-3
     adds ``hard_prune`` (perplexity from the pruned computation its flops_ratio counts)."""
-    family = getattr(model, "family", "vanilla")
-    if family not in ("ponderlm2", "ponderlm3"):
+    spec = family_spec(getattr(model, "family", "vanilla"))
+    if not spec.jacobi:
         return {}
     p = model.ponder_cfg
     info = {"eval_mode": p.eval_mode, "jacobi_passes": jacobi_passes}
     if p.eval_mode == "exact":
         info.update({"jacobi_tol": p.eval_jacobi_tol, "jacobi_residual": residual})
-    if family == "ponderlm3":
+    if spec.halting == "router":
         info["hard_prune"] = bool(p.eval_hard_prune)
     return info
 

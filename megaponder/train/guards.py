@@ -35,7 +35,9 @@ import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from ..collectives import any_rank
+from ..config.train import signal_from_name
 
 from .. import early_stop
 from .launcher_watch import LauncherWatch, survive_closed_pipes
@@ -127,46 +129,6 @@ class LossGuard:
         self.skipped_total, self.skipped_in_row = int(state["skipped_total"]), int(state["skipped_in_row"])
 
 
-def any_rank(flag: int | bool, device=None) -> bool:
-    """True when ``flag`` is set on any rank (one all-reduce; no-op without a process group)."""
-    return bool(max_over_ranks(int(bool(flag)), device))
-
-
-def max_over_ranks(value: int, device=None) -> int:
-    """The largest ``value`` of all ranks (one all-reduce; no-op without a process group):
-    a verdict with several levels in one collective."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return int(value)
-    from ..parallel.state import collective_device
-    t = torch.tensor([int(value)], dtype=torch.int32, device=device or collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def any_rank_on_device(flag: torch.Tensor) -> bool:
-    """:func:`any_rank` of a 0-d device tensor: one all-reduce (MAX) where the collective
-    backend wants it, then the one host read of the step."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from ..parallel.state import collective_device
-        flag = flag.to(device=collective_device(), dtype=torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.reshape(-1)[0])
-
-
-def signal_from_name(name: str) -> signal.Signals:
-    """``"SIGUSR1"``, ``"USR1"`` or ``"10"`` -> the signal; a ValueError says what exists."""
-    text = str(name).strip().upper()
-    if text.isdigit():
-        return signal.Signals(int(text))
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return signal.Signals[text]
-    except KeyError:
-        raise ValueError(f"train.preempt_signal={name!r} is not a signal name "
-                         f"(e.g. SIGTERM, SIGUSR1, SIGUSR2)") from None
-
-
 class StopRequest:
     """Signal handlers that ask the loop to stop after the current step; restores the old
     handlers on :meth:`close`. A second SIGINT (Ctrl-C twice) stops at once."""
@@ -208,30 +170,6 @@ class StopRequest:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
-
-
-def train_config_problems(t) -> list[str]:
-    """The run-safety rules of the ``train:`` section, for megaponder.config.validate."""
-    problems = []
-    if not str(t.run_dir).strip():
-        problems.append("train.run_dir is empty; name the run directory (e.g. runs/my-run).")
-    if t.keep_last < 0:
-        problems.append(f"train.keep_last must be >= 0 (got {t.keep_last}; 0 keeps all).")
-    if t.max_skipped_steps < 1:
-        problems.append(f"train.max_skipped_steps must be >= 1 (got {t.max_skipped_steps}).")
-    if t.loss_spike_factor < 0 or 0 < t.loss_spike_factor <= 1:
-        problems.append(f"train.loss_spike_factor must be 0 (off) or > 1 (got {t.loss_spike_factor}).")
-    if t.exit_after_minutes < 0:
-        problems.append(f"train.exit_after_minutes must be >= 0 (got {t.exit_after_minutes}).")
-    if t.preempt_signal:
-        try:
-            sig = signal_from_name(t.preempt_signal)
-            if sig in (signal.SIGKILL, signal.SIGSTOP):
-                problems.append(f"train.preempt_signal={t.preempt_signal} cannot be caught; "
-                                f"use e.g. SIGUSR1.")
-        except ValueError as err:
-            problems.append(str(err) + ".")
-    return problems
 
 
 def fault_step_sleep() -> None:

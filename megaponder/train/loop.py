@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -18,7 +18,8 @@ from ..data.schedule import global_batch_size, grad_accum_for
 from ..models import build_model
 from ..safe_files import write_atomic
 from . import checkpoint as ckpt
-from .guards import StopRequest, TrainingDiverged, any_rank, fault_step_sleep, max_over_ranks
+from ..collectives import any_rank, max_over_ranks
+from .guards import StopRequest, TrainingDiverged, fault_step_sleep
 from . import reshard
 from .phases import PhaseSchedule
 from .evaluate import evaluate, model_inputs, sequential_batches
@@ -32,15 +33,24 @@ def _log0(rank: int, msg: str) -> None:
         print(f"[megaponder] {msg}", flush=True)
 
 
+#: A step hook: ``make(trainer)`` once the trainer has its run dir, rank and metrics writer
+#: returns None (off) or ``hook(step, model, metrics)``, called before the first step of a
+#: fresh run (step 0) and after every step. The CLI wires the F-Principle probe this way
+#: (megaponder/analysis/fprinciple_monitor.py), so training imports no analysis code.
+StepHookFactory = Callable[["Trainer"], Optional[Callable[[int, Any, Any], Any]]]
+
+
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, step_hooks: Sequence[StepHookFactory] = ()):
         """Start-up, in phases that end with the ranks agreeing on success (a failure on one
-        rank stops all of them with its message: megaponder/parallel/agreement.py)."""
-        from ..parallel import build_engine, parallelize, seed_everything, topology_from_config
-        from ..parallel.agreement import agree_on_failure
+        rank stops all of them with its message: megaponder/collectives.py)."""
+        from ..collectives import agree_on_failure
+        from ..parallel import parallelize, seed_everything
+        from .engine import build_engine
+        from .preflight import topology_from_config
 
         self.cfg = cfg
-        self.topo = topology_from_config(cfg)  # process groups; validate(world_size), agreed
+        self.topo = topology_from_config(cfg)  # process groups; preflight(world_size), agreed
         self.rank = self.topo.rank
         self.dp_size, self.dp_rank = self.topo.dp, self.topo.dp_rank
         with agree_on_failure("config"):
@@ -92,8 +102,7 @@ class Trainer:
         wandb = (dict(project=t.wandb_project, name=t.wandb_run_name, entity=t.wandb_entity,
                       config=cfg.to_dict()) if t.wandb_project else None)
         self.metrics = MetricsWriter(self.run_dir, self.rank == 0, t.tensorboard, self.step, wandb)
-        from ..analysis.fprinciple_monitor import build_monitor
-        self.fprinciple = build_monitor(cfg, self.run_dir, self.rank)  # None unless analysis.fprinciple_every
+        self.step_hooks = [hook for hook in (make(self) for make in step_hooks) if hook is not None]
         self._build_data()
 
     # -- data -----------------------------------------------------------------------------
@@ -253,7 +262,7 @@ class Trainer:
         self.saved_step = self.step
 
     def _resume(self) -> None:
-        from ..parallel.agreement import agree_on_failure
+        from ..collectives import agree_on_failure
 
         folder = self._resumable_checkpoint()
         with agree_on_failure("reading the checkpoint"):
@@ -370,8 +379,9 @@ class Trainer:
         meter = ThroughputMeter(self.cfg, self.topo.world_size, self.engine.engine.device, tokens_at_start)
         profiler = StepProfiler(t.profile_steps, self.run_dir, self.rank, self.engine.engine.device)
         last_step = min(t.steps, t.exit_at_step or t.steps)
-        if self.fprinciple is not None and self.step == 0:
-            self.fprinciple.maybe_log(0, self.model, self.metrics)  # the step-0 baseline
+        if self.step == 0:
+            for hook in self.step_hooks:
+                hook(0, self.model, self.metrics)  # the step-0 baseline
         stop = StopRequest(t.preempt_signal, t.exit_after_minutes)  # SIGTERM etc. (guards.py)
         try:
             while self.step < last_step:
@@ -403,8 +413,8 @@ class Trainer:
                     meter.mark(tokens)   # the next interval starts after this step's evaluation
                 if bar is not None:
                     bar.update(1)
-                if self.fprinciple is not None:
-                    self.fprinciple.maybe_log(self.step, self.model, self.metrics)
+                for hook in self.step_hooks:
+                    hook(self.step, self.model, self.metrics)
                 self._check_skipped(skipped)
                 if t.save_every and self.step % t.save_every == 0 and self.step != last_step:
                     self.save()
@@ -495,16 +505,16 @@ def _unigram_baseline(cfg: Config) -> Optional[float]:
     return None
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, step_hooks: Sequence[StepHookFactory] = ()) -> dict:
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, step_hooks)
         summary = trainer.stop_before_first_step() or trainer.run()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return summary
     except BaseException as err:
-        from ..parallel.agreement import describe_timeout
+        from ..collectives import describe_timeout
 
         timeout = describe_timeout(err, cfg.parallel.timeout_minutes)
         # an error exit with a live gloo group can abort at interpreter shutdown ("terminate

@@ -74,7 +74,7 @@ class PhaseSchedule:
         groups = _torch_optimizer(pengine).param_groups
         if any("backbone" not in g for g in groups):
             raise RuntimeError("train.phases needs the optimizer's parameter groups split into "
-                               "backbone and family parameters (megaponder.parallel.engine.param_groups)")
+                               "backbone and family parameters (megaponder.train.engine.param_groups)")
         self.backbone_groups = [g["backbone"] for g in groups]
 
     def _grad_hook(self, grad: torch.Tensor) -> Optional[torch.Tensor]:

@@ -66,7 +66,7 @@ class ThroughputMeter:
         mine, kind = peak_memory_mb(self.device)
         per_rank = [mine]
         if dist.is_initialized() and dist.get_world_size(group) > 1:
-            from ..parallel.state import collective_device
+            from ..collectives import collective_device
             n, r = dist.get_world_size(group), dist.get_rank(group)
             buf = torch.zeros(n, dtype=torch.float64, device=collective_device())
             buf[r] = mine

@@ -1,4 +1,6 @@
-"""Start-up failures that every rank agrees on, and a clear line when a collective times out.
+"""The collective helpers every layer shares (a leaf: it imports torch and megaponder.errors
+only): where collective tensors live, rank reductions of a flag, start-up failures that every
+rank agrees on, and a clear line when a collective times out.
 
 A rank that raises during start-up (a damaged file on its node, a checkpoint file only it
 reads, a config problem found late) used to leave the other ranks waiting in the next
@@ -29,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError, mark_report_here, one_line
+from .errors import UserError, mark_report_here, one_line
 
 
 class PeerFailed(UserError):
@@ -43,6 +45,38 @@ class CollectiveTimeout(RuntimeError):
 def multi_process() -> bool:
     """A torch.distributed group of more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where tensors handed to torch.distributed collectives must live: NCCL moves CUDA
+    tensors only, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: int | bool, device=None) -> bool:
+    """True when ``flag`` is set on any rank (one all-reduce; no-op without a process group)."""
+    return bool(max_over_ranks(int(bool(flag)), device))
+
+
+def max_over_ranks(value: int, device=None) -> int:
+    """The largest ``value`` of all ranks (one all-reduce; no-op without a process group):
+    a verdict with several levels in one collective."""
+    if not multi_process():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int32, device=device or collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def any_rank_on_device(flag: torch.Tensor) -> bool:
+    """:func:`any_rank` of a 0-d device tensor: one all-reduce (MAX) where the collective
+    backend wants it, then the one host read of the step."""
+    if multi_process():
+        flag = flag.to(device=collective_device(), dtype=torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.reshape(-1)[0])
 
 
 @contextlib.contextmanager
@@ -60,8 +94,6 @@ def agree_on_failure(phase: str) -> Iterator[None]:
         error = err
     if not multi_process():
         return
-    from .state import collective_device
-
     rank, world = dist.get_rank(), dist.get_world_size()
     flags = torch.zeros(world, dtype=torch.int32, device=collective_device())
     flags[rank] = int(error is not None)

@@ -1,10 +1,10 @@
 """A tiny 2-step job that checks a launcher end to end:
 
-    torchrun --nproc_per_node 2 -m megaponder.parallel.selftest --tp 2
-    deepspeed --num_gpus 2 megaponder/parallel/selftest.py --tp 2
+    torchrun --nproc_per_node 2 -m megaponder.train.selftest --tp 2
+    deepspeed --num_gpus 2 megaponder/train/selftest.py --tp 2
     mpirun --allow-run-as-root -np 2 --mca btl self,vader --mca oob_tcp_if_include lo \\
-        -x MASTER_PORT=29511 python -m megaponder.parallel.selftest --tp 2
-    srun python -m megaponder.parallel.selftest --tp 2        # inside examples/slurm/*.sbatch
+        -x MASTER_PORT=29511 python -m megaponder.train.selftest --tp 2
+    srun python -m megaponder.train.selftest --tp 2        # inside examples/slurm/*.sbatch
 
 Every rank prints one line ``SELFTEST {json}`` with its rank, world size, launcher source,
 topology and losses; tensor-parallel ranks must report identical losses.
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
 
     from megaponder.config import Config, ModelConfig
     from megaponder.models import build_model
-    from megaponder.parallel import build_engine, init_distributed, launcher_env, parallelize
+    from megaponder.parallel import init_distributed, launcher_env, parallelize
+    from megaponder.train.engine import build_engine
 
     torch.set_num_threads(1)
     source = launcher_env().source

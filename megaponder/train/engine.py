@@ -16,7 +16,6 @@ ZeRO 2/3 with pp>1 is refused at config time (megaponder.config.validate).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import MutableMapping
@@ -25,8 +24,10 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .parallelize import gather_full_state_dict
-from .state import Topology, collective_device, skip_cpu_shm_comm_op
+from ..collectives import any_rank_on_device, collective_device
+from ..parallel.parallelize import gather_full_state_dict
+from ..parallel.state import Topology, skip_cpu_shm_comm_op
+from .checkpoint import weights_only_loads
 
 Batch = dict
 
@@ -170,7 +171,7 @@ class ParallelEngine:
     """A DeepSpeed engine plus the topology; ``train_step`` is one optimizer step."""
 
     def __init__(self, ds_engine, model, cfg, topo: Topology, base_optimizer=None):
-        from ..train.guards import FAULT_NAN_GRAD_ENV, LossGuard, injected_nan_steps
+        from .guards import FAULT_NAN_GRAD_ENV, LossGuard, injected_nan_steps
 
         self.engine, self.model, self.cfg, self.topo = ds_engine, model, cfg, topo
         self.step_count = 0
@@ -272,8 +273,6 @@ class ParallelEngine:
         a non-finite loss or gradient norm (or a loss spike). The base optimizer then leaves
         weights and state alone; DeepSpeed's ZeRO/bf16 optimizers also skip non-finite
         reduced gradients."""
-        from ..train.guards import any_rank_on_device
-
         skip = any_rank_on_device(self.guard.local_flag(losses, grad_norm))
         if skip:
             if self.base_optimizer is None or not hasattr(self.base_optimizer, "skip_next"):
@@ -356,44 +355,6 @@ class ParallelEngine:
         return client
 
 
-def deepspeed_safe_globals() -> list:
-    """The only non-tensor classes DeepSpeed pickles into its checkpoint files (ZeRO optimizer
-    states: the loss scaler, the stage enum; bf16: fragment addresses). Found by
-    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3, fp32 and bf16 states."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Every ``torch.load`` inside runs with ``weights_only=True``, whatever its call site
-    asks for: DeepSpeed's checkpoint engine passes ``weights_only=False``, which would run any
-    code pickled into a shared run dir. TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides an explicit
-    argument (torch.serialization), and the allow-list admits DeepSpeed's own classes. A
-    refused or damaged file becomes a CheckpointError naming it."""
-    import pickle
-
-    from ..train.checkpoint import CheckpointError, _first_line
-
-    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    old = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            yield
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"a DeepSpeed state file holds pickled objects other than tensors "
-                              f"and DeepSpeed's own classes; refusing to load it (it could run "
-                              f"code): {_first_line(err)}") from None
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
 def build_engine(model: torch.nn.Module, cfg, topo: Topology,
                  lr_lambda: Optional[Callable[[int], float]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None) -> ParallelEngine:
@@ -403,7 +364,7 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
     whole model (``whole``) first."""
     import deepspeed
 
-    from ..train.guards import SkippableAdamW
+    from .guards import SkippableAdamW
 
     skip_cpu_shm_comm_op()
     o = cfg.optim
