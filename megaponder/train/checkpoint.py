@@ -297,9 +297,8 @@ def write_model_files(folder: str, cfg: Config, state_dict: Optional[dict], meta
         torch.save(state_dict, os.path.join(folder, MODEL_FILE))
     _write_atomic(os.path.join(folder, CONFIG_FILE), cfg.to_yaml())
     if tokenizer_path and os.path.exists(tokenizer_path):
-        dest = os.path.join(folder, "tokenizer" + os.path.splitext(tokenizer_path)[1])
-        shutil.copyfile(tokenizer_path, dest)
-        meta = {**meta, "tokenizer": os.path.basename(dest)}
+        from ..data.tokenizer import copy_tokenizer  # a folder or GPT-2 pair becomes one file
+        meta = {**meta, "tokenizer": copy_tokenizer(tokenizer_path, folder)}
     _write_atomic(os.path.join(folder, META_FILE), json.dumps(meta, indent=2) + "\n")
 
 
@@ -393,7 +392,7 @@ def checkpoint_tokenizer_path(folder: str, override: Optional[str] = None) -> Op
     """The tokenizer of a checkpoint: ``override``, else the copy inside the checkpoint, else
     the run's ``data.tokenizer_model``; None when that file does not exist."""
     path = override or tokenizer_file(folder) or read_checkpoint_config(folder).data.tokenizer_model
-    return path if path and os.path.isfile(path) else None
+    return path if path and os.path.exists(path) else None
 
 
 def load_model(path: str, map_location: str = "cpu"):

@@ -146,9 +146,10 @@ class Trainer:
         d = self.cfg.data
         if not (d.reset_position_ids or d.reset_attention_mask):
             return batch
-        from ..data import build_tokenizer, packing
+        from ..data import packing
+        from ..data.checks import data_tokenizer
 
-        eod = build_tokenizer(d.tokenizer_type, d.tokenizer_model).eod
+        eod = data_tokenizer(d).eod
         if d.reset_position_ids:
             batch["position_ids"] = packing.position_ids(batch["tokens"], eod)
         if d.reset_attention_mask:
