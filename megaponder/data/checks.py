@@ -201,20 +201,22 @@ def data_tokenizer(data_cfg):
     from ..config import _data_prefixes
     from .tokenizer import build_tokenizer
 
-    eod_token = data_cfg.eod_token
-    if eod_token is None:
+    if data_cfg.eod_token is None:
         for prefix in _data_prefixes(data_cfg.path) + _data_prefixes(data_cfg.valid_path):
             try:
-                meta = read_meta(str(prefix))
+                made_with = (read_meta(str(prefix)) or {}).get("tokenizer", {})
             except (DataError, OSError):
-                meta = None  # the data checks report a damaged sidecar with its file name
-            if meta is not None and meta.get("tokenizer", {}).get("eod_token"):
-                made_with = meta["tokenizer"]
-                tok = build_tokenizer(data_cfg.tokenizer_type, data_cfg.tokenizer_model)
-                if made_with.get("fingerprint") == tok.fingerprint:
-                    eod_token = made_with["eod_token"]
-                break
-    return build_tokenizer(data_cfg.tokenizer_type, data_cfg.tokenizer_model, eod_token)
+                made_with = {}  # the data checks report a damaged sidecar with its file name
+            if made_with.get("eod_token"):
+                try:
+                    tok = build_tokenizer(data_cfg.tokenizer_type, data_cfg.tokenizer_model,
+                                          made_with["eod_token"])
+                except DataError:
+                    break  # another tokenizer: the data checks say so
+                if tok.fingerprint == made_with.get("fingerprint"):
+                    return tok
+            break
+    return build_tokenizer(data_cfg.tokenizer_type, data_cfg.tokenizer_model, data_cfg.eod_token)
 
 
 def check_data_fits(cfg, log: Callable[[str], None] = lambda m: None,
