@@ -331,6 +331,10 @@ def latest_tag(ckpt_root: str, must_exist: bool = True) -> Optional[str]:
     return tag
 
 
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """``--checkpoint`` names no checkpoint (one line, exit 2)."""
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint folder from a checkpoint folder, a checkpoints/ folder or a run dir."""
     if not path:
@@ -342,7 +346,7 @@ def resolve_checkpoint(path: str) -> str:
         tag = latest_tag(root)
         if tag is not None:
             return os.path.join(root, tag)
-    raise FileNotFoundError(
+    raise CheckpointNotFound(
         f"'{path}' is neither a megaponder checkpoint (no {MODEL_FILE}) nor a run directory "
         f"with checkpoints/latest. Pass a run dir, runs/X/checkpoints/<tag>, or the --output of "
         f"tools/convert_checkpoint.py.")

@@ -218,7 +218,18 @@ class Trainer:
 
     def save(self) -> None:
         """Collective. Every rank writes into a staging folder; rank 0 publishes it (never
-        non-finite weights: ``latest`` stays on the last good checkpoint)."""
+        non-finite weights: ``latest`` stays on the last good checkpoint). A full disk is a
+        one-line :class:`DiskFull` naming the checkpoint folder."""
+        from ..errors import disk_full
+        try:
+            self._save()
+        except (OSError, RuntimeError) as err:
+            full = disk_full(err, self.ckpt_root, f"saving step {self.step}")
+            if full is None:
+                raise
+            raise full from err
+
+    def _save(self) -> None:
         if any_rank(not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())):
             raise TrainingDiverged(f"step {self.step}: the weights hold NaN/Inf; not saving, "
                                    f"checkpoints/latest stays on the last good checkpoint. Lower "
@@ -251,9 +262,11 @@ class Trainer:
 
     def _resume(self) -> None:
         from ..parallel.agreement import agree_on_failure
+        from .resume_check import check_resume_compatible
 
         folder = self._resumable_checkpoint()
         with agree_on_failure("reading the checkpoint"):
+            check_resume_compatible(folder, self.cfg)  # family/backbone/shape, before any weight
             meta = ckpt.read_meta(folder)
             reshard.check_global_batch(folder, meta, self.global_batch)
         here = (self.topo.tp, self.topo.pp, self.topo.dp, self.cfg.parallel.zero_stage)
