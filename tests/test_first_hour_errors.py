@@ -133,3 +133,48 @@ def test_disk_full_during_a_save_names_the_place(tmp_path):
         assert not (run_dir / "checkpoints" / "latest").exists()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def _wait_for_steps(run_dir, procs, steps, timeout=150):
+    import json
+    import time
+    deadline = time.time() + timeout
+    while True:
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        if (run_dir / "metrics.jsonl").exists():
+            rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.endswith("\n")]
+            if len(rows) >= steps:
+                return
+        time.sleep(0.05)
+
+
+def test_a_killed_rank_is_named_by_the_survivor_in_one_line(tmp_path):
+    """Two ranks started as srun starts them (nothing supervising them); rank 1 is SIGKILLed
+    mid-run: rank 0 leaves its collective at once (not after parallel.timeout_minutes) with one
+    line naming rank 1, exit 4 (a peer's failure, as for a collective timeout)."""
+    import time
+
+    from test_cluster_failures import finish, srun_like
+    demo = demo_corpus_dir()
+    run_dir = tmp_path / "run"
+    procs = srun_like([REPO_ROOT, REPO_ROOT], run_dir, "train.steps=400",
+                      "parallel.timeout_minutes=5", f"data.path=[{demo}/train_text_document]",
+                      f"data.valid_path=[{demo}/validation_text_document]",
+                      f"data.tokenizer_model={demo}/tokenizer.model",
+                      env={"MEGAPONDER_FAULT_STEP_SLEEP": "0.1"})
+    try:
+        _wait_for_steps(run_dir, procs, 2)
+        procs[1].kill()
+        killed = time.time()
+        rc, _, err, ended = finish(procs[0], timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("megaponder: ")]
+    assert rc == 4 and lines == [
+        "megaponder: rank 0: rank 1 died during a collective (its connection closed); its own "
+        "log says why (killed, out of memory, node lost). Resume with --set train.resume=auto "
+        "once it is fixed."], err[-3000:]
+    print("survivor left after", round(ended - killed, 1), "s")
+    assert "Traceback" not in err and ended - killed < 60, err[-3000:]

@@ -490,9 +490,9 @@ def train(cfg: Config) -> dict:
             torch.distributed.barrier()
         return summary
     except BaseException as err:
-        from ..parallel.agreement import describe_timeout
+        from ..parallel.agreement import describe_peer_loss, describe_timeout
 
-        timeout = describe_timeout(err, cfg.parallel.timeout_minutes)
+        timeout = describe_timeout(err, cfg.parallel.timeout_minutes) or describe_peer_loss(err)
         # an error exit with a live gloo group can abort at interpreter shutdown ("terminate
         # called without an active exception", rc 134) instead of the CLI's one line and code
         if torch.distributed.is_initialized():
