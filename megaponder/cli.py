@@ -28,10 +28,13 @@ def _load_tokenizer(folder: str, override: str | None):
     from .train.checkpoint import checkpoint_tokenizer_path
     from .data import build_tokenizer
 
+    from .train.checkpoint import read_checkpoint_config
+
     path = checkpoint_tokenizer_path(folder, override)
     if path is None:
         raise SystemExit(f"no tokenizer found for checkpoint {folder}; pass --tokenizer-model")
-    return build_tokenizer(None, path)
+    # the run's data.eod_token, so generation stops where its documents ended
+    return build_tokenizer(None, path, read_checkpoint_config(folder).data.eod_token)
 
 
 def _device(name: str):

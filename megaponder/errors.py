@@ -74,7 +74,7 @@ def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get("MEGAPONDER_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
-def _rank() -> int:
+def launcher_rank() -> int:
     """This process's rank from whichever launcher started it, without touching torch."""
     for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
         if os.environ.get(name, "").isdigit():
@@ -128,7 +128,7 @@ def report(err: BaseException, *, debug: bool = False, stream=None) -> int:
         traceback.print_exception(err, file=stream)
     _write_elastic_error_file(message)
     here = getattr(err, _REPORT_HERE, None)
-    if (_rank() == 0 if here is None else here) or debug_enabled(debug):
+    if (launcher_rank() == 0 if here is None else here) or debug_enabled(debug):
         stream.write(message + "\n")
         stream.flush()
     return USER_ERROR_EXIT

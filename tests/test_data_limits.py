@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest_data import REPO_ROOT, demo_corpus_dir
 
 from megaponder.data import IndexedDataset
@@ -92,3 +93,17 @@ def test_two_runs_on_one_prefix_one_is_refused_the_other_completes(tmp_path):
     ds = IndexedDataset(str(prefix) + "_text_document")
     assert ds.num_documents == len(rows) and f"{len(rows)} documents" in out
     assert not os.path.exists(lock) and not os.path.exists(str(prefix) + ".preprocess-tmp")
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    from megaponder.data.preprocess import preprocess
+    from megaponder.errors import UserError
+
+    demo = demo_corpus_dir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    os.symlink(target, str(tmp_path / "out") + ".preprocess.lock")
+    with pytest.raises(UserError, match=r"out.preprocess.lock is a symbolic link; refusing to follow it"):
+        preprocess(os.path.join(demo, "validation.jsonl"), ["text"], None,
+                   os.path.join(demo, "tokenizer.model"), str(tmp_path / "out"), progress=False)
+    assert target.read_text() == "keep me" and not (tmp_path / "out_text_document.bin").exists()

@@ -178,3 +178,50 @@ def test_a_killed_rank_is_named_by_the_survivor_in_one_line(tmp_path):
         "once it is fixed."], err[-3000:]
     print("survivor left after", round(ended - killed, 1), "s")
     assert "Traceback" not in err and ended - killed < 60, err[-3000:]
+
+
+def _child_with_rank(launcher_pid, rank):
+    """The pid of the torchrun worker whose environment says RANK=rank."""
+    children = open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()
+    for pid in children:
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_a_killed_rank_under_torchrun_is_one_line_not_a_gloo_dump(tmp_path):
+    """torchrun, 2 ranks; rank 1 SIGKILLed mid-run. Rank 0 prints one line naming rank 1 (or,
+    when torchrun's SIGTERM reaches it first, none): never a traceback; torchrun's summary
+    names rank 1 (the root cause) and exits non-zero."""
+    import signal
+    import time
+    demo = demo_corpus_dir()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1",
+           "MEGAPONDER_FAULT_STEP_SLEEP": "0.1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.Popen(_torchrun("train", "--config", TINY_YML,
+                                      *_sets(run_dir, "train.steps=400", "train.log_every=1")),
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_steps(run_dir, [proc], 2)
+        victim = _child_with_rank(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    ours = [line for line in err.splitlines() if line.startswith("megaponder: ")]
+    assert proc.returncode != 0 and len(ours) <= 1, err[-3000:]
+    if ours:
+        assert ours[0].startswith("megaponder: rank 0: rank 1 died during a collective"), ours
+    assert "[rank0]: Traceback" not in err and "gloo" not in err.lower(), err[-3000:]
+    assert "Signal 9 (SIGKILL) received by PID" in err or "exitcode  : -9" in err, err[-3000:]
+    print("torchrun exited", round(time.time() - killed, 1), "s after the kill;", ours)

@@ -19,10 +19,11 @@ one line, before it touches the first run's temporary folder.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import gzip
 import io
 import json
-import fcntl
 import multiprocessing as mp
 import os
 import queue
@@ -321,7 +322,13 @@ class OutputPrefixLock:
     def __enter__(self) -> "OutputPrefixLock":
         while True:
             # O_NOFOLLOW: a planted link must not make the lock truncate the file it points to
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as err:
+                if err.errno != errno.ELOOP:
+                    raise
+                raise UserError(f"{self.path} is a symbolic link; refusing to follow it. Remove "
+                                f"it (megaponder never creates one).") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

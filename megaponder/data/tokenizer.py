@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Iterable, Optional
 
-from ..errors import DataError, MissingFileError
+from ..errors import DataError, MissingFileError, launcher_rank
 
 EOD_PIECE = "<|endoftext|>"
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HFTokenizer")
@@ -262,8 +262,9 @@ _notes_printed: set = set()
 
 
 def _note(message: str) -> None:
-    """Print a note once per process (the tokenizer is built in several places of a run)."""
-    if message not in _notes_printed:
+    """Print a note once per job: once per process (the tokenizer is built in several places
+    of a run), on rank 0 only (every rank builds it)."""
+    if message not in _notes_printed and launcher_rank() == 0:
         _notes_printed.add(message)
         print(f"megaponder: note: {message}", file=sys.stderr, flush=True)
 
