@@ -25,10 +25,8 @@ def _train(args) -> int:
 
 
 def _load_tokenizer(folder: str, override: str | None):
-    from .train.checkpoint import checkpoint_tokenizer_path
     from .data import build_tokenizer
-
-    from .train.checkpoint import read_checkpoint_config
+    from .train.checkpoint import checkpoint_tokenizer_path, read_checkpoint_config
 
     path = checkpoint_tokenizer_path(folder, override)
     if path is None:

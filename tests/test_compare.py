@@ -124,5 +124,6 @@ def test_the_worked_offline_task_example_of_the_docs_runs(two_runs, tmp_path):
                                "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    scores = result["my_capitals"] if "my_capitals" in result else result["results"]["my_capitals"]
-    assert any(k.startswith("acc") for k in scores) and any(k.startswith("perplexity") for k in scores)
+    scores = result["tasks"]["my_capitals"]
+    assert 0 <= scores["acc,none"] <= 1 and scores["perplexity,none"] > 1
+    assert result["mean_iters"] == 1.0 and "flops_ratio" in result

@@ -2,7 +2,7 @@
 
 lm-eval's requests are short (a few dozen tokens for the offline cloze tasks) and scored one
 padded forward per batch, so at batch size 1 a CPU spends most of its time in per-forward
-overhead (the demo tasks' 1,144 requests took 9-17 minutes at 1; see docs/evaluation.md).
+overhead rather than in the matmuls.
 
 - CUDA: real forwards of ``[b, max_length]`` with b doubling from 1 until one runs out of
   memory (or reaches :data:`MAX_AUTO_BATCH`); the largest that fit, halved once for headroom

@@ -149,7 +149,9 @@ class Trainer:
         from ..data import packing
         from ..data.checks import data_tokenizer
 
-        eod = data_tokenizer(d).eod
+        if getattr(self, "_eod", None) is None:  # reads a tokenizer file: once per run
+            self._eod = data_tokenizer(d).eod
+        eod = self._eod
         if d.reset_position_ids:
             batch["position_ids"] = packing.position_ids(batch["tokens"], eod)
         if d.reset_attention_mask:
