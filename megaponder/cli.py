@@ -6,6 +6,7 @@
     megaponder lm-eval  --checkpoint DIR --tasks T1,T2 [--limit N] ...
     megaponder fprinciple {1d,digits,lm} ...   (docs/analysis.md)
     megaponder plan     --config FILE.yml --world-size N --device H100|--memory-gb G
+    megaponder compare  RUN_DIR... [--plot FILE.png] [--data PREFIX]
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ def _train(args) -> int:
 
 
 def _load_tokenizer(folder: str, override: str | None):
-    from .train.checkpoint import checkpoint_tokenizer_path
     from .data import build_tokenizer
+    from .train.checkpoint import checkpoint_tokenizer_path, read_checkpoint_config
 
     path = checkpoint_tokenizer_path(folder, override)
     if path is None:
         raise SystemExit(f"no tokenizer found for checkpoint {folder}; pass --tokenizer-model")
-    return build_tokenizer(None, path)
+    # the run's data.eod_token, so generation stops where its documents ended
+    return build_tokenizer(None, path, read_checkpoint_config(folder).data.eod_token)
 
 
 def _device(name: str):
@@ -74,11 +76,28 @@ def _eval(args) -> int:
         torch.set_num_threads(args.threads)
     if args.eval_mode is not None:
         model.ponder_cfg.eval_mode = args.eval_mode
-    batches = sequential_batches(IndexedDataset(args.data), seq, args.batch_size, args.max_samples)
-    result = evaluate(model, batches, progress=sys.stderr.isatty())
+    dataset = IndexedDataset(args.data)
+    windows = max(0, (dataset.num_tokens - 1) // seq)
+    if args.max_samples is not None:
+        windows = min(windows, args.max_samples)
+    batches = sequential_batches(dataset, seq, args.batch_size, args.max_samples)
+    # one line up front: an adaptive model on a large file takes minutes on a CPU
+    print(f"megaponder eval: {windows:,} windows of {seq} tokens from {args.data}, "
+          f"{cfg.model.family} model on {next(model.parameters()).device}", file=sys.stderr)
+    if _progress_wanted(args):
+        from tqdm import tqdm
+        batches = tqdm(batches, total=-(-windows // args.batch_size), desc="eval", unit="batch",
+                       file=sys.stderr, dynamic_ncols=True)
+    result = evaluate(model, batches)
     # CONTRACT keys first, then what the latent families computed (eval_mode, Jacobi passes)
     print(json.dumps(result))
     return 0
+
+
+def _progress_wanted(args) -> bool:
+    """--progress / --no-progress; by default a bar only when stderr is a terminal (a batch
+    log would fill with redraws)."""
+    return sys.stderr.isatty() if getattr(args, "progress", None) is None else args.progress
 
 
 def _lm_eval(args) -> int:
@@ -135,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-mode", choices=("exact", "official"), default=None,
                    help="PonderLM-2/3: exact (Jacobi to ponder.eval_jacobi_tol, the default) or "
                         "official (ponder.eval_jacobi_passes passes); recorded in the JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint (docs/evaluation.md)")
@@ -145,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_fprinciple_parser(sub)  # megaponder fprinciple {1d,digits,lm}
     from .train.plan import add_parser as add_plan_parser
     add_plan_parser(sub)  # megaponder plan (docs/performance.md)
+    from .analysis.compare import add_parser as add_compare_parser
+    add_compare_parser(sub)  # megaponder compare RUN_DIR...
     return parser
 
 

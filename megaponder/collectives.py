@@ -119,6 +119,52 @@ def _summary(err: BaseException) -> str:
     return one_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {one_line(err)}"
 
 
+class PeerLost(CollectiveTimeout):
+    """A peer's connection closed in the middle of a collective: that rank died."""
+
+
+# how gloo words a peer that went away (its process died, its node rebooted)
+_PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+ROLL_CALL_SECONDS = 3.0
+
+
+def _missing_ranks(rank: int, world: int) -> Optional[list[int]]:
+    """The ranks that do not answer a roll call on the rendezvous store within
+    :data:`ROLL_CALL_SECONDS` (None when the store itself is gone). Two ranks: the other one."""
+    if world == 2:
+        return [1 - rank]
+    import datetime
+    import time
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=ROLL_CALL_SECONDS))
+        store.set(f"megaponder/roll_call/{rank}", "1")
+        deadline = time.time() + ROLL_CALL_SECONDS
+        keys = [f"megaponder/roll_call/{r}" for r in range(world)]
+        while time.time() < deadline and not store.check(keys):
+            time.sleep(0.1)
+        return [r for r, key in enumerate(keys) if not store.check([key])]
+    except Exception:  # noqa: BLE001 - the store lived on the dead rank: unknown
+        return None
+
+
+def describe_peer_loss(err: BaseException) -> Optional[PeerLost]:
+    """A one-line :class:`PeerLost` naming the dead rank(s) for a collective that failed
+    because a peer went away, else None. Call it before destroying the process group."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not any(m in text for m in _PEER_LOST_MARKERS):
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    missing = _missing_ranks(rank, world)
+    who = (f"rank {', '.join(map(str, missing))}" if missing else "a peer rank")
+    return PeerLost(f"rank {rank}: {who} died during a collective (its connection closed); its "
+                    f"own log says why (killed, out of memory, node lost). Resume with --set "
+                    f"train.resume=auto once it is fixed.")
+
+
 # how torch.distributed words a timeout: gloo's collectives, the rendezvous store, NCCL's watchdog
 _TIMEOUT_MARKERS = ("Timed out waiting", "Timed out after",
                     "Watchdog caught collective operation timeout")

@@ -17,13 +17,14 @@ existing ``except ValueError`` code keeps working) for any new kind of user-faci
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import sys
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
 #: exit code of a run stopped by a user error (argparse uses the same for bad arguments)
 USER_ERROR_EXIT = 2
@@ -41,11 +42,39 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file the user named (data, tokenizer, input) does not exist."""
 
 
+class DiskFull(UserError, OSError):
+    """A write failed because the file system is full (or the quota is used up)."""
+
+
+#: errno of a full file system / used-up quota, and how torch.save words a short write (it
+#: drops the errno: "PytorchStreamWriter failed writing file ...", "unexpected pos N vs M")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_SHORT_WRITE_MARKERS = ("PytorchStreamWriter failed writing", "unexpected pos")
+_NEARLY_FULL_BYTES = 16 << 20
+
+
+def disk_full(err: BaseException, path: str, doing: str) -> Optional[DiskFull]:
+    """A :class:`DiskFull` naming ``path`` when ``err`` (raised while ``doing`` something
+    under ``path``) is a full file system, else None. A torch.save short write counts when
+    the file system under ``path`` has almost no space left (it does not keep the errno)."""
+    full = isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS
+    if not full and any(m in str(err) for m in _SHORT_WRITE_MARKERS):
+        try:
+            stat = os.statvfs(path)
+            full = stat.f_bavail * stat.f_frsize < _NEARLY_FULL_BYTES
+        except OSError:
+            full = False
+    if not full:
+        return None
+    return DiskFull(f"disk full at {path}: {doing} failed ({one_line(err)[:120]}); free space "
+                    f"there (or lower train.keep_last) and resume with --set train.resume=auto.")
+
+
 def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get("MEGAPONDER_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
-def _rank() -> int:
+def launcher_rank() -> int:
     """This process's rank from whichever launcher started it, without touching torch."""
     for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
         if os.environ.get(name, "").isdigit():
@@ -99,7 +128,7 @@ def report(err: BaseException, *, debug: bool = False, stream=None) -> int:
         traceback.print_exception(err, file=stream)
     _write_elastic_error_file(message)
     here = getattr(err, _REPORT_HERE, None)
-    if (_rank() == 0 if here is None else here) or debug_enabled(debug):
+    if (launcher_rank() == 0 if here is None else here) or debug_enabled(debug):
         stream.write(message + "\n")
         stream.flush()
     return USER_ERROR_EXIT

@@ -19,7 +19,7 @@ def test_overrides_are_typed():
 
 
 def test_unknown_key_names_the_key_and_the_nearest_one():
-    with pytest.raises(ConfigError, match=r"Unknown config key 'model\.hiden_size'.*'hidden_size'"):
+    with pytest.raises(ConfigError, match=r"Unknown config key 'model\.hiden_size'. Did you mean 'model\.hidden_size'\?"):
         load_config(None, ["model.hiden_size=64"])
 
 

@@ -105,9 +105,13 @@ def test_cli_neox_spelling_summary_and_progress(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", MALFORMED)
     p = run_tool("preprocess_data.py", "--input", src, "--jsonl-keys", "text",
                  "--tokenizer-type", "HFTokenizer", "--tokenizer-model", tok,
-                 "--output-prefix", tmp_path / "cli", "--append-eod", "--workers", "2")
+                 "--output-prefix", tmp_path / "cli", "--append-eod", "--workers", "2", "--progress")
     assert "3 documents" in p.stdout and "bad records skipped: 7" in p.stdout
     assert "line 2: invalid JSON" in p.stderr and "doc/s" in p.stderr
+    # not a terminal and no --progress: no bar (no \r redraws in a batch log)
+    quiet = run_tool("preprocess_data.py", "--input", src, "--tokenizer-model", tok,
+                     "--output-prefix", tmp_path / "cli")
+    assert "doc/s" not in quiet.stderr and "\r" not in quiet.stderr and "3 documents" in quiet.stdout
     assert (tmp_path / "cli_text_document.idx").exists()
     bad = run_tool("preprocess_data.py", "--input", src, "--tokenizer-type", "HFTokenizer",
                    "--tokenizer-model", tok, "--output-prefix", tmp_path / "x",

@@ -25,9 +25,13 @@ def param(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def _nearest(name: str, options: list[str]) -> str:
+def _nearest(name: str, options: list[str], section: str = "") -> str:
+    """The hint after an unknown name; ``section`` prefixes keys ('train.steps', not 'steps',
+    so the hint can be pasted into --set as it is)."""
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
+    if match:
+        return f" Did you mean '{_join(section, match[0])}'?"
+    return f" Valid keys: {', '.join(_join(section, o) for o in sorted(options))}."
 
 
 _SHORT = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
@@ -89,9 +93,13 @@ def coerce(value: Any, tp, where: str) -> Any:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{where}: expected an integer, got {short(value)}.")
         try:
-            return int(value)
-        except (TypeError, ValueError):
+            number = int(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise ConfigError(f"{where}: expected an integer, got {short(value)}.") from None
+        if not -2 ** 63 <= number < 2 ** 63:
+            raise ConfigError(f"{where}: {str(value)[:40]} does not fit a 64-bit integer; give a "
+                              f"value below 2**63 (9.2e18).")
+        return number
     if tp is float:
         try:
             return float(value)
@@ -116,7 +124,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"Unknown config key '{_join(where, str(key))}'.{_nearest(str(key), names)}")
+            raise ConfigError(f"Unknown config key '{_join(where, str(key))}'.{_nearest(str(key), names, where)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:

@@ -139,6 +139,8 @@ def train_config_problems(t) -> list[str]:
     problems = []
     if not str(t.run_dir).strip():
         problems.append("train.run_dir is empty; name the run directory (e.g. runs/my-run).")
+    if not 0 <= t.seed < 2 ** 32:  # numpy's generators (data order, init) take 32-bit seeds
+        problems.append(f"train.seed must be between 0 and 2**32-1 = 4294967295 (got {t.seed}).")
     if t.keep_last < 0:
         problems.append(f"train.keep_last must be >= 0 (got {t.keep_last}; 0 keeps all).")
     if t.max_skipped_steps < 1:

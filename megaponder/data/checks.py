@@ -38,15 +38,15 @@ def meta_path(prefix: str) -> str:
     return prefix + META_SUFFIX
 
 
-def write_meta(prefix: str, tokenizer, tokenizer_type: str, append_eod: bool) -> dict:
+def write_meta(prefix: str, tokenizer, append_eod: bool) -> dict:
     """Write ``PREFIX.meta.json`` for a finished ``PREFIX.bin``/``.idx`` (called by preprocess)."""
     ds = IndexedDataset(prefix)
     lo, hi = token_range(ds, full_scan_bytes=1 << 62)  # exact: a scan costs little next to tokenizing
     meta = {
         "format": META_FORMAT, "version": 1,
-        "tokenizer": {"type": tokenizer_type, "model": os.path.abspath(tokenizer.path),
+        "tokenizer": {"type": type(tokenizer).__name__, "model": os.path.abspath(tokenizer.path),
                       "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                      "eod": tokenizer.eod},
+                      "eod": tokenizer.eod, "eod_token": tokenizer.token_name(tokenizer.eod)},
         "append_eod": bool(append_eod),
         "sequences": len(ds), "documents": ds.num_documents, "tokens": ds.num_tokens,
         "min_token_id": lo, "max_token_id": hi, "dtype": ds.dtype.name,
@@ -192,17 +192,40 @@ def open_and_check_data(cfg, log: Callable[[str], None] = lambda m: None
     return datasets
 
 
+def data_tokenizer(data_cfg):
+    """The tokenizer of a ``data:`` section. Its end of document: ``data.eod_token``, else
+    the token the first dataset's ``.meta.json`` says preprocessing appended (so packing
+    resets where the documents really end), else the tokenizer's own guess."""
+    from ..config import _data_prefixes
+    from .tokenizer import build_tokenizer
+
+    if data_cfg.eod_token is None:
+        for prefix in _data_prefixes(data_cfg.path) + _data_prefixes(data_cfg.valid_path):
+            try:
+                made_with = (read_meta(str(prefix)) or {}).get("tokenizer", {})
+            except (DataError, OSError):
+                made_with = {}  # the data checks report a damaged sidecar with its file name
+            if made_with.get("eod_token"):
+                try:
+                    tok = build_tokenizer(data_cfg.tokenizer_type, data_cfg.tokenizer_model,
+                                          made_with["eod_token"])
+                except DataError:
+                    break  # another tokenizer: the data checks say so
+                if tok.fingerprint == made_with.get("fingerprint"):
+                    return tok
+            break
+    return build_tokenizer(data_cfg.tokenizer_type, data_cfg.tokenizer_model, data_cfg.eod_token)
+
+
 def check_data_fits(cfg, log: Callable[[str], None] = lambda m: None,
                     datasets: Optional[dict[str, IndexedDataset]] = None) -> None:
     """Raise :class:`DataError` (one line naming the file or key) if the data of ``cfg`` cannot
     train ``cfg.model`` with ``cfg.data``'s tokenizer. ``datasets``: from :func:`open_datasets`
     (opened here otherwise). The trainer runs this on rank 0 only."""
-    from .tokenizer import build_tokenizer
-
     vocab = cfg.model.vocab_size
     tok = None
     if cfg.data.tokenizer_model:
-        tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        tok = data_tokenizer(cfg.data)
         if tok.vocab_size > vocab:
             raise DataError(f"model.vocab_size={vocab} is smaller than the vocabulary of "
                             f"data.tokenizer_model {cfg.data.tokenizer_model} ({tok.vocab_size} "

@@ -178,9 +178,9 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
                          "data/demo/train_text_document).")
     eod, pad = None, 0
     if data_cfg.reset_position_ids or data_cfg.reset_attention_mask:
-        from .tokenizer import build_tokenizer
+        from .checks import data_tokenizer
 
-        tok = build_tokenizer(data_cfg.tokenizer_type, data_cfg.tokenizer_model)
+        tok = data_tokenizer(data_cfg)
         eod, pad = tok.eod, tok.pad
     valid_prefixes, valid_weights = parse_blend(data_cfg.valid_path)
 

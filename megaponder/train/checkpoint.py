@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, config_from_dict
+from ..data.tokenizer import copy_tokenizer
 from ..safe_files import atomic_write, fsync_dir, remove_tree, write_atomic
 
 MODEL_FILE = "model.pt"
@@ -362,11 +363,9 @@ def write_model_files(folder: str, cfg: Config, state_dict: Optional[dict], meta
         with atomic_write(os.path.join(folder, MODEL_FILE)) as f:
             torch.save(state_dict, f)
     _write_atomic(os.path.join(folder, CONFIG_FILE), cfg.to_yaml())
-    if tokenizer_path and os.path.isfile(tokenizer_path):
-        dest = os.path.join(folder, "tokenizer" + os.path.splitext(tokenizer_path)[1])
-        with open(tokenizer_path, "rb") as src, atomic_write(dest) as dst:
-            shutil.copyfileobj(src, dst)
-        meta = {**meta, "tokenizer": os.path.basename(dest)}
+    if tokenizer_path and os.path.exists(tokenizer_path):
+        # a folder or GPT-2 pair becomes one file; written without following links
+        meta = {**meta, "tokenizer": copy_tokenizer(tokenizer_path, folder)}
     _write_atomic(os.path.join(folder, META_FILE), json.dumps(meta, indent=2) + "\n")
 
 
@@ -399,6 +398,10 @@ def latest_tag(ckpt_root: str, must_exist: bool = True) -> Optional[str]:
     return tag
 
 
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """``--checkpoint`` names no checkpoint (one line, exit 2)."""
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint folder from a checkpoint folder, a checkpoints/ folder or a run dir."""
     if not path:
@@ -415,7 +418,7 @@ def resolve_checkpoint(path: str) -> str:
         if tag is not None:
             check_tag_folder(os.path.join(root, tag))
             return os.path.join(root, tag)
-    raise FileNotFoundError(
+    raise CheckpointNotFound(
         f"'{path}' is neither a megaponder checkpoint (no {MODEL_FILE}) nor a run directory "
         f"with checkpoints/latest. Pass a run dir, runs/X/checkpoints/<tag>, or the --output of "
         f"tools/convert_checkpoint.py.")
@@ -470,7 +473,7 @@ def checkpoint_tokenizer_path(folder: str, override: Optional[str] = None) -> Op
     """The tokenizer of a checkpoint: ``override``, else the copy inside the checkpoint, else
     the run's ``data.tokenizer_model``; None when that file does not exist."""
     path = override or tokenizer_file(folder) or read_checkpoint_config(folder).data.tokenizer_model
-    return path if path and os.path.isfile(path) else None
+    return path if path and os.path.exists(path) else None
 
 
 def load_model(path: str, map_location: str = "cpu"):

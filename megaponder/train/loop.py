@@ -159,9 +159,12 @@ class Trainer:
         d = self.cfg.data
         if not (d.reset_position_ids or d.reset_attention_mask):
             return batch
-        from ..data import build_tokenizer, packing
+        from ..data import packing
+        from ..data.checks import data_tokenizer
 
-        eod = build_tokenizer(d.tokenizer_type, d.tokenizer_model).eod
+        if getattr(self, "_eod", None) is None:  # reads a tokenizer file: once per run
+            self._eod = data_tokenizer(d).eod
+        eod = self._eod
         if d.reset_position_ids:
             batch["position_ids"] = packing.position_ids(batch["tokens"], eod)
         if d.reset_attention_mask:
@@ -230,7 +233,18 @@ class Trainer:
 
     def save(self) -> None:
         """Collective. Every rank writes into a staging folder; rank 0 publishes it (never
-        non-finite weights: ``latest`` stays on the last good checkpoint)."""
+        non-finite weights: ``latest`` stays on the last good checkpoint). A full disk is a
+        one-line :class:`DiskFull` naming the checkpoint folder."""
+        from ..errors import disk_full
+        try:
+            self._save()
+        except (OSError, RuntimeError) as err:
+            full = disk_full(err, self.ckpt_root, f"saving step {self.step}")
+            if full is None:
+                raise
+            raise full from err
+
+    def _save(self) -> None:
         if any_rank(not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())):
             raise TrainingDiverged(f"step {self.step}: the weights hold NaN/Inf; not saving, "
                                    f"checkpoints/latest stays on the last good checkpoint. Lower "
@@ -263,9 +277,11 @@ class Trainer:
 
     def _resume(self) -> None:
         from ..collectives import agree_on_failure
+        from .resume_check import check_resume_compatible
 
         folder = self._resumable_checkpoint()
         with agree_on_failure("reading the checkpoint"):
+            check_resume_compatible(folder, self.cfg)  # family/backbone/shape, before any weight
             meta = ckpt.read_meta(folder)
             reshard.check_global_batch(folder, meta, self.global_batch)
         here = (self.topo.tp, self.topo.pp, self.topo.dp, self.cfg.parallel.zero_stage)
@@ -514,9 +530,9 @@ def train(cfg: Config, step_hooks: Sequence[StepHookFactory] = ()) -> dict:
             torch.distributed.barrier()
         return summary
     except BaseException as err:
-        from ..collectives import describe_timeout
+        from ..collectives import describe_peer_loss, describe_timeout
 
-        timeout = describe_timeout(err, cfg.parallel.timeout_minutes)
+        timeout = describe_timeout(err, cfg.parallel.timeout_minutes) or describe_peer_loss(err)
         # an error exit with a live gloo group can abort at interpreter shutdown ("terminate
         # called without an active exception", rc 134) instead of the CLI's one line and code
         if torch.distributed.is_initialized():
