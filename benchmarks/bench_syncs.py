@@ -26,7 +26,7 @@ def _count(rank, world, layouts, families):
     from parallel_checks import family_config
     from sync_count import SyncCounter
     from megaponder.models import build_model
-    from megaponder.parallel.engine import build_engine
+    from megaponder.train.engine import build_engine
     from megaponder.parallel.parallelize import parallelize
     from megaponder.parallel.state import build_topology, seed_everything
     from megaponder.train.guards import StopRequest

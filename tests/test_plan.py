@@ -46,7 +46,7 @@ def _measure(rank, world, layouts):
 
     import torch
     from megaponder.models import build_model
-    from megaponder.parallel.engine import build_engine
+    from megaponder.train.engine import build_engine
     from megaponder.parallel.parallelize import parallelize
     from megaponder.parallel.state import build_topology
     from megaponder.train.memory import LiveBytes
