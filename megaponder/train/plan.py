@@ -315,9 +315,9 @@ def logits_bytes(cfg) -> float:
     from ..models.spec import family_spec
 
     m, p = cfg.model, cfg.ponder
-    passes = 1
-    if family_spec(m.family).kind != "latent" and m.family not in ("vanilla", "loop"):
-        passes = p.steps + 1
+    # vertical families compute logits on every pass (their softmax feeds the next input);
+    # fixed-depth (vanilla, loop) and latent ones once per position
+    passes = p.steps + 1 if family_spec(m.family).kind == "vertical" else 1
     return 4.0 * cfg.train.micro_batch_size * cfg.data.seq_length * m.padded_vocab() / cfg.parallel.tp * passes
 
 
@@ -369,10 +369,11 @@ def add_parser(sub) -> None:
 
 
 def _plan_command(args) -> int:
-    from ..config import load_config, validate
+    from ..config import load_config
+    from .preflight import preflight
 
     cfg = load_config(args.config, args.set or [], check_paths=False)
-    validate(cfg, check_paths=False, world_size=args.world_size)
+    preflight(cfg, check_paths=False, world_size=args.world_size)
     memory, note = device_memory(args.device, args.memory_gb)
     plans = plan(cfg, args.world_size, memory)
     print(format_plan(cfg, args.world_size, plans, note))
