@@ -28,7 +28,6 @@ setup(
         "numpy",
         "deepspeed>=0.15",
         "pyyaml",
-        "python-hostlist",  # SLURM node lists (megaponder.parallel.state.expand_nodelist)
         "tqdm",
         "sentencepiece",
         "tokenizers",
@@ -40,6 +39,9 @@ setup(
         # (pip install --no-build-isolation 'megaponder[gpu]').
         "gpu": ["flash-attn>=2.5"],
         "mpi": ["mpi4py"],
+        # SLURM node lists where scontrol is absent (GPL-2.0+, so optional; every SLURM node
+        # has scontrol, which megaponder.parallel.state.expand_nodelist prefers)
+        "slurm": ["python-hostlist"],
         # `megaponder lm-eval` (docs/evaluation.md); lm-eval's `hf` model needs accelerate
         "eval": ["lm_eval==0.4.13", "accelerate==1.15.0"],
         "dev": ["pytest", "pytest-timeout", "transformers>=4.40", "megatron-core", "tensorboard"],

@@ -36,10 +36,15 @@ def test_single_process():
     assert (info.rank, info.world_size, info.source) == (0, 1, "single")
 
 
-def test_expand_nodelist():
-    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
-    assert expand_nodelist("a1,b[9-10]") == ["a1", "b9", "b10"]
-    assert expand_nodelist("single") == ["single"]
+@pytest.mark.parametrize("use_scontrol", [True, False])
+def test_expand_nodelist(use_scontrol):
+    """scontrol where SLURM is installed (else python-hostlist: both kinds of machine)."""
+    def expand(text):
+        return expand_nodelist(text, use_scontrol=use_scontrol)
+    assert expand("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert expand("r[1-2]n[01-02]") == ["r1n01", "r1n02", "r2n01", "r2n02"]
+    assert expand("a1,b[9-10]") == ["a1", "b9", "b10"]
+    assert expand("single") == ["single"]
 
 
 def test_strip_local_rank(monkeypatch):

@@ -7,7 +7,7 @@
 
 One ``HOST slots=N`` line per node, in SLURM's order: the node list is expanded by
 ``scontrol show hostnames`` where SLURM is installed, else by python-hostlist (the same
-expansion; tests/cluster/test_slurm.py compares the two). The launcher is the ``deepspeed``
+expansion; megaponder.parallel.state.expand_nodelist, tests/cluster/test_slurm.py compares the two). The launcher is the ``deepspeed``
 next to this Python (the venv's), with the first node as master; with one node it skips
 DeepSpeed's ssh check (a single node is launched locally, without pdsh). CMD are the launcher's
 arguments after its own options (default: ``--module megaponder train``). --dry-run prints the
@@ -17,26 +17,9 @@ this process with the launcher.
 import argparse
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's own expansion when scontrol is here, else python-hostlist's (same result)."""
-    scontrol = shutil.which("scontrol")
-    if scontrol:
-        out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True)
-        if out.returncode != 0 or not out.stdout.split():
-            why = (out.stderr or out.stdout or "no hosts").strip().splitlines()[-1]
-            raise ValueError(f"scontrol cannot expand the node list {nodelist!r}: {why}")
-        return out.stdout.split()
-    import hostlist  # python-hostlist, a dependency of megaponder
-
-    try:
-        return hostlist.expand_hostlist(nodelist, allow_duplicates=True)
-    except hostlist.BadHostlist as err:
-        raise ValueError(f"cannot expand the node list {nodelist!r}: {err}") from None
+from megaponder.parallel.state import expand_nodelist  # scontrol's expansion (python-hostlist without SLURM)
 
 
 def slots_from_env(env=os.environ) -> int:

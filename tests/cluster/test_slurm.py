@@ -207,6 +207,7 @@ def test_make_hostfile_expands_node_lists_as_scontrol(slurm):
         want = subprocess.run(["scontrol", "show", "hostnames", form], capture_output=True,
                               text=True, check=True).stdout.split()
         assert expand_nodelist(form) == want, form
+        assert expand_nodelist(form, use_scontrol=False) == want, form  # python-hostlist
         out = subprocess.run([sys.executable, os.path.join(SCRIPTS, "make_hostfile.py"),
                               "--nodelist", form, "--slots", "4", "--dry-run", "--",
                               "--module", "megaponder", "train", "--config", "c.yml"],
