@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 
-from launcher_runs import (REPO, STEP_SLEEP, STEPS, assert_saved_by_both_ranks, demo_data, free_port,
+from .launcher_runs import (REPO, STEP_SLEEP, STEPS, assert_saved_by_both_ranks, demo_data, free_port,
                            group_members, latest_step, launcher_env, losses, processes_with,
                            reference_losses, train_cmd, wait_for_steps)
 

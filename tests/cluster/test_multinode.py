@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from launcher_runs import (HERE, REPO, STEP_SLEEP, STEPS, assert_saved_by_both_ranks, assert_same_curve,
+from .launcher_runs import (HERE, REPO, STEP_SLEEP, STEPS, assert_saved_by_both_ranks, assert_same_curve,
                            demo_data, latest_step, launcher_env, losses, reference_losses, running,
                            train_cmd, wait_for_steps)
 
