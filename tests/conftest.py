@@ -171,6 +171,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.inprocess)
 
 
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE",
+                  "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_env_restored():
+    """In-process code that plays a launcher (export_launcher_env, strip_local_rank_arg) writes
+    RANK/LOCAL_RANK/... into os.environ; a value left behind makes a later test think it is
+    another rank (lm-eval then returns no results on "rank 3"). Restore them after every test."""
+    before = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _inprocess_tier_check(request, monkeypatch):
     """MEGAPONDER_CHECK_TIERS=1: a test marked inprocess that starts a process fails."""

@@ -56,7 +56,9 @@ def test_a_200_mb_record_is_skipped_and_counted_with_bounded_memory(tmp_path):
     assert found, err[-2000:]
     size, limit = (int(g.replace(",", "")) for g in found.groups())
     assert size > 200e6 and (1 << 20) <= limit <= (256 << 20)
-    assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB"
+    # bounded: 300-560 MiB measured (alone / inside the full suite, whose session demo tokenizer
+    # differs); reading the record whole needs more than the 3 GiB limit and dies (bad_alloc)
+    assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB"
     ds = IndexedDataset(str(tmp_path / "out_text_document"))
     assert len(ds) == 2
 

@@ -116,6 +116,10 @@ def test_extra_layouts(world, layout, family):
     # lr-sized weight differences (observed 1.6e-5 rel L2 / 3.3e-4 abs after 5 steps for
     # adaponderlm, 6.4e-6 / 1.3e-4 without the split). Losses stay within 1e-5 at every step.
     tol = {"weight_rtol": 5e-5, "weight_atol": 1e-3} if layout == "tp2_pp2_vocab_over_pp" else {}
+    if layout.startswith("llama_tp2"):
+        # the same Adam effect under tp2 on llama: since the llama init has no depth factor
+        # (as the published Llama code) the weights are larger and AdaPonderLM measured 1.8e-5
+        tol = {"weight_rtol": 5e-5}
     for rank, per_rank in enumerate(_results(world)):
         res = per_rank[layout][family]
         _check(res, rank == 0, family, **tol)

@@ -96,11 +96,11 @@ def test_global_batch_size_derives_accumulation_from_the_world_size():
 
     cfg = load_config(os.path.join(REPO_ROOT, "examples", "configs", "pythia-1.4b-ponderlm.yml"),
                       check_paths=False)
-    assert cfg.train.global_batch_size == 256 and cfg.parallel.tp == 2
-    # 256 sequences whatever the world: 8 ranks at tp=2 -> dp=4 -> 32 steps of 2; 16 -> 16
-    assert grad_accum_for(cfg.train, 4) == 32 and grad_accum_for(cfg.train, 8) == 16
+    assert cfg.train.global_batch_size == 1024 and cfg.parallel.tp == 2  # Pythia's 1024 x 2048
+    # 1024 sequences whatever the world: 8 ranks at tp=2 -> dp=4 -> 128 steps of 2; 16 -> 64
+    assert grad_accum_for(cfg.train, 4) == 128 and grad_accum_for(cfg.train, 8) == 64
     with pytest.raises(ConfigError) as err:
-        preflight(cfg, check_paths=False, world_size=6)   # dp=3: 256 is not a multiple of 6
+        preflight(cfg, check_paths=False, world_size=6)   # dp=3: 1024 is not a multiple of 6
     msg = str(err.value)
-    assert "train.global_batch_size=256 is not a multiple of micro_batch_size x dp = 2 x 3 = 6" in msg
-    assert "252 or 258" in msg   # the nearest global batches that work
+    assert "train.global_batch_size=1024 is not a multiple of micro_batch_size x dp = 2 x 3 = 6" in msg
+    assert "1020 or 1026" in msg   # the nearest global batches that work

@@ -64,7 +64,8 @@ def test_peak_tflops_from_the_device_name():
     for device_name, (name, bf16) in cases.items():
         acc = find_accelerator(device_name)
         assert (acc.name, acc.peak_tflops("bf16")) == (name, bf16), device_name
-        assert acc.peak_tflops("fp32") == pytest.approx(bf16 / 2, rel=0.01)
+        # TF32 is half of bf16 on every datasheet here but L40S's (183 vs 362.05: 1.1% off)
+        assert acc.peak_tflops("fp32") == pytest.approx(bf16 / 2, rel=0.02)
     assert find_accelerator("NVIDIA GeForce GTX 1080") is None
     assert device_peak_tflops(torch.device("cpu"), "bf16") is None
     assert device_peak_tflops(torch.device("cpu"), "bf16", override=3.5) == 3.5
