@@ -119,7 +119,8 @@ def test_extra_layouts(world, layout, family):
     if layout.startswith("llama_tp2"):
         # the same Adam effect under tp2 on llama: since the llama init has no depth factor
         # (as the published Llama code) the weights are larger and AdaPonderLM measured 1.8e-5
-        tol = {"weight_rtol": 5e-5}
+        # rel L2 / 3.5e-4 abs after 5 steps (losses still within 1e-5 at every step)
+        tol = {"weight_rtol": 5e-5, "weight_atol": 1e-3}
     for rank, per_rank in enumerate(_results(world)):
         res = per_rank[layout][family]
         _check(res, rank == 0, family, **tol)
