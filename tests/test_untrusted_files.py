@@ -6,6 +6,7 @@ Each test plants what an attacker with write access to a shared data/run folder 
 checks both that megaponder refuses or ignores it and that nothing outside changed (a marker
 file the planted code would write, a victim file a link points to)."""
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -409,7 +410,18 @@ def _damage(kind, path, marker):
 
 @pytest.mark.parametrize("kind", ["pickled_npy", "raw_pickle", "truncated", "out_of_range", "float", "wrong_shape"])
 @pytest.mark.parametrize("part", ["doc_idx", "sample_idx", "shuffle_idx"])
-def test_damaged_index_cache_is_detected_and_rebuilt(kind, part, tmp_path, caplog):
+def test_damaged_index_cache_is_detected_and_rebuilt(kind, part, tmp_path, monkeypatch):
+    # the warning is collected by a handler on the module's own logger: what ran earlier in the
+    # session (library logging set-up: levels, propagation, disabled loggers) cannot hide it
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    log = logging.getLogger("megaponder.data.index_cache")
+    monkeypatch.setattr(log, "disabled", False)
+    monkeypatch.setattr(log, "level", logging.WARNING)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    logging.root.manager._clear_cache()  # isEnabledFor caches the verdicts of the old settings
+    log.addHandler(handler)
     marker = tmp_path / "MARKER"
     cache = tmp_path / "cache"
     clean = _gpt_dataset(cache)
@@ -417,18 +429,20 @@ def test_damaged_index_cache_is_detected_and_rebuilt(kind, part, tmp_path, caplo
     path = clean.cache_paths[part]
     del clean
     _damage(kind, path, str(marker))
-    with caplog.at_level("WARNING", logger="megaponder.data.index_cache"):
+    try:
         again = _gpt_dataset(cache)
-    lines = [r.getMessage() for r in caplog.records if "index cache" in r.getMessage()]
+        lines = [r.getMessage() for r in records if "index cache" in r.getMessage()]
+        records.clear()
+        _gpt_dataset(cache)  # the rebuilt entry is a clean hit: no line
+        lines_after_rebuild = [r.getMessage() for r in records if "index cache" in r.getMessage()]
+    finally:
+        log.removeHandler(handler)
     entry = path.rsplit("-", 1)[0]  # <cache>/<hash>-train: the line names a file of this entry
     assert len(lines) == 1 and entry in lines[0] and "rebuilding" in lines[0] and "\n" not in lines[0]
     for a, b in zip(want, (again.doc_idx, again.sample_idx, again.shuffle_idx)):
         np.testing.assert_array_equal(a, b)
     assert not marker.exists()
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="megaponder.data.index_cache"):
-        _gpt_dataset(cache)  # the rebuilt entry is a clean hit
-    assert not [r for r in caplog.records if "index cache" in r.getMessage()]
+    assert not lines_after_rebuild
 
 
 def test_index_cache_never_writes_through_a_link(tmp_path):
