@@ -46,18 +46,23 @@ RUNTIME_MINIMUMS = {
 }
 
 
-def read_list(path: str) -> dict[str, str]:
-    """name==version lines (comments and blank lines ignored) -> {canonical name: version}."""
-    out = {}
+def _content_lines(path: str):
+    """(line number, text) of every line that is not blank or a comment (``# ...`` stripped)."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if "==" not in line:
-                raise SystemExit(f"{path}:{n}: expected name==version, got '{line}'")
-            name, version = (s.strip() for s in line.split("==", 1))
-            out[canonicalize_name(name)] = version
+            if line:
+                yield n, line
+
+
+def read_list(path: str) -> dict[str, str]:
+    """name==version lines (comments and blank lines ignored) -> {canonical name: version}."""
+    out = {}
+    for n, line in _content_lines(path):
+        if "==" not in line:
+            raise SystemExit(f"{path}:{n}: expected name==version, got '{line}'")
+        name, version = (s.strip() for s in line.split("==", 1))
+        out[canonicalize_name(name)] = version
     return out
 
 
@@ -65,16 +70,12 @@ def read_pins(path: str) -> dict[str, Requirement]:
     """Requirement lines (``name==1.0``, ``name>=1.0``; comments and blank lines ignored)
     -> {canonical name: Requirement}."""
     out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            try:
-                req = Requirement(line)
-            except InvalidRequirement as e:
-                raise SystemExit(f"{path}:{n}: not a requirement: '{line}' ({e})")
-            out[canonicalize_name(req.name)] = req
+    for n, line in _content_lines(path):
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as e:
+            raise SystemExit(f"{path}:{n}: not a requirement: '{line}' ({e})")
+        out[canonicalize_name(req.name)] = req
     return out
 
 
