@@ -14,7 +14,7 @@ and the packing overhead of the batched decoder (computed slots / active slots).
         [--taus 0.0001 0.8 0.87 0.92] [--repeats 3] [--threads 2]
 
 ``--static``: token-by-token decoding speed (new tokens/s after a prompt) of the static-shape
-decoder (megaponder/infer/static_cache.py), eager and with its compiled step (Inductor;
+decoder (megaponder/models/static_cache.py), eager and with its compiled step (Inductor;
 CUDA graphs on CUDA), vs the compacting decoder, interleaved in the same run, for vanilla and
 AdaPonderLM (halting forced so that ``--halted`` of the pondering slots halt) at the shapes
 ``--shapes`` (HIDDENxLAYERS) and batch sizes ``--batches``; also checks that the decoders'
@@ -40,8 +40,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megaponder.models import build_model  # noqa: E402
-from megaponder.infer.decoders import decode_logits, make_decoder  # noqa: E402
-from megaponder.infer.static_cache import make_static_decoder  # noqa: E402
+from megaponder.models.decoders import decode_logits, make_decoder  # noqa: E402
+from megaponder.models.static_cache import make_static_decoder  # noqa: E402
 
 
 def _median_time(fn, repeats):

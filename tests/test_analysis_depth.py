@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megaponder.analysis import analyze_batches, inference_pruning, pearson, per_iteration_table, rankdata, spearman, token_depth
-from megaponder.infer.decoders import decode_logits
+from megaponder.models.decoders import decode_logits
 from test_families_helpers import force_ada_gates, force_router, real_batch, tiny
 
 

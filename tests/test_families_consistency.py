@@ -5,7 +5,7 @@ num_kv_heads heads)."""
 import pytest
 import torch
 
-from megaponder.infer.decoders import decode_logits
+from megaponder.models.decoders import decode_logits
 from test_families_helpers import BACKBONES, force_ada_gates, force_router, real_batch, tiny
 
 TOL = 1e-5

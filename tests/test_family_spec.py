@@ -10,7 +10,7 @@ import torch
 
 from megaponder.config import FAMILIES, ConfigError, PonderConfig, load_config
 from megaponder.infer import generate
-from megaponder.infer.decoders import decode_logits, make_decoder
+from megaponder.models.decoders import decode_logits, make_decoder
 from megaponder.models import CausalLM, ModelOutput, build_model, flops
 from megaponder.models.base import default_position_ids, with_fixed_token_stats
 from megaponder.train.preflight import load_run_config

@@ -8,7 +8,7 @@ import torch
 
 from megaponder.config import Config, ConfigError, ModelConfig, PonderConfig, validate
 from megaponder.models import build_model, flops
-from megaponder.infer.decoders import decode_logits
+from megaponder.models.decoders import decode_logits
 from megaponder.models.ponder import preserve_loaded_function
 from megaponder.train.evaluate import evaluate
 from test_families_helpers import force_router, real_batch, tiny
@@ -264,7 +264,7 @@ def test_adaponderlm_from_ponderlm_keeps_its_function():
 def test_jacobi_prefill_equals_sequential_prefill(family):
     """The official inference path (parallel prompt prefill) fills the same cache as the
     token-by-token prefill, up to the Jacobi tolerance: later tokens decode the same."""
-    from megaponder.infer.decoders import make_decoder
+    from megaponder.models.decoders import make_decoder
 
     model = tiny(family, steps=2, seed=2).eval()
     if family == "ponderlm3":

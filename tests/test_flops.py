@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megaponder.models import flops
-from megaponder.infer.decoders import decode_logits
+from megaponder.models.decoders import decode_logits
 from test_families_helpers import ALL_FAMILIES, BACKBONES, force_ada_gates, force_router, real_batch, tiny
 
 B, T = 2, 12

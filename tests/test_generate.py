@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megaponder.infer import generate
-from megaponder.infer.decoders import decode_logits, generate_cached, make_decoder
+from megaponder.models.decoders import decode_logits, generate_cached, make_decoder
 from test_families_helpers import ALL_FAMILIES, force_ada_gates, real_batch, tiny
 
 

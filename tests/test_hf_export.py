@@ -34,7 +34,7 @@ pytest.importorskip("transformers")
 from megaponder.config import FAMILIES, load_config  # noqa: E402
 from megaponder.infer import generate  # noqa: E402
 from megaponder.models import build_model  # noqa: E402
-from megaponder.infer.decoders import make_decoder  # noqa: E402
+from megaponder.models.decoders import make_decoder  # noqa: E402
 from megaponder.train.checkpoint import write_model_files  # noqa: E402
 
 REMOTE = [f for f in FAMILIES if f != "vanilla"]

@@ -245,7 +245,7 @@ def test_unknown_task_is_one_clear_line(ada_run, capsys):
 def test_counted_iterations_are_what_the_cached_decoder_executes(ada_run):
     """mean_iters/flops_ratio come from the forward's token_iterations; with halting switched
     on (a gate threshold that splits the tokens) they match the KV-cached decoder's activity."""
-    from megaponder.infer.decoders import decode_logits
+    from megaponder.models.decoders import decode_logits
 
     lm = MegaponderLM(ada_run)
     ids = torch.tensor([lm.tok.encode(PAIRS[1][0] + PAIRS[1][1] + " " + PAIRS[0][0])])

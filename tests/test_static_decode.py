@@ -1,4 +1,4 @@
-"""The static-shape decoder (megaponder/infer/static_cache.py) against the compacting one.
+"""The static-shape decoder (megaponder/models/static_cache.py) against the compacting one.
 
 Tolerance 1e-5 (fp32): both decoders run the same per-token operations; what differs is the
 row count of each matmul (every token of the batch vs the packed active ones) and the
@@ -10,8 +10,8 @@ import torch
 import torch._dynamo
 
 from megaponder.infer import generate
-from megaponder.infer.decoders import make_decoder
-from megaponder.infer.static_cache import cache_length, make_static_decoder
+from megaponder.models.decoders import make_decoder
+from megaponder.models.static_cache import cache_length, make_static_decoder
 from megaponder.models.spec import MissingCapability
 from test_families_helpers import force_ada_gates, real_batch, tiny
 

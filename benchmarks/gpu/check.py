@@ -300,7 +300,7 @@ def check_training(device, quick, steps, peak_tflops, budget, results) -> list:
 def check_decode(device, quick, budget, results) -> list:
     from _configs import calibrate_tau, sized_config
     from megaponder.models import build_model
-    from megaponder.infer.decoders import decode_logits
+    from megaponder.models.decoders import decode_logits
 
     if budget.left() < (5 if quick else 40):
         results["decode"] = {"skipped": "time"}
@@ -348,8 +348,8 @@ def check_static_decode(device, quick, budget, results) -> list:
     (bf16 on CUDA: reassociation can flip a gate that sits at tau, so agreement is reported,
     and only a non-finite logit or < 90% equal tokens fails)."""
     from _configs import calibrate_tau, sized_config, time_token_by_token
-    from megaponder.infer.decoders import make_decoder
-    from megaponder.infer.static_cache import make_static_decoder
+    from megaponder.models.decoders import make_decoder
+    from megaponder.models.static_cache import make_static_decoder
     from megaponder.models import build_model
 
     if quick:   # the CPU smoke test: Dynamo's capture only, not Inductor's C++ build (minutes)
@@ -461,7 +461,7 @@ def markdown(results) -> str:
         lines.append(f"decode: skipped ({dec.get('skipped')})")
     st = results.get("static_decode")
     if st:
-        lines += ["", "Static-shape decoder (megaponder/infer/static_cache.py) vs the compacting decoder, "
+        lines += ["", "Static-shape decoder (megaponder/models/static_cache.py) vs the compacting decoder, "
                   "token by token, AdaPonderLM with 50% of the pondering slots halted; compiled: "
                   f"{st['compile_backend']}", "",
                   "| family | d x L | batch | compacting tok/s | static eager | static compiled | "

@@ -1,10 +1,10 @@
 """Sampling from any megaponder model.
 
 ``generate`` samples with the family's KV-cached (and, for adaptive ones, compacting)
-decoder, the one its FamilySpec declares (megaponder/infer/decoders.py); ``cached=False``
+decoder, the one its FamilySpec declares (megaponder/models/decoders.py); ``cached=False``
 recomputes the whole prefix each step instead, which is exact for every family because they
 are all causal. ``static_cache=True`` decodes on a preallocated cache with a fixed-shape step
-instead (vertical families; megaponder/infer/static_cache.py) and ``compile=True`` compiles
+instead (vertical families; megaponder/models/static_cache.py) and ``compile=True`` compiles
 that step (CUDA graphs on CUDA); the tokens are the same. A family without the decoder asked
 for is an error.
 """
@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import sample_next
+from ..models.sampling import sample_next
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature
         raise ValueError("generate(): static_cache/compile need the cached decoder; drop "
                          "cached=False")
     if cached:
-        from .decoders import generate_cached
+        from ..models.decoders import generate_cached
         return generate_cached(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, vocab_size=vocab_size, eos_id=eos_id, seed=seed,
                                static_cache=static_cache, compile=compile)

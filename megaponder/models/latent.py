@@ -6,7 +6,7 @@ thought k+1 of a token is the final-norm hidden state at its stage k. Training s
 causal chain in parallel: K build-up passes (one stage added per pass, as the official code),
 J Jacobi passes over the full sequence (J drawn each step from ``ponder.jacobi_passes``), and a
 final pass; logits are read at the last stage. The fixed point of the Jacobi iteration is the
-sequential token-by-token chain that megaponder/infer/decoders.py decodes with a KV cache.
+sequential token-by-token chain that megaponder/models/decoders.py decodes with a KV cache.
 
 PonderLM-3 adds a router on each token's stage-0 hidden state: s_t = softmax over 0..K steps,
 survival w_{t,k} = P(steps >= k); log w_{t,k} is added to the attention score of every query
@@ -211,7 +211,7 @@ class PonderLM2(LatentLM):
 
 class PonderLM3(PonderLM2):
     """PonderLM-2 plus a router over 0..K steps, log-survival attention bias, mixture readout
-    and a compute penalty; hard pruning at inference (infer/decoders.py)."""
+    and a compute penalty; hard pruning at inference (models/decoders.py)."""
 
     def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None):
         super().__init__(cfg, ponder)

@@ -9,7 +9,7 @@ halting mask m^{i+1} = m^i & (s^i >= tau), the gated update E += m^{i+1} s^i e^i
 layer, KV reuse: K,V <- where(m^i, K_new, K_prev) so that a halted token stays in the causal
 context with the K/V of its last active iteration. Training computes every row densely and
 selects with ``where`` (static shapes), or with ``ponder.train_compaction`` only the active rows
-(megaponder/models/compaction.py, exact); megaponder/infer/decoders.py computes only the active
+(megaponder/models/compaction.py, exact); megaponder/models/decoders.py computes only the active
 rows at inference and gives the same logits (tests/test_families_consistency.py).
 
 The halting machinery is shared with the fixed-pruning and random-halting baselines

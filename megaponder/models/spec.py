@@ -2,7 +2,7 @@
 
 Each family module ends with ``register_family(FamilySpec(...))`` next to its model class
 (models/base.py, ponder.py, latent.py, baselines.py); config validation, the registry
-(``build_model``), the cached-decoder factory (megaponder/infer/decoders.py), the FLOPs
+(``build_model``), the cached-decoder factory (megaponder/models/decoders.py), the FLOPs
 formulas (models/flops.py), the depth analysis and the tests' family matrix read it instead
 of keeping their own family lists. A trait a family does not declare (no decoder, no FLOPs
 formula, no sequence parallelism) is an error naming the family and the capability
@@ -23,9 +23,9 @@ BUILTIN_MODULES = ("megaponder.models.base", "megaponder.models.ponder",
 
 
 #: where the built-in decoders live (FamilySpec.decoder = DECODERS + "VerticalDecoder")
-DECODERS = "megaponder.infer.decoders:"
+DECODERS = "megaponder.models.decoders:"
 #: the static-shape (CUDA-graph-friendly) decoder of the vertical families
-STATIC_DECODER = "megaponder.infer.static_cache:StaticVerticalDecoder"
+STATIC_DECODER = "megaponder.models.static_cache:StaticVerticalDecoder"
 
 
 class MissingCapability(NotImplementedError):
@@ -46,11 +46,11 @@ class FamilySpec:
     kind: Literal["fixed", "vertical", "latent"]
     #: ``decoder(model, seed, prefill) -> decoder`` with ``feed(ids) -> logits`` equal to the
     #: training forward, or its "module:name" (resolved on use, so a family module need not
-    #: import megaponder/infer/, which imports the models); None: no cached decoding
+    #: import the decoders module, which imports the family modules); None: no cached decoding
     decoder: Optional[Callable[..., Any] | str] = None
     #: ``static_decoder(model, batch, max_len, seed, compile, compile_backend) -> decoder``
     #: with the same ``feed`` on a preallocated cache and a fixed-shape one-token step
-    #: (megaponder/infer/static_cache.py), or its "module:name"; None: dynamic decoding only
+    #: (megaponder/models/static_cache.py), or its "module:name"; None: dynamic decoding only
     static_decoder: Optional[Callable[..., Any] | str] = None
     #: ``train_flops(dims, seq_len, causal, jacobi_passes) -> float``: one training forward
     train_flops: Optional[Callable[..., float]] = None

@@ -12,7 +12,7 @@ The parameter names equal megaponder's own (``embed_in``, ``stack.layers.N...``,
 ``router``, ``pause_embedding``), so the weights move in both directions unchanged. The math
 is a transcription of megaponder's models (megaponder/models/{neox,ponder,latent,baselines}.py):
 ``forward`` equals megaponder's ``model(input_ids).logits`` in eval mode, and ``generate``
-runs megaponder's KV-cached decoders (megaponder/infer/decoders.py): AdaPonderLM computes
+runs megaponder's KV-cached decoders (megaponder/models/decoders.py): AdaPonderLM computes
 only the tokens still active at each iteration and reuses a halted token's K/V, PonderLM-3
 computes only the steps the router keeps, PonderLM-2/3 feed each latent thought back one step
 at a time. Greedy decoding gives megaponder's tokens exactly (tests/test_hf_export.py).
@@ -391,7 +391,7 @@ class MegaponderForCausalLM(MegaponderPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.embed_out = value
 
-    # -- pieces (names as in megaponder, so the decoders below read like megaponder/infer/decoders.py) -----
+    # -- pieces (names as in megaponder, so the decoders below read like megaponder/models/decoders.py) -----
     def embed(self, input_ids):
         return self.embed_in(input_ids)
 
@@ -829,7 +829,7 @@ def _sample_next(logits, temperature: float, top_k: int, generator) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# KV-cached decoders (megaponder/infer/decoders.py, one row each)
+# KV-cached decoders (megaponder/models/decoders.py, one row each)
 # ----------------------------------------------------------------------------------------
 class _ReuseKV:
     """K,V <- where(active, K_new, K_prev): a halted token keeps its last active K/V."""

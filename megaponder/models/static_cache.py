@@ -42,8 +42,8 @@ from typing import Optional
 
 import torch
 
-from ..models.attention import AttentionSpec
-from ..models.spec import family_spec, require
+from .attention import AttentionSpec
+from .spec import family_spec, require
 
 
 class StaticVerticalDecoder:

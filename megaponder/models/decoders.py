@@ -34,9 +34,9 @@ from typing import Optional
 
 import torch
 
-from ..models.attention import AttentionSpec
-from ..models.compaction import pack_rows
-from ..models.spec import family_spec, require
+from .attention import AttentionSpec
+from .compaction import pack_rows
+from .spec import family_spec, require
 
 
 def _cat(past, new):
