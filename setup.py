@@ -24,7 +24,7 @@ setup(
     ext_modules=[Extension("megaponder.data._sample_index", ["megaponder/data/_sample_index.c"],
                            optional=True)],
     install_requires=[
-        "torch>=2.6",  # oldest supported (megaponder/compat.py); CI runs the pin
+        "torch>=2.6",  # oldest supported (megaponder/models/compat.py); CI runs the pin
         "numpy",
         "deepspeed>=0.15",
         "pyyaml",

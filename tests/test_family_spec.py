@@ -14,6 +14,7 @@ from megaponder.models.decoders import decode_logits, make_decoder
 from megaponder.models import CausalLM, ModelOutput, build_model, flops
 from megaponder.models.base import default_position_ids, with_fixed_token_stats
 from megaponder.train.preflight import load_run_config
+from megaponder.models.args import FAMILY_MODULES
 from megaponder.models.spec import (BUILTIN_MODULES, DECODERS, FamilySpec, MissingCapability, family_names,
                                     family_spec, register_family, require)
 from test_families_helpers import ALL_FAMILIES, BACKBONES, real_batch, tiny
@@ -58,8 +59,12 @@ register_family(FamilySpec(name="toy_bare", model_cls=BareLM, kind="fixed"))
 
 
 def test_light_name_list_equals_the_builtin_specs():
-    builtin = [n for n in family_names() if family_spec(n).model_cls.__module__ in BUILTIN_MODULES]
+    def module(name):
+        return "." + family_spec(name).model_cls.__module__.rpartition(".")[2]
+
+    builtin = [n for n in family_names() if module(n) in BUILTIN_MODULES]
     assert sorted(builtin) == sorted(FAMILIES)
+    assert {n: module(n) for n in builtin} == FAMILY_MODULES   # each where the table says
     assert ALL_FAMILIES == builtin   # the tests' family matrix is the registry's
 
 

@@ -12,8 +12,9 @@ Each family is compared at megaponder's default evaluation settings (PonderLM-2/
 PonderLM-3 hard pruning, eval stream 0) and, where a setting changes the math, once more with it
 switched (VARIANTS).
 
-Tolerance 1e-5 for logits (fp32): the remote code runs the same torch ops in the same order
-(sdpa, same masks), observed difference 0. Tokens must be equal (greedy, and sampling with
+Tolerance 1e-5 for logits (fp32): the export's code is byte copies of megaponder/models/ (plus
+two generated entry points), so it runs the same torch ops in the same order; observed
+difference 0. Tokens must be equal (greedy, and sampling with
 the same seed).
 """
 import json
@@ -38,6 +39,8 @@ from megaponder.models.decoders import make_decoder  # noqa: E402
 from megaponder.train.checkpoint import write_model_files  # noqa: E402
 
 REMOTE = [f for f in FAMILIES if f != "vanilla"]
+MODELS = os.path.join(REPO_ROOT, "megaponder", "models")
+ENTRY_POINTS = ("configuration_megaponder.py", "modeling_megaponder.py")   # generated glue
 PROMPTS = [[1054, 262, 2093, 311, 45], [77, 5]]  # two lengths: the batch needs left padding
 NEW = 5
 # families whose depth differs between tokens: their iterations are checked against the decoder
@@ -60,7 +63,7 @@ _tool = convert_tool
 
 
 # the llama backbone's exports (name "<family>-llama"): vanilla as the plain LlamaForCausalLM,
-# the pondering families through the remote code's llama mirror (GQA: 1 kv head for 2)
+# the pondering families through the exported model core's llama backbone (GQA: 1 kv head for 2)
 LLAMA_CASES = ["vanilla-llama", "adaponderlm-llama", "ponderlm3-llama"]
 LLAMA_SHAPE = ["model.backbone=llama", "model.rotary_pct=1.0", "model.parallel_residual=false",
                "model.num_kv_heads=1", "model.intermediate_size=72"]
@@ -269,9 +272,16 @@ def test_export_logits_and_greedy_generation(exported, family):
         assert r["class"] == "MegaponderForCausalLM"
         assert hf_cfg["auto_map"] == {"AutoConfig": "configuration_megaponder.MegaponderConfig",
                                       "AutoModelForCausalLM": "modeling_megaponder.MegaponderForCausalLM"}
-        for name in ("modeling_megaponder.py", "configuration_megaponder.py"):
-            source = (root / f"hf-{family}" / name).read_text()
-            assert not re.search(r"^\s*(import|from)\s+megaponder\b", source, re.M), name
+        # the model code is megaponder's: byte copies of models/ but the two entry points
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = root / f"hf-{family}" / name
+            if name in ENTRY_POINTS:
+                source = path.read_text()
+                assert len(source.splitlines()) <= 150, name
+                assert not re.search(r"^\s*(import|from)\s+megaponder\b", source, re.M), name
+            else:
+                assert path.read_bytes() == open(os.path.join(MODELS, name), "rb").read(), name
+        assert {"hf_model.py", "decoders.py", "spec.py"} <= files
     assert r["training"] is False
     assert r["logit_diff"] <= 1e-5, r["logit_diff"]
     if family in VARIANTS:
@@ -284,7 +294,7 @@ def test_export_logits_and_greedy_generation(exported, family):
 @pytest.mark.parametrize("case", LLAMA_CASES)
 def test_llama_backbone_export_logits_and_generation(exported, case):
     """vanilla on llama exports as the plain LlamaForCausalLM; pondering families on llama run
-    the remote code's llama mirror with megaponder's logits, greedy tokens and iterations."""
+    the exported llama backbone with megaponder's logits, greedy tokens and iterations."""
     root, refs, results = exported
     r, ref = results[case], refs[case]
     hf_cfg = json.loads((root / f"hf-{case}" / "config.json").read_text())

@@ -64,7 +64,7 @@ def test_fused_adamw_equals_foreach():
 def test_torch_range_check():
     import warnings
 
-    from megaponder.compat import check_torch, torch_version
+    from megaponder.models.compat import check_torch, torch_version
 
     assert torch_version("2.6.0a0+ecf3bae40a") == (2, 6) and torch_version("2.11.0+cu130") == (2, 11)
     assert check_torch(torch.__version__)   # the pinned CI torch is in range

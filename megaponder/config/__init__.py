@@ -18,11 +18,12 @@ import yaml
 from .analysis import AnalysisConfig
 from .base import ConfigError, _nearest, coerce, field_docs, from_dict, param, short, to_dict
 from .data import DataConfig
-from .model import FAMILIES, ModelConfig, known_families
 from .parallel import ParallelConfig
-from .ponder import PonderConfig
 from .train import OptimConfig, TrainConfig, train_config_problems
 from .yaml_io import load_yaml_file, parse_yaml
+# the model's sections live in the model core (copied into Hugging Face exports)
+from ..models.args import FAMILIES, ModelConfig, known_families
+from ..models.ponder_args import PonderConfig
 
 __all__ = [
     "AnalysisConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",

@@ -10,19 +10,11 @@ import typing
 from typing import Any
 
 from ..errors import UserError
+from ..models.args import param  # noqa: F401  (the documented field; the model sections use it too)
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem, phrased as what is wrong and what to change."""
-
-
-def param(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):
-    """A dataclass field carrying its documentation (used by ``docs/config.md``)."""
-    if not help:
-        raise TypeError("every config field must be documented")
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _nearest(name: str, options: list[str], section: str = "") -> str:

@@ -4,10 +4,11 @@ and import such a folder back.
 * vanilla -> ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM`` by ``model.backbone`` (plain
   transformers, no remote code).
 * every other family -> ``MegaponderForCausalLM``, ``trust_remote_code``: the folder holds
-  ``configuration_megaponder.py`` / ``modeling_megaponder.py`` (copied from
-  megaponder/convert/hf_remote/, torch + transformers only), ``config.json`` with ``auto_map``,
-  ``model.safetensors`` under megaponder's own parameter names, and the tokenizer
-  (megaponder/convert/tokenizer.py).
+  byte copies of the model core's files (megaponder/models/: the wrapper hf_model.py and
+  hf_config.py, the families, backbones, decoders and every file they import, torch +
+  transformers only), two generated entry points (configuration_megaponder.py,
+  modeling_megaponder.py: config.json's ``auto_map``), ``model.safetensors`` under
+  megaponder's own parameter names, and the tokenizer (megaponder/convert/tokenizer.py).
 
 Importing an export back (``--from hf --to megaponder``) reads the megaponder config stored in
 ``config.json`` and the safetensors as they are, so tensors and config come back unchanged.
@@ -16,31 +17,75 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Optional
 
 from ..config import Config, config_from_dict
-from ..models.spec import family_spec
+from ..models import spec as model_spec
+from ..models.spec import BUILTIN_MODULES, family_names, family_spec
 from ..train.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, checkpoint_tokenizer_path, write_model_files
 
 REMOTE_MODEL_TYPE = "megaponder"
+#: config.json's auto_map: the two generated entry points below
+AUTO_MAP = {"AutoConfig": "configuration_megaponder.MegaponderConfig",
+            "AutoModelForCausalLM": "modeling_megaponder.MegaponderForCausalLM"}
+CONFIG_ENTRY = '''"""AutoConfig entry point (config.json's auto_map) of this megaponder export, written by
+megaponder's exporter; the other .py files here are byte copies of megaponder/models/."""
+from .hf_config import MegaponderConfig  # noqa: F401
+'''
+MODEL_ENTRY = '''"""AutoModelForCausalLM entry point (config.json's auto_map) of this megaponder export, written
+by megaponder's exporter; the other .py files here are byte copies of megaponder/models/.
+Importing the family modules registers their FamilySpecs (and makes transformers copy them).
+"""
+{imports}
+from .hf_model import MegaponderForCausalLM  # noqa: F401
+'''
 
 
-def _hf_remote_config(cfg: Config, model, special: dict) -> "object":
-    """``special``: the tokenizer's ``eos_token_id`` / ``pad_token_id`` (empty without one)."""
-    from .hf_remote.configuration_megaponder import MegaponderConfig
+def _core_dir() -> str:
+    return os.path.dirname(os.path.abspath(model_spec.__file__))
 
-    m = cfg.model
-    keep = model.keep_fractions() if hasattr(model, "keep_fractions") else None
-    return MegaponderConfig(
-        family=m.family, backbone=m.backbone, num_key_value_heads=m.kv_heads,
-        vocab_size=m.padded_vocab(), tokenizer_vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        intermediate_size=m.ffn_size, max_position_embeddings=m.max_position_embeddings,
-        rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_base,
-        use_parallel_residual=m.parallel_residual, layer_norm_eps=m.layernorm_eps,
-        tie_word_embeddings=m.tie_word_embeddings, ponder=cfg.to_dict()["ponder"],
-        keep_fractions=[float(x) for x in keep] if keep is not None else None,
-        megaponder_config=cfg.to_dict(), **special)
+
+def _family_modules(family: str) -> list[str]:
+    """Modules (names under models/) that declare the built-in families and ``family``."""
+    module = family_spec(family).model_cls.__module__
+    package = model_spec.__name__.rpartition(".")[0]
+    if module.rpartition(".")[0] != package:
+        raise ValueError(f"family '{family}' is declared in {module}, outside {package}: the "
+                         f"Hugging Face export copies the model core only; move the family's "
+                         f"module into megaponder/models/ and add it to FAMILY_MODULES")
+    names = [m.lstrip(".") for m in BUILTIN_MODULES]
+    short = module.rpartition(".")[2]
+    return names + ([short] if short not in names else [])
+
+
+def write_model_code(output: str, family: str) -> list[str]:
+    """Copy the model core files an export of ``family`` imports into ``output`` and write the
+    entry points; returns the file names. The files are those transformers' loader follows
+    (relative imports, recursively, from the entry points), so the folder holds what loading
+    it needs."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    core = _core_dir()
+    modules = _family_modules(family)
+    classes: dict[str, set] = {}
+    for name in family_names():   # the class names the entry point imports, per module
+        cls = family_spec(name).model_cls
+        classes.setdefault(cls.__module__.rpartition(".")[2], set()).add(cls.__name__)
+    imports = "\n".join(f"from .{m} import {', '.join(sorted(classes[m]))}  # noqa: F401"
+                         for m in modules)
+    entries = {"configuration_megaponder.py": CONFIG_ENTRY,
+               "modeling_megaponder.py": MODEL_ENTRY.format(imports=imports)}
+    copied = set()
+    for start in ["hf_model", "hf_config", *modules]:
+        path = os.path.join(core, f"{start}.py")
+        copied |= {path, *get_relative_import_files(path)}
+    for path in sorted(copied):
+        shutil.copyfile(path, os.path.join(output, os.path.basename(path)))
+    for name, text in entries.items():
+        with open(os.path.join(output, name), "w") as f:
+            f.write(text)
+    return sorted([os.path.basename(p) for p in copied] + list(entries))
 
 
 def export_checkpoint(path: str, output: str) -> str:
@@ -72,16 +117,16 @@ def _export(folder: str, cfg, model, output: str) -> str:
         hf.load_state_dict(megaponder_to_hf(state, cfg.model.num_layers, head_name, backbone),
                            strict=True)
     else:
-        from .hf_remote.configuration_megaponder import MegaponderConfig
-        from .hf_remote.modeling_megaponder import MegaponderForCausalLM
+        from ..models import hf_model
 
-        # makes save_pretrained copy both source files and write config.json's auto_map
-        MegaponderConfig.register_for_auto_class()
-        MegaponderForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-        hf = MegaponderForCausalLM(_hf_remote_config(cfg, model, special))
+        hf = hf_model.MegaponderForCausalLM(
+            hf_model.MegaponderConfig(megaponder_config=cfg.to_dict(), **special))
         hf.load_state_dict(state, strict=True)
+        hf.config.auto_map = AUTO_MAP
     hf.generation_config = GenerationConfig(**special)
     hf.save_pretrained(output)
+    if not family_spec(cfg.model.family).plain_backbone:
+        write_model_code(output, cfg.model.family)
     return type(hf).__name__
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..compat import check_torch
+from .compat import check_torch
 
 check_torch()
 

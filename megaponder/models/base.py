@@ -22,7 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, PonderConfig
+from .args import ModelConfig
+from .ponder_args import PonderConfig
+from .kernels import choose_backend  # noqa: F401  (importing kernels registers the optional
+#   attention backends and auto; the named form is what transformers' loader follows)
 from .attention import AttentionSpec
 from .chunked import IGNORE_INDEX, linear_cross_entropy
 from .init import init_backbone_weights
@@ -174,11 +177,11 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
 
 # -- family spec (megaponder/models/spec.py) ----------------------------------------------
 def _register() -> None:
-    from . import flops
+    from .flops import vanilla_inference_flops, vanilla_train_flops
     register_family(FamilySpec(
         name="vanilla", model_cls=CausalLM, kind="fixed", decoder=DECODERS + "VerticalDecoder",
         static_decoder=STATIC_DECODER,
-        train_flops=flops.vanilla_train_flops, inference_flops=flops.vanilla_inference_flops,
+        train_flops=vanilla_train_flops, inference_flops=vanilla_inference_flops,
         sequence_parallel=True, plain_backbone=True))
 
 

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, PonderConfig
+from .args import ModelConfig
+from .ponder_args import PonderConfig
 from .base import ModelOutput, default_position_ids, with_fixed_token_stats
 from .latent import LatentLM
 from .ponder import HALTING_PONDER_KEYS, VERTICAL_PONDER_KEYS, PonderLM, valid_token_mask
@@ -185,15 +186,16 @@ class PauseLM(LatentLM):
 
 # -- family specs (megaponder/models/spec.py) ---------------------------------------------
 def _register() -> None:
-    from . import flops
+    from .flops import (loop_inference_flops, loop_train_flops, pause_inference_flops,
+                        pause_train_flops, vertical_inference_flops, vertical_train_flops)
     register_family(FamilySpec(
         name="loop", model_cls=LoopLM, kind="fixed", decoder=DECODERS + "LoopDecoder", recurrent=True,
-        train_flops=flops.loop_train_flops, inference_flops=flops.loop_inference_flops,
+        train_flops=loop_train_flops, inference_flops=loop_inference_flops,
         ponder_keys=("steps", "scale_embeds", "thought_embed_scale", "depth_scaled_init")))
     planned = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder", recurrent=True,
                    static_decoder=STATIC_DECODER,
-                   train_flops=flops.vertical_train_flops,
-                   inference_flops=flops.vertical_inference_flops, sequence_parallel=True,
+                   train_flops=vertical_train_flops,
+                   inference_flops=vertical_inference_flops, sequence_parallel=True,
                    halting="schedule", full_depth_tau=None,
                    iteration_kind="iterations until halted (1 + halting iteration)")
     keys = VERTICAL_PONDER_KEYS + HALTING_PONDER_KEYS + ("target_mean_iters", "target_flops_ratio")
@@ -203,7 +205,7 @@ def _register() -> None:
                                ponder_keys=keys + ("halting_rate",), **planned))
     register_family(FamilySpec(
         name="pause", model_cls=PauseLM, kind="latent", decoder=DECODERS + "LatentDecoder",
-        train_flops=flops.pause_train_flops, inference_flops=flops.pause_inference_flops,
+        train_flops=pause_train_flops, inference_flops=pause_inference_flops,
         extra_parameters=("pause_embedding",),
         ponder_keys=("pause_tokens", "depth_scaled_init")))
 

@@ -69,7 +69,7 @@ class Dims:
             cfg, ponder = model.cfg, model.ponder_cfg
             family = family or model.family
         if ponder is None:
-            from ..config import PonderConfig
+            from .ponder_args import PonderConfig
             ponder = PonderConfig()
         family = family or cfg.family
         d = cfg.hidden_size

@@ -27,6 +27,13 @@ import torch
 
 from .attention import _BACKENDS, AttentionSpec, register_backend, sdpa_attention
 
+# optional dependency, imported here in a try block: the Hugging Face export copies this file,
+# and transformers' loader accepts a missing package only when its import sits in a try block
+try:
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+except ImportError:
+    flash_attn_func = flash_attn_varlen_func = None
+
 
 def _flex_available() -> bool:
     try:
@@ -129,13 +136,7 @@ def flex_attention_backend(q, k, v, spec: AttentionSpec, scale: float, dropout_p
 
 # -- flash-attn ----------------------------------------------------------------------------
 def _flash_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return torch.cuda.is_available() and flash_attn_func is not None
 
 
 def is_varlen_documents(spec: AttentionSpec, tq: int, tk: int) -> bool:
@@ -169,8 +170,6 @@ def flash_attention_backend(q, k, v, spec: AttentionSpec, scale: float, dropout_
     tk = k.shape[-2]
     half = q.dtype in (torch.float16, torch.bfloat16) and q.is_cuda
     if half and spec.is_end_aligned_causal():
-        from flash_attn import flash_attn_func
-
         # flash-attn aligns a shorter query block to the end of the keys, as q_index=None does.
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               dropout_p=dropout_p, softmax_scale=scale, causal=True)
@@ -179,8 +178,6 @@ def flash_attention_backend(q, k, v, spec: AttentionSpec, scale: float, dropout_
         cu, longest = spec.cached(("varlen", b, tq, str(q.device)),
                                   lambda: documents_cu_seqlens(spec.segment_ids.to(q.device)))
         if cu is not None:
-            from flash_attn import flash_attn_varlen_func
-
             def packed(x):   # [B, H, T, D] -> [B*T, H, D]
                 return x.transpose(1, 2).reshape(b * tq, h, d)
             out = flash_attn_varlen_func(packed(q), packed(k), packed(v), cu, cu, longest, longest,

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, PonderConfig
+from .args import ModelConfig
+from .ponder_args import PonderConfig
 from .attention import AttentionSpec
 from .base import CausalLM, ModelOutput, default_position_ids
 from .ponder import GateMLP, PonderMixin, masked_mean, valid_token_mask
@@ -167,8 +168,11 @@ class PonderLM2(LatentLM):
             return residual
         if not any(hasattr(p, "ds_id") for p in self.parameters()):
             return residual
-        from ..collectives import collective_device
-        t = torch.tensor([residual], dtype=torch.float64, device=collective_device())
+        # where NCCL takes its tensors (megaponder.collectives.collective_device's rule: the
+        # model core imports nothing of megaponder outside models/)
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+        t = torch.tensor([residual], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
@@ -309,10 +313,10 @@ LATENT_PONDER_KEYS = ("steps", "scale_embeds", "depth_scaled_init", "jacobi_pass
 
 
 def _register() -> None:
-    from . import flops
+    from .flops import latent_inference_flops, latent_train_flops
     latent = dict(kind="latent", decoder=DECODERS + "LatentDecoder", recurrent=True,
-                  train_flops=flops.latent_train_flops,
-                  inference_flops=flops.latent_inference_flops)
+                  train_flops=latent_train_flops,
+                  inference_flops=latent_inference_flops)
     register_family(FamilySpec(name="ponderlm2", model_cls=PonderLM2, ponder_keys=LATENT_PONDER_KEYS,
                                jacobi=True, **latent))
     register_family(FamilySpec(

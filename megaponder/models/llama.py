@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from .args import ModelConfig
 from .attention import AttentionSpec, attention, resolve_backend
 from .neox import KVHook, LayerStack, RotaryEmbedding
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from .args import ModelConfig
 from .attention import AttentionSpec, attention, resolve_backend
 
 #: kv_hook(layer_index, k, v) -> (k, v): keys/values the layer should attend to. k/v arrive
@@ -29,8 +29,18 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rotary_pct: float, base: float):
         super().__init__()
         self.rotary_dim = int(head_dim * rotary_pct)
-        inv_freq = 1.0 / (base ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.base = base
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        dim = self.rotary_dim
+        return 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+    def reset_inv_freq(self) -> None:
+        """Recompute the (unsaved) frequencies, e.g. after a loader built the module on the
+        meta device (transformers' from_pretrained)."""
+        device = None if self.inv_freq.is_meta else self.inv_freq.device
+        self.inv_freq = self._inv_freq(device)
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """position_ids [B, T] -> cos, sin [B, 1, T, rotary_dim] (computed in fp32)."""

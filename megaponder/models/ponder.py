@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, PonderConfig
+from .args import ModelConfig
+from .ponder_args import PonderConfig
 from .base import CausalLM, ModelOutput, default_position_ids
 from .chunked import linear_softmax_matmul
 from .compaction import RowCompaction
@@ -413,11 +414,11 @@ HALTING_PONDER_KEYS = ("tau", "halted_readout", "kv_reuse_grad", "bottomk_pool")
 
 
 def _register() -> None:
-    from . import flops
+    from .flops import vertical_inference_flops, vertical_train_flops
     vertical = dict(kind="vertical", decoder=DECODERS + "VerticalDecoder", recurrent=True,
                     static_decoder=STATIC_DECODER,
-                    train_flops=flops.vertical_train_flops,
-                    inference_flops=flops.vertical_inference_flops, sequence_parallel=True)
+                    train_flops=vertical_train_flops,
+                    inference_flops=vertical_inference_flops, sequence_parallel=True)
     register_family(FamilySpec(name="ponderlm", model_cls=PonderLM, ponder_keys=VERTICAL_PONDER_KEYS,
                                **vertical))
     register_family(FamilySpec(

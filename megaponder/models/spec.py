@@ -12,20 +12,24 @@ This module imports no torch, so config validation can consult the specs registe
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-#: modules that declare the built-in families (imported on the first lookup); config/model.py
-#: keeps the light list of their names (FAMILIES) and tests/test_family_spec.py checks the two agree
-BUILTIN_MODULES = ("megaponder.models.base", "megaponder.models.ponder",
-                   "megaponder.models.latent", "megaponder.models.baselines")
+from .args import FAMILY_MODULES
+
+#: modules that declare the built-in families (imported on the first lookup), from the light
+#: table in args.py. Names are relative to this package (".ponder"), so they resolve in
+#: megaponder.models and in the copy of these files a Hugging Face export loads
+#: (transformers_modules.<folder>).
+BUILTIN_MODULES = tuple(dict.fromkeys(FAMILY_MODULES.values()))
 
 
 #: where the built-in decoders live (FamilySpec.decoder = DECODERS + "VerticalDecoder")
-DECODERS = "megaponder.models.decoders:"
+DECODERS = ".decoders:"
 #: the static-shape (CUDA-graph-friendly) decoder of the vertical families
-STATIC_DECODER = "megaponder.models.static_cache:StaticVerticalDecoder"
+STATIC_DECODER = ".static_cache:StaticVerticalDecoder"
 
 
 class MissingCapability(NotImplementedError):
@@ -107,7 +111,7 @@ def _load_builtin() -> None:
     if not _loaded:
         _loaded = True
         for module in BUILTIN_MODULES:
-            importlib.import_module(module)
+            importlib.import_module(module, __package__)
 
 
 def registered_names() -> tuple[str, ...]:
@@ -124,9 +128,9 @@ def family_names() -> tuple[str, ...]:
 def family_spec(name: str) -> FamilySpec:
     _load_builtin()
     if name not in _SPECS:
-        from ..config.base import _nearest
-        raise ValueError(f"unknown model family '{name}'; choose one of {list(_SPECS)}."
-                         f"{_nearest(str(name), list(_SPECS))}")
+        match = difflib.get_close_matches(str(name), list(_SPECS), n=1, cutoff=0.5)
+        hint = f" Did you mean '{match[0]}'?" if match else ""
+        raise ValueError(f"unknown model family '{name}'; choose one of {list(_SPECS)}.{hint}")
     return _SPECS[name]
 
 
@@ -138,7 +142,7 @@ def require(name: str, capability: str) -> Any:
         raise MissingCapability(f"model family '{name}' does not support {capability} (its "
                                 f"FamilySpec declares none); pick another family or add it to "
                                 f"the family's register_family(FamilySpec(...)).")
-    if isinstance(value, str):   # "module:name"
+    if isinstance(value, str):   # "module:name", ".module:name" relative to this package
         module, _, name = value.partition(":")
-        value = getattr(importlib.import_module(module), name)
+        value = getattr(importlib.import_module(module, __package__), name)
     return value

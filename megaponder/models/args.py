@@ -1,27 +1,47 @@
-"""``model:`` — the GPT-NeoX/Pythia backbone and which pondering family wraps it."""
+"""``model:`` — the GPT-NeoX/Pythia backbone and which pondering family wraps it.
+
+The model's own config dataclasses (this module and ponder_args.py) live in the model core,
+which imports only torch, the standard library and its siblings, so the Hugging Face export
+copies them verbatim; megaponder.config re-exports them as sections of the config tree.
+This module imports no torch (config validation reads it).
+"""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from .base import param
 
-#: the built-in families, a light list so validating ``model.family`` imports no torch; each
-#: family's traits live in its FamilySpec next to its class (megaponder/models/spec.py), and
-#: tests/test_family_spec.py checks this list equals the registered built-in specs
-FAMILIES = (
-    "vanilla", "ponderlm", "adaponderlm", "ponderlm2", "ponderlm3",
+def param(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):
+    """A dataclass field carrying its documentation (used by ``docs/config.md``)."""
+    if not help:
+        raise TypeError("every config field must be documented")
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+#: the built-in families and the module of this package that declares each (its FamilySpec
+#: next to its class, megaponder/models/spec.py): a light table, so validating ``model.family``
+#: imports no torch. A family in a new file of models/ adds its one line here; the spec
+#: registry imports these modules on the first lookup, and tests/test_family_spec.py checks
+#: the table against the registered specs.
+FAMILY_MODULES = {
+    "vanilla": ".base", "ponderlm": ".ponder", "adaponderlm": ".ponder",
+    "ponderlm2": ".latent", "ponderlm3": ".latent",
     # baselines for fair (iso-FLOPs) comparisons
-    "loop", "pause", "fixed_pruning", "random_halting",
-)
+    "loop": ".baselines", "pause": ".baselines", "fixed_pruning": ".baselines",
+    "random_halting": ".baselines",
+}
+FAMILIES = tuple(FAMILY_MODULES)
 
 
 def known_families() -> tuple[str, ...]:
     """The built-in families plus any registered since (a user's own FamilySpec). A family
     can only be registered once megaponder.models.spec is imported, so reading its registry
     from sys.modules sees every one without importing the models (and torch) here."""
-    spec = sys.modules.get("megaponder.models.spec")
+    spec = sys.modules.get(f"{__package__}.spec")
     extra = tuple(n for n in spec.registered_names() if n not in FAMILIES) if spec else ()
     return FAMILIES + extra
 
