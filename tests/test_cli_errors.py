@@ -144,3 +144,41 @@ def test_tp_that_cannot_split_the_padded_vocabulary_is_refused():
                                           r"shards \(parallel.tp\); set model.padded_vocab_size"):
         load_config(TINY_YML, base + ["model.make_vocab_size_divisible_by=8", "parallel.tp=16",
                                       "model.num_heads=16"], check_paths=False)
+
+
+HELP_PROBE = """
+import contextlib, io, json, sys
+from megaponder.cli import main
+codes, texts = [], []
+for argv in {argvs!r}:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(argv)
+        except SystemExit as stop:
+            codes.append(stop.code)
+    texts.append(out.getvalue())
+print(json.dumps({{"codes": codes, "texts": texts,
+                   "heavy": sorted(m for m in ("torch", "deepspeed", "transformers") if m in sys.modules)}}))
+"""
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    """`megaponder --help`, every subcommand's --help and argument errors answer without
+    importing torch (seconds saved on every typo); the help still lists every subcommand."""
+    import json
+
+    helps = [["--help"]] + [[c, "--help"] for c in ("train", "generate", "eval", "lm-eval",
+                                                     "fprinciple", "plan", "compare")]
+    helps.append(["fprinciple", "lm", "--help"])
+    errors = [[], ["train"], ["no-such-command"], ["plan", "--world-size", "two"]]
+    probe = HELP_PROBE.format(argvs=helps + errors)
+    out = _run([sys.executable, "-c", probe])
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["heavy"] == [], got["heavy"]
+    assert got["codes"] == [0] * len(helps) + [2] * len(errors)
+    for command in ("train", "generate", "eval", "lm-eval", "fprinciple", "plan", "compare"):
+        assert command in got["texts"][0]
+    assert "--world-size" in got["texts"][helps.index(["plan", "--help"])]
+    assert "--probes" in got["texts"][helps.index(["fprinciple", "lm", "--help"])]
