@@ -40,7 +40,7 @@ setup(
         "gpu": ["flash-attn>=2.5"],
         "mpi": ["mpi4py"],
         # SLURM node lists where scontrol is absent (GPL-2.0+, so optional; every SLURM node
-        # has scontrol, which megaponder.parallel.state.expand_nodelist prefers)
+        # has scontrol, which megaponder.nodelist.expand_nodelist prefers)
         "slurm": ["python-hostlist"],
         # `megaponder lm-eval` (docs/evaluation.md); lm-eval's `hf` model needs accelerate
         "eval": ["lm_eval==0.4.13", "accelerate==1.15.0"],

@@ -35,6 +35,10 @@ from packaging.version import Version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+# one reader of these list files: the stand-in build runs packages.py with the host's python3
+# (standard library only), so the reader lives there
+from ngc_standin.packages import content_lines, read_ngc_list  # noqa: E402
 
 #: image packages built against the image's CUDA/compilers: pip must never replace them
 PROTECTED = {"torch", "triton", "numpy", "transformer-engine", "apex", "flash-attn"}
@@ -46,31 +50,16 @@ RUNTIME_MINIMUMS = {
 }
 
 
-def _content_lines(path: str):
-    """(line number, text) of every line that is not blank or a comment (``# ...`` stripped)."""
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.split("#", 1)[0].strip()
-            if line:
-                yield n, line
-
-
 def read_list(path: str) -> dict[str, str]:
     """name==version lines (comments and blank lines ignored) -> {canonical name: version}."""
-    out = {}
-    for n, line in _content_lines(path):
-        if "==" not in line:
-            raise SystemExit(f"{path}:{n}: expected name==version, got '{line}'")
-        name, version = (s.strip() for s in line.split("==", 1))
-        out[canonicalize_name(name)] = version
-    return out
+    return {canonicalize_name(name): version for name, version in read_ngc_list(path)}
 
 
 def read_pins(path: str) -> dict[str, Requirement]:
     """Requirement lines (``name==1.0``, ``name>=1.0``; comments and blank lines ignored)
     -> {canonical name: Requirement}."""
     out = {}
-    for n, line in _content_lines(path):
+    for n, line in content_lines(path):
         try:
             req = Requirement(line)
         except InvalidRequirement as e:

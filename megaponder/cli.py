@@ -22,8 +22,22 @@ def _train(args) -> int:
     from .analysis.fprinciple_monitor import step_hook as fprinciple_hook
     from .train import train
 
-    train(cfg, step_hooks=[fprinciple_hook])
+    try:
+        train(cfg, step_hooks=[fprinciple_hook])
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """The command's last step: tear down the process group while the interpreter still runs.
+    Left to interpreter shutdown, gloo's and the TCPStore's C++ threads can be destroyed while
+    joinable, and a rank that finished cleanly (a SIGTERM during start-up included) aborts
+    with "terminate called without an active exception" (rc 134) instead of exiting 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _load_tokenizer(folder: str, override: str | None):
@@ -100,6 +114,12 @@ def _progress_wanted(args) -> bool:
     return sys.stderr.isatty() if getattr(args, "progress", None) is None else args.progress
 
 
+def _plan(args) -> int:
+    from .train.plan import plan_command
+
+    return plan_command(args)
+
+
 def _lm_eval(args) -> int:
     try:
         from .evaluation.harness import run_lm_eval
@@ -162,10 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli_args import add_lm_eval_arguments
     add_lm_eval_arguments(p)
     p.set_defaults(func=_lm_eval)
+    # fprinciple_cli and compare import torch only inside their handlers: --help, and any
+    # argument error, answer without torch (tests/test_cli_errors.py)
     from .analysis.fprinciple_cli import add_parser as add_fprinciple_parser
     add_fprinciple_parser(sub)  # megaponder fprinciple {1d,digits,lm}
-    from .train.plan import add_parser as add_plan_parser
-    add_plan_parser(sub)  # megaponder plan (docs/performance.md)
+
+    p = sub.add_parser("plan", help="memory and FLOPs per rank of a training config, before launching it")
+    p.add_argument("--config", required=True, help="YAML config (see docs/config.md)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key")
+    p.add_argument("--world-size", type=int, default=1, help="processes of the job (tp*pp*dp)")
+    p.add_argument("--device", default=None,
+                   help="H100, H100 PCIe, H200, A100, A100 40GB, L40S, MI300X, cuda[:N] or cpu")
+    p.add_argument("--memory-gb", type=float, default=None, help="memory of one device in GB")
+    p.set_defaults(func=_plan)  # docs/performance.md
+
     from .analysis.compare import add_parser as add_compare_parser
     add_compare_parser(sub)  # megaponder compare RUN_DIR...
     return parser

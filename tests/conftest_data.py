@@ -39,6 +39,17 @@ def demo_corpus_dir() -> str:
     return _CACHE["demo"]
 
 
+def demo_run_sets(common, run_dir, data, *extra) -> list[str]:
+    """``--set`` arguments of a training test: ``common`` (its tiny model and run), then
+    ``run_dir`` and the demo corpus in ``data`` (train, validation, tokenizer), then ``extra``."""
+    out = []
+    for s in [*common, f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
+              f"data.valid_path=[{data}/validation_text_document]",
+              f"data.tokenizer_model={data}/tokenizer.model", *extra]:
+        out += ["--set", s]
+    return out
+
+
 def megatron_indexed():
     """megatron-core's IndexedDataset / IndexedDatasetBuilder (the independent reference)."""
     with warnings.catch_warnings():

@@ -120,8 +120,18 @@ def test_set_accepts_lists_and_refuses_an_empty_run_dir():
         load_config(TINY_YML, ["data.path=[a,b"], check_paths=False)
 
 
+# `megaponder train` through main(), then whether it left its process group behind
+TRAIN_THEN_GROUP = ("import sys, torch.distributed as dist\n"
+                    "from megaponder.cli import main\n"
+                    "rc = main(sys.argv[1:])\n"
+                    "print('process group left:', dist.is_initialized())\n"
+                    "sys.exit(rc)\n")
+
+
 def test_progress_bar_off_prints_plain_log_lines(tmp_path):
-    proc = _run([sys.executable, "-m", "megaponder", "train", "--config", TINY_YML,
+    """Plain log lines; and the command tears its process group down before the interpreter
+    exits (a gloo group left to shutdown can abort a clean exit, megaponder/cli.py)."""
+    proc = _run([sys.executable, "-c", TRAIN_THEN_GROUP, "train", "--config", TINY_YML,
                  *_sets(tmp_path / "run", "train.progress_bar=false", "train.steps=2",
                         "train.log_every=1", "model.hidden_size=32", "model.num_layers=1",
                         "data.seq_length=16", "train.micro_batch_size=2", "train.eval_batches=1")])
@@ -130,6 +140,7 @@ def test_progress_bar_off_prints_plain_log_lines(tmp_path):
     assert [l.split(" | ")[0] for l in lines] == ["[megaponder] step 1/2", "[megaponder] step 2/2"]
     assert all(" | loss " in l and " | lr " in l for l in lines)
     assert "\r" not in proc.stdout + proc.stderr  # no progress-bar redraws in a batch log
+    assert proc.stdout.splitlines()[-1] == "process group left: False"
 
 
 def test_tp_that_cannot_split_the_padded_vocabulary_is_refused():
@@ -144,3 +155,41 @@ def test_tp_that_cannot_split_the_padded_vocabulary_is_refused():
                                           r"shards \(parallel.tp\); set model.padded_vocab_size"):
         load_config(TINY_YML, base + ["model.make_vocab_size_divisible_by=8", "parallel.tp=16",
                                       "model.num_heads=16"], check_paths=False)
+
+
+HELP_PROBE = """
+import contextlib, io, json, sys
+from megaponder.cli import main
+codes, texts = [], []
+for argv in {argvs!r}:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(argv)
+        except SystemExit as stop:
+            codes.append(stop.code)
+    texts.append(out.getvalue())
+print(json.dumps({{"codes": codes, "texts": texts,
+                   "heavy": sorted(m for m in ("torch", "deepspeed", "transformers") if m in sys.modules)}}))
+"""
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    """`megaponder --help`, every subcommand's --help and argument errors answer without
+    importing torch (seconds saved on every typo); the help still lists every subcommand."""
+    import json
+
+    helps = [["--help"]] + [[c, "--help"] for c in ("train", "generate", "eval", "lm-eval",
+                                                     "fprinciple", "plan", "compare")]
+    helps.append(["fprinciple", "lm", "--help"])
+    errors = [[], ["train"], ["no-such-command"], ["plan", "--world-size", "two"]]
+    probe = HELP_PROBE.format(argvs=helps + errors)
+    out = _run([sys.executable, "-c", probe])
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["heavy"] == [], got["heavy"]
+    assert got["codes"] == [0] * len(helps) + [2] * len(errors)
+    for command in ("train", "generate", "eval", "lm-eval", "fprinciple", "plan", "compare"):
+        assert command in got["texts"][0]
+    assert "--world-size" in got["texts"][helps.index(["plan", "--help"])]
+    assert "--probes" in got["texts"][helps.index(["fprinciple", "lm", "--help"])]

@@ -92,3 +92,7 @@ def test_build_index_cache_tool(tmp_path):
     out = run_tool("build_index_cache.py", "--config", cfg, "--dp-size", "2")
     assert "160 train / 48 valid samples" in out.stdout
     assert len(list((tmp_path / "cache").glob("*-description.json"))) == 2
+    assert "sample index" not in out.stderr  # stderr is not a terminal: no bar by default
+    again = run_tool("build_index_cache.py", "--config", cfg, "--dp-size", "2", "--progress")
+    assert "sample index: 100%" in again.stderr and "2/2" in again.stderr, again.stderr
+    assert again.stdout.splitlines()[:2] == out.stdout.splitlines()[:2]  # the cache, loaded

@@ -135,3 +135,35 @@ def test_neox_folder_with_missing_layer_file_fails_with_one_line(tmp_path, capsy
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "layer_03-model_01-model_states.pt" in lines[0], err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_progress_bars_on_stderr_only_when_asked_or_on_a_terminal(tmp_path, capsys):
+    """--progress: a bar over the GPT-NeoX shard files read (2 ranks x 5 pipeline layers) and
+    transformers' own per-tensor bar for a Hugging Face import; by default (stderr is not a
+    terminal here) and with --no-progress: no bar at all, stdout unchanged."""
+    from megaponder.convert.hf import hf_config_from_model_config
+    from megaponder.config import ModelConfig
+
+    shape = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4,
+                        max_position_embeddings=64)
+    hf = transformers.GPTNeoXForCausalLM(hf_config_from_model_config(shape))
+    hf.save_pretrained(tmp_path / "hf")
+    write_neox_checkpoint(hf, str(tmp_path / "global_step1"), parallel_residual=True, sequential=False)
+    neox_yaml(hf.config, tmp_path / "neox.yml")
+    neox = ["--from", "neox", "--to", "megaponder", "--input", tmp_path / "global_step1",
+            "--config", tmp_path / "neox.yml"]
+    hf_in = ["--from", "hf", "--to", "megaponder", "--input", tmp_path / "hf"]
+    capsys.readouterr()
+    outputs = {}
+    for name, args in (("neox", neox), ("hf", hf_in)):
+        for flag in ("--progress", "--no-progress", None):
+            out = tmp_path / f"{name}-{flag}"
+            assert convert(*args, "--output", out, *([flag] if flag else [])) == 0
+            outputs[name, flag] = capsys.readouterr()
+    err = outputs["neox", "--progress"].err
+    assert "neox shards: 100%" in err and "10/10" in err, err
+    assert "Loading weights" in outputs["hf", "--progress"].err
+    for key in [("neox", "--no-progress"), ("neox", None), ("hf", "--no-progress"), ("hf", None)]:
+        assert outputs[key].err == "", (key, outputs[key].err)
+    for name in ("neox", "hf"):
+        assert len({outputs[name, f].out.replace(f"{name}-{f}", "") for f in ("--progress", "--no-progress", None)}) == 1

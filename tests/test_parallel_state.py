@@ -124,3 +124,26 @@ def test_row_chunks_cover_the_batch_in_order():
             assert rows == list(range(batch))                      # contiguous, in order
             sizes = [s.stop - s.start for s in sl]
             assert max(sizes) - min(sizes) <= 1                    # as even as possible
+
+
+def test_make_hostfile_does_not_import_torch():
+    """examples/slurm/make_hostfile.py is the first step of every train.sbatch job: it expands
+    the node list without importing torch (seconds per job start)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    script = os.path.join(REPO_ROOT, "examples", "slurm", "make_hostfile.py")
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{script!r}, '--nodelist', 'gpu[01-02]', '--slots', '8', '--dry-run']\n"
+             "try:\n"
+             f"    runpy.run_path({script!r}, run_name='__main__')\n"
+             "except SystemExit as stop:\n"
+             "    assert stop.code == 0, stop.code\n"
+             "print('torch imported:', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "gpu01 slots=8\ngpu02 slots=8\n" in out.stdout
+    assert out.stdout.splitlines()[-1] == "torch imported: False"

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
+from conftest_data import demo_run_sets
 
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "data.seq_length=32",
         "train.micro_batch_size=4", "train.log_every=1", "train.progress_bar=false",
@@ -105,14 +106,10 @@ def test_bad_config_fails_with_one_clear_message(tmp_path):
 
 
 def train_distributed(run_dir, data, nproc, *extra):
-    sets = TINY + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
-                   f"data.valid_path=[{data}/validation_text_document]",
-                   f"data.tokenizer_model={data}/tokenizer.model", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), "-m", "megaponder", "train",
-           "--config", os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml")]
-    for s in sets:
-        cmd += ["--set", s]
+           "--config", os.path.join(REPO_ROOT, "examples", "configs", "tiny.yml"),
+           *demo_run_sets(TINY, run_dir, data, *extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from conftest_data import demo_run_sets
 from test_train import TINY, _free_port, demo_data, losses  # noqa: F401 (demo_data: fixture)
 
 from megaponder.train import checkpoint as ckpt
@@ -30,12 +31,7 @@ NAN_AT_3 = {"MEGAPONDER_FAULT_NAN": "0@3"}  # single process: rank 0 at step 3
 
 
 def _sets(run_dir, data, extra):
-    out = []
-    for s in COMMON + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
-                       f"data.valid_path=[{data}/validation_text_document]",
-                       f"data.tokenizer_model={data}/tokenizer.model", *extra]:
-        out += ["--set", s]
-    return out
+    return demo_run_sets(COMMON, run_dir, data, *extra)
 
 
 def _env(**extra):

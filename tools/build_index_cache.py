@@ -2,6 +2,7 @@
 """Build the doc/sample/shuffle index caches of a run offline (no GPUs idling on rank 0).
 
     python tools/build_index_cache.py --config examples/configs/tiny.yml [--set k=v]... [--dp-size D]
+                                      [--progress | --no-progress]
 
 Uses exactly the trainer's sample counts (megaponder.data.schedule.run_num_samples), writes the
 caches to data.index_cache_dir (or PREFIX's directory/index-cache) and prints each cache file.
@@ -23,11 +24,16 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks of the run")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr, one step per index built or loaded "
+                        "(default: when stderr is a terminal)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
     n_train, n_valid = run_num_samples(cfg, args.dp_size)
     t0 = time.time()
-    train, valid = build_train_valid_datasets(cfg.data, cfg.train.seed, n_train, n_valid)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    train, valid = build_train_valid_datasets(cfg.data, cfg.train.seed, n_train, n_valid,
+                                              progress=progress)
     for name, ds in (("train", train), ("valid", valid)):
         parts = getattr(ds, "datasets", [ds]) if ds is not None else []
         for part in parts:

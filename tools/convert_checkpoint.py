@@ -44,10 +44,35 @@ def main(argv=None) -> int:
                    help="--from neox: the GPT-NeoX run's config YAML(s), merged in order")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="real tokenizer vocabulary (Pythia: 50277); default: the HF embedding rows")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr: GPT-NeoX shard files read, Hugging Face "
+                        "weights loaded and shards written (default: when stderr is a terminal)")
     args = p.parse_args(argv)
     if args.src == args.dst:
         p.error("--from and --to must differ")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    from transformers.utils import logging as hf_logging
+    # transformers draws its own bars (per tensor loaded, per shard written): the same switch,
+    # put back afterwards (main also runs inside other programs and tests)
+    was_on = hf_logging.is_progress_bar_enabled()
+    _transformers_bars(progress)
+    try:
+        return _convert(p, args, progress)
+    finally:
+        _transformers_bars(was_on)
+
+
+def _transformers_bars(on: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
+    if on:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+
+
+def _convert(p: argparse.ArgumentParser, args, progress: bool) -> int:
     from megaponder.convert.checkpoint import hf_to_megaponder_checkpoint, megaponder_to_hf_checkpoint
 
     if args.src == "megaponder" and (args.family != "vanilla" or args.tp is not None or args.pp is not None):
@@ -60,7 +85,8 @@ def main(argv=None) -> int:
                 p.error("--from neox needs --config NEOX.yml (the run's GPT-NeoX config)")
             from megaponder.convert.neox_native import neox_to_megaponder_checkpoint
             cfg = neox_to_megaponder_checkpoint(args.input, args.config, args.output, args.family,
-                                                args.tp or 1, args.pp or 1, args.vocab_size)
+                                                args.tp or 1, args.pp or 1, args.vocab_size,
+                                                progress=progress)
             print(f"wrote megaponder {cfg.model.family} checkpoint to {args.output} from GPT-NeoX "
                   f"{args.input} ({cfg.model.num_layers} layers, d={cfg.model.hidden_size})")
         elif args.src == "hf":

@@ -28,18 +28,24 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_ngc_list(path: str) -> list[tuple[str, str]]:
-    """name==version lines of the NGC list (comments and blank lines skipped)."""
-    out = []
+def content_lines(path: str):
+    """(line number, text) of every line that is not blank or a comment (``# ...`` stripped).
+    docker/check_pins.py reads the NGC list and the pin files with it too."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
             line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if "==" not in line:
-                raise SystemExit(f"{path}:{n}: expected name==version, got '{line}'")
-            name, version = (s.strip() for s in line.split("==", 1))
-            out.append((name, version))
+            if line:
+                yield n, line
+
+
+def read_ngc_list(path: str) -> list[tuple[str, str]]:
+    """name==version lines of the NGC list (comments and blank lines skipped), in file order."""
+    out = []
+    for n, line in content_lines(path):
+        if "==" not in line:
+            raise SystemExit(f"{path}:{n}: expected name==version, got '{line}'")
+        name, version = (s.strip() for s in line.split("==", 1))
+        out.append((name, version))
     return out
 
 

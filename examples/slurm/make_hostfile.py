@@ -7,7 +7,7 @@
 
 One ``HOST slots=N`` line per node, in SLURM's order: the node list is expanded by
 ``scontrol show hostnames`` where SLURM is installed, else by python-hostlist (the same
-expansion; megaponder.parallel.state.expand_nodelist, tests/cluster/test_slurm.py compares the two). The launcher is the ``deepspeed``
+expansion; megaponder.nodelist.expand_nodelist, tests/cluster/test_slurm.py compares the two). The launcher is the ``deepspeed``
 next to this Python (the venv's), with the first node as master; with one node it skips
 DeepSpeed's ssh check (a single node is launched locally, without pdsh). CMD are the launcher's
 arguments after its own options (default: ``--module megaponder train``). --dry-run prints the
@@ -19,7 +19,8 @@ import os
 import shlex
 import sys
 
-from megaponder.parallel.state import expand_nodelist  # scontrol's expansion (python-hostlist without SLURM)
+# scontrol's expansion (python-hostlist without SLURM); torch-free: the job's first step stays fast
+from megaponder.nodelist import expand_nodelist
 
 
 def slots_from_env(env=os.environ) -> int:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -131,11 +132,21 @@ def _torch_load(path: str) -> dict:
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def _layer_reader(folder: str, mp: int) -> Callable[[int], list[dict]]:
-    """``read(layer_index)`` -> the state dict of that pipeline layer on every TP rank."""
+def _layer_reader(folder: str, mp: int, layer_reads: int, bar) -> Callable[[int], list[dict]]:
+    """``read(layer_index)`` -> the state dict of that pipeline layer on every TP rank.
+    ``bar`` (tqdm) counts the shard files read: ``layer_reads`` files per rank of a pipeline
+    model, one per rank of a sequential one."""
     pipe = os.path.join(folder, "layer_00-model_00-model_states.pt")
     sequential = [os.path.join(folder, f"mp_rank_{r:02d}_model_states.pt") for r in range(mp)]
+
+    def load(path: str) -> dict:
+        state = _torch_load(path)
+        bar.set_postfix_str(os.path.basename(path), refresh=False)
+        bar.update(1)
+        return state
+
     if os.path.exists(pipe):
+        bar.reset(total=mp * layer_reads)
         def read(idx: int) -> list[dict]:
             files = [os.path.join(folder, f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
                      for r in range(mp)]
@@ -145,14 +156,15 @@ def _layer_reader(folder: str, mp: int) -> Callable[[int], list[dict]]:
                         f"GPT-NeoX checkpoint {folder} lacks {os.path.basename(f)} (pipeline layer "
                         f"{idx}, model-parallel rank {files.index(f)} of {mp}); the folder is "
                         f"incomplete or model-parallel-size in the config is wrong.")
-            return [_torch_load(f) for f in files]
+            return [load(f) for f in files]
         return read
     if os.path.exists(sequential[0]):
         for f in sequential:
             if not os.path.exists(f):
                 raise NeoXCheckpointError(f"GPT-NeoX checkpoint {folder} lacks {os.path.basename(f)} "
                                           f"(model-parallel-size {mp})")
-        modules = [_torch_load(f) for f in sequential]
+        bar.reset(total=mp)
+        modules = [load(f) for f in sequential]
         modules = [m.get("module", m) for m in modules]
 
         def read(idx: int) -> list[dict]:
@@ -190,14 +202,25 @@ def _check_used(layer: list[dict], used: set, where: str) -> None:
                                   f"neox backbone has no place for: {extra[:5]}")
 
 
-def neox_to_megaponder(folder: str, neox_cfg: dict) -> tuple[ModelConfig, dict]:
+def neox_to_megaponder(folder: str, neox_cfg: dict,
+                       progress: bool = False) -> tuple[ModelConfig, dict]:
     """(backbone shape, full backbone state dict under megaponder names) of a GPT-NeoX
-    ``global_stepN`` folder. Reads one pipeline layer (all TP ranks) at a time."""
+    ``global_stepN`` folder. Reads one pipeline layer (all TP ranks) at a time; ``progress``:
+    a bar on stderr counting the shard files read."""
+    from tqdm import tqdm
+
     if not os.path.isdir(folder):
         raise NeoXCheckpointError(f"GPT-NeoX checkpoint folder '{folder}' does not exist")
     mp = int(neox_key(neox_cfg, "model-parallel-size", 1) or 1)
-    read = _layer_reader(folder, mp)
     num_layers = int(neox_key(neox_cfg, "num-layers", 0))
+    # embedding, transformer layers, final norm, and the head unless tied to the embedding
+    layer_reads = num_layers + 2 + bool(neox_key(neox_cfg, "no-weight-tying", False))
+    with tqdm(desc="neox shards", unit="file", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        return _neox_to_megaponder(_layer_reader(folder, mp, layer_reads, bar), neox_cfg, num_layers)
+
+
+def _neox_to_megaponder(read, neox_cfg: dict, num_layers: int) -> tuple[ModelConfig, dict]:
     emb = read(0)
     if "position_embeddings.weight" in emb[0]:
         raise NeoXCheckpointError("GPT-NeoX checkpoint has learned position embeddings; only "
@@ -227,9 +250,11 @@ def neox_to_megaponder(folder: str, neox_cfg: dict) -> tuple[ModelConfig, dict]:
 
 
 def neox_to_megaponder_checkpoint(folder: str, config_paths, output: str, family: str = "vanilla",
-                                  tp: int = 1, pp: int = 1, vocab_size: Optional[int] = None):
-    """Write a megaponder checkpoint of ``family`` from a GPT-NeoX ``global_stepN`` folder."""
+                                  tp: int = 1, pp: int = 1, vocab_size: Optional[int] = None,
+                                  progress: bool = False):
+    """Write a megaponder checkpoint of ``family`` from a GPT-NeoX ``global_stepN`` folder
+    (``progress``: a bar on stderr over the shard files read)."""
     from .checkpoint import write_backbone_checkpoint
 
-    cfg, backbone = neox_to_megaponder(folder, read_neox_config(config_paths))
+    cfg, backbone = neox_to_megaponder(folder, read_neox_config(config_paths), progress)
     return write_backbone_checkpoint(cfg, backbone, output, family, tp, pp, vocab_size, source=folder)

@@ -122,9 +122,10 @@ def _cache_dir(data_cfg, prefix: str) -> str:
 
 
 def _build_one_split(data_cfg, prefixes, weights, split_index, whole, seed, num_samples, eod, pad,
-                     opened):
+                     opened, bar):
     """One (possibly blended) dataset for split ``split_index`` (0 train, 1 valid, 2 test);
-    ``opened(prefix)`` gives the IndexedDataset of a prefix."""
+    ``opened(prefix)`` gives the IndexedDataset of a prefix; ``bar`` (tqdm) counts the indices
+    built or loaded, one per dataset of the blend."""
     name = SPLIT_NAMES[split_index]
     mode = data_cfg.index_mode
     if weights is None and len(prefixes) > 1:
@@ -145,10 +146,12 @@ def _build_one_split(data_cfg, prefixes, weights, split_index, whole, seed, num_
                 return None
             raise DataError(f"{prefix}.idx: data.split '{data_cfg.split}' leaves none of its "
                             f"{len(ds)} sequences for the {name} split of this blended dataset.")
-        parts.append(GPTDataset(ds, docs, count, data_cfg.seq_length, seed, mode,
-                                f"{name}{'_' + str(k) if len(prefixes) > 1 else ''}",
+        part_name = f"{name}{'_' + str(k) if len(prefixes) > 1 else ''}"
+        bar.set_postfix_str(f"{part_name} {os.path.basename(prefix)}")
+        parts.append(GPTDataset(ds, docs, count, data_cfg.seq_length, seed, mode, part_name,
                                 _cache_dir(data_cfg, prefix), eod, pad, data_cfg.reset_position_ids,
                                 data_cfg.reset_attention_mask))
+        bar.update(1)
     if len(parts) == 1:
         return parts[0]
     size = sum(int(np.ceil(num_samples * w)) for w in weights) if mode == "megatron" else num_samples
@@ -156,11 +159,13 @@ def _build_one_split(data_cfg, prefixes, weights, split_index, whole, seed, num_
 
 
 def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
-                               num_valid_samples: int, datasets: Optional[dict] = None):
+                               num_valid_samples: int, datasets: Optional[dict] = None,
+                               progress: bool = False):
     """(train_ds, valid_ds) from the ``data:`` config section; valid_ds is None when there is no
     validation data (valid_path null and the split's valid share rounds to zero sequences).
     ``datasets``: IndexedDatasets already open, by prefix (megaponder.data.checks.open_datasets);
-    others are opened here.
+    others are opened here. ``progress``: a bar on stderr over the doc/sample/shuffle indices
+    built or loaded from the cache (one per dataset of each split; the rank that builds them).
 
     Under torch.distributed, global rank 0 builds missing index caches first and the other ranks
     load them afterwards (every rank must call this). A failure on any rank stops every rank
@@ -184,10 +189,20 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
         eod, pad = tok.eod, tok.pad
     valid_prefixes, valid_weights = parse_blend(data_cfg.valid_path)
 
-    def build_all():
+    def build_all(progress: bool):
+        from tqdm import tqdm
+
+        valid_parts = 0 if num_valid_samples <= 0 else len(valid_prefixes or prefixes)
+        with tqdm(total=len(prefixes) + valid_parts, desc="sample index", unit="index",
+                  file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+            result = build_splits(bar)
+            bar.total = bar.n  # a split left without sequences built nothing
+            return result
+
+    def build_splits(bar):
         whole_train = bool(valid_prefixes)  # separate validation data: train uses all of data.path
         train = _build_one_split(data_cfg, prefixes, weights, 0, whole_train, seed,
-                                 num_train_samples, eod, pad, opened)
+                                 num_train_samples, eod, pad, opened, bar)
         if train is None:
             n = len(opened(prefixes[0]))
             raise DataError(f"{prefixes[0]}.idx holds {n} sequence(s), and data.split "
@@ -198,15 +213,15 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
         if num_valid_samples > 0:
             if valid_prefixes:
                 valid = _build_one_split(data_cfg, valid_prefixes, valid_weights, 1, True, seed,
-                                         num_valid_samples, eod, pad, opened)
+                                         num_valid_samples, eod, pad, opened, bar)
             else:
                 valid = _build_one_split(data_cfg, prefixes, weights, 1, False, seed,
-                                         num_valid_samples, eod, pad, opened)
+                                         num_valid_samples, eod, pad, opened, bar)
         return train, valid
 
     dist = _initialized_dist()
     if dist is None:
-        return build_all()
+        return build_all(progress)
     from ..collectives import agree_on_failure
 
     first = dist.get_rank() == 0
@@ -214,10 +229,10 @@ def build_train_valid_datasets(data_cfg, seed: int, num_train_samples: int,
     # two agreed phases instead of a barrier: rank 0 writes the caches, then the others load them
     with agree_on_failure("building the sample index"):
         if first:
-            result = build_all()
+            result = build_all(progress)
     with agree_on_failure("loading the sample index"):
         if not first:
-            result = build_all()
+            result = build_all(False)  # only loads what rank 0 wrote
     return result
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -35,10 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-try:  # optional: SLURM node lists where scontrol is absent (expand_nodelist)
-    import hostlist
-except ImportError:  # pragma: no cover - installed by requirements/cpu.txt
-    hostlist = None
+from ..nodelist import expand_nodelist  # torch-free (examples/slurm/make_hostfile.py uses it)
 
 DEFAULT_PORT = 29500
 DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's default for gloo; parallel.timeout_minutes sets it per run
@@ -54,29 +49,6 @@ class LaunchInfo:
     master_addr: str
     master_port: int
     source: str  # "env" (torchrun/deepspeed), "openmpi", "pmi", "slurm" or "single"
-
-
-def expand_nodelist(nodelist: str, *, use_scontrol: bool = True) -> list[str]:
-    """A SLURM node list as SLURM expands it: ``gpu[01-03,07],login1`` -> gpu01 gpu02 gpu03
-    gpu07 login1; ``r[1-2]n[01-02]`` -> r1n01 r1n02 r2n01 r2n02. SLURM's own ``scontrol show
-    hostnames`` where it is installed (every SLURM node), else python-hostlist (an optional
-    dependency: GPL-2.0+, so not required by this Apache-2.0 package);
-    tests/cluster/test_slurm.py checks that both agree with scontrol."""
-    scontrol = shutil.which("scontrol") if use_scontrol else None
-    if scontrol:
-        out = subprocess.run([scontrol, "show", "hostnames", nodelist.strip()],
-                             capture_output=True, text=True)
-        if out.returncode != 0 or not out.stdout.split():
-            why = (out.stderr or out.stdout or "no hosts").strip().splitlines()[-1]
-            raise ValueError(f"scontrol cannot expand the SLURM node list {nodelist!r}: {why}")
-        return out.stdout.split()
-    if hostlist is None:
-        raise ValueError(f"cannot expand the SLURM node list {nodelist!r}: neither scontrol (SLURM) "
-                         f"nor python-hostlist is installed; `pip install python-hostlist`.")
-    try:
-        return hostlist.expand_hostlist(nodelist.strip(), allow_duplicates=True)
-    except hostlist.BadHostlist as err:
-        raise ValueError(f"cannot expand the SLURM node list {nodelist!r}: {err}") from None
 
 
 def _int(env, name, default=None):

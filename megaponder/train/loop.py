@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -119,8 +120,10 @@ class Trainer:
         # The sample order depends on the number of samples asked for; run_num_samples is the
         # one definition shared with tools/inspect_dataset.py and build_index_cache.py.
         num_train, num_valid = run_num_samples(self.cfg, self.dp_size)
-        self.train_ds, self.valid_ds = build_train_valid_datasets(self.cfg.data, t.seed, num_train,
-                                                                  num_valid, self.datasets)
+        # the index bar only on a terminal: an error while building stays one line in a log
+        self.train_ds, self.valid_ds = build_train_valid_datasets(
+            self.cfg.data, t.seed, num_train, num_valid, self.datasets,
+            progress=self.rank == 0 and t.progress_bar and sys.stderr.isatty())
         self.train_iter = build_data_iterator(self.train_ds, t.micro_batch_size, self.dp_rank,
                                               self.dp_size, self.consumed_samples,
                                               num_workers=self.cfg.data.num_workers)

@@ -356,19 +356,8 @@ def check_micro_batch_fits(cfg, world_size: int, device: torch.device) -> None:
             f"or set train.memory_gb.")
 
 
-def add_parser(sub) -> None:
-    """``megaponder plan`` (megaponder/cli.py adds it)."""
-    p = sub.add_parser("plan", help="memory and FLOPs per rank of a training config, before launching it")
-    p.add_argument("--config", required=True, help="YAML config (see docs/config.md)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key")
-    p.add_argument("--world-size", type=int, default=1, help="processes of the job (tp*pp*dp)")
-    p.add_argument("--device", default=None,
-                   help="H100, H100 PCIe, H200, A100, A100 40GB, L40S, MI300X, cuda[:N] or cpu")
-    p.add_argument("--memory-gb", type=float, default=None, help="memory of one device in GB")
-    p.set_defaults(func=_plan_command)
-
-
-def _plan_command(args) -> int:
+def plan_command(args) -> int:
+    """``megaponder plan`` (its arguments: megaponder/cli.py)."""
     from ..config import load_config
     from .preflight import preflight
 

@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 
+from conftest_data import demo_run_sets
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
@@ -31,12 +33,7 @@ def free_port():
 
 
 def train_sets(run_dir, data, *extra):
-    out = []
-    for s in TRAIN_SETS + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
-                           f"data.valid_path=[{data}/validation_text_document]",
-                           f"data.tokenizer_model={data}/tokenizer.model", *extra]:
-        out += ["--set", s]
-    return out
+    return demo_run_sets(TRAIN_SETS, run_dir, data, *extra)
 
 
 def train_cmd(launcher_args, run_dir, data, *extra):

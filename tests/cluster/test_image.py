@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from conftest_data import demo_run_sets
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.path.join(REPO_ROOT, "docker", "build_image.sh")
 STANDIN = os.path.join(REPO_ROOT, "docker", "ngc_standin", "build.sh")
@@ -79,12 +81,7 @@ TRAIN_SETS = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
 
 
 def _train_args(data, run_dir):
-    args = ["train", "--config", "examples/configs/tiny.yml"]
-    for s in TRAIN_SETS + [f"train.run_dir={run_dir}", f"data.path=[{data}/train_text_document]",
-                           f"data.valid_path=[{data}/validation_text_document]",
-                           f"data.tokenizer_model={data}/tokenizer.model"]:
-        args += ["--set", s]
-    return args
+    return ["train", "--config", "examples/configs/tiny.yml", *demo_run_sets(TRAIN_SETS, run_dir, data)]
 
 
 def _losses(run_dir):

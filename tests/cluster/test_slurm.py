@@ -8,7 +8,9 @@ Node lists are expanded as ``scontrol show hostnames`` does.
 The five jobs (one uninterrupted reference, four interrupted ones) run side by side (the test
 partition lets jobs share CPUs, ``--oversubscribe``) and are driven by one fixture; the tests
 read their outcome. A requeued job waits ~2 min (BeginTime, AuthInfo cred_expire) before it may
-start again; the driver releases it with ``scontrol update JobId=N StartTime=now``."""
+start again; the driver releases it with ``scontrol update JobId=N StartTime=now``, but not in
+the second of the requeue: slurmd refuses a launch whose credential is no newer (whole
+seconds) than the job's revocation ("Job credential revoked", the job ends FAILED)."""
 import json
 import os
 import re
@@ -30,6 +32,7 @@ STEP_SLEEP = "0.3"      # MEGAPONDER_FAULT_STEP_SLEEP of the interrupted jobs: a
 CPU_NODE = ["--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--oversubscribe"]
 INTERRUPTED = [("train_srun.sbatch", "batch"), ("train_srun.sbatch", "full"),
                ("train.sbatch", "batch"), ("train.sbatch", "full")]
+RELEASE_AFTER = 2.0     # s from seeing the requeued job PENDING to releasing it (see above)
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -86,7 +89,7 @@ class Job:
         self.config = tiny_config(self.dir / "config.yml", self.run_dir, demo_corpus_dir())
         self.log = str(self.dir / "job.log")
         self.id = None
-        self.signalled = self.released = None
+        self.signalled = self.requeued = self.released = None
         self.left_between = self.left_after = None
         self.info = {}
 
@@ -112,8 +115,10 @@ class Job:
                 self.signalled = time.time()
             return state in DONE_STATES  # ended before the signal: the test says so
         if self.mode and self.released is None:
-            if state == "PENDING":  # requeued, held by BeginTime: the first run is over
+            if state == "PENDING" and self.requeued is None:  # requeued, held by BeginTime
+                self.requeued = time.time()  # the first run is over
                 self.left_between = processes_mentioning(self.config)
+            if self.requeued is not None and time.time() >= self.requeued + RELEASE_AFTER:
                 subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"], check=True)
                 self.released = time.time()
             return state in DONE_STATES
