@@ -14,7 +14,12 @@ decoder (megaponder/models/decoders.py, all rows in lockstep) at that tau and at
 (pass, token) slots that still had to be computed (measured on the same tokens, from what the
 decoder executed). Reported: the measured speed-up (no-halting time / halting time, medians of
 ``--repeats`` interleaved runs) and its fraction of the ideal (1.0 = every skipped slot saved
-its full share of the time). Also: the static-shape decoder (no compaction, eager) at tau = 0,
+its full share of the time). The ideal assumes a pass over M of the B rows costs M/B of a
+full one; on a CPU a one-token pass streams every weight whatever M is, so the benchmark also
+times one pass (stack, head, pondering update; one token per row over a cache of the decoded
+length) for every M = 1..B in the same run and reports the **row-cost bound**: the speed-up a
+decoder that ran exactly the active rows of every pass (and skipped empty passes) would get at
+those measured costs, and the measured speed-up's fraction of it. Also: the static-shape decoder (no compaction, eager) at tau = 0,
 as a check that the no-halting baseline carries no overhead of its own.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch 8 --seq 128 --hidden 256 --layers 4]
@@ -155,10 +160,13 @@ def halting_speedups(a):
     def active_of(decoder, start=0):
         return decoder.executed()[:, :, start:].float().mean().item()
 
+    pass_s = _pass_times(model, a.batch, a.prompt + a.decode_seq // 2, a.repeats)
+    print("one-token pass (stack + head + pondering update) over M of B rows, time / time of B rows: "
+          + ", ".join(f"M={m_}: {pass_s[m_] / pass_s[a.batch]:.2f}" for m_ in sorted(pass_s)))
     print("| target active | tau | active slots: prefill | token by token | ideal speed-up (token by token) "
           "| prefill: speed-up | / ideal | token by token: ms per token, no halting | halting "
-          "| speed-up | / ideal |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| speed-up | / ideal | row-cost bound | / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     static_ms = []
     for target in a.active:
         halted = 1.0 - (target * (k + 1) - 1.0) / k   # of the pondering slots (passes 1..K)
@@ -169,6 +177,9 @@ def halting_speedups(a):
             for j in range(a.prompt, short.shape[1]):
                 dec.feed(short[:, j:j + 1])
         act_tok = active_of(dec, a.prompt)
+        rows = dec.executed()[:, :, a.prompt:].sum(1)   # [P, tokens]: active rows of each pass
+        bound_time = sum(pass_s[int(r)] for r in rows.flatten() if r > 0)
+        bound = rows.numel() * pass_s[a.batch] / bound_time
         act_pre = active_of(with_tau(tau, prefill))
         runs = {"pre0": lambda: with_tau(0.0, lambda: _timed(prefill)),
                 "pre": lambda: with_tau(tau, lambda: _timed(prefill)),
@@ -185,9 +196,44 @@ def halting_speedups(a):
         sp_pre, sp_tok = t["pre0"] / t["pre"], t["tok0"] / t["tok"]
         print(f"| {target:.2f} | {tau:.4f} | {act_pre:.3f} | {act_tok:.3f} | {1 / act_tok:.2f} | "
               f"{sp_pre:.2f} | {sp_pre * act_pre:.2f} | {1e3 * t['tok0'] / a.decode_seq:.2f} | "
-              f"{1e3 * t['tok'] / a.decode_seq:.2f} | {sp_tok:.2f} | {sp_tok * act_tok:.2f} |", flush=True)
+              f"{1e3 * t['tok'] / a.decode_seq:.2f} | {sp_tok:.2f} | {sp_tok * act_tok:.2f} | {bound:.2f} | "
+              f"{sp_tok / bound:.2f} |", flush=True)
     print(f"static-shape decoder (eager, no halting), ms per token in the same runs: "
           f"{', '.join(f'{x:.2f}' for x in static_ms)}; load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def _pass_times(model, batch, cache_len, repeats, calls=10):
+    """{M: seconds of one one-token pass over M rows} for M = 1..batch (medians of ``repeats``
+    interleaved measurements of ``calls`` passes): the stack with every row's cache of
+    ``cache_len`` keys, the head and the pondering update."""
+    from megaponder.models.attention import AttentionSpec
+    attn = model.stack.layers[0].attn
+    heads = getattr(attn, "num_kv_heads", attn.num_heads)
+    param = next(model.parameters())
+    cache = torch.randn(batch, heads, cache_len, attn.head_dim, dtype=param.dtype, device=param.device)
+    d = model.cfg.hidden_size
+
+    def one_pass(m):
+        x = torch.randn(m, 1, d, dtype=param.dtype, device=param.device)
+        pos = torch.full((m, 1), cache_len, device=param.device)
+
+        def hook(layer, k, v):
+            return torch.cat([cache[:m], k], 2), torch.cat([cache[:m], v], 2)
+
+        with torch.no_grad():
+            hidden, _ = model.stack(x, pos, AttentionSpec(), kv_hook=hook)
+            model.ponder_update(model.head(hidden))
+
+    times = {m: [] for m in range(1, batch + 1)}
+    for m in times:   # warm-up
+        one_pass(m)
+    for _ in range(repeats):
+        for m in times:
+            start = time.perf_counter()
+            for _ in range(calls):
+                one_pass(m)
+            times[m].append((time.perf_counter() - start) / calls)
+    return {m: statistics.median(v) for m, v in times.items()}
 
 
 def _timed(fn):
