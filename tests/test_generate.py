@@ -69,3 +69,24 @@ def test_batched_decoding_equals_row_by_row(family):
         assert dec.computed_slots >= dec.active_slots == int(dec.executed().sum())
         if family in ("adaponderlm", "fixed_pruning"):
             assert dec.active_slots < model.num_passes * 3 * 10
+
+
+@pytest.mark.parametrize("readout", ["last_active", "final"])
+def test_token_step_row_buckets_equal_the_forward(readout):
+    """The one-token step runs passes 1..P-1 on the continuing rows only, padded to a power of
+    two on CUDA (padding rows computed on the scratch row and discarded) or the exact count
+    (CPU default): both give the training forward's logits (1e-5) and halting pattern on 6
+    rows whose continuing counts vary per token (so 3 and 5 rows get padded to 4 and 6)."""
+    model = tiny("adaponderlm", steps=3, halted_readout=readout).eval()
+    ids, _ = real_batch(6, 12)
+    force_ada_gates(model, ids, frac=0.4)
+    ref = model(ids, return_token_stats=True)
+    slots = {}
+    for pad in (False, True):
+        dec = make_decoder(model)
+        dec.pad_to_power_of_two = pad
+        logits = torch.cat([dec.feed(ids[:, :4])] + [dec.feed(ids[:, j:j + 1]) for j in range(4, 12)], 1)
+        assert (logits - ref.logits).abs().max().item() < 1e-5, pad
+        assert torch.equal(dec.executed().sum(0).float(), ref.stats["token_iterations"])
+        slots[pad] = dec.computed_slots
+    assert slots[True] > slots[False]   # the padding rows were computed
