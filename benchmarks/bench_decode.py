@@ -24,6 +24,11 @@ as a check that the no-halting baseline carries no overhead of its own.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch 8 --seq 128 --hidden 256 --layers 4]
         [--active 0.9 0.5 0.3] [--prompt 16 --decode-seq 48] [--repeats 5] [--threads 2]
+        [--clock wall|cpu]
+
+``--clock cpu`` times with this process's CPU time (time.process_time) instead of wall time:
+on a shared, loaded machine it leaves out the time other processes held the cores (use it
+with ``--threads 1``; caches and memory bandwidth are still shared).
 
 ``--static``: token-by-token decoding speed (new tokens/s after a prompt) of the static-shape
 decoder (megaponder/models/static_cache.py), eager and with its compiled step (Inductor;
@@ -117,7 +122,9 @@ def main():
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=None, help="default: 3 --static, 5 otherwise")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="default mode: see above")
     a = p.parse_args()
+    CLOCK[0] = time.process_time if a.clock == "cpu" else time.perf_counter
     torch.set_num_threads(a.threads)
     a.prompt = a.prompt or (32 if a.static else 16)
     a.repeats = a.repeats or (3 if a.static else 5)
@@ -140,7 +147,7 @@ def halting_speedups(a):
     short = torch.randint(0, a.vocab, (a.batch, a.prompt + a.decode_seq), generator=g).to(device)
     k = model.num_passes - 1
     print(f"adaponderlm d={a.hidden} L={a.layers} passes={model.num_passes} V={a.vocab} B={a.batch}, {device}, "
-          f"{a.threads} threads; prefill T={a.seq}; token by token: {a.prompt}-token prompt + "
+          f"{a.threads} threads, {a.clock} clock; prefill T={a.seq}; token by token: {a.prompt}-token prompt + "
           f"{a.decode_seq} tokens one at a time; median of {a.repeats} interleaved runs; "
           f"load average {os.getloadavg()[0]:.1f} at start")
 
@@ -152,10 +159,11 @@ def halting_speedups(a):
         return decode_logits(model, ids, return_decoders=True)[1][0].decoder
 
     def tokens():
-        return time_token_by_token(lambda: make_decoder(model), short, a.prompt)[0]
+        return time_token_by_token(lambda: make_decoder(model), short, a.prompt, CLOCK[0])[0]
 
     def static_tokens():
-        return time_token_by_token(lambda: make_static_decoder(model, a.batch, short.shape[1]), short, a.prompt)[0]
+        return time_token_by_token(lambda: make_static_decoder(model, a.batch, short.shape[1]), short, a.prompt,
+                                   CLOCK[0])[0]
 
     def active_of(decoder, start=0):
         return decoder.executed()[:, :, start:].float().mean().item()
@@ -229,17 +237,21 @@ def _pass_times(model, batch, cache_len, repeats, calls=10):
         one_pass(m)
     for _ in range(repeats):
         for m in times:
-            start = time.perf_counter()
+            start = CLOCK[0]()
             for _ in range(calls):
                 one_pass(m)
-            times[m].append((time.perf_counter() - start) / calls)
+            times[m].append((CLOCK[0]() - start) / calls)
     return {m: statistics.median(v) for m, v in times.items()}
 
 
 def _timed(fn):
-    start = time.perf_counter()
+    start = CLOCK[0]()
     fn()
-    return time.perf_counter() - start
+    return CLOCK[0]() - start
+
+
+#: the clock of the default mode (--clock)
+CLOCK = [time.perf_counter]
 
 if __name__ == "__main__":
     main()
