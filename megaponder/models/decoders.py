@@ -158,12 +158,20 @@ class VerticalDecoder:
     #: the caching allocator and CUDA graphs want; CPU: the exact count, since a padding row
     #: costs its full share of a small matmul there); True / False force either
     pad_to_power_of_two: Optional[bool] = None
+    #: on CPU, gather the continuing rows only when they are at most this fraction of the
+    #: batch; more, and all B rows run (the halted ones by ``where``): a one-token pass over
+    #: M rows streams every weight whatever M is, so 5-7 rows of 8 cost as much as 8 and the
+    #: gathers would be pure overhead (benchmarks/bench_decode.py prints the measured curve)
+    compact_fraction: float = 0.5
 
     def _bucket(self, count: int, batch: int, device) -> int:
+        """Rows passes 1..P-1 run on (``batch``: all, no gathers)."""
         pad = self.pad_to_power_of_two
         if pad is None:
             pad = device.type == "cuda"
-        return min(batch, 1 << (count - 1).bit_length()) if pad else count
+        if pad:
+            return min(batch, 1 << (count - 1).bit_length())
+        return count if count <= self.compact_fraction * batch else batch
 
     def _feed_token(self, ids: torch.Tensor):
         """One token per row; at most one host read (adaptive families), none otherwise."""
@@ -190,7 +198,8 @@ class VerticalDecoder:
             s = m.gate_values(0, hidden).view(b)
             cont = s >= tau
         n_cont = int(cont.sum())   # the step's one host read: how many rows go on pondering
-        if n_cont < b:   # halted rows keep pass 0's K/V in every later pass (KV reuse)
+        bucket = self._bucket(n_cont, b, dev) if n_cont else 0
+        if bucket < b:   # rows left out keep pass 0's K/V in every later pass (KV reuse)
             for k, v in self.kv:
                 k[1:, :, :, self.tc].copy_(k[0, :, :, self.tc])
                 v[1:, :, :, self.tc].copy_(v[0, :, :, self.tc])
@@ -199,9 +208,8 @@ class VerticalDecoder:
         last_bucket_pass = P - 2 if self.final_readout else P - 1   # passes run on the bucket
         x = active = rows = None
         if n_cont:
-            bucket = self._bucket(n_cont, b, dev)
-            if bucket == b and n_cont == b:   # every row goes on: plain slices, no gathers
-                rows, take, active = None, slice(None), torch.ones(b, dtype=torch.bool, device=dev)
+            if bucket == b:   # every row runs (the halted ones by where): plain slices, no gathers
+                rows, take, active = None, slice(None), cont
             else:
                 rows = torch.nonzero_static(cont, size=bucket, fill_value=b).view(-1)   # padding: b
                 take = rows.clamp_max(b - 1)   # a padding row computes on a real row's inputs
@@ -211,10 +219,11 @@ class VerticalDecoder:
             upd = m.ponder_update(lg)
             if s is not None:
                 upd = s[take].to(e.dtype).view(-1, 1, 1) * upd
-            x = e[take] + upd
+            x = e[take] + upd if rows is not None else torch.where(cont.view(-1, 1, 1), e + upd, e)
             sub_acts = []
             for i in range(1, last_bucket_pass + 1):
-                hidden = self._token_pass(i, x, pos_r, rows, active if i > 1 else None)
+                # pass 1 of gathered rows: all continue; of all rows: the halted ones reuse K/V
+                hidden = self._token_pass(i, x, pos_r, rows, active if i > 1 or rows is None else None)
                 new_lg = m.head(hidden)
                 lg = torch.where(active.view(-1, 1, 1), new_lg, lg)   # last_active readout
                 sub_acts.append(active)
