@@ -1,17 +1,34 @@
 #!/usr/bin/env python
-"""AdaPonderLM inference: what halting saves in seconds. Times, as ratios to the dense
-training-style forward on the same batch (measured in the same run):
+"""AdaPonderLM inference: what halting saves in seconds, against the same model decoded with
+no halting (``ponder.tau = 0``: every token runs every pass) in the same run.
 
-  * ``rows``    — the KV-cached decoder one row after another (compaction within a row),
-  * ``batched`` — all rows in lockstep with cross-row compaction (the default decoder),
+Default mode: for each target fraction of active (pass, token) slots (``--active``; the gates
+are untrained, so a calibrated ``ponder.tau`` sets how many tokens halt), the batched KV-cached
+decoder (megaponder/models/decoders.py, all rows in lockstep) at that tau and at tau = 0, in
 
-for a whole-sequence prefill (scoring) and for token-by-token decoding, at several halting
-thresholds ``ponder.tau`` (higher tau: more tokens halt early; the gates are untrained, so tau
-only sets how many). Also printed: the fraction of (iteration, token) slots that were active
-and the packing overhead of the batched decoder (computed slots / active slots).
+  * prefill: the whole ``--seq`` tokens in one feed (cross-row compaction), and
+  * token by token: a ``--prompt``-token prompt in one feed, then ``--decode-seq`` tokens fed
+    one at a time (the generation step; only this part is timed).
+
+**Ideal speed-up** = 1 / (active fraction): the no-halting time scaled by the share of
+(pass, token) slots that still had to be computed (measured on the same tokens, from what the
+decoder executed). Reported: the measured speed-up (no-halting time / halting time, medians of
+``--repeats`` interleaved runs) and its fraction of the ideal (1.0 = every skipped slot saved
+its full share of the time). The ideal assumes a pass over M of the B rows costs M/B of a
+full one; on a CPU a one-token pass streams every weight whatever M is, so the benchmark also
+times one pass (stack, head, pondering update; one token per row over a cache of the decoded
+length) for every M = 1..B in the same run and reports the **row-cost bound**: the speed-up a
+decoder that ran exactly the active rows of every pass (and skipped empty passes) would get at
+those measured costs, and the measured speed-up's fraction of it. Also: the static-shape decoder (no compaction, eager) at tau = 0,
+as a check that the no-halting baseline carries no overhead of its own.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch 8 --seq 128 --hidden 256 --layers 4]
-        [--taus 0.0001 0.8 0.87 0.92] [--repeats 3] [--threads 2]
+        [--active 0.9 0.5 0.3] [--prompt 16 --decode-seq 48] [--repeats 5] [--threads 2]
+        [--clock wall|cpu]
+
+``--clock cpu`` times with this process's CPU time (time.process_time) instead of wall time:
+on a shared, loaded machine it leaves out the time other processes held the cores (use it
+with ``--threads 1``; caches and memory bandwidth are still shared).
 
 ``--static``: token-by-token decoding speed (new tokens/s after a prompt) of the static-shape
 decoder (megaponder/models/static_cache.py), eager and with its compiled step (Inductor;
@@ -42,16 +59,6 @@ import torch  # noqa: E402
 from megaponder.models import build_model  # noqa: E402
 from megaponder.models.decoders import decode_logits, make_decoder  # noqa: E402
 from megaponder.models.static_cache import make_static_decoder  # noqa: E402
-
-
-def _median_time(fn, repeats):
-    fn()   # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def static_decode(a):
@@ -100,54 +107,151 @@ def main():
     p.add_argument("--families", nargs="+", default=["vanilla", "adaponderlm"], help="--static")
     p.add_argument("--shapes", nargs="+", default=["128x2", "256x4"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default: 32 --static, 16 otherwise)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--halted", type=float, default=0.5, help="forced halting (AdaPonderLM, --static)")
     p.add_argument("--cache-len", type=int, default=None, help="--static: cache slots (default: prompt + new)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--decode-seq", type=int, default=32, help="tokens for the token-by-token case")
+    p.add_argument("--decode-seq", type=int, default=48, help="tokens fed one at a time (default mode)")
+    p.add_argument("--active", type=float, nargs="+", default=[0.9, 0.5, 0.3],
+                   help="target fractions of active (pass, token) slots (default mode)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--taus", type=float, nargs="+", default=[1e-4, 0.8, 0.87, 0.92])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="default: 3 --static, 5 otherwise")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="default mode: see above")
     a = p.parse_args()
+    CLOCK[0] = time.process_time if a.clock == "cpu" else time.perf_counter
     torch.set_num_threads(a.threads)
+    a.prompt = a.prompt or (32 if a.static else 16)
+    a.repeats = a.repeats or (3 if a.static else 5)
     if a.static:
         if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
             return static_decode(a)
         with tempfile.TemporaryDirectory() as cache:   # Inductor's kernels: not left in /tmp
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
             return static_decode(a)
-    cfg = sized_config("adaponderlm", a.hidden, a.layers, a.vocab, a.seq)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
-    short = ids[:, :a.decode_seq]
-    print(f"adaponderlm d={a.hidden} L={a.layers} passes={model.num_passes} V={a.vocab}, "
-          f"B={a.batch}, prefill T={a.seq}, token-by-token T={a.decode_seq}, {a.threads} threads")
-    print(f"{'tau':>8} {'active':>7} {'padding':>8} | {'prefill rows':>12} {'batched':>8} | "
-          f"{'decode rows':>11} {'batched':>8}   (time / dense forward)")
-    for tau in a.taus:
-        model.ponder_cfg.tau = tau
-        with torch.no_grad():
-            dense = _median_time(lambda: model(ids), a.repeats)
-            dense_short = _median_time(lambda: model(short), a.repeats)
-        rows = _median_time(lambda: [decode_logits(model, ids[b:b + 1]) for b in range(a.batch)], a.repeats)
-        batched = _median_time(lambda: decode_logits(model, ids), a.repeats)
-        rows_tok = _median_time(lambda: [decode_logits(model, short[b:b + 1], chunk=1)
-                                         for b in range(a.batch)], a.repeats)
-        batched_tok = _median_time(lambda: decode_logits(model, short, chunk=1), a.repeats)
-        _, views = decode_logits(model, ids, return_decoders=True)
-        dec = views[0].decoder
-        active = dec.active_slots / (model.num_passes * a.batch * a.seq)
-        padding = dec.computed_slots / dec.active_slots
-        print(f"{tau:>8g} {active:>7.3f} {padding:>8.3f} | {rows / dense:>12.2f} {batched / dense:>8.2f} | "
-              f"{rows_tok / dense_short:>11.2f} {batched_tok / dense_short:>8.2f}")
+    return halting_speedups(a)
 
+
+def halting_speedups(a):
+    device = torch.device(a.device)
+    cfg = sized_config("adaponderlm", a.hidden, a.layers, a.vocab, max(a.seq, a.prompt + a.decode_seq))
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
+    short = torch.randint(0, a.vocab, (a.batch, a.prompt + a.decode_seq), generator=g).to(device)
+    k = model.num_passes - 1
+    print(f"adaponderlm d={a.hidden} L={a.layers} passes={model.num_passes} V={a.vocab} B={a.batch}, {device}, "
+          f"{a.threads} threads, {a.clock} clock; prefill T={a.seq}; token by token: {a.prompt}-token prompt + "
+          f"{a.decode_seq} tokens one at a time; median of {a.repeats} interleaved runs; "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+
+    def with_tau(tau, fn):
+        model.ponder_cfg.tau = tau
+        return fn()
+
+    def prefill():
+        return decode_logits(model, ids, return_decoders=True)[1][0].decoder
+
+    def tokens():
+        return time_token_by_token(lambda: make_decoder(model), short, a.prompt, CLOCK[0])[0]
+
+    def static_tokens():
+        return time_token_by_token(lambda: make_static_decoder(model, a.batch, short.shape[1]), short, a.prompt,
+                                   CLOCK[0])[0]
+
+    def active_of(decoder, start=0):
+        return decoder.executed()[:, :, start:].float().mean().item()
+
+    pass_s = _pass_times(model, a.batch, a.prompt + a.decode_seq // 2, a.repeats)
+    print("one-token pass (stack + head + pondering update) over M of B rows, time / time of B rows: "
+          + ", ".join(f"M={m_}: {pass_s[m_] / pass_s[a.batch]:.2f}" for m_ in sorted(pass_s)))
+    print("| target active | tau | active slots: prefill | token by token | ideal speed-up (token by token) "
+          "| prefill: speed-up | / ideal | token by token: ms per token, no halting | halting "
+          "| speed-up | / ideal | row-cost bound | / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    static_ms = []
+    for target in a.active:
+        halted = 1.0 - (target * (k + 1) - 1.0) / k   # of the pondering slots (passes 1..K)
+        tau, _ = calibrate_tau(model, ids, halted)
+        dec = make_decoder(model)
+        with torch.no_grad():
+            dec.feed(short[:, :a.prompt])
+            for j in range(a.prompt, short.shape[1]):
+                dec.feed(short[:, j:j + 1])
+        act_tok = active_of(dec, a.prompt)
+        rows = dec.executed()[:, :, a.prompt:].sum(1)   # [P, tokens]: active rows of each pass
+        bound_time = sum(pass_s[int(r)] for r in rows.flatten() if r > 0)
+        bound = rows.numel() * pass_s[a.batch] / bound_time
+        act_pre = active_of(with_tau(tau, prefill))
+        runs = {"pre0": lambda: with_tau(0.0, lambda: _timed(prefill)),
+                "pre": lambda: with_tau(tau, lambda: _timed(prefill)),
+                "tok0": lambda: with_tau(0.0, tokens), "tok": lambda: with_tau(tau, tokens),
+                "static0": lambda: with_tau(0.0, static_tokens)}
+        for fn in runs.values():   # warm-up
+            fn()
+        times = {name: [] for name in runs}
+        for _ in range(a.repeats):   # interleaved: load drifts hit every variant alike
+            for name, fn in runs.items():
+                times[name].append(fn())
+        t = {name: statistics.median(v) for name, v in times.items()}
+        static_ms.append(1e3 * t["static0"] / a.decode_seq)
+        sp_pre, sp_tok = t["pre0"] / t["pre"], t["tok0"] / t["tok"]
+        print(f"| {target:.2f} | {tau:.4f} | {act_pre:.3f} | {act_tok:.3f} | {1 / act_tok:.2f} | "
+              f"{sp_pre:.2f} | {sp_pre * act_pre:.2f} | {1e3 * t['tok0'] / a.decode_seq:.2f} | "
+              f"{1e3 * t['tok'] / a.decode_seq:.2f} | {sp_tok:.2f} | {sp_tok * act_tok:.2f} | {bound:.2f} | "
+              f"{sp_tok / bound:.2f} |", flush=True)
+    print(f"static-shape decoder (eager, no halting), ms per token in the same runs: "
+          f"{', '.join(f'{x:.2f}' for x in static_ms)}; load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def _pass_times(model, batch, cache_len, repeats, calls=10):
+    """{M: seconds of one one-token pass over M rows} for M = 1..batch (medians of ``repeats``
+    interleaved measurements of ``calls`` passes): the stack with every row's cache of
+    ``cache_len`` keys, the head and the pondering update."""
+    from megaponder.models.attention import AttentionSpec
+    attn = model.stack.layers[0].attn
+    heads = getattr(attn, "num_kv_heads", attn.num_heads)
+    param = next(model.parameters())
+    cache = torch.randn(batch, heads, cache_len, attn.head_dim, dtype=param.dtype, device=param.device)
+    d = model.cfg.hidden_size
+
+    def one_pass(m):
+        x = torch.randn(m, 1, d, dtype=param.dtype, device=param.device)
+        pos = torch.full((m, 1), cache_len, device=param.device)
+
+        def hook(layer, k, v):
+            return torch.cat([cache[:m], k], 2), torch.cat([cache[:m], v], 2)
+
+        with torch.no_grad():
+            hidden, _ = model.stack(x, pos, AttentionSpec(), kv_hook=hook)
+            model.ponder_update(model.head(hidden))
+
+    times = {m: [] for m in range(1, batch + 1)}
+    for m in times:   # warm-up
+        one_pass(m)
+    for _ in range(repeats):
+        for m in times:
+            start = CLOCK[0]()
+            for _ in range(calls):
+                one_pass(m)
+            times[m].append((CLOCK[0]() - start) / calls)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def _timed(fn):
+    start = CLOCK[0]()
+    fn()
+    return CLOCK[0]() - start
+
+
+#: the clock of the default mode (--clock)
+CLOCK = [time.perf_counter]
 
 if __name__ == "__main__":
     main()

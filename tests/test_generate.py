@@ -69,3 +69,29 @@ def test_batched_decoding_equals_row_by_row(family):
         assert dec.computed_slots >= dec.active_slots == int(dec.executed().sum())
         if family in ("adaponderlm", "fixed_pruning"):
             assert dec.active_slots < model.num_passes * 3 * 10
+
+
+@pytest.mark.parametrize("readout", ["last_active", "final"])
+def test_token_step_row_buckets_equal_the_forward(readout):
+    """The one-token step runs passes 1..P-1 on the continuing rows only, padded to a power of
+    two on CUDA (padding rows computed on the scratch row and discarded) or the exact count
+    (CPU default): both give the training forward's logits (1e-5) and halting pattern on 6
+    rows whose continuing counts vary per token (so 3 rows get padded to 4, 5 to all 6), and
+    with the CPU default that runs all rows (the halted ones by ``where``) once more than
+    half of them continue."""
+    model = tiny("adaponderlm", steps=3, halted_readout=readout).eval()
+    ids, _ = real_batch(6, 12)
+    force_ada_gates(model, ids, frac=0.4)
+    ref = model(ids, return_token_stats=True)
+    slots = {}
+    # (pad to a power of two, compact_fraction): CPU's default; always gather; CUDA's buckets
+    for setting in ((False, 0.5), (False, 1.0), (True, 0.5)):
+        dec = make_decoder(model)
+        dec.pad_to_power_of_two, dec.compact_fraction = setting
+        logits = torch.cat([dec.feed(ids[:, :4])] + [dec.feed(ids[:, j:j + 1]) for j in range(4, 12)], 1)
+        assert (logits - ref.logits).abs().max().item() < 1e-5, setting
+        assert torch.equal(dec.executed().sum(0).float(), ref.stats["token_iterations"])
+        slots[setting] = dec.computed_slots
+    # gathering only the continuing rows computes fewer slots than running all rows when
+    # more than half continue; padding to powers of two computes more than the exact count
+    assert slots[(False, 1.0)] < slots[(False, 0.5)] and slots[(False, 1.0)] < slots[(True, 0.5)]

@@ -35,9 +35,11 @@ def test_gpu_check_cpu_quick(tmp_path):
     # chunking changes memory, not the numbers: same losses as the plain run
     assert abs(runs["adaponderlm +chunked"]["last_loss"] - runs["adaponderlm"]["last_loss"]) < 1e-4
     dec = res["decode"]["rows"]
-    assert [r["halted"] for r in dec] == [0.3, 0.5]
+    assert [r["halted"] for r in dec] == [0.1, 0.5, 0.9]
     for r in dec:   # tau calibration hit the forced halting rate (3 pondering passes)
         assert abs(r["mean_iters"] - (1 + 3 * (1 - r["halted"]))) < 0.1 and r["ideal"] > 1
+        assert r["decode_speedup"] > 0 and 0 < r["active_tokens"] < 1
+    assert dec[0]["active_tokens"] > dec[-1]["active_tokens"]   # more halting, fewer active slots
     static = {(r["family"], r["batch"]): r for r in res["static_decode"]["rows"]}
     assert set(static) == {("vanilla", 2), ("adaponderlm", 2)}
     for r in static.values():   # fp32 on CPU: the static decoders equal the compacting one

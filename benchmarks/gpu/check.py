@@ -22,8 +22,11 @@ comes back with the finished parts.
    after warm-up, MFU (megaponder/models/flops.py FLOPs per token / ``--peak-tflops``), peak
    allocated memory, first/last loss on one repeated batch (must fall).
 3. Decode: AdaPonderLM's batched KV-cached decoder with halting forced (tau calibrated on
-   the dense forward) so that 30% / 50% of the pondering slots halt, vs fixed depth
-   (no halting): time ratio = speed-up; ideal = dense slots / active slots.
+   the dense forward) so that 10% / 50% / 90% of the pondering slots halt, vs the same model
+   with no halting (tau = 0), interleaved: a prefill (one feed) and token-by-token decoding
+   (a prompt, then tokens fed one at a time: the generation step, timed alone); speed-up =
+   time ratio, ideal = 1 / the fraction of (pass, token) slots the decoder found active on
+   those tokens (benchmarks/bench_decode.py's definition).
 4. Static decode: vanilla and AdaPonderLM (50% halted) at the Pythia-70M shape, batch 1 and
    8, token by token: the static-shape decoder eager and compiled (CUDA graphs) vs the
    compacting decoder (tokens/s, warm-up = compile + capture, agreement). Last, so a short
@@ -298,43 +301,64 @@ def check_training(device, quick, steps, peak_tflops, budget, results) -> list:
 
 # -- 3. decode ---------------------------------------------------------------------------------
 def check_decode(device, quick, budget, results) -> list:
-    from _configs import calibrate_tau, sized_config
+    from _configs import calibrate_tau, sized_config, time_token_by_token
     from megaponder.models import build_model
-    from megaponder.models.decoders import decode_logits
+    from megaponder.models.decoders import decode_logits, make_decoder
 
     if budget.left() < (5 if quick else 40):
         results["decode"] = {"skipped": "time"}
         return []
     if quick:
         cfg = sized_config("adaponderlm", 64, 2, 512, 64)
-        b, prefill, tokens = 2, 64, 16
+        b, prefill, prompt, tokens = 2, 64, 8, 16
     else:
         cfg = _train_config("adaponderlm", "160m", [], device, 8)
-        b, prefill, tokens = 8, 1024, 64
+        b, prefill, prompt, tokens = 8, 1024, 32, 64
     torch.manual_seed(0)
     model = build_model(cfg).to(device).eval()
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     ids = torch.randint(0, cfg.model.vocab_size, (b, prefill), generator=torch.Generator().manual_seed(1)).to(device)
-    short = ids[:, :tokens]
+    short = ids[:, :prompt + tokens]
+    repeats = 1 if quick else 3
+
+    def timed(tau, fn):
+        model.ponder_cfg.tau = tau
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - start
+
+    def token_by_token():
+        return time_token_by_token(lambda: make_decoder(model), short, prompt)[0]
+
     rows = []
-    model.ponder_cfg.tau = 1e-9   # fixed depth: no token halts
-    with torch.no_grad():
-        base_prefill = _median_time(lambda: decode_logits(model, ids), device, 1 if quick else 3)
-        base_decode = _median_time(lambda: decode_logits(model, short, chunk=1), device, 1 if quick else 2)
-    for frac in (0.3, 0.5):
+    for frac in (0.1, 0.5, 0.9):
         tau, mean_iters = calibrate_tau(model, ids, frac, iters=12 if quick else 20)
         with torch.no_grad():
-            t_prefill = _median_time(lambda: decode_logits(model, ids), device, 1 if quick else 3)
-            t_decode = _median_time(lambda: decode_logits(model, short, chunk=1), device, 1 if quick else 2)
-        ideal = model.num_passes / mean_iters
-        rows.append({"halted": frac, "tau": tau, "mean_iters": mean_iters, "ideal": ideal,
-                     "prefill_speedup": base_prefill / t_prefill, "decode_speedup": base_decode / t_decode,
-                     "prefill_vs_ideal": base_prefill / t_prefill / ideal,
-                     "decode_vs_ideal": base_decode / t_decode / ideal})
-    results["decode"] = {"batch": b, "prefill": prefill, "decode_tokens": tokens,
-                         "fixed_depth_prefill_s": base_prefill, "fixed_depth_decode_s": base_decode,
-                         "rows": rows}
+            pre_dec = decode_logits(model, ids, return_decoders=True)[1][0].decoder
+            tok_dec = make_decoder(model)
+            tok_dec.feed(short[:, :prompt])
+            for j in range(prompt, short.shape[1]):
+                tok_dec.feed(short[:, j:j + 1])
+            active_prefill = pre_dec.executed().float().mean().item()
+            active_tokens = tok_dec.executed()[:, :, prompt:].float().mean().item()
+            t = {"prefill0": [], "prefill": [], "tokens0": [], "tokens": []}
+            for _ in range(repeats + 1):   # interleaved: no halting (tau 0) and halting alike
+                t["prefill0"].append(timed(0.0, lambda: decode_logits(model, ids)))
+                t["prefill"].append(timed(tau, lambda: decode_logits(model, ids)))
+                t["tokens0"].append(timed(0.0, token_by_token))
+                t["tokens"].append(timed(tau, token_by_token))
+        t = {k: statistics.median(v[1:]) for k, v in t.items()}   # the first round: warm-up
+        sp_prefill, sp_decode = t["prefill0"] / t["prefill"], t["tokens0"] / t["tokens"]
+        rows.append({"halted": frac, "tau": tau, "mean_iters": mean_iters,
+                     "active_prefill": active_prefill, "active_tokens": active_tokens,
+                     "ideal": 1.0 / active_tokens, "no_halting_ms_per_token": 1e3 * t["tokens0"] / tokens,
+                     "prefill_speedup": sp_prefill, "decode_speedup": sp_decode,
+                     "prefill_vs_ideal": sp_prefill * active_prefill,
+                     "decode_vs_ideal": sp_decode * active_tokens})
+    results["decode"] = {"batch": b, "prefill": prefill, "prompt": prompt, "decode_tokens": tokens, "rows": rows}
     return []
 
 
@@ -449,13 +473,16 @@ def markdown(results) -> str:
         lines.append("")
     dec = results.get("decode")
     if dec and "rows" in dec:
-        lines += [f"AdaPonderLM batched decoder, batch {dec['batch']}: prefill of {dec['prefill']} tokens and "
-                  f"token-by-token decoding of {dec['decode_tokens']}, halting forced vs fixed depth", "",
-                  "| halted slots | mean iters | ideal speed-up | prefill speed-up (/ideal) | decode speed-up (/ideal) |",
-                  "|---|---|---|---|---|"]
+        lines += [f"AdaPonderLM batched decoder, batch {dec['batch']}: prefill of {dec['prefill']} tokens; "
+                  f"token by token: {dec['prompt']}-token prompt, then {dec['decode_tokens']} tokens one at a "
+                  f"time; halting forced vs no halting (tau 0); ideal = 1 / active (pass, token) slots", "",
+                  "| halted pondering slots | active slots: prefill | token by token | prefill speed-up (/ideal) "
+                  "| no halting ms/token | token-by-token speed-up (/ideal) |",
+                  "|---|---|---|---|---|---|"]
         for r in dec["rows"]:
-            lines.append(f"| {r['halted']:.0%} | {r['mean_iters']:.2f} | {r['ideal']:.2f} | "
+            lines.append(f"| {r['halted']:.0%} | {r['active_prefill']:.2f} | {r['active_tokens']:.2f} | "
                          f"{r['prefill_speedup']:.2f} ({r['prefill_vs_ideal']:.2f}) | "
+                         f"{r['no_halting_ms_per_token']:.2f} | "
                          f"{r['decode_speedup']:.2f} ({r['decode_vs_ideal']:.2f}) |")
     elif dec:
         lines.append(f"decode: skipped ({dec.get('skipped')})")

@@ -150,6 +150,8 @@ def sdpa_attention(q, k, v, spec: AttentionSpec, scale: float, dropout_p: float 
     tk = k.shape[-2]
     if spec.is_plain_causal(tq, tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+    if tq == 1 and spec.is_end_aligned_causal():   # one decoded token after its cache: every key visible
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     mask = _shared_mask(spec, b, tq, tk, q.dtype, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 

@@ -47,25 +47,217 @@ class VerticalDecoder:
     """vanilla / ponderlm / adaponderlm / fixed_pruning / random_halting, a batch of rows fed
     in lockstep ([B, n] per ``feed``).
 
-    Cross-row compaction: at every iteration the tokens still active in *all* rows are packed
-    left-aligned into one [B, A] buffer (A = the most active tokens of any row), the stack
-    runs on that buffer only (queries: the packed tokens at their positions; keys: the row's
-    whole cache, halted tokens from their reused K/V), and results are scattered back. Rows
-    with fewer active tokens than A compute padding slots that are discarded
-    (``computed_slots`` vs ``active_slots`` counts them)."""
+    The cache: per layer one K and one V buffer ``[P, B + 1, H_kv, capacity, D]`` (all passes
+    of the layer in one tensor, so KV reuse of a whole batch is one copy; row B is a scratch
+    row, see below), written in place at each token's slot and grown by doubling, so a token
+    costs no ``torch.cat`` of the whole cache.
+
+    A multi-token feed (a prompt, a chunk) uses cross-row compaction: at every iteration the
+    tokens still active in *all* rows are packed left-aligned into one [B, A] buffer (A = the
+    most active tokens of any row), the stack runs on that buffer only (queries: the packed
+    tokens at their positions; keys: the row's whole cache, halted tokens from their reused
+    K/V), and results are scattered back. Rows with fewer active tokens than A compute
+    padding slots that are discarded (``computed_slots`` vs ``active_slots`` counts them).
+    It reads the active counts on the host at every pass (its shapes are those counts).
+
+    A one-token feed (generation) runs :meth:`_feed_token`: pass 0 on every row, then ONE host
+    read (how many rows go on pondering) and passes 1..P-1 on those rows only, padded to a
+    power of two ("bucket": at most log2(B) + 1 shapes; the padding rows point at the scratch
+    row, whose results are discarded); a row that halts inside the bucket keeps its K/V,
+    logits and embedding by ``where``, as the static-shape decoder does. When no row
+    continues, passes 1..P-1 are skipped, their K/V copied from pass 0."""
 
     def __init__(self, model, seed: int = 0, prefill: str = "sequential"):
         self.model = model
         self.passes = getattr(model, "num_passes", 1)
         self.adaptive = getattr(model, "adaptive", False)
+        self.scheduled = self.adaptive and family_spec(model.family).halting == "schedule"
+        self.final_readout = self.adaptive and model.ponder_cfg.halted_readout == "final"
         self.layers = len(model.stack.layers)
-        self.caches = [[None] * self.layers for _ in range(self.passes)]  # (k, v) [B, H, Tc, D]
+        self.kv: Optional[list] = None   # per layer (K, V) [P, B + 1, H_kv, capacity, D]
+        self.batch = 0
         self.tc = 0
         self.activity: list[torch.Tensor] = []  # per feed: [P, B, n] bool
         self.computed_slots = 0   # query slots the stack ran (padding included)
-        self.active_slots = 0     # of which belonged to tokens that needed them
         self.seed = seed
 
+    # -- the cache ------------------------------------------------------------------------
+    def _reserve(self, batch: int, length: int, like: torch.Tensor) -> None:
+        """Room for ``length`` tokens of ``batch`` rows; grows by doubling (a token costs an
+        amortized O(1) copy of the cache, not the O(T) of a concatenation)."""
+        if self.kv is None:
+            self.batch = batch
+        elif batch != self.batch:
+            raise ValueError(f"decoder was fed {self.batch} rows before, now {batch}")
+        have = 0 if self.kv is None else self.kv[0][0].shape[3]
+        if length <= have:
+            return
+        attn = self.model.stack.layers[0].attn
+        heads = getattr(attn, "num_kv_heads", attn.num_heads)
+        shape = (self.passes, batch + 1, heads, max(64, length, 2 * have), attn.head_dim)
+        kv = [(like.new_zeros(shape), like.new_zeros(shape)) for _ in range(self.layers)]
+        if self.kv is not None:
+            for new, old in zip(kv, self.kv):
+                for n_buf, o_buf in zip(new, old):
+                    n_buf[:, :, :, :self.tc].copy_(o_buf[:, :, :, :self.tc])
+        self.kv = kv
+
+    @property
+    def caches(self) -> list:
+        """[pass][layer] (k, v) [B, H_kv, T, D]: views of every cached token's keys/values."""
+        if self.kv is None or self.tc == 0:
+            return [[None] * self.layers for _ in range(self.passes)]
+        b, t = self.batch, self.tc
+        return [[(k[i, :b, :, :t], v[i, :b, :, :t]) for k, v in self.kv] for i in range(self.passes)]
+
+    @property
+    def active_slots(self) -> int:
+        """Pass-token slots that belonged to active tokens (counted on demand: no host read
+        per step)."""
+        return int(self.executed().sum()) if self.activity else 0
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        b, n = ids.shape
+        self._reserve(b, self.tc + n, next(self.model.parameters()))
+        readout, acts = self._feed_token(ids) if n == 1 else self._feed_chunk(ids)
+        self.tc += n
+        self.activity.append(acts)
+        return readout
+
+    # -- one token per row: the generation step ------------------------------------------
+    def _token_pass(self, i, x, pos, rows, active):
+        """Pass i of a one-token step for the batch rows ``rows`` ([R] indices; B is the
+        scratch row; None: all B rows in order) with inputs ``x`` [R, 1, d]: writes their K/V
+        at the token's slot (a row not ``active`` ([R] bool; None: all are) keeps pass i-1's,
+        KV reuse) and attends to each row's whole cache. Returns the final-norm hidden."""
+        slot, b = self.tc, self.batch
+
+        def hook(layer, k, v):
+            out = []
+            for buf, new in zip(self.kv[layer], (k, v)):
+                if rows is None:
+                    if active is not None:
+                        new = torch.where(active.view(-1, 1, 1, 1), new, buf[i - 1, :b, :, slot:slot + 1])
+                    buf[i, :b, :, slot:slot + 1] = new
+                    out.append(buf[i, :b, :, :slot + 1])
+                else:
+                    if active is not None:
+                        prev = buf[i - 1, :, :, slot].index_select(0, rows).unsqueeze(2)
+                        new = torch.where(active.view(-1, 1, 1, 1), new, prev)
+                    buf[i, :, :, slot].index_copy_(0, rows, new.squeeze(2))
+                    out.append(buf[i, :, :, :slot + 1].index_select(0, rows))
+            return out[0], out[1]
+
+        # AttentionSpec(): one query at the end of its row's keys sees all of them (no mask)
+        hidden, _ = self.model.stack(x, pos, AttentionSpec(), kv_hook=hook)
+        return hidden
+
+    #: rows of passes 1..P-1 of a one-token step: ``None`` picks by device (CUDA: the active
+    #: count rounded up to a power of two, so the step takes at most log2(B) + 1 shapes, as
+    #: the caching allocator and CUDA graphs want; CPU: the exact count, since a padding row
+    #: costs its full share of a small matmul there); True / False force either
+    pad_to_power_of_two: Optional[bool] = None
+    #: on CPU, gather the continuing rows only when they are at most this fraction of the
+    #: batch; more, and all B rows run (the halted ones by ``where``): a one-token pass over
+    #: M rows streams every weight whatever M is, so 5-7 rows of 8 cost as much as 8 and the
+    #: gathers would be pure overhead (benchmarks/bench_decode.py prints the measured curve)
+    compact_fraction: float = 0.5
+
+    def _bucket(self, count: int, batch: int, device) -> int:
+        """Rows passes 1..P-1 run on (``batch``: all, no gathers)."""
+        pad = self.pad_to_power_of_two
+        if pad is None:
+            pad = device.type == "cuda"
+        if pad:
+            return min(batch, 1 << (count - 1).bit_length())
+        return count if count <= self.compact_fraction * batch else batch
+
+    def _feed_token(self, ids: torch.Tensor):
+        """One token per row; at most one host read (adaptive families), none otherwise."""
+        m, P, b = self.model, self.passes, ids.shape[0]
+        dev = ids.device
+        pos = torch.full((b, 1), self.tc, dtype=torch.long, device=dev)
+        e = m.input_embeddings(ids)
+        hidden = self._token_pass(0, e, pos, None, None)
+        logits = m.head(hidden)
+        self.computed_slots += P * b if not self.adaptive else b
+        ones = torch.ones(P, b, 1, dtype=torch.bool, device=dev)
+        if not self.adaptive or P == 1:   # every pass for every row (PonderLM), or one pass
+            for i in range(1, P):
+                e = e + m.ponder_update(logits)
+                logits = m.head(self._token_pass(i, e, pos, None, None))
+            return logits, ones
+        tau = m.ponder_cfg.tau
+        plan = s = None
+        if self.scheduled:   # the eval forward's draws for these tokens (stream = seed)
+            rows_b = torch.arange(b, device=dev).view(-1, 1)
+            plan = m.threshold_plan(m.eval_uniforms(rows_b, pos, self.seed, salt=2)).view(P, b)
+            cont = plan[1]
+        else:
+            s = m.gate_values(0, hidden).view(b)
+            cont = s >= tau
+        n_cont = int(cont.sum())   # the step's one host read: how many rows go on pondering
+        bucket = self._bucket(n_cont, b, dev) if n_cont else 0
+        if bucket < b:   # rows left out keep pass 0's K/V in every later pass (KV reuse)
+            for k, v in self.kv:
+                k[1:, :, :, self.tc].copy_(k[0, :, :, self.tc])
+                v[1:, :, :, self.tc].copy_(v[0, :, :, self.tc])
+        later = torch.zeros(P - 1, b + 1, dtype=torch.bool, device=dev)   # activity of passes 1..P-1
+        readout = logits
+        last_bucket_pass = P - 2 if self.final_readout else P - 1   # passes run on the bucket
+        x = active = rows = None
+        if n_cont:
+            if bucket == b:   # every row runs (the halted ones by where): plain slices, no gathers
+                rows, take, active = None, slice(None), cont
+            else:
+                rows = torch.nonzero_static(cont, size=bucket, fill_value=b).view(-1)   # padding: b
+                take = rows.clamp_max(b - 1)   # a padding row computes on a real row's inputs
+                active = rows < b
+            pos_r = pos[:bucket]
+            lg = logits[take]
+            upd = m.ponder_update(lg)
+            if s is not None:
+                upd = s[take].to(e.dtype).view(-1, 1, 1) * upd
+            x = e[take] + upd if rows is not None else torch.where(cont.view(-1, 1, 1), e + upd, e)
+            sub_acts = []
+            for i in range(1, last_bucket_pass + 1):
+                # pass 1 of gathered rows: all continue; of all rows: the halted ones reuse K/V
+                hidden = self._token_pass(i, x, pos_r, rows, active if i > 1 or rows is None else None)
+                new_lg = m.head(hidden)
+                lg = torch.where(active.view(-1, 1, 1), new_lg, lg)   # last_active readout
+                sub_acts.append(active)
+                self.computed_slots += bucket
+                if i == P - 1:
+                    break
+                if plan is not None:
+                    nxt = active & plan[i + 1][take]
+                    upd = m.ponder_update(new_lg)
+                else:
+                    s_i = m.gate_values(i, hidden).view(-1)
+                    nxt = active & (s_i >= tau)
+                    upd = s_i.to(e.dtype).view(-1, 1, 1) * m.ponder_update(new_lg)
+                x = torch.where(nxt.view(-1, 1, 1), x + upd, x)
+                active = nxt
+            if sub_acts and rows is None:
+                later[:len(sub_acts), :b] = torch.stack(sub_acts)
+                readout = lg
+            elif sub_acts:
+                later[:len(sub_acts)].index_copy_(1, rows, torch.stack(sub_acts))
+                readout = torch.cat([logits, logits[:1]]).index_copy(0, rows, lg)[:b]
+        if self.final_readout:   # the last pass reads every row (halted ones on reused K/V)
+            if n_cont and rows is None:
+                later[P - 2, :b] = active
+            elif n_cont:
+                later[P - 2].index_copy_(0, rows, active)
+                x = torch.cat([e, e[:1]]).index_copy(0, rows, x)[:b]
+            else:
+                x = e
+            readout = m.head(self._token_pass(P - 1, x, pos, None, later[P - 2, :b]))
+            self.computed_slots += b
+        acts = torch.cat([ones[:1, :, 0], later[:, :b]]).unsqueeze(-1)
+        return readout, acts
+    # -- several tokens per row: prompts and chunks ---------------------------------------
     def _pass(self, i, e, pos, idx, valid, active, chunk_prev):
         """Iteration i on the packed tokens ``idx`` ([B, A], ``valid`` slots real): the active
         ones write their new K/V into the chunk, all others keep chunk_prev's (reuse)."""
@@ -95,11 +287,9 @@ class VerticalDecoder:
         hidden, _ = self.model.stack(e.gather(1, idx.unsqueeze(-1).expand(-1, -1, d)),
                                      pos.gather(1, idx), spec, kv_hook=hook)
         self.computed_slots += idx.numel()
-        self.active_slots += int(valid.sum())
         return hidden, new_chunk
 
-    @torch.no_grad()
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+    def _feed_chunk(self, ids: torch.Tensor):
         m, P = self.model, self.passes
         b, n = ids.shape
         dev = ids.device
@@ -108,12 +298,10 @@ class VerticalDecoder:
         readout = None
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
-        if self.adaptive and family_spec(m.family).halting == "schedule":
-            # the eval forward's draws for these tokens (stream = this decoder's seed)
-            rows = torch.arange(b).view(-1, 1).expand(b, n)
-            u = m.eval_uniforms(rows, pos.cpu(), self.seed, salt=2).to(dev)
-            plan = m.threshold_plan(u)  # [P, B, n]
-        final_readout = self.adaptive and m.ponder_cfg.halted_readout == "final"
+        if self.scheduled:   # the eval forward's draws for these tokens (stream = this decoder's seed)
+            rows = torch.arange(b, device=dev).view(-1, 1).expand(b, n)
+            plan = m.threshold_plan(m.eval_uniforms(rows, pos, self.seed, salt=2))  # [P, B, n]
+        final_readout = self.final_readout
         acts = [active.clone()]
         chunk_prev = None
         for i in range(P):
@@ -151,14 +339,11 @@ class VerticalDecoder:
                         e[rows, tokens] = e[rows, tokens] + w * upd
                     active = new_active
                     acts.append(active.clone())
-            for layer in range(self.layers):
-                past = self.caches[i][layer]
-                k, v = new_chunk[layer]
-                self.caches[i][layer] = (k, v) if past is None else (_cat(past[0], k), _cat(past[1], v))
+            for layer, (k_buf, v_buf) in enumerate(self.kv):   # the chunk into the cache
+                k_buf[i, :b, :, self.tc:self.tc + n] = new_chunk[layer][0]
+                v_buf[i, :b, :, self.tc:self.tc + n] = new_chunk[layer][1]
             chunk_prev = new_chunk
-        self.tc += n
-        self.activity.append(torch.stack(acts))
-        return readout
+        return readout, torch.stack(acts)
 
     def executed(self) -> torch.Tensor:
         return torch.cat(self.activity, dim=2)  # [P, B, T]
@@ -178,26 +363,28 @@ class _RowView:
 
 
 class LoopDecoder(VerticalDecoder):
+    """loop: every pass for every token, each pass's K/V in its slice of the cache."""
+
     @torch.no_grad()
     def feed(self, ids):
         m = self.model
         b, n = ids.shape
-        pos = torch.arange(self.tc, self.tc + n, device=ids.device).unsqueeze(0).expand(b, n)
+        self._reserve(b, self.tc + n, next(m.parameters()))
+        start, end = self.tc, self.tc + n
+        pos = torch.arange(start, end, device=ids.device).unsqueeze(0).expand(b, n)
         x = m.input_embeddings(ids)
-        spec = AttentionSpec(q_index=torch.arange(self.tc, self.tc + n, device=ids.device))
+        spec = AttentionSpec()   # causal, the queries the last n keys
         for i in range(self.passes):
-            cache = self.caches[i]
-
-            def hook(layer, k, v, cache=cache):
-                past = cache[layer]
-                cache[layer] = (k, v) if past is None else (_cat(past[0], k), _cat(past[1], v))
-                return cache[layer]
+            def hook(layer, k, v, i=i):
+                k_buf, v_buf = self.kv[layer]
+                k_buf[i, :b, :, start:end] = k
+                v_buf[i, :b, :, start:end] = v
+                return k_buf[i, :b, :, :end], v_buf[i, :b, :, :end]
 
             x, _ = m.stack(x, pos, spec, kv_hook=hook, apply_final_norm=False)
-        self.tc += n
+        self.tc = end
         self.computed_slots += self.passes * b * n
-        self.active_slots += self.passes * b * n
-        self.activity.append(torch.ones(self.passes, b, n, dtype=torch.bool))
+        self.activity.append(torch.ones(self.passes, b, n, dtype=torch.bool, device=ids.device))
         return m.head(m.stack.final_norm(x))
 
 
@@ -229,8 +416,8 @@ class LatentDecoder:
             return self.cache[layer]
 
         bias = None
-        if self.is_p3:
-            nb = torch.tensor([[new_bias]], dtype=torch.float32, device=dev)
+        if self.is_p3:   # new_bias: a float or a device scalar (no host read of log w)
+            nb = torch.as_tensor(new_bias, dtype=torch.float32, device=dev).view(1, 1)
             bias = nb if self.key_bias is None else torch.cat([self.key_bias, nb], dim=1)
             self.key_bias = bias
             if not m.ponder_cfg.bias_own_steps:
@@ -285,12 +472,12 @@ class LatentDecoder:
             hs = [h]
             if self.is_p3:
                 s, log_w, keep = m.route(h[0, 0])
-                n_steps = int(keep.sum())
+                n_steps = int(keep.sum())   # the token's one host read: how many steps run
             else:
                 n_steps = m.num_stages
             for k in range(1, n_steps):
                 x = m.stage_input(hs[-1])
-                bias = float(log_w[k]) if self.is_p3 else 0.0
+                bias = log_w[k] if self.is_p3 else 0.0
                 hs.append(self._step(x, pos, bias, k))
             if self.is_p3:
                 w = s[:n_steps]
