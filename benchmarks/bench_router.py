@@ -11,7 +11,9 @@ and its Spearman correlation with the token's NLL. A router "allocates per token
 distribution has spread; a constant (std ~ 0) is a collapse.
 
 ``--variants`` picks a set: ``v1`` (penalty weight, router bias init, bias on own steps; the
-first study) or ``v2`` (router temperature, router warm-up, penalty weight, their mix).
+first study), ``v2`` (router temperature, router warm-up, penalty weight, their mix) or ``v3``
+(router learning rate ``ponder.router_lr_mult``; penalty form ``ponder.compute_penalty_form``:
+the expected extra steps against PonderNet's KL to a geometric prior).
 
     python benchmarks/bench_router.py --variants v2 --steps 100 --out-dir runs/router-v2 \
         --output benchmarks/results/router-v2.md
@@ -46,6 +48,17 @@ VARIANT_SETS = {
         "temperature 4 + warm-up 50 + penalty 0.1": ["ponder.router_temperature=4.0",
                                                      "ponder.router_warmup_steps=50",
                                                      "ponder.compute_penalty=0.1"],
+      },
+    "v3": {
+        "default (lr x1, expected-steps penalty 0.01)": [],
+        "router lr x0.1": ["ponder.router_lr_mult=0.1"],
+        "router lr x0.01": ["ponder.router_lr_mult=0.01"],
+        "KL to geometric prior, weight 0.01": ["ponder.compute_penalty_form=kl_geometric"],
+        "KL to geometric prior, weight 0.1": ["ponder.compute_penalty_form=kl_geometric",
+                                              "ponder.compute_penalty=0.1"],
+        "router lr x0.1 + KL weight 0.1": ["ponder.router_lr_mult=0.1",
+                                           "ponder.compute_penalty_form=kl_geometric",
+                                           "ponder.compute_penalty=0.1"],
     },
 }
 #: histogram edges of the per-token expected steps 1 + sum_k w_k (K = 2: values in [1, 3])
