@@ -27,6 +27,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -203,19 +205,24 @@ def main() -> None:
         v = verdict(dm, dh, sign) if sign else ("one seed" if math.isnan(dh) else
                                                  "differs" if abs(dm) > dh else "inside noise")
         md.append(f"| {text} | {variant} − {ref}: {dm:+.2f} ± {dh:.2f} (n={len(diffs)}) | {v} |")
-    md += ["", "### Commands", "", "```",
-           f"python benchmarks/bench_matched_init.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
-           f"--out-dir {args.out_dir} --output {args.output}"]
+    md += ["", "### Commands", "", "```", "# this table (runs trained by earlier invocations of the same script come in by --merge)",
+           invocation()]
     md += ["# one training command per variant (its first seed; the other seeds change train.seed "
            "and train.run_dir only), then the eval command of one run"]
     md += [rs[0]["command"] for rs in runs.values()] + \
           [r["eval_command"] for rs in runs.values() for r in rs][:1] + ["```"]
-    text = ("\n".join(md) + "\n").replace(ROOT + os.sep, "")
+    # the venv of whichever worktree ran it: the same .venv/bin commands
+    text = re.sub(r"\S*/\.venv/bin/", ".venv/bin/", ("\n".join(md) + "\n").replace(ROOT + os.sep, ""))
     with open(args.output, "w") as f:
         f.write(text)
     print(text)
     if args.frontier:
         write_frontier(runs, args, tokens)
+
+
+def invocation() -> str:
+    """This script's command line as run (relative paths from the repository root)."""
+    return "python benchmarks/bench_matched_init.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def write_frontier(runs: dict[str, list[dict]], args, tokens: int) -> None:
@@ -225,8 +232,8 @@ def write_frontier(runs: dict[str, list[dict]], args, tokens: int) -> None:
     variant has lower or equal FLOPs and a lower mean ppl), and a PNG next to it."""
     rows = []
     for name, rs in runs.items():
-        if "small_init_wang" in name:
-            continue   # another init scheme: not a point of the matched comparison
+        if "small_init_wang" in name or "2x depth" in name:
+            continue   # another init scheme / another reference of flops_ratio
         m, h = mean_ci([r["full"]["ppl"] for r in rs])
         fr = sum(r["full"]["flops_ratio"] for r in rs) / len(rs)
         it = sum(r["full"]["mean_iters"] for r in rs) / len(rs)
@@ -238,9 +245,9 @@ def write_frontier(runs: dict[str, list[dict]], args, tokens: int) -> None:
           f"matched-init table lists), init_method `{args.init_method}`; ppl and flops_ratio from "
           "`megaponder eval` on the whole demo validation split (flops_ratio: inference FLOPs per "
           "token relative to vanilla, the model's own accounting; PonderLM-3 after its tau cut).", "",
-          f"Command: `python benchmarks/bench_matched_init.py --steps {args.steps} --report-only "
-          f"--merge {' '.join(args.merge) or '<results .json files>'} --output {args.output} "
-          f"--frontier {args.frontier}`", "",
+          f"Command: `{invocation()}`", "",
+          "vanilla 2x depth is left out: its flops_ratio is relative to a vanilla model of its own "
+          "depth, not to the 2-layer one.", "",
           "| variant | seeds | flops_ratio | passes/token | val ppl mean ± 95% | Pareto-optimal |",
           "|---|---|---|---|---|---|"]
     for fr, m, h, name, n, it in rows:
