@@ -180,7 +180,7 @@ def main() -> None:
           f"init_method `{args.init_method}` for every variant unless its name says otherwise, "
           f"train.threads={args.threads}; perplexity of `megaponder eval` on the whole demo validation split. "
           "95% intervals: Student t over the seeds; Δ vs vanilla paired by seed.", "",
-          "| variant | seeds | val ppl per seed | mean ± 95% | Δ vs vanilla (paired) ± 95% | passes/token | flops_ratio |",
+          "| variant | seeds | val ppl per seed | mean ± 95% | Δ vs vanilla (paired) ± 95% | passes/token (mean) | flops_ratio (mean) |",
           "|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         ppl = [r["full"]["ppl"] for r in rs]
@@ -189,7 +189,8 @@ def main() -> None:
         dm, dh = mean_ci(diffs) if diffs and name != "vanilla" else (float("nan"), float("nan"))
         md.append(f"| {name} | {len(rs)} | {', '.join(f'{p:.2f}' for p in ppl)} | {m:.2f} ± {h:.2f} | "
                   + ("–" if name == "vanilla" else f"{dm:+.2f} ± {dh:.2f}")
-                  + f" | {rs[0]['full']['mean_iters']:.2f} | {rs[0]['full']['flops_ratio']:.2f} |")
+                  + f" | {sum(r['full']['mean_iters'] for r in rs) / len(rs):.2f}"
+                  f" | {sum(r['full']['flops_ratio'] for r in rs) / len(rs):.2f} |")
     by = {name: {r["seed"]: r["full"]["ppl"] for r in rs} for name, rs in runs.items()}
     md += ["", "### Paper claims at this scale (paired by seed; 'reproduced' / 'contradicted' need the 95% "
            "interval of the difference to exclude 0)", "",
