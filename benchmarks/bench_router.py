@@ -136,7 +136,21 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for every variant (e.g. "
                     "data.seq_length=64 train.micro_batch_size=4 on a loaded machine)")
     ap.add_argument("--skip-existing", action="store_true")
+    ap.add_argument("--stats-only", nargs="+", default=None, metavar="RUN_DIR",
+                    help="train nothing: the expected-steps statistics of these trained PonderLM-3 "
+                         "runs (e.g. the frontier points of bench_matched_init.py), one table row each")
     args = ap.parse_args()
+    if args.stats_only:
+        md = ["| run | tokens | mean | std | p10, p90 | histogram (share per bin) | Spearman with token NLL "
+              "| s_0..s_K (mean) | steps kept (w>=tau) |", "|---|---|---|---|---|---|---|---|---|"]
+        for run_dir in args.stats_only:
+            r = router_stats(run_dir, args.windows)
+            md.append(f"| {run_dir} | {r['tokens']:,} | {r['expected_mean']:.3f} | {r['expected_std']:.3f} | "
+                      f"{r['expected_p10_p90'][0]:.3f}, {r['expected_p10_p90'][1]:.3f} | "
+                      f"{' '.join(f'{x:.2f}' for x in r['expected_hist'])} | {r['spearman_nll']:+.3f} | "
+                      f"{', '.join(f'{x:.3f}' for x in r['s_mean'])} | {', '.join(f'{x:.3f}' for x in r['kept'][1:])} |")
+        print("\n".join(md))
+        return
     rows = {}
     for i, (name, extra) in enumerate(VARIANT_SETS[args.variants].items()):
         if args.only and name not in args.only:
