@@ -262,11 +262,17 @@ def write_frontier(runs: dict[str, list[dict]], args, tokens: int) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for fr, m, h, name, n, it in rows:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    best = min(r[1] for r in rows)
+    shown = [r for r in rows if r[1] <= 1.5 * best]   # a far outlier (tiny-scale pause) is listed, not drawn
+    for i, (fr, m, h, name, n, it) in enumerate(shown):
         ax.errorbar(fr, m, yerr=0 if math.isnan(h) else h, fmt="o", capsize=3,
                     color="C3" if name.startswith("ponderlm3") else "C0")
-        ax.annotate(name, (fr, m), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.annotate(name, (fr, m), textcoords="offset points", xytext=(5, 10 if i % 2 else -12), fontsize=7)
+    off = [f"{r[3]} ({r[0]:.2f}x, {r[1]:.0f})" for r in rows if r not in shown]
+    if off:
+        ax.text(0.02, 0.97, "off the chart: " + "; ".join(off), transform=ax.transAxes, fontsize=7, va="top")
+    ax.set_xscale("log")
     ax.set_xlabel("inference FLOPs per token / vanilla (flops_ratio)")
     ax.set_ylabel("validation ppl (mean over seeds, 95% t interval)")
     ax.set_title(f"tiny configs, {tokens:,} training tokens, init {args.init_method}", fontsize=9)
