@@ -384,8 +384,7 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
     if optimizer is None:  # AdamW that can skip a non-finite step (train/guards.py)
         split = set(model.extra_parameter_names()) if cfg.train.phases else None
         optimizer = SkippableAdamW(param_groups(model, o.weight_decay, split, o.lr,
-                                                # a pipeline stage module has no such method
-                                                getattr(model, "parameter_lr_scales", dict)()),
+                                                model.parameter_lr_scales()),
                                    lr=o.lr,
                                    betas=(o.beta1, o.beta2), eps=o.eps,
                                    fused=True if o.fused else None)
