@@ -11,7 +11,9 @@ and its Spearman correlation with the token's NLL. A router "allocates per token
 distribution has spread; a constant (std ~ 0) is a collapse.
 
 ``--variants`` picks a set: ``v1`` (penalty weight, router bias init, bias on own steps; the
-first study) or ``v2`` (router temperature, router warm-up, penalty weight, their mix).
+first study), ``v2`` (router temperature, router warm-up, penalty weight, their mix) or ``v3``
+(router learning rate ``ponder.router_lr_mult``; penalty form ``ponder.compute_penalty_form``:
+the expected extra steps against PonderNet's KL to a geometric prior).
 
     python benchmarks/bench_router.py --variants v2 --steps 100 --out-dir runs/router-v2 \
         --output benchmarks/results/router-v2.md
@@ -46,6 +48,17 @@ VARIANT_SETS = {
         "temperature 4 + warm-up 50 + penalty 0.1": ["ponder.router_temperature=4.0",
                                                      "ponder.router_warmup_steps=50",
                                                      "ponder.compute_penalty=0.1"],
+      },
+    "v3": {
+        "default (lr x1, expected-steps penalty 0.01)": [],
+        "router lr x0.1": ["ponder.router_lr_mult=0.1"],
+        "router lr x0.01": ["ponder.router_lr_mult=0.01"],
+        "KL to geometric prior, weight 0.01": ["ponder.compute_penalty_form=kl_geometric"],
+        "KL to geometric prior, weight 0.1": ["ponder.compute_penalty_form=kl_geometric",
+                                              "ponder.compute_penalty=0.1"],
+        "router lr x0.1 + KL weight 0.1": ["ponder.router_lr_mult=0.1",
+                                           "ponder.compute_penalty_form=kl_geometric",
+                                           "ponder.compute_penalty=0.1"],
     },
 }
 #: histogram edges of the per-token expected steps 1 + sum_k w_k (K = 2: values in [1, 3])
@@ -123,7 +136,21 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for every variant (e.g. "
                     "data.seq_length=64 train.micro_batch_size=4 on a loaded machine)")
     ap.add_argument("--skip-existing", action="store_true")
+    ap.add_argument("--stats-only", nargs="+", default=None, metavar="RUN_DIR",
+                    help="train nothing: the expected-steps statistics of these trained PonderLM-3 "
+                         "runs (e.g. the frontier points of bench_matched_init.py), one table row each")
     args = ap.parse_args()
+    if args.stats_only:
+        md = ["| run | tokens | mean | std | p10, p90 | histogram (share per bin) | Spearman with token NLL "
+              "| s_0..s_K (mean) | steps kept (w>=tau) |", "|---|---|---|---|---|---|---|---|---|"]
+        for run_dir in args.stats_only:
+            r = router_stats(run_dir, args.windows)
+            md.append(f"| {run_dir} | {r['tokens']:,} | {r['expected_mean']:.3f} | {r['expected_std']:.3f} | "
+                      f"{r['expected_p10_p90'][0]:.3f}, {r['expected_p10_p90'][1]:.3f} | "
+                      f"{' '.join(f'{x:.2f}' for x in r['expected_hist'])} | {r['spearman_nll']:+.3f} | "
+                      f"{', '.join(f'{x:.3f}' for x in r['s_mean'])} | {', '.join(f'{x:.3f}' for x in r['kept'][1:])} |")
+        print("\n".join(md))
+        return
     rows = {}
     for i, (name, extra) in enumerate(VARIANT_SETS[args.variants].items()):
         if args.only and name not in args.only:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The quality study at the Pythia-70M shape on one GPU (prepared, not run on this CPU machine).
 #
-# Trains vanilla, vanilla with twice the layers (2x non-embedding parameters, the papers'
-# "twice the parameters" counterpart), PonderLM, AdaPonderLM (3 seeds each), PonderLM-2,
-# PonderLM-3 and the
+# Trains the tiny matched-initialisation study's variants (3 seeds each): vanilla, vanilla with
+# twice the layers (2x non-embedding parameters, the papers' "twice the parameters"
+# counterpart), vanilla under small_init/wang, pause, loop, PonderLM, AdaPonderLM, PonderLM-2
+# with 1 and 2 thoughts, PonderLM-3 at compute penalty 0.01/0.1/1.0, and the
 # iso-passes baselines (fixed pruning uniform/geometric, random halting at the trained
 # AdaPonderLM's mean_iters) from examples/configs/pythia-70m-*.yml for TOKENS training tokens,
 # then scores every checkpoint with `megaponder eval` (exact Jacobi evaluation for the latent
@@ -15,7 +16,10 @@
 #   TOKENIZER=data/tokenizer/20B_tokenizer.json TOKENS=300000000 bash benchmarks/quality_gpu.sh
 #
 # Every run uses one init scheme, model.init_method=$INIT (default official; docs/families.md
-# "Initialisation"), so family gaps are not init gaps (benchmarks/results/matched-init.md).
+# "Initialisation"), so family gaps are not init gaps (benchmarks/results/matched-init.md);
+# only vanilla-wang-* overrides it. Unlike the tiny study, each family keeps its paper's recipe
+# (optim.weight_decay 0.01 for vanilla/PonderLM/AdaPonderLM, 0.1 for pause/loop/PonderLM-2/3,
+# the PonderLM-2 schedule: docs/families.md "Recipes"), so those gaps mix recipe and method.
 # The recipes set train.global_batch_size; this script overrides it with MICRO x ACCUM
 # (one GPU, dp = 1), so STEPS x SEQ x MICRO x ACCUM = TOKENS holds.
 # CPU smoke of every command on the demo data (a few minutes):
@@ -27,7 +31,8 @@
 #
 # Budget: at seq 2048 x global batch 64 (131,072 tokens/step) 300M tokens = 2,289 steps per run.
 # PonderLM-family training costs ~6x vanilla's FLOPs at this shape (flops.py), PonderLM-2/3
-# ~4-7x, so on one H100/H200-class GPU expect roughly 1 h for vanilla and 4-8 h per pondering run.
+# ~4-7x, so on one H100/H200-class GPU expect roughly 1 h for vanilla and 4-8 h per pondering run
+# (12 runs per seed plus 3 iso-passes baselines: days of GPU time for 3 seeds; SEEDS=1234 first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -84,17 +89,26 @@ score() {   # score NAME: full-split eval (+ official 3-pass eval for PonderLM-2
   echo "{\"run\": \"$name\", \"eval\": $eval_json${official:+, \"eval_official\": $official}}" >> "$OUT/results.jsonl"
 }
 
+# the variants of the tiny matched-initialisation study (benchmarks/bench_matched_init.py,
+# benchmarks/results/matched-init.md), every one under model.init_method=$INIT and every seed:
+# vanilla, 2x depth, vanilla under Pythia's small_init/wang (the init check), pause, loop,
+# PonderLM, AdaPonderLM, PonderLM-2 with 1 and 2 thoughts; PonderLM-3 at three compute-penalty
+# weights (the ppl vs inference-FLOPs frontier beside them; recipe K_max = 3).
 for seed in $SEEDS; do
   train "vanilla-s$seed" vanilla --set train.seed="$seed"
   train "vanilla2x-s$seed" vanilla --set train.seed="$seed" --set model.num_layers=12
+  train "vanilla-wang-s$seed" vanilla --set train.seed="$seed" --set model.init_method=small_init_wang
+  train "pause-s$seed" pause --set train.seed="$seed"
+  train "loop-s$seed" loop --set train.seed="$seed"
   train "ponderlm-s$seed" ponderlm --set train.seed="$seed"
   train "adaponderlm-s$seed" adaponderlm --set train.seed="$seed" \
     --set ponder.halting_warmup_start="$S0" --set ponder.halting_warmup_end="$S1"
+  train "ponderlm2-k1-s$seed" ponderlm2 --set train.seed="$seed" --set ponder.steps=1
+  train "ponderlm2-k2-s$seed" ponderlm2 --set train.seed="$seed" --set ponder.steps=2
+  for penalty in 0.01 0.1 1.0; do
+    train "ponderlm3-p$penalty-s$seed" ponderlm3 --set train.seed="$seed" --set ponder.compute_penalty="$penalty"
+  done
 done
-train ponderlm2 ponderlm2
-train ponderlm3 ponderlm3
-train loop loop
-train pause pause
 
 # iso-FLOPs on the papers' scale: the first AdaPonderLM's validation backbone passes per token
 first_seed=${SEEDS%% *}

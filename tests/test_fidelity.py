@@ -352,6 +352,85 @@ def test_ponderlm3_router_temperature_and_warmup():
     assert s.std() > 1e-3
 
 
+def _router_lr_steps(rank, world, mult):
+    """One real optimizer step of build_engine's AdamW on PonderLM-3 with
+    ponder.router_lr_mult = ``mult``: every group's (lr, holds router parameters, holds other
+    parameters) and the largest change of a router and of a backbone parameter."""
+    from megaponder.models import build_model as build
+    from megaponder.parallel.parallelize import parallelize
+    from megaponder.parallel.state import build_topology
+    from megaponder.train.engine import build_engine
+    from megaponder.train.reshard import _inner_optimizer
+    from parallel_checks import VOCAB, family_config
+
+    topo = build_topology(1, 1, False)
+    cfg = family_config("ponderlm3", router_lr_mult=mult)
+    cfg.optim.weight_decay = 0.0
+    torch.manual_seed(0)
+    engine = build_engine(parallelize(build(cfg), cfg, topo), cfg, topo, lr_lambda=lambda step: 0.5)
+    model = engine.module
+    router = {id(p) for p in model.router.parameters()}
+    groups = [(g["lr"], any(id(p) in router for p in g["params"]), any(id(p) not in router for p in g["params"]))
+              for g in _inner_optimizer(engine.engine).param_groups]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, VOCAB, (2, 2, 9), generator=torch.Generator().manual_seed(1))
+    engine.step_count = 0
+    engine.train_step([{"input_ids": ids[j, :, :-1], "targets": ids[j, :, 1:]} for j in range(2)])
+    delta = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    return (groups, max(v for n, v in delta.items() if n.startswith("router.")),
+            max(v for n, v in delta.items() if not n.startswith("router.")), cfg.optim.lr)
+
+
+def test_ponderlm3_router_lr_mult_sets_the_router_learning_rate():
+    """ponder.router_lr_mult gives the router parameters optimizer groups of their own at
+    mult x the scheduled learning rate (build_engine's real AdamW under DeepSpeed, LR schedule
+    applied), and the router's first Adam step is that much smaller: Adam's first update is
+    lr * g/(|g| + eps), i.e. ~lr for any gradient well above eps, so the largest router change
+    is ~0.5 lr mult (schedule factor 0.5, no weight decay) against ~0.5 lr for the backbone.
+    Mutations tried: dropping the "lr" key of the scaled groups in engine.param_groups, and
+    passing no lr_scales from build_engine, each fail the first assertion."""
+    from dist_utils import run_distributed
+
+    (groups, router_step, backbone_step, lr), = run_distributed(_router_lr_steps, world_size=1, args=(0.1,))
+    assert sorted(g[0] for g in groups if g[1]) == [pytest.approx(0.05 * lr)] * 2, groups
+    assert all(not g[2] for g in groups if g[1]) and all(g[0] == pytest.approx(0.5 * lr) for g in groups if g[2])
+    assert 0.9 * 0.05 * lr < router_step <= 1.001 * 0.05 * lr
+    assert 0.9 * 0.5 * lr < backbone_step <= 1.001 * 0.5 * lr
+
+
+def test_ponderlm3_kl_geometric_penalty():
+    """compute_penalty_form kl_geometric: the penalty is KL(s_t || truncated geometric prior)
+    per token (PonderNet's regulariser), zero exactly at the prior, and it replaces the
+    expected-steps term in the training loss: the two forms' losses on the same weights and
+    batch differ by weight * (mean KL - mean expected extra steps).
+    Mutations tried: the prior with the opposite sign of k (mass on K instead of 0) fails the
+    prior assertion; keeping the expected-steps term for kl_geometric fails the loss one."""
+    from megaponder.models.latent import log_survival
+    model = tiny("ponderlm3", steps=2, compute_penalty=0.3, compute_penalty_form="kl_geometric",
+                 penalty_prior_halt=0.5).eval()
+    prior = torch.tensor([4.0, 2.0, 1.0]) / 7.0        # lambda (1 - lambda)^k, k = 0..2, normalised
+    assert model.geometric_prior_kl(prior.view(1, 3)).abs().max() < 1e-6
+    s = torch.softmax(torch.randn(5, 3), -1)
+    assert torch.allclose(model.geometric_prior_kl(s), (s * (s / prior).log()).sum(-1), atol=1e-6)
+    with torch.no_grad():
+        model.router.fc2.weight.normal_(std=0.5)
+    ids, targets = real_batch(2, 8)
+    pos = torch.arange(8).expand_as(ids)
+    with torch.no_grad():
+        _, (s, log_w, _), _, _ = model.latent_forward(ids, pos, None, None)
+        kl_loss = model(ids, targets=targets).loss
+        model.ponder_cfg.compute_penalty_form = "expected_steps"
+        steps_loss = model(ids, targets=targets).loss
+    expected = log_w[..., 1:].exp().sum(-1).mean()
+    kl = model.geometric_prior_kl(s).mean()
+    assert kl > 1e-3 and abs(kl - expected) > 1e-2
+    assert torch.allclose(kl_loss - steps_loss, 0.3 * (kl - expected), atol=1e-5)
+    with pytest.raises(ConfigError, match="penalty_prior_halt must lie in"):
+        validate(Config(model=ModelConfig(family="ponderlm3"), ponder=PonderConfig(penalty_prior_halt=1.0)), check_paths=False)
+    with pytest.raises(ConfigError, match="router_lr_mult must be > 0"):
+        validate(Config(model=ModelConfig(family="ponderlm3"), ponder=PonderConfig(router_lr_mult=0.0)), check_paths=False)
+
+
 # -- continued pretraining, tiny analogue -----------------------------------------------------
 def _train(model, steps: int, offset: int = 0) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)

@@ -141,6 +141,10 @@ def config_problems(cfg: Config, *, check_paths: bool = True) -> list[str]:
     need(d.seq_length > 0, f"data.seq_length must be positive (got {d.seq_length}).")
     need(p.router_temperature > 0, f"ponder.router_temperature must be > 0 (got {p.router_temperature}).")
     need(p.router_warmup_steps >= 0, f"ponder.router_warmup_steps must be >= 0 (got {p.router_warmup_steps}).")
+    need(p.router_lr_mult > 0, f"ponder.router_lr_mult must be > 0 (got {p.router_lr_mult}); "
+         "1.0 trains the router at optim.lr.")
+    need(0.0 < p.penalty_prior_halt < 1.0, f"ponder.penalty_prior_halt must lie in (0, 1) "
+         f"(got {p.penalty_prior_halt}).")
     need(p.steps >= 0, f"ponder.steps must be >= 0 (got {p.steps}).")
     need(0.0 < p.tau < 1.0, f"ponder.tau must lie in (0, 1) (got {p.tau}).")
     need(0.0 <= p.halting_k_max <= 1.0, f"ponder.halting_k_max must lie in [0, 1] (got {p.halting_k_max}).")

@@ -151,6 +151,11 @@ class CausalLM(nn.Module):
         return [n for n, _ in self.named_parameters()
                 if any(n == p or n.startswith(p + ".") for p in prefixes)]
 
+    def parameter_lr_scales(self) -> dict[str, float]:
+        """Parameter name -> learning rate as a multiple of optim.lr, for the parameters that
+        train at another rate (PonderLM-3's ponder.router_lr_mult); the rest are absent."""
+        return {}
+
     # -- vanilla forward ------------------------------------------------------------------
     @with_fixed_token_stats
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,

@@ -282,6 +282,21 @@ class PonderLM3(PonderLM2):
                 s = s / s.sum(-1, keepdim=True)
         return s
 
+    def geometric_prior_kl(self, s: torch.Tensor) -> torch.Tensor:
+        """Per-token KL(s_t || prior) with PonderNet's truncated geometric prior over 0..K:
+        prior_k proportional to lambda (1 - lambda)^k, lambda = ponder.penalty_prior_halt
+        (compute_penalty_form kl_geometric). Zero only when s_t equals the prior, so it
+        pulls a saturated router back toward a spread of steps."""
+        lam = self.ponder_cfg.penalty_prior_halt
+        k = torch.arange(s.shape[-1], device=s.device, dtype=torch.float32)
+        log_prior = torch.log_softmax(k * math.log1p(-lam), dim=0)   # lambda cancels out
+        s = s.float()
+        return (s * (torch.log(s.clamp_min(1e-30)) - log_prior)).sum(-1)
+
+    def parameter_lr_scales(self) -> dict[str, float]:
+        mult = self.ponder_cfg.router_lr_mult
+        return {} if mult == 1.0 else {n: mult for n in self.extra_parameter_names()}
+
     def readout(self, hidden, state, valid):
         from .flops import flops_ratio_tensor
         s, log_w, keep = state
@@ -299,7 +314,11 @@ class PonderLM3(PonderLM2):
         per_pos = (steps * v).sum(0) / v.sum(0).clamp_min(1.0)
         # a device tensor: read with the step's other statistics, on logging steps
         stats["flops_ratio"] = flops_ratio_tensor(self, per_pos.detach())
-        extra = self.ponder_cfg.compute_penalty * penalty if self.ponder_cfg.compute_penalty else None
+        if self.ponder_cfg.compute_penalty_form == "kl_geometric":
+            penalty_term = masked_mean(self.geometric_prior_kl(s), valid)
+        else:
+            penalty_term = penalty
+        extra = self.ponder_cfg.compute_penalty * penalty_term if self.ponder_cfg.compute_penalty else None
         if extra is not None:
             stats["compute_penalty"] = extra.detach()
         return logits, stats, extra
@@ -326,7 +345,8 @@ def _register() -> None:
         full_depth_tau=5e-324,
         ponder_keys=LATENT_PONDER_KEYS + (
             "tau", "router_hidden_mult", "router_bias_init", "router_temperature",
-            "router_warmup_steps", "compute_penalty", "bias_own_steps", "train_hard_prune", "eval_hard_prune", "renormalize_pruned"),
+            "router_warmup_steps", "router_lr_mult", "compute_penalty", "compute_penalty_form",
+            "penalty_prior_halt", "bias_own_steps", "train_hard_prune", "eval_hard_prune", "renormalize_pruned"),
         jacobi=True, **latent))
 
 

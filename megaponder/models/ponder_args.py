@@ -114,9 +114,21 @@ class PonderConfig:
     router_warmup_steps: int = param(0, "PonderLM-3: training steps with a uniform router "
                                      "(logits zeroed, no router gradient) so every stage's "
                                      "readout trains first (not in the paper; ablation knob).")
-    compute_penalty: float = param(0.01, "PonderLM-3 weight of the compute penalty: the mean "
-                                   "expected number of extra steps sum_{k>=1} w_k (form and "
-                                   "weight not given in the paper).")
+    router_lr_mult: float = param(1.0, "PonderLM-3: learning rate of the router's parameters "
+                                  "as a multiple of optim.lr (an optimizer parameter group of "
+                                  "their own, on the same schedule; not in the paper, an "
+                                  "ablation knob against router saturation).")
+    compute_penalty: float = param(0.01, "PonderLM-3 weight of the compute penalty (form and "
+                                   "weight not given in the paper; see compute_penalty_form).")
+    compute_penalty_form: Literal["expected_steps", "kl_geometric"] = param(
+        "expected_steps", "PonderLM-3 compute penalty: 'expected_steps' charges the mean "
+        "expected number of extra steps sum_{k>=1} w_k (the expected inference cost); "
+        "'kl_geometric' is PonderNet's regulariser, KL(s_t || truncated geometric prior over "
+        "0..K with halting probability penalty_prior_halt), which keeps each token's step "
+        "distribution from saturating (ablation knob; the paper's form is not known).")
+    penalty_prior_halt: float = param(0.5, "PonderLM-3 with compute_penalty_form kl_geometric: "
+                                      "the prior's per-step halting probability lambda_p "
+                                      "(prior_k proportional to lambda_p (1 - lambda_p)^k).")
     bias_own_steps: bool = param(True, "PonderLM-3: add log w of a latent key also for the "
                                  "token's own later steps (true) or only for later tokens "
                                  "(open question 3).")

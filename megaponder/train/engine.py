@@ -59,21 +59,29 @@ def deepspeed_config(cfg, topo: Topology) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
-                 split: Optional[set] = None) -> list[dict]:
+                 split: Optional[set] = None, lr: Optional[float] = None,
+                 lr_scales: Optional[dict[str, float]] = None) -> list[dict]:
     """GPT-NeoX's split: no weight decay on biases and LayerNorm parameters. With ``split``
     (the family's own parameter names, for train.phases) each of the two is split again into
     family parameters first and backbone parameters, tagged ``"backbone": bool``, so a phase
-    can set the backbone's learning rate alone (megaponder/train/phases.py)."""
+    can set the backbone's learning rate alone (megaponder/train/phases.py). ``lr_scales``
+    (name -> multiple of ``lr``, the model's parameter_lr_scales) puts those parameters in
+    groups of their own with ``"lr": lr * multiple``; the LR schedule scales every group's
+    own base rate, so they follow the same schedule."""
+    lr_scales = lr_scales or {}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append((name, param))
     groups = []
     for backbone in ((False, True) if split is not None else (None,)):
-        for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            params = [p for n, p in members if backbone is None or (n not in split) == backbone]
-            groups.append({"params": params, "weight_decay": wd}
-                          | ({} if backbone is None else {"backbone": backbone}))
+        for mult in [None] + sorted(set(lr_scales.values())):
+            for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
+                params = [p for n, p in members if (backbone is None or (n not in split) == backbone)
+                          and lr_scales.get(n) == mult]
+                groups.append({"params": params, "weight_decay": wd}
+                              | ({} if backbone is None else {"backbone": backbone})
+                              | ({} if mult is None else {"lr": lr * mult}))
     return [g for g in groups if g["params"]]
 
 
@@ -375,7 +383,9 @@ def build_engine(model: torch.nn.Module, cfg, topo: Topology,
         compile_layers(model)
     if optimizer is None:  # AdamW that can skip a non-finite step (train/guards.py)
         split = set(model.extra_parameter_names()) if cfg.train.phases else None
-        optimizer = SkippableAdamW(param_groups(model, o.weight_decay, split), lr=o.lr,
+        optimizer = SkippableAdamW(param_groups(model, o.weight_decay, split, o.lr,
+                                                model.parameter_lr_scales()),
+                                   lr=o.lr,
                                    betas=(o.beta1, o.beta2), eps=o.eps,
                                    fused=True if o.fused else None)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
