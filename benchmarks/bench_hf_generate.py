@@ -29,12 +29,9 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers import AutoModelForCausalLM
 
     from benchmarks._configs import sized_config
     from megaponder.models import build_model
-    from megaponder.train.checkpoint import write_model_files
-    from megaponder.convert.checkpoint import megaponder_to_hf_checkpoint
 
     torch.set_num_threads(args.threads)
     cfg = sized_config(args.family, 128, 2, 8192, 256,
@@ -45,7 +42,17 @@ def main() -> int:
         for n, p in model.named_parameters():
             if n in model.extra_parameter_names():
                 p.add_(0.3 * torch.randn_like(p))
-    tmp = tempfile.mkdtemp(prefix="bench-hf-generate-")
+    with tempfile.TemporaryDirectory(prefix="bench-hf-generate-") as tmp:
+        return _measure(args, cfg, model, tmp)
+
+
+def _measure(args, cfg, model, tmp) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megaponder.convert.checkpoint import megaponder_to_hf_checkpoint
+    from megaponder.train.checkpoint import write_model_files
+
     write_model_files(os.path.join(tmp, "ck"), cfg, model.state_dict(), {"step": 0})
     megaponder_to_hf_checkpoint(os.path.join(tmp, "ck"), os.path.join(tmp, "hf"))
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), trust_remote_code=True)

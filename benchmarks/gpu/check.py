@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))   # tests/sync_count.py
 import torch  # noqa: E402
 
 from megaponder.models.attention import AttentionSpec, attention, available_backends  # noqa: E402
+from megaponder.models.kernels import AUTO_CHOICES  # noqa: E402  (registers flex, flash and auto)
 
 
 class Budget:
@@ -150,7 +151,6 @@ def check_attention(device, quick, budget, results) -> list:
                 rows.append(row)
                 if not row["ok"]:
                     failures.append(f"attention {backend}/{row['dtype']}/{mask}: {row.get('error', row)}")
-    from megaponder.models.kernels import AUTO_CHOICES
     results["attention"] = {"shape": list(k.shape), "rows": rows,
                             "auto_choices": {"/".join(key): name for key, name in AUTO_CHOICES.items()}}
     return failures

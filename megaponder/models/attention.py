@@ -171,7 +171,8 @@ _BACKENDS: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_atte
 
 def register_backend(name: str, fn: AttentionFn) -> None:
     """Optional kernels (flex, flash) and ``auto`` register themselves here when
-    megaponder.models.kernels is imported (the models package does on import)."""
+    megaponder.models.kernels is imported (models/base.py does, so every built model sees
+    them; code that lists backends without building a model imports kernels itself)."""
     _BACKENDS[name] = fn
 
 
