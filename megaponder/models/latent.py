@@ -222,6 +222,17 @@ class PonderLM3(PonderLM2):
         p, d = self.ponder_cfg, cfg.hidden_size
         self.router = GateMLP(d, p.router_hidden_mult * d, p.steps + 1, p.gate_activation,
                               p.router_bias_init, math.sqrt(2.0 / (5.0 * d)))
+        # training step 0 (base.CausalLM's training_step) until set_step says otherwise
+        self.router_warming_up = p.router_warmup_steps > 0
+
+    def set_step(self, step: int) -> None:
+        """Also decides here whether the router is still in its warm-up, as a bool: the forward
+        never reads the step number. A whole-model torch.compile guards on every int attribute
+        the forward reads (nn.Module ints are static), so reading ``training_step`` there made
+        it recompile on every training step; the bool changes once, at the end of the warm-up
+        (never with the default router_warmup_steps = 0)."""
+        super().set_step(step)
+        self.router_warming_up = step < self.ponder_cfg.router_warmup_steps
 
     def route(self, h0: torch.Tensor):
         """Stage-0 hidden [.., d] -> (s [.., K+1], log w [.., K+1], keep [.., K+1] bool).
@@ -231,7 +242,7 @@ class PonderLM3(PonderLM2):
         bench_router.py ablations; neither knob is in the paper)."""
         p = self.ponder_cfg
         logits = self.router(h0) / p.router_temperature
-        if self.training and self.training_step < p.router_warmup_steps:
+        if self.training and self.router_warming_up:
             logits = logits * 0.0
         s, log_w = log_survival(logits)
         keep = log_w >= math.log(self.ponder_cfg.tau)
