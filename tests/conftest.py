@@ -1,6 +1,7 @@
 """Suite-wide settings: offline, few threads, deterministic, nothing left in /tmp."""
 import atexit
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -19,6 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from conftest_data import demo_corpus_dir  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -39,6 +42,14 @@ def convert_tool():
 @pytest.fixture
 def repo_root():
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def demo_data():
+    """The demo corpus folder (tools/prepare_demo_corpus.py's files: train/validation
+    .bin/.idx, tokenizer.model), built once per session and shared with
+    conftest_data.demo_corpus_dir(); tests read it, or copy it before changing anything."""
+    return pathlib.Path(demo_corpus_dir())
 
 
 # -- test tiers -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from dist_utils import free_port, run_distributed
-from test_train import TINY, demo_data  # noqa: F401 (demo_data: fixture)
+from test_train import TINY
 
 from megaponder.config import ConfigError, config_from_dict, load_config
 from megaponder.data import IndexedDatasetBuilder
@@ -83,7 +83,7 @@ def user_lines(err):
     return [line for line in err.splitlines() if line.startswith("megaponder: ")]
 
 
-def test_a_damaged_file_on_one_node_stops_every_rank_with_its_message(tmp_path, demo_data):  # noqa: F811
+def test_a_damaged_file_on_one_node_stops_every_rank_with_its_message(tmp_path, demo_data):
     """Rank 1's copy of the training .bin is truncated (its node's disk), rank 0's is fine:
     both exit 2 within seconds of each other; rank 1 prints its error, rank 0 which rank
     failed and why. parallel.timeout_minutes=1 turns a regression into a timeout (exit 4)
@@ -105,7 +105,7 @@ def test_a_damaged_file_on_one_node_stops_every_rank_with_its_message(tmp_path, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_stuck_rank_times_out_and_bf16_zero2_skips_nan_gradients(tmp_path, demo_data):  # noqa: F811
+def test_stuck_rank_times_out_and_bf16_zero2_skips_nan_gradients(tmp_path, demo_data):
     """bf16 + ZeRO-2, 2 ranks: rank 1's gradients are NaN at step 2 while its loss stays
     finite (MEGAPONDER_FAULT_NAN_GRAD): the update is skipped on both ranks and counted, the
     next losses are finite (the weights survived). Then rank 1 is stopped (SIGSTOP, a hung

@@ -2,12 +2,13 @@
 models/args.py FAMILY_MODULES) trains, decodes, reports FLOPs and exports to Hugging Face with
 no other edit.
 
-The package is copied to a temp dir, ``models/twice.py`` (the stack run twice, a fixed depth of
-2) and its table line are added there, and a subprocess running that copy trains it with
-``megaponder train`` (3 steps), decodes with ``megaponder generate``, counts its FLOPs and
-exports it. A second subprocess, where megaponder cannot be imported, loads the export with
-``trust_remote_code`` and must give the copy's logits and greedy tokens. Every .py of the
-export is a byte copy of a file of the copied models/ except the two generated entry points.
+The package is copied to a temp dir, ``models/twice.py`` (a copy of tests/twice_family.py: the
+stack run twice, a fixed depth of 2) and its table line are added there, and a subprocess
+running that copy trains it with ``megaponder train`` (3 steps), decodes with ``megaponder
+generate``, counts its FLOPs and exports it. A second subprocess, where megaponder cannot be
+imported, loads the export with ``trust_remote_code`` and must give the copy's logits and
+greedy tokens. Every .py of the export is a byte copy of a file of the copied models/ except the
+two generated entry points.
 """
 import json
 import os
@@ -25,38 +26,8 @@ pytest.importorskip("transformers")
 
 TABLE_END = '    "random_halting": ".baselines",\n}'
 
-FAMILY_FILE = textwrap.dedent('''
-    """twice: vanilla weights, the stack run twice (a test family declared in one file)."""
-    from .base import CausalLM, ModelOutput, default_position_ids, with_fixed_token_stats
-    from .flops import cached_rows
-    from .spec import DECODERS, FamilySpec, register_family
-
-
-    class TwiceLM(CausalLM):
-        num_passes = 2
-
-        @with_fixed_token_stats
-        def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                    segment_ids=None) -> ModelOutput:
-            if position_ids is None:
-                position_ids = default_position_ids(input_ids)
-            spec = self.attention_spec(attention_mask, segment_ids)
-            x = self.input_embeddings(input_ids)
-            for _ in range(self.num_passes):
-                x, _ = self.stack(x, position_ids, spec, apply_final_norm=False)
-            logits = self.head(self.stack.final_norm(x))
-            stats = {"mean_iters": 2.0, "flops_ratio": 2.0}
-            if targets is None:
-                return ModelOutput(logits=logits, stats=stats)
-            loss = self.lm_loss(logits, targets)
-            return ModelOutput(logits=logits, loss=loss, lm_loss=loss, stats=stats)
-
-
-    register_family(FamilySpec(
-        name="twice", model_cls=TwiceLM, kind="fixed", decoder=DECODERS + "LoopDecoder",
-        train_flops=lambda dm, t, causal, jacobi_passes=None: 2 * dm.rows(t, t, causal) + t * dm.head,
-        inference_flops=lambda dm, t, activity=None: 2 * cached_rows(dm, t) + t * dm.head))
-''')
+#: the family's one file (also loaded in-process by test_family_spec.py)
+FAMILY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "twice_family.py")
 
 # runs the copied package (PYTHONPATH): train, generate, FLOPs, export, reference logits
 MEGAPONDER_SIDE = textwrap.dedent(r'''
@@ -121,7 +92,7 @@ def test_family_in_one_new_file_trains_decodes_counts_flops_and_exports(tmp_path
     shutil.copytree(os.path.join(REPO_ROOT, "megaponder"), pkg / "megaponder",
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     models = pkg / "megaponder" / "models"
-    (models / "twice.py").write_text(FAMILY_FILE)
+    shutil.copy(FAMILY_FILE, models / "twice.py")
     args = (models / "args.py").read_text()
     assert TABLE_END in args
     (models / "args.py").write_text(args.replace(TABLE_END, '    "random_halting": ".baselines",\n'

@@ -1,9 +1,13 @@
 """The family spec (megaponder/models/spec.py) is the one place a family is declared: a toy
-family defined only in this file gets config validation, FLOPs, cached decoding and the family
-test matrix; a capability it does not declare is a one-line error naming it."""
+family registered only from this file (tests/twice_family.py loaded as a module outside the
+package, no line in the family table) gets config validation, FLOPs, cached decoding and the
+family test matrix; a capability it does not declare is a one-line error naming it."""
 import dataclasses
 import importlib
 import inspect
+import os
+import sys
+import types
 
 import pytest
 import torch
@@ -11,50 +15,38 @@ import torch
 from megaponder.config import FAMILIES, ConfigError, PonderConfig, load_config
 from megaponder.infer import generate
 from megaponder.models.decoders import decode_logits, make_decoder
-from megaponder.models import CausalLM, ModelOutput, build_model, flops
-from megaponder.models.base import default_position_ids, with_fixed_token_stats
+from megaponder.models import CausalLM, build_model, flops
 from megaponder.train.preflight import load_run_config
 from megaponder.models.args import FAMILY_MODULES
-from megaponder.models.spec import (BUILTIN_MODULES, DECODERS, FamilySpec, MissingCapability, family_names,
+from megaponder.models.spec import (BUILTIN_MODULES, FamilySpec, MissingCapability, family_names,
                                     family_spec, register_family, require)
 from test_families_helpers import ALL_FAMILIES, BACKBONES, real_batch, tiny
 
-TOY = "toy_twice"
+
+def _user_module(path: str, name: str) -> types.ModuleType:
+    """The family file at ``path`` (written as a file of megaponder/models/ is) as a user's own
+    module ``name`` outside the package: its sibling imports made absolute."""
+    with open(path) as f:
+        source = f.read()
+    absolute = source.replace("from .", "from megaponder.models.")
+    assert absolute != source and "from ." not in absolute
+    module = types.ModuleType(name)
+    module.__file__ = path
+    sys.modules[name] = module
+    exec(compile(absolute, path, "exec"), module.__dict__)
+    return module
 
 
-class TwiceLM(CausalLM):
-    """Vanilla weights, the stack run twice (a fixed depth of 2, no pondering embedding)."""
-
-    num_passes = 2
-
-    def input_embeddings(self, input_ids):
-        return self.embed(input_ids)
-
-    @with_fixed_token_stats
-    def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None,
-                segment_ids=None) -> ModelOutput:
-        if position_ids is None:
-            position_ids = default_position_ids(input_ids)
-        spec = self.attention_spec(attention_mask, segment_ids)
-        x = self.input_embeddings(input_ids)
-        for _ in range(self.num_passes):
-            x, _ = self.stack(x, position_ids, spec, apply_final_norm=False)
-        logits = self.head(self.stack.final_norm(x))
-        stats = {"mean_iters": 2.0, "flops_ratio": 2.0}
-        if targets is None:
-            return ModelOutput(logits=logits, stats=stats)
-        loss = self.lm_loss(logits, targets)
-        return ModelOutput(logits=logits, loss=loss, lm_loss=loss, stats=stats)
+# the toy of tests/test_family_in_one_file.py (the stack run twice), registered from here
+TwiceLM = _user_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "twice_family.py"),
+                       "twice_family").TwiceLM
+TOY = "twice"
 
 
 class BareLM(CausalLM):
     """A family that declares nothing beyond its class."""
 
 
-register_family(FamilySpec(
-    name=TOY, model_cls=TwiceLM, kind="fixed", decoder=DECODERS + "LoopDecoder",
-    train_flops=lambda dm, t, causal, jacobi_passes=None: 2 * dm.rows(t, t, causal) + t * dm.head,
-    inference_flops=lambda dm, t, activity=None: 2 * flops.cached_rows(dm, t) + t * dm.head))
 register_family(FamilySpec(name="toy_bare", model_cls=BareLM, kind="fixed"))
 
 
@@ -88,8 +80,8 @@ def test_toy_family_validates_in_config():
     with pytest.raises(ConfigError, match=rf"not model.family={TOY}"):
         load_run_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", f"model.family={TOY}"],
                         check_paths=False)
-    with pytest.raises(ConfigError, match=r"'toy_twise' is not one of.*Did you mean 'toy_twice'"):
-        load_config(None, ["model.family=toy_twise"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"'twise' is not one of.*Did you mean 'twice'"):
+        load_config(None, ["model.family=twise"], check_paths=False)
 
 
 # the family matrix: the same checks every built-in family runs (each module's tests take the

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from test_train import demo_data, losses, train  # noqa: F401
+from test_train import losses, train
 
 # TINY: 4 sequences x 32 tokens = 128 tokens per step; 300 tokens round up to 3 steps
 PHASES = "train.phases=[{tokens: 300, freeze_backbone: true, lr: 0.004}, {tokens: null}]"
@@ -34,7 +34,7 @@ def _state(path):
     return megaponder.load_model(str(path)).state_dict()
 
 
-def test_gate_phase_then_joint_training_in_one_run(tmp_path, demo_data, init_checkpoint):  # noqa: F811
+def test_gate_phase_then_joint_training_in_one_run(tmp_path, demo_data, init_checkpoint):
     init = [f"train.init_checkpoint={init_checkpoint}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, demo_data, *RUN, *init)

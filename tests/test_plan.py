@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from dist_utils import run_distributed
-from test_train import demo_data, train  # noqa: F401  (the session's demo corpus fixture)
+from test_train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: (name, tp, pp, zero)
@@ -124,7 +124,7 @@ def test_plan_runs_for_every_recipe():
     assert "H100 SXM, 80 GB" in out.stdout and "training FLOPs per optimizer step" in out.stdout
 
 
-def test_train_refuses_a_micro_batch_that_cannot_fit(tmp_path, demo_data):  # noqa: F811
+def test_train_refuses_a_micro_batch_that_cannot_fit(tmp_path, demo_data):
     out = train(tmp_path / "run", demo_data, "train.micro_batch_size=100000000", check=False)
     assert out.returncode == 2, (out.stdout[-2000:], out.stderr[-2000:])
     lines = out.stderr.strip().splitlines()

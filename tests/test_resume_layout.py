@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from test_train import demo_data, losses, train, train_distributed  # noqa: F401
+from test_train import losses, train, train_distributed
 
 # rotary_pct=1: see test_train.test_cli_parallel_layouts_match_single_process (Adam turns the
 # rounding noise of exactly-zero gradients into sign-dependent steps under partial rotary).
@@ -16,13 +16,13 @@ COMMON = ("train.steps=8", "model.rotary_pct=1.0", "train.micro_batch_size=2",
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, demo_data):  # noqa: F811
+def straight(tmp_path_factory, demo_data):
     run = tmp_path_factory.mktemp("straight") / "run"
     train(run, demo_data, *COMMON)
     return run
 
 
-def test_resume_chain_across_layouts_matches_the_uninterrupted_run(tmp_path, demo_data, straight):  # noqa: F811
+def test_resume_chain_across_layouts_matches_the_uninterrupted_run(tmp_path, demo_data, straight):
     """Steps 1-2 at tp=2 (ZeRO-0), 3-4 at pp=2 (ZeRO-1), 5-6 at dp=2 (ZeRO-2), 7-8 in one
     process, each segment resumed from the previous one's checkpoint: every save layout
     (tp, pp, dp x ZeRO 0/1/2) and every load path (ZeRO-1/2 flat partitions, ZeRO-0 torch

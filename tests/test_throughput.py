@@ -8,7 +8,7 @@ import torch
 from megaponder.config import load_config
 from megaponder.models import build_model, flops
 from megaponder.train.throughput import ThroughputMeter, peak_memory_mb
-from test_train import demo_data, train  # noqa: F401  (the session's demo corpus fixture)
+from test_train import train
 
 
 def test_meter_mfu_is_model_flops_over_peak():
@@ -24,7 +24,7 @@ def test_meter_mfu_is_model_flops_over_peak():
     assert peak_memory_mb(torch.device("cpu"))[0] >= rec["mem_peak_mb"] - 1
 
 
-def test_training_log_has_mfu_and_memory(tmp_path, demo_data):  # noqa: F811
+def test_training_log_has_mfu_and_memory(tmp_path, demo_data):
     run = tmp_path / "run"
     train(run, demo_data, "train.steps=3", "train.peak_tflops=0.05")
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
@@ -37,7 +37,7 @@ def test_training_log_has_mfu_and_memory(tmp_path, demo_data):  # noqa: F811
         assert abs(r["mfu"] - per_token * r["step_tokens_per_s"] / 0.05e12) <= 1e-5 + 1e-3 * r["mfu"]
 
 
-def test_profile_steps_write_a_chrome_trace_with_memory(tmp_path, demo_data):  # noqa: F811
+def test_profile_steps_write_a_chrome_trace_with_memory(tmp_path, demo_data):
     """train.profile_steps: [2, 3] records exactly those steps (ProfilerStep#2, #3) with
     tensor memory events, as a Chrome trace under run_dir/profile/; training is unchanged."""
     run = tmp_path / "run"

@@ -15,14 +15,6 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "data
         "optim.warmup_steps=3", "train.eval_batches=2", "train.threads=1"]
 
 
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "prepare_demo_corpus.py"),
-                    "--output-dir", str(out)], check=True, capture_output=True)
-    return out
-
-
 def megaponder(*args, check=True):
     env = {**os.environ, "PYTHONPATH": REPO_ROOT}
     proc = subprocess.run([sys.executable, "-m", "megaponder", *args], capture_output=True,

@@ -20,7 +20,7 @@ import torch
 
 from conftest import REPO_ROOT
 from conftest_data import demo_run_sets
-from test_train import TINY, _free_port, demo_data, losses  # noqa: F401 (demo_data: fixture)
+from test_train import TINY, _free_port, losses
 
 from megaponder.train import checkpoint as ckpt
 from megaponder.train.runlock import RunDirBusy, RunDirLock, claim_run_dir
@@ -93,7 +93,7 @@ def assert_same_curve(a, b, rel=0.0, steps=range(1, STEPS + 1)):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, demo_data):  # noqa: F811
+def reference(tmp_path_factory, demo_data):
     """The uninterrupted run; also logs to W&B offline and serves as a checkpoint source."""
     pytest.importorskip("wandb")
     run_dir = tmp_path_factory.mktemp("reference") / "run"

@@ -66,14 +66,6 @@ def image(standin):
     return _script(BUILD)
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "prepare_demo_corpus.py"),
-                    "--output-dir", str(out)], check=True, capture_output=True)
-    return out
-
-
 TRAIN_SETS = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
               "data.seq_length=32", "train.micro_batch_size=4", "train.log_every=1",
               "train.progress_bar=false", "optim.warmup_steps=3", "train.eval_batches=2",
