@@ -7,6 +7,10 @@ are all causal. ``static_cache=True`` decodes on a preallocated cache with a fix
 instead (vertical families; megaponder/models/static_cache.py) and ``compile=True`` compiles
 that step (CUDA graphs on CUDA); the tokens are the same. A family without the decoder asked
 for is an error.
+
+``generate_batch`` continues many prompts (any lengths) at once: the vertical families with
+the staggered decoder (megaponder/models/staggered.py: every row at its own pass, so halting
+saves time in a batch), the others one prompt after another.
 """
 from __future__ import annotations
 
@@ -45,3 +49,17 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature
             break
         ids = torch.cat([ids, torch.tensor([[next_id]], device=dev)], dim=1)
     return new
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 50, temperature: float = 1.0,
+                   top_k: int = 0, vocab_size: Optional[int] = None, eos_id: Optional[int] = None,
+                   seed: int = 0) -> list[list[int]]:
+    """Token ids of each prompt's continuation (prompts excluded), temperature 0 greedy."""
+    from ..models.staggered import generate_staggered, supports_staggered
+
+    if supports_staggered(model):
+        return generate_staggered(model, prompts, max_new_tokens, temperature, top_k, vocab_size,
+                                  eos_id, seed)
+    return [generate(model, p, max_new_tokens, temperature, top_k, vocab_size, eos_id, seed)
+            for p in prompts]

@@ -80,6 +80,9 @@ class VerticalDecoder:
         self.activity: list[torch.Tensor] = []  # per feed: [P, B, n] bool
         self.computed_slots = 0   # query slots the stack ran (padding included)
         self.seed = seed
+        #: the batch row each row draws the schedule baselines' halting plan as (None: its
+        #: own index); a one-row decoder prefilling row b of a batch sets [b]
+        self.draw_rows: Optional[torch.Tensor] = None
 
     # -- the cache ------------------------------------------------------------------------
     def _reserve(self, batch: int, length: int, like: torch.Tensor) -> None:
@@ -101,6 +104,9 @@ class VerticalDecoder:
                 for n_buf, o_buf in zip(new, old):
                     n_buf[:, :, :, :self.tc].copy_(o_buf[:, :, :, :self.tc])
         self.kv = kv
+
+    def _draw_rows(self, batch: int, device) -> torch.Tensor:
+        return torch.arange(batch, device=device) if self.draw_rows is None else self.draw_rows.to(device)
 
     @property
     def caches(self) -> list:
@@ -191,7 +197,7 @@ class VerticalDecoder:
         tau = m.ponder_cfg.tau
         plan = s = None
         if self.scheduled:   # the eval forward's draws for these tokens (stream = seed)
-            rows_b = torch.arange(b, device=dev).view(-1, 1)
+            rows_b = self._draw_rows(b, dev).view(-1, 1)
             plan = m.threshold_plan(m.eval_uniforms(rows_b, pos, self.seed, salt=2)).view(P, b)
             cont = plan[1]
         else:
@@ -299,7 +305,7 @@ class VerticalDecoder:
         active = torch.ones(b, n, dtype=torch.bool, device=dev)
         plan = None
         if self.scheduled:   # the eval forward's draws for these tokens (stream = this decoder's seed)
-            rows = torch.arange(b, device=dev).view(-1, 1).expand(b, n)
+            rows = self._draw_rows(b, dev).view(-1, 1).expand(b, n)
             plan = m.threshold_plan(m.eval_uniforms(rows, pos, self.seed, salt=2))  # [P, B, n]
         final_readout = self.final_readout
         acts = [active.clone()]

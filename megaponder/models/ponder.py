@@ -349,6 +349,24 @@ class AdaPonderLM(PonderLM):
     def gate_values(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.gates[i](hidden).squeeze(-1).float())
 
+    def every_gate(self):
+        """A function hidden [.., d] -> s [.., K] of every iteration's gate at once, on a
+        snapshot of the gate weights (one matmul per gate layer instead of K): for a decoder
+        whose batch rows sit at different iterations (models/staggered.py). Build it again
+        after the weights change."""
+        w1 = torch.cat([g.fc1.weight for g in self.gates]).detach()          # [K * h, d]
+        b1 = torch.cat([g.fc1.bias for g in self.gates]).detach()
+        w2 = torch.stack([g.fc2.weight[0] for g in self.gates]).detach()     # [K, h]
+        b2 = torch.stack([g.fc2.bias[0] for g in self.gates]).detach()
+        act = self.gates[0].act
+
+        def gates(hidden: torch.Tensor) -> torch.Tensor:
+            inner = act(torch.nn.functional.linear(hidden, w1, b1))
+            inner = inner.view(*hidden.shape[:-1], *w2.shape)
+            return torch.sigmoid(((inner * w2).sum(-1) + b2).float())
+
+        return gates
+
     def open_gates(self, tol: float) -> None:
         """Gates that keep a loaded PonderLM's function: s = 1 - tol for every token (zero
         output weights, bias logit(1 - tol)), so E += s*update differs from PonderLM's E +=

@@ -1,0 +1,286 @@
+"""Depth-staggered decoding: halting that saves time in token-by-token batched generation.
+
+In a vertical pondering family (AdaPonderLM, PonderLM, the schedule baselines, vanilla) every
+pass runs the same stack, so a batch step need not keep its rows at the same pass. This
+decoder lets each row of the batch move through its own (token, pass) sequence: one **tick**
+runs the stack once, one token per row, each row at *its* pass of *its* current token. A row
+whose token halts after pass p starts its next token at the next tick, while its neighbours
+are still pondering; no tick computes a slot that halting skipped, and the batch never waits
+for its slowest row. (Continuous batching over depth, the idea Geiping et al. 2025 describe for
+recurrent-depth models.) The compacting decoder (decoders.py) instead keeps the batch in
+lockstep: a token costs every row the deepest row's passes, or host reads to find who halted.
+
+What a tick does, per row b at pass p of the token in cache slot t (all on the device, no host
+read; the shapes never change, so the step is one static graph):
+
+* writes the token's K/V of pass p into slot t of passes p..P-1: a token that halts here leaves
+  its last active K/V in every later pass (the KV reuse of decoders.py); a token that goes on
+  overwrites them at the next tick;
+* attends, at pass p, to slots 0..t of its own row (``AttentionSpec(q_index=t)``; rows sit at
+  different slots, so the keys are each row's own pass-p cache gathered per row);
+* decides as the lockstep decoders do: the gate s^p >= tau (AdaPonderLM), the eval-time halting
+  plan (schedule baselines), or every pass (PonderLM). A row that goes on adds the pondering
+  update to its input; a row that halts emits the logits of this pass (``halted_readout:
+  last_active``) or, for ``final``, spends one more tick at pass P-1 on the reused K/V without
+  writing, as the lockstep decoder computes its final readout;
+* a row whose token is done takes its next token (``next_token``: the sampler, or the next id of
+  a given sequence) as the input of pass 0 in the next slot.
+
+The logits of every token equal the lockstep decoder's (tests/test_staggered_decode.py, 1e-5 in
+fp32: the same ops, the attention over a masked, longer key range). The host reads the device
+only to know when every row is done: after ``steps`` ticks (a token takes at least one), then
+after as many more ticks as the slowest row still has tokens, a handful of reads per call.
+Rows whose prompts differ in length need no padding: each row's positions are its own slots.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .attention import AttentionSpec
+from .decoders import VerticalDecoder
+from .spec import family_spec, require
+
+#: next_token(logits [B, V], tokens_done [B]) -> the next input id of every row [B]
+NextToken = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def supports_staggered(model) -> bool:
+    """Whether the family decodes with VerticalDecoder: every pass the same stack, so rows
+    can sit at different passes (loop's passes differ; latent families interleave steps)."""
+    return require(model.family, "decoder") is VerticalDecoder
+
+
+class StaggeredDecoder:
+    """Batched token-by-token decoding of a vertical family with each row at its own pass.
+
+    ``prefill(prompts, steps)`` runs the prompts through the lockstep decoder (one compacted
+    batch when they have one length, row by row otherwise) and returns each row's last logits
+    [B, V]; ``decode(first, steps, next_token)`` then feeds ``first`` [B] and ``steps - 1``
+    more tokens per row (each chosen by ``next_token`` from the previous token's logits) and
+    returns the ``steps`` tokens fed plus the token chosen after the last one ([B, steps + 1];
+    after a row's ``stop_id`` the row holds ``stop_id``), and with ``keep_logits`` the logits
+    of every fed token [B, steps, V]. ``executed()`` is the [P, B, steps] activity of the fed
+    tokens; ``computed_slots`` counts the (pass, token) slots the ticks ran (B per tick),
+    ``active_slots`` those that were active."""
+
+    #: ticks between two host reads (of whether every row is done and of the longest row,
+    #: which bounds the keys attended): a read is a pipeline stall on a GPU, a longer round
+    #: attends to more masked keys
+    ticks_per_read: int = 8
+
+    def __init__(self, model, seed: int = 0):
+        if not supports_staggered(model):
+            raise ValueError(f"staggered decoding needs a family whose passes share one stack "
+                             f"(decoder VerticalDecoder); '{model.family}' decodes with "
+                             f"{require(model.family, 'decoder').__name__}: use make_decoder")
+        spec = family_spec(model.family)
+        self.model, self.seed = model, seed
+        self.passes = getattr(model, "num_passes", 1)
+        adaptive = getattr(model, "adaptive", False)
+        self.gated = adaptive and spec.halting == "gate"
+        self.scheduled = adaptive and spec.halting == "schedule"
+        self.final_readout = adaptive and model.ponder_cfg.halted_readout == "final"
+        self.gates = model.every_gate() if self.gated else None
+        self.kv: Optional[list] = None   # per layer (K, V) [B * P + 1, H_kv, capacity, D]
+        self.computed_slots = 0
+        self.acts: Optional[torch.Tensor] = None
+
+    # -- the prompts ----------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, prompts: Union[torch.Tensor, Sequence[torch.Tensor]], steps: int) -> torch.Tensor:
+        """Fill the cache with the prompts ([B, T] ids, or B 1-D id tensors of any lengths)
+        and make room for ``steps`` more tokens per row; returns the last logits [B, V]."""
+        rows = list(prompts) if not torch.is_tensor(prompts) else list(prompts.unbind(0))
+        lengths = [int(r.numel()) for r in rows]
+        if min(lengths) < 1:
+            raise ValueError("staggered decoding: every prompt needs at least one token")
+        same = len(set(lengths)) == 1
+        if same:   # one compacted batch: row b draws the schedule plan of batch row b
+            dec = VerticalDecoder(self.model, self.seed)
+            last = dec.feed(torch.stack(rows))[:, -1]
+            parts = [(dec, b, b) for b in range(len(rows))]
+        else:      # row by row, each drawing as row b of the batch (the plan of an unpadded batch)
+            parts, last = [], []
+            for b, row in enumerate(rows):
+                dec = VerticalDecoder(self.model, self.seed)
+                dec.draw_rows = torch.tensor([b])
+                last.append(dec.feed(row.view(1, -1))[0, -1])
+                parts.append((dec, 0, b))
+            last = torch.stack(last)
+        batch, capacity = len(rows), max(lengths) + steps
+        passes, _, heads, _, dim = parts[0][0].kv[0][0].shape
+        like = parts[0][0].kv[0][0]
+        # per layer K and V [B * P + 1, H, capacity, D]: block b * P + q holds row b's pass q
+        # (a row's passes side by side, so the keys of every row at its own pass are one
+        # index_select of whole blocks); the last block is scratch for discarded writes
+        self.kv = [tuple(like.new_zeros(batch * passes + 1, heads, capacity, dim) for _ in range(2))
+                   for _ in parts[0][0].kv]
+        for dec, src, dst in parts:   # the prompt's K/V of every pass (halted tokens: reused ones)
+            n = lengths[dst]
+            for mine, theirs in zip(self.kv, dec.kv):
+                for buf, src_buf in zip(mine, theirs):
+                    buf[dst * passes:(dst + 1) * passes, :, :n] = src_buf[:, src, :, :n]
+        self.batch, self.capacity, self.longest = batch, capacity, max(lengths)
+        dev = last.device
+        self.length = torch.tensor(lengths, device=dev)
+        self.rows = torch.arange(batch, device=dev)
+        self.pass_ids = torch.arange(self.passes, device=dev)
+        return last
+
+    # -- the ticks ------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, first: torch.Tensor, steps: int, next_token: NextToken,
+               stop_id: Optional[int] = None, keep_logits: bool = False):
+        if self.kv is None:
+            raise RuntimeError("StaggeredDecoder.decode() before prefill()")
+        if steps < 1 or self.longest + steps > self.capacity:
+            raise ValueError(f"decode(): steps must lie in [1, {self.capacity - self.longest}] "
+                             f"(the room prefill() made), got {steps}")
+        m, b, dev = self.model, self.batch, self.length.device
+        self.steps = steps
+        self.count = torch.zeros(b, dtype=torch.long, device=dev)   # tokens of the row done
+        self.pass_idx = torch.zeros(b, dtype=torch.long, device=dev)
+        self.rereading = torch.zeros(b, dtype=torch.bool, device=dev)   # final readout pass
+        first = first.to(dev).view(b)
+        self.x = m.input_embeddings(first.view(b, 1))
+        self.acts = torch.zeros(self.passes, b, steps + 1, dtype=torch.bool, device=dev)
+        self.tokens = torch.full((b, steps + 2), -1 if stop_id is None else stop_id,
+                                 dtype=torch.long, device=dev)   # column steps + 1: scratch
+        self.tokens[:, 0] = first
+        self.logits = None
+        if keep_logits:
+            self.logits = torch.zeros(b, steps + 1, m.cfg.vocab_size, device=dev)
+        if stop_id is not None:   # a row whose first token is the stop token is done
+            self.count = torch.where(first == stop_id, steps, self.count)
+        ticks, left, most_done = 0, steps, 0
+        while left > 0:   # left: a lower bound on the ticks the slowest row still needs
+            for j in range(min(left, self.ticks_per_read)):
+                # keys: every row's slot is at most longest + most_done + j (one token a tick)
+                self._tick(min(self.capacity, self.longest + most_done + j + 1), next_token, stop_id)
+                ticks += 1
+            # the host read of a round: is every row done, and how far has the furthest got
+            left, most_done = torch.stack([(steps - self.count).max(), self.count.max()]).tolist()
+        self.ticks = ticks
+        out = self.tokens[:, :steps + 1]
+        return (out, self.logits[:, :steps]) if keep_logits else out
+
+    def _tick(self, keys: int, next_token: NextToken, stop_id: Optional[int]) -> None:
+        """One stack pass, one token per row, each row at its own pass (module docstring).
+        ``keys``: cache slots attended (a host bound on every row's current slot + 1)."""
+        m, P, b, rows = self.model, self.passes, self.batch, self.rows
+        live = self.count < self.steps
+        col = self.count.clamp_max(self.steps)   # the token's column; done rows: scratch
+        slot = (self.length + self.count).clamp_max(self.capacity - 1)
+        p = self.pass_idx
+        # passes that take this K/V: p..P-1 (a token halting here keeps it in later passes);
+        # a re-reading row (final readout) and a done row write nothing
+        into = (self.pass_ids.view(1, P) >= p.view(b, 1)) & (live & ~self.rereading).view(b, 1)
+        # where row b's K/V goes: blocks b * P + q of passes q >= p; the others (and rows that
+        # write nothing) into the scratch block B * P, so the write needs no read of the cache
+        dest = torch.where(into, rows.view(b, 1) * P + self.pass_ids.view(1, P), b * P)
+        own_pass = rows * P + p   # the block each row attends to: its own pass
+        at_slot = slot.view(b, 1)
+
+        def hook(layer, k, v):
+            out = []
+            for buf, new in zip(self.kv[layer], (k, v)):   # buf [B * P + 1, H, capacity, D]
+                buf[dest, :, at_slot] = new.transpose(1, 2)   # [B, 1, H, D] -> every pass taken
+                out.append(buf[:, :, :keys].index_select(0, own_pass))   # [B, H, keys, D]
+            return out[0], out[1]
+
+        pos = slot.view(b, 1)
+        hidden, _ = m.stack(self.x, pos, AttentionSpec(q_index=pos), kv_hook=hook)
+        logits = m.head(hidden)   # [B, 1, V]
+        self.computed_slots += b
+        self.acts[p, rows, col] = live & ~self.rereading
+
+        last = p == P - 1
+        s = None
+        if P == 1:
+            cont = torch.zeros_like(live)
+        elif self.scheduled:   # the eval forward's draws for this token (stream = seed)
+            plan = m.threshold_plan(m.eval_uniforms(rows.view(b, 1), pos, self.seed, salt=2)).view(P, b)
+            cont = plan[(p + 1).clamp_max(P - 1), rows]
+        elif self.gated:   # every gate at once; each row takes its own pass's
+            s = self.gates(hidden).view(b, -1)[rows, p.clamp_max(P - 2)]
+            cont = s >= m.ponder_cfg.tau
+        else:
+            cont = torch.ones_like(live)
+        cont = cont & live & ~last & ~self.rereading
+        if self.final_readout:   # a token halting early re-reads at pass P-1, then is done
+            to_reread = live & ~cont & ~last & ~self.rereading
+            completes = live & last
+        else:
+            to_reread = torch.zeros_like(live)
+            completes = live & ~cont
+
+        lg = logits[:, 0]
+        if self.logits is not None:   # a done token's logits are this tick's, in both readouts
+            self.logits[rows, torch.where(completes, col, self.steps)] = lg.float()
+        nxt = next_token(lg, self.count).view(b)
+        count = self.count + completes.long()
+        self.tokens[rows, torch.where(completes, count, self.steps + 1)] = nxt
+        if stop_id is not None:
+            count = torch.where(completes & (nxt == stop_id), self.steps, count)
+        starts = completes & (count < self.steps)
+        x = self.x
+        if P > 1:
+            update = m.ponder_update(logits)
+            if s is not None:
+                update = s.to(x.dtype).view(b, 1, 1) * update
+            x = torch.where(cont.view(b, 1, 1), x + update, x)
+        self.x = torch.where(starts.view(b, 1, 1), m.input_embeddings(nxt.view(b, 1)), x)
+        self.pass_idx = torch.where(cont, p + 1, torch.where(to_reread, P - 1, torch.where(completes, 0, p)))
+        self.rereading = to_reread
+        self.count = count
+
+    def executed(self) -> torch.Tensor:
+        """[P, B, steps]: the (pass, token) slots that were active for the fed tokens."""
+        return self.acts[:, :, :self.steps]
+
+    @property
+    def active_slots(self) -> int:
+        return int(self.executed().sum())
+
+
+@torch.no_grad()
+def generate_staggered(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 50,
+                       temperature: float = 1.0, top_k: int = 0, vocab_size: Optional[int] = None,
+                       eos_id: Optional[int] = None, seed: int = 0) -> list[list[int]]:
+    """Continuations of a batch of prompts (any lengths) decoded together by the staggered
+    decoder. At temperature 0 a row's tokens are those it gets alone (the schedule baselines:
+    those of row b of a batch, whose halting plan is drawn per row); sampled rows draw on the
+    model's device (``models.sampling.sample_rows``, a generator seeded with ``seed``), so
+    they differ from one-prompt ``generate()``'s CPU draws. A row stops after ``eos_id``
+    (kept)."""
+    from .sampling import sample_rows
+
+    if max_new_tokens < 1:
+        return [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        dev = next(model.parameters()).device
+        generator = torch.Generator(device=dev).manual_seed(seed)
+
+        def pick(logits, _done):
+            return sample_rows(logits[:, :vocab_size] if vocab_size else logits, temperature, top_k, generator)
+
+        decoder = StaggeredDecoder(model, seed)
+        last = decoder.prefill([torch.tensor(p, dtype=torch.long, device=dev) for p in prompts],
+                               max_new_tokens)
+        first = pick(last, None)
+        if max_new_tokens == 1:
+            tokens = first.view(-1, 1)
+        else:   # the last token is chosen, never fed
+            tokens = decoder.decode(first, max_new_tokens - 1, pick, stop_id=eos_id)
+    finally:
+        model.train(was_training)
+    out = []
+    for row in tokens.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id) + 1]
+        out.append(row)
+    return out

@@ -1,0 +1,121 @@
+"""The staggered decoder (megaponder/models/staggered.py: every batch row at its own pass)
+against the lockstep compacting decoder (models/decoders.py).
+
+Tolerance 1e-5 (fp32): both run the same per-token operations; what differs is the key range
+of the attention (the staggered tick attends to a bound on the furthest row's slot, the keys
+past a row's own slot masked to weight exactly 0) and the gate matmuls (every gate in one
+matmul), i.e. float32 reassociation, ~1e-7 relative on O(1) logits. The forced gates sit far
+from tau (test_families_helpers.force_ada_gates), so no halting decision can flip."""
+import pytest
+import torch
+
+from megaponder.infer import generate, generate_batch
+from megaponder.models.decoders import VerticalDecoder, make_decoder
+from megaponder.models.staggered import StaggeredDecoder
+from test_families_helpers import force_ada_gates, real_batch, tiny
+
+TOL = 1e-5
+FAMILIES = [("vanilla", "neox", {}), ("ponderlm", "llama", {}), ("adaponderlm", "neox", {}),
+            ("adaponderlm", "llama", {"halted_readout": "final"}),
+            ("random_halting", "neox", {"halting_rate": 0.4})]
+
+
+def model_for(family, backbone, **ponder):
+    model = tiny(family, backend="sdpa", backbone=backbone, steps=3, **ponder).eval()
+    if family == "adaponderlm":
+        force_ada_gates(model, real_batch(3, 16)[0], frac=0.35)
+    return model
+
+
+def teacher_forced(ids, prompt):
+    """next_token for decode(): the next id of each row of ``ids`` after ``prompt``."""
+    rows = torch.arange(ids.shape[0])
+    return lambda logits, done: ids[rows, (prompt + done + 1).clamp_max(ids.shape[1] - 1)]
+
+
+@pytest.mark.parametrize("family, backbone, ponder", FAMILIES)
+def test_staggered_decoder_equals_lockstep_decoder(family, backbone, ponder):
+    """3 rows, a 6-token prompt, then 10 tokens fed one at a time: the same logits and the
+    same (pass, token) activity as the lockstep decoder fed the same tokens; and no tick is
+    wasted: the ticks are the passes of the row with the most (plus, for the final readout,
+    one re-reading tick per token that halted early)."""
+    model = model_for(family, backbone, **ponder)
+    ids, _ = real_batch(3, 16)
+    lockstep = make_decoder(model)
+    expected = [lockstep.feed(ids[:, :6])] + [lockstep.feed(ids[:, j:j + 1]) for j in range(6, 16)]
+    staggered = StaggeredDecoder(model)
+    last = staggered.prefill(ids[:, :6], 10)
+    tokens, logits = staggered.decode(ids[:, 6], 10, teacher_forced(ids, 6), keep_logits=True)
+    assert (last - expected[0][:, -1]).abs().max().item() < TOL
+    assert (logits - torch.cat(expected[1:], 1)).abs().max().item() < TOL
+    assert torch.equal(tokens[:, :10], ids[:, 6:])
+    activity = lockstep.executed()[:, :, 6:]
+    assert torch.equal(staggered.executed(), activity)
+    per_row = activity.sum(dim=(0, 2))
+    if ponder.get("halted_readout") == "final":   # a token halted before the last pass re-reads
+        per_row = per_row + (~activity[-1]).sum(-1)
+    assert staggered.ticks == int(per_row.max())
+    assert staggered.computed_slots == 3 * staggered.ticks
+    if family in ("adaponderlm", "random_halting"):   # rows really sat at different passes
+        assert staggered.ticks < model.num_passes * 10
+        assert len(set(per_row.tolist())) > 1, per_row
+
+
+@pytest.mark.parametrize("family, ponder", [("adaponderlm", {}), ("random_halting", {"halting_rate": 0.4})])
+def test_prompts_of_different_lengths_need_no_padding(family, ponder):
+    """Prompts of 3, 9 and 5 tokens decoded together, greedy: row b's tokens are those a
+    one-row lockstep decoder gives it alone (drawing the schedule of batch row b)."""
+    model = model_for(family, "neox", **ponder)
+    ids, _ = real_batch(3, 16)
+    prompts = [ids[0, :3], ids[1, :9], ids[2, :5]]
+    staggered = StaggeredDecoder(model)
+    first = staggered.prefill(prompts, 6).argmax(-1)
+    tokens = staggered.decode(first, 6, lambda logits, done: logits.argmax(-1))
+    for b, prompt in enumerate(prompts):
+        alone = VerticalDecoder(model)
+        alone.draw_rows = torch.tensor([b])
+        logits, expected = alone.feed(prompt.view(1, -1)), []
+        for _ in range(7):
+            expected.append(int(logits[0, -1].argmax()))
+            logits = alone.feed(torch.tensor([[expected[-1]]]))
+        assert tokens[b].tolist() == expected, b
+
+
+def test_staggered_decoder_reads_the_host_once_per_round():
+    """Host reads (tests/sync_count.py) over a whole decode: one per round of
+    ``ticks_per_read`` ticks (is every row done, how far the furthest got), none per tick;
+    fewer than one per generated token."""
+    from sync_count import SyncCounter
+    model = model_for("adaponderlm", "neox")
+    ids, _ = real_batch(3, 16)
+    staggered = StaggeredDecoder(model)
+    staggered.ticks_per_read = 4
+    first = staggered.prefill(ids[:, :6], 10).argmax(-1)
+    with SyncCounter() as syncs:
+        staggered.decode(first, 10, lambda logits, done: logits.argmax(-1))
+    rounds = -(-staggered.ticks // 4)
+    assert 1 <= syncs.count <= rounds + 1, syncs.report()
+    assert syncs.count < 3 * 10 / 4, syncs.report()
+
+
+def test_generate_batch_equals_generate_greedy_and_stops_at_eos():
+    """generate_batch (staggered for the vertical families, one prompt at a time otherwise)
+    gives each prompt its greedy generate() tokens; a row stops after eos (kept) while the
+    others go on."""
+    ids, _ = real_batch(3, 16)
+    prompts = [ids[0, :4].tolist(), ids[1, :8].tolist(), ids[2, :6].tolist()]
+    models = {family: model_for(family, "neox") for family in ("ponderlm2", "adaponderlm")}
+    for family, model in models.items():
+        alone = [generate(model, p, 6, temperature=0) for p in prompts]
+        assert generate_batch(model, prompts, 6, temperature=0) == alone, family
+    eos = alone[1][2]   # row 1 stops at its third token; rows that never emit it go on
+    model = models["adaponderlm"]
+    stopped = generate_batch(model, prompts, 6, temperature=0, eos_id=eos)
+    assert stopped == [generate(model, p, 6, temperature=0, eos_id=eos) for p in prompts]
+    assert len(stopped[1]) == 3 and max(map(len, stopped)) == 6
+
+
+def test_staggered_decoder_refuses_latent_and_loop_families():
+    for family in ("loop", "ponderlm2"):
+        with pytest.raises(ValueError, match="staggered decoding needs"):
+            StaggeredDecoder(tiny(family, steps=2))
