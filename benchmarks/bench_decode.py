@@ -22,6 +22,12 @@ decoder that ran exactly the active rows of every pass (and skipped empty passes
 those measured costs, and the measured speed-up's fraction of it. Also: the static-shape decoder (no compaction, eager) at tau = 0,
 as a check that the no-halting baseline carries no overhead of its own.
 
+**Staggered** columns: the same tokens decoded by the staggered decoder
+(megaponder/models/staggered.py, every row at its own pass, one stack pass per tick), timed
+against the same baseline (the lockstep decoder with no halting); the last column is the
+staggered decoder's own cost with no halting over that baseline (its overhead per pass:
+every gate evaluated for every row, the per-row gather of each row's pass of the cache).
+
     .venv/bin/python benchmarks/bench_decode.py [--batch 8 --seq 128 --hidden 256 --layers 4]
         [--active 0.9 0.5 0.3] [--prompt 16 --decode-seq 48] [--repeats 5] [--threads 2]
         [--clock wall|cpu]
@@ -58,6 +64,7 @@ import torch  # noqa: E402
 
 from megaponder.models import build_model  # noqa: E402
 from megaponder.models.decoders import decode_logits, make_decoder  # noqa: E402
+from megaponder.models.staggered import StaggeredDecoder  # noqa: E402
 from megaponder.models.static_cache import make_static_decoder  # noqa: E402
 
 
@@ -165,6 +172,18 @@ def halting_speedups(a):
         return time_token_by_token(lambda: make_static_decoder(model, a.batch, short.shape[1]), short, a.prompt,
                                    CLOCK[0])[0]
 
+    rows_b = torch.arange(a.batch, device=device)
+
+    def staggered_tokens():   # the same tokens fed (teacher forcing), every row at its own pass
+        dec = StaggeredDecoder(model)
+        dec.prefill(short[:, :a.prompt], a.decode_seq)
+        start = CLOCK[0]()
+        dec.decode(short[:, a.prompt], a.decode_seq,
+                   lambda logits, done: short[rows_b, (a.prompt + done + 1).clamp_max(short.shape[1] - 1)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return CLOCK[0]() - start
+
     def active_of(decoder, start=0):
         return decoder.executed()[:, :, start:].float().mean().item()
 
@@ -173,8 +192,9 @@ def halting_speedups(a):
           + ", ".join(f"M={m_}: {pass_s[m_] / pass_s[a.batch]:.2f}" for m_ in sorted(pass_s)))
     print("| target active | tau | active slots: prefill | token by token | ideal speed-up (token by token) "
           "| prefill: speed-up | / ideal | token by token: ms per token, no halting | halting "
-          "| speed-up | / ideal | row-cost bound | / bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| speed-up | / ideal | row-cost bound | / bound | staggered: ms per token | speed-up | / ideal "
+          "| staggered no halting / lockstep no halting |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     static_ms = []
     for target in a.active:
         halted = 1.0 - (target * (k + 1) - 1.0) / k   # of the pondering slots (passes 1..K)
@@ -192,7 +212,8 @@ def halting_speedups(a):
         runs = {"pre0": lambda: with_tau(0.0, lambda: _timed(prefill)),
                 "pre": lambda: with_tau(tau, lambda: _timed(prefill)),
                 "tok0": lambda: with_tau(0.0, tokens), "tok": lambda: with_tau(tau, tokens),
-                "static0": lambda: with_tau(0.0, static_tokens)}
+                "static0": lambda: with_tau(0.0, static_tokens),
+                "stag0": lambda: with_tau(0.0, staggered_tokens), "stag": lambda: with_tau(tau, staggered_tokens)}
         for fn in runs.values():   # warm-up
             fn()
         times = {name: [] for name in runs}
@@ -202,10 +223,12 @@ def halting_speedups(a):
         t = {name: statistics.median(v) for name, v in times.items()}
         static_ms.append(1e3 * t["static0"] / a.decode_seq)
         sp_pre, sp_tok = t["pre0"] / t["pre"], t["tok0"] / t["tok"]
+        sp_stag = t["tok0"] / t["stag"]   # against the lockstep decoder without halting
         print(f"| {target:.2f} | {tau:.4f} | {act_pre:.3f} | {act_tok:.3f} | {1 / act_tok:.2f} | "
               f"{sp_pre:.2f} | {sp_pre * act_pre:.2f} | {1e3 * t['tok0'] / a.decode_seq:.2f} | "
               f"{1e3 * t['tok'] / a.decode_seq:.2f} | {sp_tok:.2f} | {sp_tok * act_tok:.2f} | {bound:.2f} | "
-              f"{sp_tok / bound:.2f} |", flush=True)
+              f"{sp_tok / bound:.2f} | {1e3 * t['stag'] / a.decode_seq:.2f} | {sp_stag:.2f} | "
+              f"{sp_stag * act_tok:.2f} | {t['stag0'] / t['tok0']:.2f} |", flush=True)
     print(f"static-shape decoder (eager, no halting), ms per token in the same runs: "
           f"{', '.join(f'{x:.2f}' for x in static_ms)}; load average {os.getloadavg()[0]:.1f} at the end")
 

@@ -39,6 +39,7 @@ def test_gpu_check_cpu_quick(tmp_path):
     for r in dec:   # tau calibration hit the forced halting rate (3 pondering passes)
         assert abs(r["mean_iters"] - (1 + 3 * (1 - r["halted"]))) < 0.1 and r["ideal"] > 1
         assert r["decode_speedup"] > 0 and 0 < r["active_tokens"] < 1
+        assert r["staggered_speedup"] > 0 and r["staggered_overhead"] > 0
     assert dec[0]["active_tokens"] > dec[-1]["active_tokens"]   # more halting, fewer active slots
     static = {(r["family"], r["batch"]): r for r in res["static_decode"]["rows"]}
     assert set(static) == {("vanilla", 2), ("adaponderlm", 2)}

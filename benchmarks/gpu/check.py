@@ -26,7 +26,8 @@ comes back with the finished parts.
    with no halting (tau = 0), interleaved: a prefill (one feed) and token-by-token decoding
    (a prompt, then tokens fed one at a time: the generation step, timed alone); speed-up =
    time ratio, ideal = 1 / the fraction of (pass, token) slots the decoder found active on
-   those tokens (benchmarks/bench_decode.py's definition).
+   those tokens (benchmarks/bench_decode.py's definition); the staggered decoder
+   (megaponder/models/staggered.py) on the same tokens against the same no-halting baseline.
 4. Static decode: vanilla and AdaPonderLM (50% halted) at the Pythia-70M shape, batch 1 and
    8, token by token: the static-shape decoder eager and compiled (CUDA graphs) vs the
    compacting decoder (tokens/s, warm-up = compile + capture, agreement). Last, so a short
@@ -304,6 +305,7 @@ def check_decode(device, quick, budget, results) -> list:
     from _configs import calibrate_tau, sized_config, time_token_by_token
     from megaponder.models import build_model
     from megaponder.models.decoders import decode_logits, make_decoder
+    from megaponder.models.staggered import StaggeredDecoder
 
     if budget.left() < (5 if quick else 40):
         results["decode"] = {"skipped": "time"}
@@ -333,6 +335,18 @@ def check_decode(device, quick, budget, results) -> list:
     def token_by_token():
         return time_token_by_token(lambda: make_decoder(model), short, prompt)[0]
 
+    rows_b = torch.arange(b, device=device)
+
+    def staggered():   # the same tokens, every row at its own pass; the decode part timed alone
+        dec = StaggeredDecoder(model)
+        dec.prefill(short[:, :prompt], tokens)
+        _sync(device)
+        start = time.perf_counter()
+        dec.decode(short[:, prompt], tokens,
+                   lambda logits, done: short[rows_b, (prompt + done + 1).clamp_max(short.shape[1] - 1)])
+        _sync(device)
+        return time.perf_counter() - start
+
     rows = []
     for frac in (0.1, 0.5, 0.9):
         tau, mean_iters = calibrate_tau(model, ids, frac, iters=12 if quick else 20)
@@ -344,12 +358,14 @@ def check_decode(device, quick, budget, results) -> list:
                 tok_dec.feed(short[:, j:j + 1])
             active_prefill = pre_dec.executed().float().mean().item()
             active_tokens = tok_dec.executed()[:, :, prompt:].float().mean().item()
-            t = {"prefill0": [], "prefill": [], "tokens0": [], "tokens": []}
+            t = {"prefill0": [], "prefill": [], "tokens0": [], "tokens": [], "staggered0": [], "staggered": []}
             for _ in range(repeats + 1):   # interleaved: no halting (tau 0) and halting alike
                 t["prefill0"].append(timed(0.0, lambda: decode_logits(model, ids)))
                 t["prefill"].append(timed(tau, lambda: decode_logits(model, ids)))
                 t["tokens0"].append(timed(0.0, token_by_token))
                 t["tokens"].append(timed(tau, token_by_token))
+                t["staggered0"].append(timed(0.0, staggered))
+                t["staggered"].append(timed(tau, staggered))
         t = {k: statistics.median(v[1:]) for k, v in t.items()}   # the first round: warm-up
         sp_prefill, sp_decode = t["prefill0"] / t["prefill"], t["tokens0"] / t["tokens"]
         rows.append({"halted": frac, "tau": tau, "mean_iters": mean_iters,
@@ -357,7 +373,11 @@ def check_decode(device, quick, budget, results) -> list:
                      "ideal": 1.0 / active_tokens, "no_halting_ms_per_token": 1e3 * t["tokens0"] / tokens,
                      "prefill_speedup": sp_prefill, "decode_speedup": sp_decode,
                      "prefill_vs_ideal": sp_prefill * active_prefill,
-                     "decode_vs_ideal": sp_decode * active_tokens})
+                     "decode_vs_ideal": sp_decode * active_tokens,
+                     # the staggered decoder against the same baseline (lockstep, no halting)
+                     "staggered_speedup": t["tokens0"] / t["staggered"],
+                     "staggered_vs_ideal": t["tokens0"] / t["staggered"] * active_tokens,
+                     "staggered_overhead": t["staggered0"] / t["tokens0"]})
     results["decode"] = {"batch": b, "prefill": prefill, "prompt": prompt, "decode_tokens": tokens, "rows": rows}
     return []
 
@@ -477,13 +497,16 @@ def markdown(results) -> str:
                   f"token by token: {dec['prompt']}-token prompt, then {dec['decode_tokens']} tokens one at a "
                   f"time; halting forced vs no halting (tau 0); ideal = 1 / active (pass, token) slots", "",
                   "| halted pondering slots | active slots: prefill | token by token | prefill speed-up (/ideal) "
-                  "| no halting ms/token | token-by-token speed-up (/ideal) |",
-                  "|---|---|---|---|---|---|"]
+                  "| no halting ms/token | token-by-token speed-up (/ideal) | staggered speed-up (/ideal) "
+                  "| staggered no halting / lockstep no halting |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in dec["rows"]:
             lines.append(f"| {r['halted']:.0%} | {r['active_prefill']:.2f} | {r['active_tokens']:.2f} | "
                          f"{r['prefill_speedup']:.2f} ({r['prefill_vs_ideal']:.2f}) | "
                          f"{r['no_halting_ms_per_token']:.2f} | "
-                         f"{r['decode_speedup']:.2f} ({r['decode_vs_ideal']:.2f}) |")
+                         f"{r['decode_speedup']:.2f} ({r['decode_vs_ideal']:.2f}) | "
+                         f"{r['staggered_speedup']:.2f} ({r['staggered_vs_ideal']:.2f}) | "
+                         f"{r['staggered_overhead']:.2f} |")
     elif dec:
         lines.append(f"decode: skipped ({dec.get('skipped')})")
     st = results.get("static_decode")

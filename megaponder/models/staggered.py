@@ -127,6 +127,7 @@ class StaggeredDecoder:
         self.length = torch.tensor(lengths, device=dev)
         self.rows = torch.arange(batch, device=dev)
         self.pass_ids = torch.arange(self.passes, device=dev)
+        self.head_ids = torch.arange(heads, device=dev)
         return last
 
     # -- the ticks ------------------------------------------------------------------------
@@ -180,13 +181,17 @@ class StaggeredDecoder:
         # where row b's K/V goes: blocks b * P + q of passes q >= p; the others (and rows that
         # write nothing) into the scratch block B * P, so the write needs no read of the cache
         dest = torch.where(into, rows.view(b, 1) * P + self.pass_ids.view(1, P), b * P)
+        heads, cap = self.kv[0][0].shape[1:3]
+        # as rows of the [blocks * H * capacity, D] view: one index_copy_ of whole rows
+        at = ((dest.view(b, P, 1) * heads + self.head_ids.view(1, 1, heads)) * cap + slot.view(b, 1, 1)).view(-1)
         own_pass = rows * P + p   # the block each row attends to: its own pass
-        at_slot = slot.view(b, 1)
 
         def hook(layer, k, v):
             out = []
             for buf, new in zip(self.kv[layer], (k, v)):   # buf [B * P + 1, H, capacity, D]
-                buf[dest, :, at_slot] = new.transpose(1, 2)   # [B, 1, H, D] -> every pass taken
+                dim = buf.shape[-1]
+                new = new.view(b, 1, heads, dim).expand(b, P, heads, dim).reshape(-1, dim)
+                buf.view(-1, dim).index_copy_(0, at, new)
                 out.append(buf[:, :, :keys].index_select(0, own_pass))   # [B, H, keys, D]
             return out[0], out[1]
 
