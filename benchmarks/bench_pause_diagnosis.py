@@ -94,7 +94,7 @@ def train_and_eval(name: str, seed: int, args) -> dict:
                           "--threads", str(args.threads))
     result_path = os.path.join(run_dir, "pause-diagnosis.json")
     if args.skip_existing and os.path.exists(result_path):
-        return json.load(open(result_path))
+        return json.load(open(result_path)) | readout_statistics(os.path.join(ROOT, run_dir), args)
     print(f"[pause-diagnosis] {name} seed {seed}", flush=True)
     subprocess.run(train_cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     out = subprocess.run(eval_cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
@@ -104,18 +104,20 @@ def train_and_eval(name: str, seed: int, args) -> dict:
     result = {"name": name, "seed": seed, "steps": args.steps, "val_ppl": ev["ppl"],
               "train_loss_last": train_losses[-1],
               "train_loss_last3": sum(train_losses[-3:]) / len(train_losses[-3:]),
-              "own_token_attention": readout_attention(os.path.join(ROOT, run_dir), args),
               "train_command": " ".join(shlex.quote(c) for c in train_cmd),
               "eval_command": " ".join(shlex.quote(c) for c in eval_cmd)}
     json.dump(result, open(os.path.join(ROOT, result_path), "w"), indent=1)
-    return result
+    return result | readout_statistics(os.path.join(ROOT, run_dir), args)
 
 
-def readout_attention(run_dir: str, args, rows: int = 8, first: int = 8) -> list[float]:
-    """Per layer: the attention weight (largest over heads, mean over rows and over the
-    positions t >= ``first``) of the readout position of token t on token t's own input
-    position, on the first ``rows`` validation windows. GPT-NeoX backbone (the tiny
-    configs). The readout is the last stage of each token (stage 0 for vanilla)."""
+def readout_statistics(run_dir: str, args, rows: int = 8, first: int = 8) -> dict:
+    """On the first ``rows`` validation windows, from the trained checkpoint:
+    ``own_token_attention``, per layer, the attention weight (largest over heads, mean over
+    rows and over the positions t >= ``first``) of the readout position of token t on token
+    t's own input position (the readout is the last stage of each token, stage 0 for
+    vanilla; GPT-NeoX backbone, the tiny configs); ``pause_grad_ratio``, the norm of the
+    training loss's gradient on the pause embedding over the mean norm of the gradient rows
+    of the token embeddings that occur in the batch (None without pause positions)."""
     import torch
 
     from megaponder import load_model
@@ -132,10 +134,14 @@ def readout_attention(run_dir: str, args, rows: int = 8, first: int = 8) -> list
     normed = {}
     hooks = [layer.ln_attn.register_forward_hook(lambda m, a, o, i=i: normed.__setitem__(i, o))
              for i, layer in enumerate(model.stack.layers)]
-    with torch.no_grad():
-        model(ids)
+    model.train()   # no dropout in the tiny configs: the training loss's gradient
+    model(ids, tokens[:, 1:]).loss.backward()
     for h in hooks:
         h.remove()
+    grad_ratio = None
+    if getattr(model, "pause_embedding", None) is not None and model.pause_embedding.grad is not None:
+        rows_grad = model.embed_in.weight.grad.norm(dim=1)
+        grad_ratio = float(model.pause_embedding.grad.norm() / rows_grad[rows_grad > 0].mean())
     b, t = ids.shape
     n = t * stages
     position_ids = repeat_stages(torch.arange(t).view(1, t).expand(b, t), stages)
@@ -145,7 +151,7 @@ def readout_attention(run_dir: str, args, rows: int = 8, first: int = 8) -> list
     with torch.no_grad():
         for i, layer in enumerate(model.stack.layers):
             attn = layer.attn
-            qkv = attn.qkv(normed[i]).view(b, n, attn.num_heads, 3 * attn.head_dim).transpose(1, 2)
+            qkv = attn.qkv(normed[i].detach()).view(b, n, attn.num_heads, 3 * attn.head_dim).transpose(1, 2)
             q, k, _ = qkv.chunk(3, dim=-1)
             cos, sin = attn.rotary.cos_sin(position_ids, q.dtype)
             q, k = attn.rotary.rotate(q, cos, sin), attn.rotary.rotate(k, cos, sin)
@@ -154,7 +160,7 @@ def readout_attention(run_dir: str, args, rows: int = 8, first: int = 8) -> list
             weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
             on_own = weights[:, :, torch.arange(t), own]                                 # [B, H, T]
             shares.append(float(on_own[:, :, first:].mean(dim=(0, 2)).max()))
-    return shares
+    return {"own_token_attention": shares, "pause_grad_ratio": grad_ratio}
 
 
 def model_seq_length(run_dir: str) -> int:
@@ -176,16 +182,19 @@ def report(results: list[dict], args) -> str:
              "validation split (unigram model: 424.9). Own-token attention: the weight the "
              "readout position puts on its token's input position, per layer (largest head, "
              "positions t >= 8 of the first 8 validation windows; uniform attention would give "
-             "about 1/((n+1)(t+1)), under 0.03 here).", "",
-             "| variant | seed | val ppl | Δ vs vanilla (same seed) | last train loss (mean of last 3 logs) | own-token attention, layer 0 / 1 |",
-             "|---|---|---|---|---|---|"]
+             "about 1/((n+1)(t+1)), under 0.03 here). Pause-embedding gradient: the norm of the "
+             "training loss's gradient on the pause embedding over the mean norm of the token "
+             "embeddings' gradient rows (tokens of the batch), same windows, trained model.", "",
+             "| variant | seed | val ppl | Δ vs vanilla (same seed) | last train loss (mean of last 3 logs) | own-token attention, layer 0 / 1 | pause-embedding gradient / token row's |",
+             "|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         for r in sorted(by_name.get(name, []), key=lambda r: args.seeds.index(r["seed"])):
             ref = vanilla.get(r["seed"])
             delta = f"{r['val_ppl'] - ref['val_ppl']:+.2f}" if ref and name != "vanilla" else "–"
             att = " / ".join(f"{a:.3f}" for a in r["own_token_attention"])
+            grad = "–" if r["pause_grad_ratio"] is None else f"{r['pause_grad_ratio']:.1f}"
             lines.append(f"| {name} | {r['seed']} | {r['val_ppl']:.2f} | {delta} | "
-                         f"{r['train_loss_last']:.3f} ({r['train_loss_last3']:.3f}) | {att} |")
+                         f"{r['train_loss_last']:.3f} ({r['train_loss_last3']:.3f}) | {att} | {grad} |")
     if len(args.seeds) > 1:
         lines += ["", "Over the seeds (95% Student-t intervals; Δ paired by seed):", "",
                   "| variant | seeds | val ppl mean ± 95% | Δ vs vanilla ± 95% | last train loss (mean of last 3 logs), mean |",
