@@ -75,6 +75,12 @@ TAGS = {"vanilla": "vanilla", "pause (0 tokens)": "pause0", "pause (1 token)": "
         "pause (3 tokens)": "pause3", "pause (3 tokens), token in pause inputs": "pause3-token-inputs"}
 
 
+def shown(command: str) -> str:
+    """A command line as the results files print it (no paths of this checkout)."""
+    return command.replace(PYTHON, "python").replace(os.path.abspath(__file__),
+                                                     "benchmarks/bench_pause_diagnosis.py")
+
+
 def megaponder(*argv: str) -> list[str]:
     """A megaponder command line run through this script (which registers the diagnostic
     family first, so train and eval can build it)."""
@@ -215,10 +221,8 @@ def report(results: list[dict], args) -> str:
     for r in results:
         if r["name"] not in seen:
             seen.add(r["name"])
-            lines.append(r["train_command"].replace(PYTHON, "python").replace(os.path.abspath(__file__),
-                                                                            "benchmarks/bench_pause_diagnosis.py"))
-    lines.append(results[0]["eval_command"].replace(PYTHON, "python").replace(os.path.abspath(__file__),
-                                                                              "benchmarks/bench_pause_diagnosis.py"))
+            lines.append(r["train_command"])
+    lines.append(results[0]["eval_command"])
     lines.append("```")
     return "\n".join(lines) + "\n"
 
@@ -241,6 +245,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     register_diagnostic_family()   # readout_attention loads its checkpoints here
     results = [train_and_eval(name, seed, args) for seed in args.seeds for name in args.variants]
+    for r in results:
+        r["train_command"], r["eval_command"] = shown(r["train_command"]), shown(r["eval_command"])
     text = report(results, args)
     print(text)
     if args.output:
