@@ -8,6 +8,7 @@ import torch
 
 from megaponder.config import Config, ConfigError, ModelConfig, PonderConfig, validate
 from megaponder.models import build_model, flops
+from megaponder.models.base import default_position_ids
 from megaponder.models.decoders import decode_logits
 from megaponder.models.ponder import preserve_loaded_function
 from megaponder.train.evaluate import evaluate
@@ -325,6 +326,53 @@ def test_pause_inputs_are_scaled_like_token_embeddings():
     assert torch.allclose(x[:, :, 0], model.embed_in(ids) * math.sqrt(d), atol=1e-6)
     logits = decode_logits(model, ids)
     assert (logits - out.logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_pause_layout_is_the_official_index_arithmetic(n):
+    """The official pause code writes token j at index j*(1+n) of a sequence filled with the
+    pause id, repeats each position id 1+n times, runs the plain causal stack and reads
+    token j's logits at index j*(1+n)+n. Built here that way, by index, from the model's own
+    embedding rows: PauseLM's forward (stage interleave, repeated position ids, last-stage
+    readout) must give the same logits, and its training loss must reach the pause embedding.
+    Mutations tried: reading hidden[:, :, 0] (the token's own position) and position ids
+    arange(T*(1+n)) instead of the repeated ones each fail the logits assertion; a .detach()
+    on the pause input in PauseLM.forward fails the gradient assertion."""
+    d, t = 32, 12
+    model = tiny("pause", d=d, pause_tokens=n)
+    ids, targets = real_batch(2, t)
+    stride = n + 1
+    scale = math.sqrt(d)
+    x = (model.pause_embedding * scale).expand(2, t * stride, d).clone()
+    x[:, torch.arange(t) * stride] = model.embed_in(ids) * scale
+    positions = torch.arange(t).repeat_interleave(stride).expand(2, -1)
+    hidden, _ = model.stack(x, positions)
+    want = model.embed_out(hidden[:, torch.arange(t) * stride + n])
+    out = model(ids, targets)
+    assert (out.logits - want).abs().max().item() < 1e-5
+    out.loss.backward()
+    assert model.pause_embedding.grad is not None and model.pause_embedding.grad.abs().max() > 0
+
+
+def test_pause_without_pause_tokens_is_vanilla():
+    """With 0 pause tokens and unscaled inputs the pause layout is vanilla's: same weights
+    (same init under one seed), bit-equal logits and loss. With the sqrt(d) scale (the
+    default) it is vanilla fed sqrt(d)-scaled embeddings.
+    Mutation tried: a readout that skips a stage (hidden[:, :, -1] of an extra pause stage,
+    stages=pause_tokens+2 in PauseLM.__init__) fails the first assertion."""
+    ids, targets = real_batch(2, 16)
+    vanilla = tiny("vanilla", seed=5)
+    for scale_embeds in (False, True):
+        pause = tiny("pause", seed=5, pause_tokens=0, scale_embeds=scale_embeds)
+        shared = {k: v for k, v in pause.state_dict().items() if k != "pause_embedding"}
+        assert all(torch.equal(v, vanilla.state_dict()[k]) for k, v in shared.items())
+        out = pause(ids, targets)
+        if not scale_embeds:
+            ref = vanilla(ids, targets)
+            assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+        else:
+            hidden, _ = vanilla.stack(vanilla.embed_in(ids) * math.sqrt(32), default_position_ids(ids))
+            assert (out.logits - vanilla.embed_out(hidden)).abs().max().item() < 1e-5
 
 
 # -- PonderLM-3 router ablation knobs -------------------------------------------------------

@@ -161,6 +161,12 @@ class PauseLM(LatentLM):
         token id and scales all inputs alike."""
         return self.pause_embedding.to(dtype) * self.embed_scale
 
+    def pause_stage_inputs(self, token_inputs: torch.Tensor) -> list[torch.Tensor]:
+        """The inputs [B, T, d] of the pause stages 1..n of every token, given its stage-0
+        input (the scaled token embedding): the scaled pause embedding at every one (a
+        diagnostic variant may put the token there too: benchmarks/bench_pause_diagnosis.py)."""
+        return [self.pause_input(token_inputs.dtype).expand_as(token_inputs)] * (self.num_stages - 1)
+
     def stage_input(self, previous_hidden: torch.Tensor) -> torch.Tensor:
         """Every pause position's input is the scaled pause embedding (as in forward)."""
         return self.pause_input(previous_hidden.dtype).detach().expand_as(previous_hidden)
@@ -171,8 +177,7 @@ class PauseLM(LatentLM):
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         e0 = self.input_embeddings(input_ids)
-        pause = self.pause_input(e0.dtype).expand_as(e0)
-        hidden, _ = self.run_stages([e0] + [pause] * (self.num_stages - 1), position_ids,
+        hidden, _ = self.run_stages([e0] + self.pause_stage_inputs(e0), position_ids,
                                     attention_mask, segment_ids)
         logits = self.head(hidden[:, :, -1])
         from .flops import fixed_flops_ratio
