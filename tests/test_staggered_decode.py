@@ -11,7 +11,7 @@ import torch
 
 from megaponder.infer import generate, generate_batch
 from megaponder.models.decoders import VerticalDecoder, make_decoder
-from megaponder.models.staggered import StaggeredDecoder
+from megaponder.models.staggered import LOCKSTEP_ABOVE_ACTIVE, StaggeredDecoder, choose_decoder
 from test_families_helpers import force_ada_gates, real_batch, tiny
 
 TOL = 1e-5
@@ -99,20 +99,51 @@ def test_staggered_decoder_reads_the_host_once_per_round():
 
 
 def test_generate_batch_equals_generate_greedy_and_stops_at_eos():
-    """generate_batch (staggered for the vertical families, one prompt at a time otherwise)
-    gives each prompt its greedy generate() tokens; a row stops after eos (kept) while the
-    others go on."""
+    """generate_batch (staggered or lockstep for the vertical families, one prompt at a time
+    otherwise) gives each prompt its greedy generate() tokens; a row stops after eos (kept)
+    while the others go on."""
     ids, _ = real_batch(3, 16)
-    prompts = [ids[0, :4].tolist(), ids[1, :8].tolist(), ids[2, :6].tolist()]
+    ragged = [ids[0, :4].tolist(), ids[1, :8].tolist(), ids[2, :6].tolist()]
+    same = [ids[b, :6].tolist() for b in range(3)]
     models = {family: model_for(family, "neox") for family in ("ponderlm2", "adaponderlm")}
     for family, model in models.items():
-        alone = [generate(model, p, 6, temperature=0) for p in prompts]
-        assert generate_batch(model, prompts, 6, temperature=0) == alone, family
-    eos = alone[1][2]   # row 1 stops at its third token; rows that never emit it go on
+        alone = [generate(model, p, 6, temperature=0) for p in ragged]
+        assert generate_batch(model, ragged, 6, temperature=0) == alone, family
     model = models["adaponderlm"]
-    stopped = generate_batch(model, prompts, 6, temperature=0, eos_id=eos)
-    assert stopped == [generate(model, p, 6, temperature=0, eos_id=eos) for p in prompts]
-    assert len(stopped[1]) == 3 and max(map(len, stopped)) == 6
+    alone = [generate(model, p, 6, temperature=0) for p in same]
+    for decoder in ("staggered", "lockstep", "auto"):
+        assert generate_batch(model, same, 6, temperature=0, decoder=decoder) == alone, decoder
+    eos = alone[1][2]   # row 1 stops at its third token; rows that never emit it go on
+    for decoder in ("staggered", "lockstep"):
+        stopped = generate_batch(model, same, 6, temperature=0, eos_id=eos, decoder=decoder)
+        assert stopped == [generate(model, p, 6, temperature=0, eos_id=eos) for p in same], decoder
+        assert len(stopped[1]) == 3 and max(map(len, stopped)) == 6
+    with pytest.raises(ValueError, match="prompts of one length"):
+        generate_batch(model, ragged, 6, decoder="lockstep")
+
+
+def test_auto_decodes_in_lockstep_only_where_halting_is_rare():
+    """The "auto" rule: staggered for prompts of different lengths and where the prompts'
+    active slots are below LOCKSTEP_ABOVE_ACTIVE; lockstep where (almost) nothing halts."""
+    model = model_for("adaponderlm", "neox")   # forced gates: many slots halt
+    ids, _ = real_batch(3, 16)
+
+    def prefilled(prompts):
+        decoder = StaggeredDecoder(model)
+        decoder.prefill(prompts, 4)
+        return decoder
+
+    halting = prefilled(ids[:, :12])
+    assert halting.prompt_activity() < LOCKSTEP_ABOVE_ACTIVE
+    assert choose_decoder(halting) == "staggered"
+    assert choose_decoder(prefilled([ids[0, :5], ids[1, :9]])) == "staggered"
+    tau = model.ponder_cfg.tau
+    model.ponder_cfg.tau = 0.0   # no token halts
+    try:
+        dense = prefilled(ids[:, :12])
+    finally:
+        model.ponder_cfg.tau = tau
+    assert dense.prompt_activity() == 1.0 and choose_decoder(dense) == "lockstep"
 
 
 def test_staggered_decoder_refuses_latent_and_loop_families():

@@ -10,7 +10,8 @@ for is an error.
 
 ``generate_batch`` continues many prompts (any lengths) at once: the vertical families with
 the staggered decoder (megaponder/models/staggered.py: every row at its own pass, so halting
-saves time in a batch), the others one prompt after another.
+saves time in a batch) or, for prompts of one length where halting is rare, in lockstep
+(``decoder="auto"``, see ``generate_batched``); the other families one prompt after another.
 """
 from __future__ import annotations
 
@@ -54,12 +55,13 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 50, temperature
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 50, temperature: float = 1.0,
                    top_k: int = 0, vocab_size: Optional[int] = None, eos_id: Optional[int] = None,
-                   seed: int = 0) -> list[list[int]]:
-    """Token ids of each prompt's continuation (prompts excluded), temperature 0 greedy."""
-    from ..models.staggered import generate_staggered, supports_staggered
+                   seed: int = 0, decoder: str = "auto") -> list[list[int]]:
+    """Token ids of each prompt's continuation (prompts excluded), temperature 0 greedy;
+    ``decoder`` ("auto", "staggered", "lockstep") applies to the vertical families."""
+    from ..models.staggered import generate_batched, supports_staggered
 
     if supports_staggered(model):
-        return generate_staggered(model, prompts, max_new_tokens, temperature, top_k, vocab_size,
-                                  eos_id, seed)
+        return generate_batched(model, prompts, max_new_tokens, temperature, top_k, vocab_size,
+                                eos_id, seed, decoder)
     return [generate(model, p, max_new_tokens, temperature, top_k, vocab_size, eos_id, seed)
             for p in prompts]

@@ -63,7 +63,9 @@ class StaggeredDecoder:
     after a row's ``stop_id`` the row holds ``stop_id``), and with ``keep_logits`` the logits
     of every fed token [B, steps, V]. ``executed()`` is the [P, B, steps] activity of the fed
     tokens; ``computed_slots`` counts the (pass, token) slots the ticks ran (B per tick),
-    ``active_slots`` those that were active."""
+    ``active_slots`` those that were active. After ``prefill`` of prompts of one length,
+    ``prompt_decoder`` is the lockstep decoder holding them (None otherwise) and
+    ``prompt_activity()`` the fraction of the prompts' (pass, token) slots that were active."""
 
     #: ticks between two host reads (of whether every row is done and of the longest row,
     #: which bounds the keys attended): a read is a pipeline stall on a GPU, a longer round
@@ -97,10 +99,12 @@ class StaggeredDecoder:
         if min(lengths) < 1:
             raise ValueError("staggered decoding: every prompt needs at least one token")
         same = len(set(lengths)) == 1
+        self.prompt_decoder = None
         if same:   # one compacted batch: row b draws the schedule plan of batch row b
             dec = VerticalDecoder(self.model, self.seed)
             last = dec.feed(torch.stack(rows))[:, -1]
             parts = [(dec, b, b) for b in range(len(rows))]
+            self.prompt_decoder = dec   # can go on decoding in lockstep (generate_batched)
         else:      # row by row, each drawing as row b of the batch (the plan of an unpadded batch)
             parts, last = [], []
             for b, row in enumerate(rows):
@@ -109,6 +113,7 @@ class StaggeredDecoder:
                 last.append(dec.feed(row.view(1, -1))[0, -1])
                 parts.append((dec, 0, b))
             last = torch.stack(last)
+        self._prompt_decoders = list(dict.fromkeys(dec for dec, _, _ in parts))
         batch, capacity = len(rows), max(lengths) + steps
         passes, _, heads, _, dim = parts[0][0].kv[0][0].shape
         like = parts[0][0].kv[0][0]
@@ -129,6 +134,11 @@ class StaggeredDecoder:
         self.pass_ids = torch.arange(self.passes, device=dev)
         self.head_ids = torch.arange(heads, device=dev)
         return last
+
+    def prompt_activity(self) -> float:
+        """Fraction of the prompts' (pass, token) slots that were active (one host read)."""
+        executed = [dec.executed() for dec in self._prompt_decoders]
+        return float(torch.stack([e.sum() for e in executed]).sum()) / sum(e.numel() for e in executed)
 
     # -- the ticks ------------------------------------------------------------------------
     @torch.no_grad()
@@ -250,18 +260,33 @@ class StaggeredDecoder:
         return int(self.executed().sum())
 
 
+#: ``generate_batched(decoder="auto")`` decodes prompts of one length in lockstep when at
+#: least this fraction of their (pass, token) slots was active: on CPU a staggered tick costs
+#: ~1.25x a lockstep pass (every gate for every row, the per-row gather of the cache), so it
+#: pays only where halting skips more than ~20% of the slots (BENCHMARKS.md "Token by token
+#: with halting"; the crossover was not measured on a GPU)
+LOCKSTEP_ABOVE_ACTIVE = 0.8
+
+
 @torch.no_grad()
-def generate_staggered(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 50,
-                       temperature: float = 1.0, top_k: int = 0, vocab_size: Optional[int] = None,
-                       eos_id: Optional[int] = None, seed: int = 0) -> list[list[int]]:
-    """Continuations of a batch of prompts (any lengths) decoded together by the staggered
-    decoder. At temperature 0 a row's tokens are those it gets alone (the schedule baselines:
-    those of row b of a batch, whose halting plan is drawn per row); sampled rows draw on the
-    model's device (``models.sampling.sample_rows``, a generator seeded with ``seed``), so
-    they differ from one-prompt ``generate()``'s CPU draws. A row stops after ``eos_id``
-    (kept)."""
+def generate_batched(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 50,
+                     temperature: float = 1.0, top_k: int = 0, vocab_size: Optional[int] = None,
+                     eos_id: Optional[int] = None, seed: int = 0, decoder: str = "auto") -> list[list[int]]:
+    """Continuations of a batch of prompts decoded together (vertical families).
+
+    ``decoder``: "staggered" (any prompt lengths, every row at its own pass), "lockstep"
+    (prompts of one length, the compacting decoder one token per row at a time), or "auto":
+    lockstep when the prompts have one length and at least ``LOCKSTEP_ABOVE_ACTIVE`` of their
+    slots were active (halting would save too little to pay for the staggered tick), else
+    staggered. At temperature 0 a row's tokens are those it gets alone (the schedule
+    baselines: those of row b of a batch, whose halting plan is drawn per row) whichever
+    decoder runs; sampled rows draw on the model's device (``models.sampling.sample_rows``, a
+    generator seeded with ``seed``), so they differ from one-prompt ``generate()``'s CPU
+    draws. A row stops after ``eos_id`` (kept)."""
     from .sampling import sample_rows
 
+    if decoder not in ("auto", "staggered", "lockstep"):
+        raise ValueError(f"decoder must be 'auto', 'staggered' or 'lockstep', got '{decoder}'")
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     was_training = model.training
@@ -270,17 +295,20 @@ def generate_staggered(model, prompts: Sequence[Sequence[int]], max_new_tokens: 
         dev = next(model.parameters()).device
         generator = torch.Generator(device=dev).manual_seed(seed)
 
-        def pick(logits, _done):
+        def pick(logits, _done=None):
             return sample_rows(logits[:, :vocab_size] if vocab_size else logits, temperature, top_k, generator)
 
-        decoder = StaggeredDecoder(model, seed)
-        last = decoder.prefill([torch.tensor(p, dtype=torch.long, device=dev) for p in prompts],
-                               max_new_tokens)
-        first = pick(last, None)
+        staggered = StaggeredDecoder(model, seed)
+        last = staggered.prefill([torch.tensor(p, dtype=torch.long, device=dev) for p in prompts],
+                                 max_new_tokens)
+        lockstep = staggered.prompt_decoder if choose_decoder(staggered, decoder) == "lockstep" else None
+        first = pick(last)
         if max_new_tokens == 1:
             tokens = first.view(-1, 1)
-        else:   # the last token is chosen, never fed
-            tokens = decoder.decode(first, max_new_tokens - 1, pick, stop_id=eos_id)
+        elif lockstep is None:   # the last token is chosen, never fed
+            tokens = staggered.decode(first, max_new_tokens - 1, pick, stop_id=eos_id)
+        else:
+            tokens = _lockstep_tokens(lockstep, first, max_new_tokens, pick, eos_id)
     finally:
         model.train(was_training)
     out = []
@@ -289,3 +317,32 @@ def generate_staggered(model, prompts: Sequence[Sequence[int]], max_new_tokens: 
             row = row[:row.index(eos_id) + 1]
         out.append(row)
     return out
+
+
+def choose_decoder(staggered: StaggeredDecoder, decoder: str = "auto") -> str:
+    """"staggered" or "lockstep" for a prefilled StaggeredDecoder (``generate_batched``)."""
+    if decoder == "lockstep" and staggered.prompt_decoder is None:
+        raise ValueError("decoder='lockstep' needs prompts of one length; use decoder='staggered' "
+                         "(or 'auto')")
+    if decoder == "auto":
+        same_length = staggered.prompt_decoder is not None
+        rare_halting = same_length and staggered.prompt_activity() >= LOCKSTEP_ABOVE_ACTIVE
+        return "lockstep" if rare_halting else "staggered"
+    return decoder
+
+
+def _lockstep_tokens(decoder: VerticalDecoder, first: torch.Tensor, count: int, pick,
+                     stop_id: Optional[int], steps_per_read: int = 8) -> torch.Tensor:
+    """``count`` tokens per row [B, count] from a prefilled lockstep decoder, ``first`` the
+    first; stops early once every row has emitted ``stop_id`` (checked every
+    ``steps_per_read`` tokens: the decoder's own read per token is the only other one)."""
+    tokens = [first]
+    stopped = first == stop_id if stop_id is not None else None
+    for step in range(1, count):
+        nxt = pick(decoder.feed(tokens[-1].view(-1, 1))[:, -1])
+        tokens.append(nxt)
+        if stopped is not None:
+            stopped = stopped | (nxt == stop_id)
+            if step % steps_per_read == 0 and bool(stopped.all()):
+                break
+    return torch.stack(tokens, 1)
