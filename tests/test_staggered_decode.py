@@ -114,10 +114,10 @@ def test_generate_batch_equals_generate_greedy_and_stops_at_eos():
     for decoder in ("staggered", "lockstep", "auto"):
         assert generate_batch(model, same, 6, temperature=0, decoder=decoder) == alone, decoder
     eos = alone[1][2]   # row 1 stops at its third token; rows that never emit it go on
-    for decoder in ("staggered", "lockstep"):
-        stopped = generate_batch(model, same, 6, temperature=0, eos_id=eos, decoder=decoder)
-        assert stopped == [generate(model, p, 6, temperature=0, eos_id=eos) for p in same], decoder
-        assert len(stopped[1]) == 3 and max(map(len, stopped)) == 6
+    expected = [generate(model, p, 12, temperature=0, eos_id=eos) for p in same]
+    assert len(expected[1]) == 3 and max(map(len, expected)) == 12
+    for decoder in ("staggered", "lockstep"):   # 12 tokens: past the lockstep loop's first stop check
+        assert generate_batch(model, same, 12, temperature=0, eos_id=eos, decoder=decoder) == expected, decoder
     with pytest.raises(ValueError, match="prompts of one length"):
         generate_batch(model, ragged, 6, decoder="lockstep")
 
