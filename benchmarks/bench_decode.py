@@ -27,6 +27,9 @@ as a check that the no-halting baseline carries no overhead of its own.
 against the same baseline (the lockstep decoder with no halting); the last column is the
 staggered decoder's own cost with no halting over that baseline (its overhead per pass:
 every gate evaluated for every row, the per-row gather of each row's pass of the cache).
+Last: the decoder ``generate_batch(decoder="auto")`` picks for these prompts (lockstep where
+at least 0.8 of the prompt's slots were active, megaponder/models/staggered.py) and that
+decoder's speed-up.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch 8 --seq 128 --hidden 256 --layers 4]
         [--active 0.9 0.5 0.3] [--prompt 16 --decode-seq 48] [--repeats 5] [--threads 2]
@@ -64,7 +67,7 @@ import torch  # noqa: E402
 
 from megaponder.models import build_model  # noqa: E402
 from megaponder.models.decoders import decode_logits, make_decoder  # noqa: E402
-from megaponder.models.staggered import StaggeredDecoder  # noqa: E402
+from megaponder.models.staggered import StaggeredDecoder, choose_decoder  # noqa: E402
 from megaponder.models.static_cache import make_static_decoder  # noqa: E402
 
 
@@ -193,8 +196,8 @@ def halting_speedups(a):
     print("| target active | tau | active slots: prefill | token by token | ideal speed-up (token by token) "
           "| prefill: speed-up | / ideal | token by token: ms per token, no halting | halting "
           "| speed-up | / ideal | row-cost bound | / bound | staggered: ms per token | speed-up | / ideal "
-          "| staggered no halting / lockstep no halting |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| staggered no halting / lockstep no halting | generate_batch 'auto' picks | speed-up | / ideal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     static_ms = []
     for target in a.active:
         halted = 1.0 - (target * (k + 1) - 1.0) / k   # of the pondering slots (passes 1..K)
@@ -224,11 +227,16 @@ def halting_speedups(a):
         static_ms.append(1e3 * t["static0"] / a.decode_seq)
         sp_pre, sp_tok = t["pre0"] / t["pre"], t["tok0"] / t["tok"]
         sp_stag = t["tok0"] / t["stag"]   # against the lockstep decoder without halting
+        probe = StaggeredDecoder(model)   # what generate_batch(decoder="auto") would run here
+        probe.prefill(short[:, :a.prompt], a.decode_seq)
+        picked = choose_decoder(probe)
+        sp_auto = sp_stag if picked == "staggered" else sp_tok
         print(f"| {target:.2f} | {tau:.4f} | {act_pre:.3f} | {act_tok:.3f} | {1 / act_tok:.2f} | "
               f"{sp_pre:.2f} | {sp_pre * act_pre:.2f} | {1e3 * t['tok0'] / a.decode_seq:.2f} | "
               f"{1e3 * t['tok'] / a.decode_seq:.2f} | {sp_tok:.2f} | {sp_tok * act_tok:.2f} | {bound:.2f} | "
               f"{sp_tok / bound:.2f} | {1e3 * t['stag'] / a.decode_seq:.2f} | {sp_stag:.2f} | "
-              f"{sp_stag * act_tok:.2f} | {t['stag0'] / t['tok0']:.2f} |", flush=True)
+              f"{sp_stag * act_tok:.2f} | {t['stag0'] / t['tok0']:.2f} | {picked} | {sp_auto:.2f} | "
+              f"{sp_auto * act_tok:.2f} |", flush=True)
     print(f"static-shape decoder (eager, no halting), ms per token in the same runs: "
           f"{', '.join(f'{x:.2f}' for x in static_ms)}; load average {os.getloadavg()[0]:.1f} at the end")
 
