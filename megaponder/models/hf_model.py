@@ -177,7 +177,7 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         "left"``): a row's tokens are those it gets alone, decoded over its real tokens only.
         Greedy batches of the families whose passes share one stack (vanilla, ponderlm,
         adaponderlm) run as ONE batch with every row at its own pass (models/staggered.py), so
-        a batch costs about one row's ticks, not the sum of its rows'; sampling,
+        a batch costs about one row's ticks, not the sum of its rows'; a single row, sampling,
         ``stopping_criteria``, one-token prompts and the other families decode every row with
         its own decoder, rows advancing one token per step together (so batch-level stopping
         criteria see the whole batch, and sampled rows keep their documented CPU draws).
@@ -236,7 +236,7 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         vocab = self.config.tokenizer_vocab_size
         was_training = self.training
         self.eval()
-        if not do_sample and not stopping_criteria and max_new_tokens > 0 and self._rows_together():
+        if b > 1 and not do_sample and not stopping_criteria and max_new_tokens > 0 and self._rows_together():
             prompts = [self._real_tokens(input_ids, mask, r)[0] for r in range(b)]
             if min(p.numel() for p in prompts) >= 2:
                 try:
