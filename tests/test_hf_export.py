@@ -464,6 +464,15 @@ TOGETHER_CASES = [("vanilla", "neox", {}), ("adaponderlm", "neox", {}),
                   ("adaponderlm", "llama", {"halted_readout": "final"})]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: threads only add overhead on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _NeverStop:
     """A stopping criterion that never stops: generate() then decodes row by row (the
     reference path, every row at every step in lockstep)."""
@@ -528,7 +537,8 @@ def _assert_same(together, together_iters, alone, alone_iters):
 
 
 @pytest.mark.parametrize("family, backbone, ponder", TOGETHER_CASES)
-def test_batched_greedy_generate_together_equals_rows_one_by_one(family, backbone, ponder, monkeypatch):
+def test_batched_greedy_generate_together_equals_rows_one_by_one(family, backbone, ponder, monkeypatch,
+                                                                one_thread):
     """Left-padded prompts of 4 lengths, greedy, no eos: one staggered decoder gives the
     sequences, iterations and scores of one decoder per row; AdaPonderLM's rows really halt
     at different passes (else the staggering is not exercised)."""
@@ -545,7 +555,7 @@ def test_batched_greedy_generate_together_equals_rows_one_by_one(family, backbon
 
 
 @pytest.mark.parametrize("family, backbone, ponder", TOGETHER_CASES[1:2])
-def test_batched_greedy_generate_together_stops_at_eos(family, backbone, ponder, monkeypatch):
+def test_batched_greedy_generate_together_stops_at_eos(family, backbone, ponder, monkeypatch, one_thread):
     """eos (one id, several ids, and one a prompt ends with): a row keeps its eos, then holds
     pad_token_id; the iterations stop with it; the batch ends with its longest row — as row by
     row."""
@@ -565,7 +575,7 @@ def test_batched_greedy_generate_together_stops_at_eos(family, backbone, ponder,
     assert len(iters[1]) == 3
 
 
-def test_one_token_prompt_and_sampling_decode_row_by_row(monkeypatch):
+def test_one_token_prompt_and_sampling_decode_row_by_row(monkeypatch, one_thread):
     """A one-token prompt (nothing to prefill before its last token) and sampling (per-row CPU
     draws) keep one decoder per row; the tokens are still each row's own."""
     from megaponder.models import hf_model

@@ -236,7 +236,8 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         vocab = self.config.tokenizer_vocab_size
         was_training = self.training
         self.eval()
-        if b > 1 and not do_sample and not stopping_criteria and max_new_tokens > 0 and self._rows_together():
+        if (b > 1 and not do_sample and not stopping_criteria and max_new_tokens > 0
+                and self._rows_together()):
             prompts = [self._real_tokens(input_ids, mask, r)[0] for r in range(b)]
             if min(p.numel() for p in prompts) >= 2:
                 try:
@@ -335,9 +336,9 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         stop = next(iter(eos_ids)) if len(eos_ids) == 1 else None
         if stop is not None and bool((last == stop).any()):
             stop = None
-        tokens, logits = decoder.decode(last, max_new_tokens,
-                                        lambda lg, done: lg[:, :vocab].float().argmax(-1),
-                                        stop_id=stop, keep_logits=True)
+        out = decoder.decode(last, max_new_tokens, lambda lg, done: lg[:, :vocab].float().argmax(-1),
+                             stop_id=stop, keep_logits=output_scores)
+        tokens, logits = out if output_scores else (out, None)
         chosen = tokens[:, 1:].cpu()   # [B, new]: the token chosen after every fed token
         count = []
         for row in chosen.tolist():
