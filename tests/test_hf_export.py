@@ -454,3 +454,136 @@ def test_export_without_tokenizer_still_generates(exported, tmp_path):
     out = hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=3)
     assert out[0, len(PROMPTS[0]):].tolist() == generate(model, PROMPTS[0], 3, temperature=0.0,
                                                          vocab_size=cfg.model.vocab_size)
+
+
+# -- the batched greedy generate(): one staggered decoder against one decoder per row ---------
+# Tolerance for scores 1e-5 (fp32): the staggered decoder runs the one-row decoder's
+# operations in another association (tests/test_staggered_decode.py); tokens and iterations
+# must be equal (the forced gates sit far from tau, so no halting decision can flip).
+TOGETHER_CASES = [("vanilla", "neox", {}), ("adaponderlm", "neox", {}),
+                  ("adaponderlm", "llama", {"halted_readout": "final"})]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: threads only add overhead on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _NeverStop:
+    """A stopping criterion that never stops: generate() then decodes row by row (the
+    reference path, every row at every step in lockstep)."""
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def _hf_tiny(family, backbone, ponder):
+    """The in-tree MegaponderForCausalLM of a tiny family (AdaPonderLM's gates forced so that
+    tokens halt at different passes), and a left-padded batch of prompts of 3, 9, 5, 2 tokens."""
+    from dataclasses import asdict
+
+    from megaponder.models.hf_config import MegaponderConfig
+    from megaponder.models.hf_model import MegaponderForCausalLM
+    from test_families_helpers import force_ada_gates, real_batch, tiny
+
+    core = tiny(family, backend="sdpa", backbone=backbone, steps=3, **ponder).eval()
+    ids, _ = real_batch(4, 16)
+    if family == "adaponderlm":
+        force_ada_gates(core, ids, frac=0.35)
+    hf = MegaponderForCausalLM(MegaponderConfig(
+        megaponder_config={"model": asdict(core.cfg), "ponder": asdict(core.ponder_cfg)}))
+    hf.load_state_dict(core.state_dict(), strict=True)
+    lengths = [3, 9, 5, 2]
+    batch = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for r, n in enumerate(lengths):
+        batch[r, -n:], mask[r, -n:] = ids[r, :n], 1
+    return hf, batch, mask
+
+
+def _both_paths(hf, batch, mask, monkeypatch, **kw):
+    """generate() through one staggered decoder (checked to be taken) and row by row."""
+    from megaponder.models import hf_model
+
+    calls = []
+
+    class Counted(hf_model.StaggeredDecoder):
+        def decode(self, *args, **kwargs):
+            calls.append(self.batch)
+            return super().decode(*args, **kwargs)
+
+    monkeypatch.setattr(hf_model, "StaggeredDecoder", Counted)
+    kw.update(attention_mask=mask, return_dict_in_generate=True, output_scores=True)
+    together = hf.generate(batch, **kw)
+    together_iters = hf.last_generation_iterations
+    assert calls == [batch.shape[0]], "the greedy batch was not decoded as one staggered batch"
+    alone = hf.generate(batch, stopping_criteria=[_NeverStop()], **kw)
+    assert len(calls) == 1   # stopping_criteria: the per-row path
+    return together, together_iters, alone, hf.last_generation_iterations
+
+
+def _assert_same(together, together_iters, alone, alone_iters):
+    assert torch.equal(together.sequences, alone.sequences)
+    assert together_iters == alone_iters
+    assert torch.equal(together.iterations, alone.iterations)
+    assert len(together.scores) == len(alone.scores)
+    for mine, theirs in zip(together.scores, alone.scores):
+        assert torch.equal(mine.isinf(), theirs.isinf())   # ended rows and vocabulary padding
+        assert (mine - theirs).nan_to_num().abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family, backbone, ponder", TOGETHER_CASES)
+def test_batched_greedy_generate_together_equals_rows_one_by_one(family, backbone, ponder, monkeypatch,
+                                                                one_thread):
+    """Left-padded prompts of 4 lengths, greedy, no eos: one staggered decoder gives the
+    sequences, iterations and scores of one decoder per row; AdaPonderLM's rows really halt
+    at different passes (else the staggering is not exercised)."""
+    hf, batch, mask = _hf_tiny(family, backbone, ponder)
+    together, iters, alone, alone_iters = _both_paths(hf, batch, mask, monkeypatch,
+                                                      max_new_tokens=8, eos_token_id=-1)
+    _assert_same(together, iters, alone, alone_iters)
+    assert together.sequences.shape[1] == batch.shape[1] + 8
+    flat = [x for row in iters for x in row]
+    if family == "adaponderlm":
+        assert min(flat) < max(flat) and len({tuple(row) for row in iters}) == len(iters), iters
+    else:
+        assert set(flat) == {1.0}
+
+
+@pytest.mark.parametrize("family, backbone, ponder", TOGETHER_CASES[1:2])
+def test_batched_greedy_generate_together_stops_at_eos(family, backbone, ponder, monkeypatch, one_thread):
+    """eos (one id, several ids, and one a prompt ends with): a row keeps its eos, then holds
+    pad_token_id; the iterations stop with it; the batch ends with its longest row — as row by
+    row."""
+    hf, batch, mask = _hf_tiny(family, backbone, ponder)
+    free = hf.generate(batch, attention_mask=mask, max_new_tokens=8, eos_token_id=-1)
+    t = batch.shape[1]
+    eos = int(free[1, t + 2])   # row 1 stops at its third token
+    for eos_ids in (eos, [eos, int(free[2, t + 5])], [int(batch[0, -1])]):
+        together, iters, alone, alone_iters = _both_paths(
+            hf, batch, mask, monkeypatch, max_new_tokens=8, eos_token_id=eos_ids, pad_token_id=-7)
+        _assert_same(together, iters, alone, alone_iters)
+        monkeypatch.undo()
+    together, iters, _, _ = _both_paths(hf, batch, mask, monkeypatch, max_new_tokens=8,
+                                        eos_token_id=eos, pad_token_id=-7)
+    row = together.sequences[1, t:].tolist()
+    assert row[:3] == free[1, t:t + 3].tolist() and set(row[3:]) <= {-7}, row
+    assert len(iters[1]) == 3
+
+
+def test_one_token_prompt_and_sampling_decode_row_by_row(monkeypatch, one_thread):
+    """A one-token prompt (nothing to prefill before its last token) and sampling (per-row CPU
+    draws) keep one decoder per row; the tokens are still each row's own."""
+    from megaponder.models import hf_model
+
+    hf, batch, mask = _hf_tiny("adaponderlm", "neox", {})
+    monkeypatch.setattr(hf_model, "StaggeredDecoder", None)   # any use would fail
+    mask[3, :-1] = 0
+    out = hf.generate(batch, attention_mask=mask, max_new_tokens=4, eos_token_id=-1)
+    alone = hf.generate(batch[3:, -1:], max_new_tokens=4, eos_token_id=-1)
+    assert torch.equal(out[3, -4:], alone[0, -4:])
+    hf.generate(batch[:3], attention_mask=mask[:3], max_new_tokens=4, do_sample=True, eos_token_id=-1)

@@ -38,6 +38,7 @@ from .ponder_args import PonderConfig
 from .registry import build_model
 from .sampling import sample_next
 from .spec import family_spec
+from .staggered import StaggeredDecoder, supports_staggered
 
 
 @dataclass
@@ -173,9 +174,13 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         """megaponder's adaptive KV-cached decoding (models/decoders.py).
 
         Batched with LEFT padding through ``attention_mask`` (``tokenizer.padding_side =
-        "left"``): every row is decoded by its own decoder over its real tokens, so a row's
-        tokens are exactly those it gets alone; rows advance one token per step together, so
-        batch-level stopping criteria see the whole batch.
+        "left"``): a row's tokens are those it gets alone, decoded over its real tokens only.
+        Greedy batches of the families whose passes share one stack (vanilla, ponderlm,
+        adaponderlm) run as ONE batch with every row at its own pass (models/staggered.py), so
+        a batch costs about one row's ticks, not the sum of its rows'; a single row, sampling,
+        ``stopping_criteria``, one-token prompts and the other families decode every row with
+        its own decoder, rows advancing one token per step together (so batch-level stopping
+        criteria see the whole batch, and sampled rows keep their documented CPU draws).
         Greedy unless ``do_sample`` (then ``temperature``, ``top_k``; draws come from a CPU
         generator seeded with ``seed``, as ``megaponder generate --seed``). Sampling never
         picks a padding row of the vocabulary. A row stops at ``eos_token_id`` (kept) or when
@@ -231,6 +236,17 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         vocab = self.config.tokenizer_vocab_size
         was_training = self.training
         self.eval()
+        if (b > 1 and not do_sample and not stopping_criteria and max_new_tokens > 0
+                and self._rows_together()):
+            prompts = [self._real_tokens(input_ids, mask, r)[0] for r in range(b)]
+            if min(p.numel() for p in prompts) >= 2:
+                try:
+                    new, iter_out, scores, count = self._greedy_together(
+                        prompts, max_new_tokens, eos_ids, int(pad), vocab, seed, bool(output_scores))
+                finally:
+                    self.train(was_training)
+                return self._generate_result(input_ids, new, iter_out, scores, count,
+                                             return_dict_in_generate, output_scores)
         rows = [_Row(self.core, seed, self._real_tokens(input_ids, mask, r)) for r in range(b)]
         samplers = [torch.Generator().manual_seed(seed) for _ in range(b)]
         finished = [False] * b
@@ -272,13 +288,73 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
                 if not finished[r]:
                     row.feed(new[r, step].view(1, 1))
         self.train(was_training)
-        sequences = torch.cat([input_ids, new[:, :steps]], dim=1)
-        iter_out = iter_out[:, :steps]
-        self.last_generation_iterations = [iter_out[r, :count[r]].tolist() for r in range(b)]
+        return self._generate_result(input_ids, new[:, :steps], iter_out[:, :steps], scores, count,
+                                     return_dict_in_generate, output_scores)
+
+    def _generate_result(self, input_ids, new, iter_out, scores, count, return_dict_in_generate,
+                         output_scores):
+        """generate()'s answer from the new tokens [B, steps] (``pad_token_id`` after a row
+        ended), their iterations [B, steps] and ``count`` (the tokens of every row)."""
+        sequences = torch.cat([input_ids, new], dim=1)
+        self.last_generation_iterations = [iter_out[r, :count[r]].tolist() for r in range(len(count))]
         if return_dict_in_generate:
             return MegaponderGenerateOutput(sequences=sequences, iterations=iter_out,
                                             scores=tuple(scores) if output_scores else None)
         return sequences
+
+    #: decode a greedy batch with one staggered decoder where that gives the rows' own tokens
+    #: (False: always one decoder per row, the reference path)
+    _staggered_batches: bool = True
+
+    def _rows_together(self) -> bool:
+        """Whether one StaggeredDecoder (models/staggered.py) gives every row the tokens,
+        logits and iterations of its own one-row decoder: the families whose passes share one
+        stack, but the schedule baselines, which draw row b's halting plan as batch row b
+        there and as a lone row (row 0) here."""
+        core = self.core
+        scheduled = (getattr(core, "adaptive", False)
+                     and family_spec(core.family).halting == "schedule")
+        return self._staggered_batches and supports_staggered(core) and not scheduled
+
+    def _greedy_together(self, prompts, max_new_tokens: int, eos_ids: set, pad: int, vocab: int,
+                         seed: int, output_scores: bool):
+        """Greedy decoding of every row at once (each row at its own pass, no padding), with
+        the per-row loop's results: new tokens [B, steps], iterations [B, steps], the scores
+        per step and the tokens of every row.
+
+        The prompts are prefilled but their last token, which is then fed as the first token
+        of the decode: its activity (``executed()``) is the iterations behind the first new
+        token, as the one-row decoder's last prompt position. Fed token k's logits choose new
+        token k. The same operations as one-row decoding, in another float32 association
+        (tests/test_staggered_decode.py: 1e-5)."""
+        b, dev = len(prompts), prompts[0].device
+        decoder = StaggeredDecoder(self.core, seed)
+        decoder.prefill([p[:-1] for p in prompts], max_new_tokens)
+        last = torch.stack([p[-1] for p in prompts])
+        # a single eos ends a row inside the decoder (no ticks after it) unless a prompt ends
+        # with it (the decoder would take that row as done); otherwise rows are cut below
+        stop = next(iter(eos_ids)) if len(eos_ids) == 1 else None
+        if stop is not None and bool((last == stop).any()):
+            stop = None
+        out = decoder.decode(last, max_new_tokens, lambda lg, done: lg[:, :vocab].float().argmax(-1),
+                             stop_id=stop, keep_logits=output_scores)
+        tokens, logits = out if output_scores else (out, None)
+        chosen = tokens[:, 1:].cpu()   # [B, new]: the token chosen after every fed token
+        count = []
+        for row in chosen.tolist():
+            ends = [k for k, tok in enumerate(row) if tok in eos_ids]
+            count.append(ends[0] + 1 if ends else max_new_tokens)
+        steps = max(count)
+        ended = torch.arange(steps).view(1, -1) >= torch.tensor(count).view(-1, 1)   # [B, steps]
+        new = chosen[:, :steps].masked_fill(ended, pad).to(dev)
+        iter_out = decoder.executed().sum(0)[:, :steps].float().cpu().masked_fill(ended, 0.0)
+        scores = []
+        if output_scores:
+            full = torch.full((b, steps, logits.shape[-1]), float("-inf"))
+            full[:, :, :vocab] = logits[:, :steps, :vocab].float().cpu()
+            full.masked_fill_(ended.unsqueeze(-1), float("-inf"))
+            scores = list(full.unbind(1))
+        return new, iter_out, scores, count
 
     @staticmethod
     def _real_tokens(input_ids, mask, r: int) -> torch.Tensor:
