@@ -59,13 +59,24 @@ def _device(name: str):
 
 
 def _generate(args) -> int:
-    from .infer import generate
+    from .infer import generate, generate_batch
     from .train.checkpoint import load_model, resolve_checkpoint
 
+    if len(args.prompt) > 1 and (args.static_cache or args.compile):
+        from .errors import UserError
+        raise UserError("--static-cache/--compile decode one prompt: pass a single --prompt or "
+                        "drop them")
     folder = resolve_checkpoint(args.checkpoint)
     model = load_model(folder).to(_device(args.device))
     tok = _load_tokenizer(folder, args.tokenizer_model)
-    prompt = tok.encode(args.prompt)
+    if len(args.prompt) > 1:   # one batch; a JSON line per prompt (a continuation may hold newlines)
+        prompts = [tok.encode(text) for text in args.prompt]
+        news = generate_batch(model, prompts, args.max_new_tokens, args.temperature, args.top_k,
+                              vocab_size=tok.vocab_size, eos_id=tok.eod, seed=args.seed)
+        for prompt, new in zip(prompts, news):
+            print(json.dumps(prompt + new) if args.ids else json.dumps(tok.decode(prompt + new)))
+        return 0
+    prompt = tok.encode(args.prompt[0])
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
                    vocab_size=tok.vocab_size, eos_id=tok.eod, seed=args.seed,
                    static_cache=args.static_cache, compile=args.compile)
@@ -147,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample a continuation from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run dir or checkpoint folder")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="the prompt; repeat it to continue several prompts as one batch (vertical "
+                        "families: every row at its own pondering pass, docs/families.md "
+                        "'Staggered decoding'; then one JSON line per prompt, in order, and "
+                        "sampled tokens are drawn on the model's device)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top-k", type=int, default=40)

@@ -434,6 +434,18 @@ def test_cli_generate_decodes_prompt_and_continuation_together(exported, capsys)
     new = ids[len(sp.encode("In the beginning")):]
     if sp.id_to_piece(new[0]).startswith("\u2581"):   # word-initial: the space must be there
         assert text[len("In the beginning")] == " "
+    # --prompt repeated: one batch (staggered decoding), one JSON line per prompt, in order;
+    # greedy, each prompt gets the tokens it gets alone
+    assert main([a if a != "In the beginning" else "And God said" for a in args] + ["--ids"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    both = ["generate", "--checkpoint", str(root / "ck-adaponderlm"), "--prompt", "In the beginning",
+            "--prompt", "And God said", "--max-new-tokens", "5", "--temperature", "0", "--device", "cpu"]
+    assert main(both + ["--ids"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [ids, alone]
+    assert main(both) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [text, sp.decode(alone)]
+    assert main(both + ["--static-cache"]) == 2   # one line: the static step decodes one prompt
+    assert "single --prompt" in capsys.readouterr().err
 
 
 def test_export_without_tokenizer_still_generates(exported, tmp_path):
