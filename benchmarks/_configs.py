@@ -64,3 +64,27 @@ def time_token_by_token(make_decoder, ids, prompt: int, clock=None):
             out.append(dec.feed(ids[:, j:j + 1]))
         sync()
     return clock() - start, torch.cat(out, 1)
+
+
+def time_staggered(model, ids, prompt: int, clock=None):
+    """Seconds of the decode part of megaponder/models/staggered.py on ``ids`` [B, T]:
+    ``ids[:, :prompt]`` prefilled, then the remaining tokens of every row fed (teacher forced),
+    each row at its own pass: the same tokens ``time_token_by_token`` feeds one at a time."""
+    import time
+    clock = clock or time.perf_counter
+
+    import torch
+
+    from megaponder.models.staggered import StaggeredDecoder
+
+    steps, rows = ids.shape[1] - prompt, torch.arange(ids.shape[0], device=ids.device)
+    dec = StaggeredDecoder(model)
+    dec.prefill(ids[:, :prompt], steps)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    start = clock()
+    dec.decode(ids[:, prompt], steps,
+               lambda logits, done: ids[rows, (prompt + done + 1).clamp_max(ids.shape[1] - 1)])
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    return clock() - start

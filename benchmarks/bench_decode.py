@@ -59,7 +59,7 @@ import tempfile
 import time
 
 # benchmarks/_configs.py
-from _configs import ROOT, calibrate_tau, sized_config, time_token_by_token  # noqa: E402
+from _configs import ROOT, calibrate_tau, sized_config, time_staggered, time_token_by_token  # noqa: E402
 
 sys.path.insert(0, ROOT)
 
@@ -175,17 +175,8 @@ def halting_speedups(a):
         return time_token_by_token(lambda: make_static_decoder(model, a.batch, short.shape[1]), short, a.prompt,
                                    CLOCK[0])[0]
 
-    rows_b = torch.arange(a.batch, device=device)
-
     def staggered_tokens():   # the same tokens fed (teacher forcing), every row at its own pass
-        dec = StaggeredDecoder(model)
-        dec.prefill(short[:, :a.prompt], a.decode_seq)
-        start = CLOCK[0]()
-        dec.decode(short[:, a.prompt], a.decode_seq,
-                   lambda logits, done: short[rows_b, (a.prompt + done + 1).clamp_max(short.shape[1] - 1)])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return CLOCK[0]() - start
+        return time_staggered(model, short, a.prompt, CLOCK[0])
 
     def active_of(decoder, start=0):
         return decoder.executed()[:, :, start:].float().mean().item()

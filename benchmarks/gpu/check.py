@@ -302,10 +302,9 @@ def check_training(device, quick, steps, peak_tflops, budget, results) -> list:
 
 # -- 3. decode ---------------------------------------------------------------------------------
 def check_decode(device, quick, budget, results) -> list:
-    from _configs import calibrate_tau, sized_config, time_token_by_token
+    from _configs import calibrate_tau, sized_config, time_staggered, time_token_by_token
     from megaponder.models import build_model
     from megaponder.models.decoders import decode_logits, make_decoder
-    from megaponder.models.staggered import StaggeredDecoder
 
     if budget.left() < (5 if quick else 40):
         results["decode"] = {"skipped": "time"}
@@ -335,17 +334,8 @@ def check_decode(device, quick, budget, results) -> list:
     def token_by_token():
         return time_token_by_token(lambda: make_decoder(model), short, prompt)[0]
 
-    rows_b = torch.arange(b, device=device)
-
     def staggered():   # the same tokens, every row at its own pass; the decode part timed alone
-        dec = StaggeredDecoder(model)
-        dec.prefill(short[:, :prompt], tokens)
-        _sync(device)
-        start = time.perf_counter()
-        dec.decode(short[:, prompt], tokens,
-                   lambda logits, done: short[rows_b, (prompt + done + 1).clamp_max(short.shape[1] - 1)])
-        _sync(device)
-        return time.perf_counter() - start
+        return time_staggered(model, short, prompt)
 
     rows = []
     for frac in (0.1, 0.5, 0.9):
