@@ -86,6 +86,7 @@ class StaggeredDecoder:
         self.final_readout = adaptive and model.ponder_cfg.halted_readout == "final"
         self.gates = model.every_gate() if self.gated else None
         self.kv: Optional[list] = None   # per layer (K, V) [B * P + 1, H_kv, capacity, D]
+        self._prompt_parts: Optional[list] = None   # (lockstep decoder, its row, our row)
         self.computed_slots = 0
         self.acts: Optional[torch.Tensor] = None
 
@@ -114,25 +115,14 @@ class StaggeredDecoder:
                 parts.append((dec, 0, b))
             last = torch.stack(last)
         self._prompt_decoders = list(dict.fromkeys(dec for dec, _, _ in parts))
-        batch, capacity = len(rows), max(lengths) + steps
-        passes, _, heads, _, dim = parts[0][0].kv[0][0].shape
-        like = parts[0][0].kv[0][0]
-        # per layer K and V [B * P + 1, H, capacity, D]: block b * P + q holds row b's pass q
-        # (a row's passes side by side, so the keys of every row at its own pass are one
-        # index_select of whole blocks); the last block is scratch for discarded writes
-        self.kv = [tuple(like.new_zeros(batch * passes + 1, heads, capacity, dim) for _ in range(2))
-                   for _ in parts[0][0].kv]
-        for dec, src, dst in parts:   # the prompt's K/V of every pass (halted tokens: reused ones)
-            n = lengths[dst]
-            for mine, theirs in zip(self.kv, dec.kv):
-                for buf, src_buf in zip(mine, theirs):
-                    buf[dst * passes:(dst + 1) * passes, :, :n] = src_buf[:, src, :, :n]
-        self.batch, self.capacity, self.longest = batch, capacity, max(lengths)
+        self._prompt_parts = parts   # copied into this decoder's cache by the first decode()
+        self._prompt_lengths = lengths
+        self.kv = None
+        self.batch, self.capacity, self.longest = len(rows), max(lengths) + steps, max(lengths)
         dev = last.device
         self.length = torch.tensor(lengths, device=dev)
-        self.rows = torch.arange(batch, device=dev)
+        self.rows = torch.arange(self.batch, device=dev)
         self.pass_ids = torch.arange(self.passes, device=dev)
-        self.head_ids = torch.arange(heads, device=dev)
         return last
 
     def prompt_activity(self) -> float:
@@ -140,12 +130,32 @@ class StaggeredDecoder:
         executed = [dec.executed() for dec in self._prompt_decoders]
         return float(torch.stack([e.sum() for e in executed]).sum()) / sum(e.numel() for e in executed)
 
+    def _adopt_prompt_cache(self) -> None:
+        """This decoder's cache from the lockstep decoders that prefilled the prompts: done at
+        the first decode(), so a caller that goes on in lockstep (generate_batched) never
+        allocates it. Per layer K and V [B * P + 1, H, capacity, D]: block b * P + q holds row
+        b's pass q (a row's passes side by side, so the keys of every row at its own pass are
+        one index_select of whole blocks); the last block is scratch for discarded writes."""
+        parts, self._prompt_parts = self._prompt_parts, None
+        passes, _, heads, _, dim = parts[0][0].kv[0][0].shape
+        like = parts[0][0].kv[0][0]
+        self.kv = [tuple(like.new_zeros(self.batch * passes + 1, heads, self.capacity, dim) for _ in range(2))
+                   for _ in parts[0][0].kv]
+        self.head_ids = torch.arange(heads, device=like.device)
+        for dec, src, dst in parts:   # the prompt's K/V of every pass (halted tokens: reused ones)
+            n = self._prompt_lengths[dst]
+            for mine, theirs in zip(self.kv, dec.kv):
+                for buf, src_buf in zip(mine, theirs):
+                    buf[dst * passes:(dst + 1) * passes, :, :n] = src_buf[:, src, :, :n]
+
     # -- the ticks ------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, first: torch.Tensor, steps: int, next_token: NextToken,
                stop_id: Optional[int] = None, keep_logits: bool = False):
-        if self.kv is None:
+        if self.kv is None and self._prompt_parts is None:
             raise RuntimeError("StaggeredDecoder.decode() before prefill()")
+        if self.kv is None:
+            self._adopt_prompt_cache()
         if steps < 1 or self.longest + steps > self.capacity:
             raise ValueError(f"decode(): steps must lie in [1, {self.capacity - self.longest}] "
                              f"(the room prefill() made), got {steps}")
