@@ -12,9 +12,9 @@ decoder (megaponder/models/decoders.py, all rows in lockstep) at that tau and at
 
 **Ideal speed-up** = 1 / (active fraction): the no-halting time scaled by the share of
 (pass, token) slots that still had to be computed (measured on the same tokens, from what the
-decoder executed). Reported: the measured speed-up (no-halting time / halting time, medians of
-``--repeats`` interleaved runs) and its fraction of the ideal (1.0 = every skipped slot saved
-its full share of the time). The ideal assumes a pass over M of the B rows costs M/B of a
+decoder executed). Reported: the measured speed-up (no-halting time / halting time: the
+median over ``--repeats`` interleaved repeats of each repeat's ratio) and its fraction of the
+ideal (1.0 = every skipped slot saved its full share of the time). The ideal assumes a pass over M of the B rows costs M/B of a
 full one; on a CPU a one-token pass streams every weight whatever M is, so the benchmark also
 times one pass (stack, head, pondering update; one token per row over a cache of the decoded
 length) for every M = 1..B in the same run and reports the **row-cost bound**: the speed-up a
@@ -158,7 +158,7 @@ def halting_speedups(a):
     k = model.num_passes - 1
     print(f"adaponderlm d={a.hidden} L={a.layers} passes={model.num_passes} V={a.vocab} B={a.batch}, {device}, "
           f"{a.threads} threads, {a.clock} clock; prefill T={a.seq}; token by token: {a.prompt}-token prompt + "
-          f"{a.decode_seq} tokens one at a time; median of {a.repeats} interleaved runs; "
+          f"{a.decode_seq} tokens one at a time; ratios: median of {a.repeats} interleaved repeats; "
           f"load average {os.getloadavg()[0]:.1f} at start")
 
     def with_tau(tau, fn):
@@ -211,13 +211,18 @@ def halting_speedups(a):
         for fn in runs.values():   # warm-up
             fn()
         times = {name: [] for name in runs}
-        for _ in range(a.repeats):   # interleaved: load drifts hit every variant alike
-            for name, fn in runs.items():
+        for r in range(a.repeats):   # interleaved, the order reversed every other repeat:
+            # load drifts hit every variant alike and no variant always follows the same one
+            for name, fn in (list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]):
                 times[name].append(fn())
         t = {name: statistics.median(v) for name, v in times.items()}
         static_ms.append(1e3 * t["static0"] / a.decode_seq)
-        sp_pre, sp_tok = t["pre0"] / t["pre"], t["tok0"] / t["tok"]
-        sp_stag = t["tok0"] / t["stag"]   # against the lockstep decoder without halting
+        def ratio(num, den):   # the median of the repeats' ratios: a pair measured moments
+            # apart shares the machine's state (on a shared machine the times drift by 10-20%)
+            return statistics.median(x / y for x, y in zip(times[num], times[den]))
+
+        sp_pre, sp_tok = ratio("pre0", "pre"), ratio("tok0", "tok")
+        sp_stag = ratio("tok0", "stag")   # against the lockstep decoder without halting
         probe = StaggeredDecoder(model)   # what generate_batch(decoder="auto") would run here
         probe.prefill(short[:, :a.prompt], a.decode_seq)
         picked = choose_decoder(probe)
@@ -226,7 +231,7 @@ def halting_speedups(a):
               f"{sp_pre:.2f} | {sp_pre * act_pre:.2f} | {1e3 * t['tok0'] / a.decode_seq:.2f} | "
               f"{1e3 * t['tok'] / a.decode_seq:.2f} | {sp_tok:.2f} | {sp_tok * act_tok:.2f} | {bound:.2f} | "
               f"{sp_tok / bound:.2f} | {1e3 * t['stag'] / a.decode_seq:.2f} | {sp_stag:.2f} | "
-              f"{sp_stag * act_tok:.2f} | {t['stag0'] / t['tok0']:.2f} | {picked} | {sp_auto:.2f} | "
+              f"{sp_stag * act_tok:.2f} | {ratio('stag0', 'tok0'):.2f} | {picked} | {sp_auto:.2f} | "
               f"{sp_auto * act_tok:.2f} |", flush=True)
     print(f"static-shape decoder (eager, no halting), ms per token in the same runs: "
           f"{', '.join(f'{x:.2f}' for x in static_ms)}; load average {os.getloadavg()[0]:.1f} at the end")

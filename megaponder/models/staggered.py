@@ -133,20 +133,26 @@ class StaggeredDecoder:
     def _adopt_prompt_cache(self) -> None:
         """This decoder's cache from the lockstep decoders that prefilled the prompts: done at
         the first decode(), so a caller that goes on in lockstep (generate_batched) never
-        allocates it. Per layer K and V [B * P + 1, H, capacity, D]: block b * P + q holds row
-        b's pass q (a row's passes side by side, so the keys of every row at its own pass are
-        one index_select of whole blocks); the last block is scratch for discarded writes."""
+        allocates it. Per layer one buffer [B * P + 1, 2, H, capacity, D] of keys (index 0 of
+        dim 1) and values (1): block b * P + q holds row b's pass q (a row's passes side by
+        side, so the keys and values of every row at its own pass are one index_select of
+        whole blocks); the last block is scratch for discarded writes."""
         parts, self._prompt_parts = self._prompt_parts, None
         passes, _, heads, _, dim = parts[0][0].kv[0][0].shape
         like = parts[0][0].kv[0][0]
-        self.kv = [tuple(like.new_zeros(self.batch * passes + 1, heads, self.capacity, dim) for _ in range(2))
-                   for _ in parts[0][0].kv]
-        self.head_ids = torch.arange(heads, device=like.device)
+        blocks = self.batch * passes + 1
+        self.kv = [like.new_zeros(blocks, 2, heads, self.capacity, dim) for _ in parts[0][0].kv]
         for dec, src, dst in parts:   # the prompt's K/V of every pass (halted tokens: reused ones)
             n = self._prompt_lengths[dst]
-            for mine, theirs in zip(self.kv, dec.kv):
-                for buf, src_buf in zip(mine, theirs):
-                    buf[dst * passes:(dst + 1) * passes, :, :n] = src_buf[:, src, :, :n]
+            for mine, (k, v) in zip(self.kv, dec.kv):
+                mine[dst * passes:(dst + 1) * passes, 0, :, :n] = k[:, src, :, :n]
+                mine[dst * passes:(dst + 1) * passes, 1, :, :n] = v[:, src, :, :n]
+        # where a tick writes row b's K/V of pass q, as rows of the [blocks * 2H * capacity, D]
+        # view (plus the token's slot): [B, P, 2H]; and the scratch block's [2H]
+        lanes = torch.arange(2 * heads, device=like.device)
+        self.write_at = ((self.rows.view(-1, 1, 1) * passes + self.pass_ids.view(1, -1, 1)) * 2 * heads
+                         + lanes) * self.capacity
+        self.scratch_at = ((blocks - 1) * 2 * heads + lanes) * self.capacity
 
     # -- the ticks ------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,22 +204,19 @@ class StaggeredDecoder:
         # passes that take this K/V: p..P-1 (a token halting here keeps it in later passes);
         # a re-reading row (final readout) and a done row write nothing
         into = (self.pass_ids.view(1, P) >= p.view(b, 1)) & (live & ~self.rereading).view(b, 1)
-        # where row b's K/V goes: blocks b * P + q of passes q >= p; the others (and rows that
-        # write nothing) into the scratch block B * P, so the write needs no read of the cache
-        dest = torch.where(into, rows.view(b, 1) * P + self.pass_ids.view(1, P), b * P)
-        heads, cap = self.kv[0][0].shape[1:3]
-        # as rows of the [blocks * H * capacity, D] view: one index_copy_ of whole rows
-        at = ((dest.view(b, P, 1) * heads + self.head_ids.view(1, 1, heads)) * cap + slot.view(b, 1, 1)).view(-1)
+        # where row b's K/V goes, as rows of the [blocks * 2H * capacity, D] view (one
+        # index_copy_ of whole rows): blocks b * P + q of passes q >= p; the others (and rows
+        # that write nothing) into the scratch block B * P, so the write needs no read of the cache
+        at = (torch.where(into.unsqueeze(-1), self.write_at, self.scratch_at) + slot.view(b, 1, 1)).view(-1)
         own_pass = rows * P + p   # the block each row attends to: its own pass
 
         def hook(layer, k, v):
-            out = []
-            for buf, new in zip(self.kv[layer], (k, v)):   # buf [B * P + 1, H, capacity, D]
-                dim = buf.shape[-1]
-                new = new.view(b, 1, heads, dim).expand(b, P, heads, dim).reshape(-1, dim)
-                buf.view(-1, dim).index_copy_(0, at, new)
-                out.append(buf[:, :, :keys].index_select(0, own_pass))   # [B, H, keys, D]
-            return out[0], out[1]
+            buf = self.kv[layer]   # [B * P + 1, 2, H, capacity, D]
+            heads, dim = buf.shape[2], buf.shape[-1]
+            new = torch.stack((k, v), 1).view(b, 1, 2 * heads, dim).expand(b, P, 2 * heads, dim)
+            buf.view(-1, dim).index_copy_(0, at, new.reshape(-1, dim))
+            out = buf[:, :, :, :keys].index_select(0, own_pass)   # [B, 2, H, keys, D]
+            return out[:, 0], out[:, 1]
 
         pos = slot.view(b, 1)
         hidden, _ = m.stack(self.x, pos, AttentionSpec(q_index=pos), kv_hook=hook)
@@ -222,6 +225,7 @@ class StaggeredDecoder:
         self.acts[p, rows, col] = live & ~self.rereading
 
         last = p == P - 1
+        deciding = live & ~last & ~self.rereading   # rows whose decision is read: go on?
         s = None
         if P == 1:
             cont = torch.zeros_like(live)
@@ -233,9 +237,9 @@ class StaggeredDecoder:
             cont = s >= m.ponder_cfg.tau
         else:
             cont = torch.ones_like(live)
-        cont = cont & live & ~last & ~self.rereading
+        cont = cont & deciding
         if self.final_readout:   # a token halting early re-reads at pass P-1, then is done
-            to_reread = live & ~cont & ~last & ~self.rereading
+            to_reread = deciding & ~cont
             completes = live & last
         else:
             to_reread = torch.zeros_like(live)
