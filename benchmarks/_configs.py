@@ -66,10 +66,11 @@ def time_token_by_token(make_decoder, ids, prompt: int, clock=None):
     return clock() - start, torch.cat(out, 1)
 
 
-def time_staggered(model, ids, prompt: int, clock=None):
+def time_staggered(model, ids, prompt: int, clock=None, gates_in_range=None):
     """Seconds of the decode part of megaponder/models/staggered.py on ``ids`` [B, T]:
     ``ids[:, :prompt]`` prefilled, then the remaining tokens of every row fed (teacher forced),
-    each row at its own pass: the same tokens ``time_token_by_token`` feeds one at a time."""
+    each row at its own pass: the same tokens ``time_token_by_token`` feeds one at a time.
+    ``gates_in_range``: the decoder's gate policy (None: its default for the device)."""
     import time
     clock = clock or time.perf_counter
 
@@ -79,6 +80,7 @@ def time_staggered(model, ids, prompt: int, clock=None):
 
     steps, rows = ids.shape[1] - prompt, torch.arange(ids.shape[0], device=ids.device)
     dec = StaggeredDecoder(model)
+    dec.gates_in_range = gates_in_range
     dec.prefill(ids[:, :prompt], steps)
     if ids.is_cuda:
         torch.cuda.synchronize()

@@ -33,17 +33,21 @@ def teacher_forced(ids, prompt):
     return lambda logits, done: ids[rows, (prompt + done + 1).clamp_max(ids.shape[1] - 1)]
 
 
-@pytest.mark.parametrize("family, backbone, ponder", FAMILIES)
-def test_staggered_decoder_equals_lockstep_decoder(family, backbone, ponder):
+@pytest.mark.parametrize("family, backbone, ponder, gates_in_range",
+                         [(*f, None) for f in FAMILIES] + [(*f, False) for f in FAMILIES[2:4]])
+def test_staggered_decoder_equals_lockstep_decoder(family, backbone, ponder, gates_in_range):
     """3 rows, a 6-token prompt, then 10 tokens fed one at a time: the same logits and the
     same (pass, token) activity as the lockstep decoder fed the same tokens; and no tick is
     wasted: the ticks are the passes of the row with the most (plus, for the final readout,
-    one re-reading tick per token that halted early)."""
+    one re-reading tick per token that halted early). AdaPonderLM under both gate policies:
+    the gates of the deciding rows' range of passes (CPU's default) and every gate."""
     model = model_for(family, backbone, **ponder)
     ids, _ = real_batch(3, 16)
     lockstep = make_decoder(model)
     expected = [lockstep.feed(ids[:, :6])] + [lockstep.feed(ids[:, j:j + 1]) for j in range(6, 16)]
     staggered = StaggeredDecoder(model)
+    if gates_in_range is not None:
+        staggered.gates_in_range = gates_in_range
     last = staggered.prefill(ids[:, :6], 10)
     tokens, logits = staggered.decode(ids[:, 6], 10, teacher_forced(ids, 6), keep_logits=True)
     assert (last - expected[0][:, -1]).abs().max().item() < TOL
@@ -82,20 +86,26 @@ def test_prompts_of_different_lengths_need_no_padding(family, ponder):
 
 
 def test_staggered_decoder_reads_the_host_once_per_round():
-    """Host reads (tests/sync_count.py) over a whole decode: one per round of
-    ``ticks_per_read`` ticks (is every row done, how far the furthest got), none per tick;
-    fewer than one per generated token."""
+    """Host reads (tests/sync_count.py) over a whole decode, with the gate policy of
+    accelerators (every gate, no read for it): one per round of ``ticks_per_read`` ticks (is
+    every row done, how far the furthest got), none per tick; fewer than one per generated
+    token. CPU's default (``gates_in_range``) adds exactly one per tick (which passes decide),
+    a read of a CPU tensor, which stalls nothing."""
     from sync_count import SyncCounter
     model = model_for("adaponderlm", "neox")
     ids, _ = real_batch(3, 16)
-    staggered = StaggeredDecoder(model)
-    staggered.ticks_per_read = 4
-    first = staggered.prefill(ids[:, :6], 10).argmax(-1)
-    with SyncCounter() as syncs:
-        staggered.decode(first, 10, lambda logits, done: logits.argmax(-1))
-    rounds = -(-staggered.ticks // 4)
-    assert 1 <= syncs.count <= rounds + 1, syncs.report()
-    assert syncs.count < 3 * 10 / 4, syncs.report()
+    counts = {}
+    for in_range in (False, True):
+        staggered = StaggeredDecoder(model)
+        staggered.ticks_per_read = 4
+        staggered.gates_in_range = in_range
+        first = staggered.prefill(ids[:, :6], 10).argmax(-1)
+        with SyncCounter() as syncs:
+            staggered.decode(first, 10, lambda logits, done: logits.argmax(-1))
+        counts[in_range] = syncs.count - in_range * staggered.ticks
+        rounds = -(-staggered.ticks // 4)
+        assert 1 <= counts[in_range] <= rounds + 1, syncs.report()
+    assert counts[False] < 3 * 10 / 4, counts
 
 
 def test_generate_batch_equals_generate_greedy_and_stops_at_eos():

@@ -350,20 +350,22 @@ class AdaPonderLM(PonderLM):
         return torch.sigmoid(self.gates[i](hidden).squeeze(-1).float())
 
     def every_gate(self):
-        """A function hidden [.., d] -> s [.., K] of every iteration's gate at once, on a
-        snapshot of the gate weights (one matmul per gate layer instead of K): for a decoder
-        whose batch rows sit at different iterations (models/staggered.py). Build it again
-        after the weights change."""
+        """A function (hidden [.., d], first=0, stop=K) -> s [.., stop - first] of the gates of
+        iterations first..stop-1 at once, on a snapshot of the gate weights (one matmul per
+        gate layer instead of one per gate; a range is a slice of the weights, no copy): for a
+        decoder whose batch rows sit at different iterations (models/staggered.py). Build it
+        again after the weights change."""
         w1 = torch.cat([g.fc1.weight for g in self.gates]).detach()          # [K * h, d]
         b1 = torch.cat([g.fc1.bias for g in self.gates]).detach()
         w2 = torch.stack([g.fc2.weight[0] for g in self.gates]).detach()     # [K, h]
         b2 = torch.stack([g.fc2.bias[0] for g in self.gates]).detach()
-        act = self.gates[0].act
+        act, count, width = self.gates[0].act, w2.shape[0], w2.shape[1]
 
-        def gates(hidden: torch.Tensor) -> torch.Tensor:
-            inner = act(torch.nn.functional.linear(hidden, w1, b1))
-            inner = inner.view(*hidden.shape[:-1], *w2.shape)
-            return torch.sigmoid(((inner * w2).sum(-1) + b2).float())
+        def gates(hidden: torch.Tensor, first: int = 0, stop: int = count) -> torch.Tensor:
+            rows = slice(first * width, stop * width)
+            inner = act(torch.nn.functional.linear(hidden, w1[rows], b1[rows]))
+            inner = inner.view(*hidden.shape[:-1], stop - first, width)
+            return torch.sigmoid(((inner * w2[first:stop]).sum(-1) + b2[first:stop]).float())
 
         return gates
 

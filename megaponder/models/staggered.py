@@ -11,15 +11,17 @@ recurrent-depth models.) The compacting decoder (decoders.py) instead keeps the 
 lockstep: a token costs every row the deepest row's passes, or host reads to find who halted.
 
 What a tick does, per row b at pass p of the token in cache slot t (all on the device, no host
-read; the shapes never change, so the step is one static graph):
+read off CPU; the shapes never change, so the step is one static graph):
 
 * writes the token's K/V of pass p into slot t of passes p..P-1: a token that halts here leaves
   its last active K/V in every later pass (the KV reuse of decoders.py); a token that goes on
   overwrites them at the next tick;
 * attends, at pass p, to slots 0..t of its own row (``AttentionSpec(q_index=t)``; rows sit at
   different slots, so the keys are each row's own pass-p cache gathered per row);
-* decides as the lockstep decoders do: the gate s^p >= tau (AdaPonderLM), the eval-time halting
-  plan (schedule baselines), or every pass (PonderLM). A row that goes on adds the pondering
+* decides as the lockstep decoders do: the gate s^p >= tau (AdaPonderLM; every gate for every
+  row in one matmul per gate layer, or on CPU the gates of the deciding rows' range of passes,
+  ``gates_in_range``), the eval-time halting plan (schedule baselines), or every pass
+  (PonderLM). A row that goes on adds the pondering
   update to its input; a row that halts emits the logits of this pass (``halted_readout:
   last_active``) or, for ``final``, spends one more tick at pass P-1 on the reused K/V without
   writing, as the lockstep decoder computes its final readout;
@@ -28,8 +30,8 @@ read; the shapes never change, so the step is one static graph):
 
 The logits of every token equal the lockstep decoder's (tests/test_staggered_decode.py, 1e-5 in
 fp32: the same ops, the attention over a masked, longer key range). The host reads the device
-only to know when every row is done: after ``steps`` ticks (a token takes at least one), then
-after as many more ticks as the slowest row still has tokens, a handful of reads per call.
+to know when every row is done, once per round of ``ticks_per_read`` ticks, and on CPU (where
+a read stalls nothing) which passes decide, once per tick.
 Rows whose prompts differ in length need no padding: each row's positions are its own slots.
 """
 from __future__ import annotations
@@ -71,6 +73,13 @@ class StaggeredDecoder:
     #: which bounds the keys attended): a read is a pipeline stall on a GPU, a longer round
     #: attends to more masked keys
     ticks_per_read: int = 8
+    #: AdaPonderLM's gates per tick: ``False``: every iteration's gate for every row (one
+    #: matmul per gate layer, no host read); ``True``: only the gates from the lowest to the
+    #: highest pass a deciding row sits at (a slice of the same weights), at the price of one
+    #: host read per tick of those two passes; ``None``: True on CPU, where reading a CPU
+    #: tensor stalls nothing (CPU ops run synchronously) and a small-batch matmul costs what
+    #: streaming its weights costs, False elsewhere
+    gates_in_range: Optional[bool] = None
 
     def __init__(self, model, seed: int = 0):
         if not supports_staggered(model):
@@ -232,8 +241,8 @@ class StaggeredDecoder:
         elif self.scheduled:   # the eval forward's draws for this token (stream = seed)
             plan = m.threshold_plan(m.eval_uniforms(rows.view(b, 1), pos, self.seed, salt=2)).view(P, b)
             cont = plan[(p + 1).clamp_max(P - 1), rows]
-        elif self.gated:   # every gate at once; each row takes its own pass's
-            s = self.gates(hidden).view(b, -1)[rows, p.clamp_max(P - 2)]
+        elif self.gated:
+            s = self._gate_of_own_pass(hidden, p, deciding)
             cont = s >= m.ponder_cfg.tau
         else:
             cont = torch.ones_like(live)
@@ -265,6 +274,21 @@ class StaggeredDecoder:
         self.rereading = to_reread
         self.count = count
 
+    def _gate_of_own_pass(self, hidden: torch.Tensor, p: torch.Tensor, deciding: torch.Tensor) -> torch.Tensor:
+        """[B]: each row's gate of its own pass, s^p, on its hidden (rows not ``deciding``: any
+        value in [0, 1], never read)."""
+        in_range = self.gates_in_range
+        if in_range is None:
+            in_range = hidden.device.type == "cpu"
+        first, stop = 0, self.passes - 1
+        if in_range:   # the tick's one host read: the lowest and highest pass that decides
+            first, stop = torch.stack([torch.where(deciding, p, self.passes).min(),
+                                       torch.where(deciding, p, -1).max() + 1]).tolist()
+            if first >= stop:   # no row decides this tick
+                return hidden.new_zeros(self.batch, dtype=torch.float32)
+        s = self.gates(hidden.view(self.batch, -1), first, stop)
+        return s[self.rows, (p - first).clamp(0, stop - first - 1)]
+
     def executed(self) -> torch.Tensor:
         """[P, B, steps]: the (pass, token) slots that were active for the fed tokens."""
         return self.acts[:, :, :self.steps]
@@ -276,9 +300,10 @@ class StaggeredDecoder:
 
 #: ``generate_batched(decoder="auto")`` decodes prompts of one length in lockstep when at
 #: least this fraction of their (pass, token) slots was active: on CPU a staggered tick costs
-#: ~1.25x a lockstep pass (every gate for every row, the per-row gather of the cache), so it
-#: pays only where halting skips more than ~20% of the slots (BENCHMARKS.md "Token by token
-#: with halting"; the crossover was not measured on a GPU)
+#: 1.1-1.3x a lockstep pass (the gates, the per-row gather of the cache, the K/V write into
+#: later passes), and rows that finish first idle until the last one does, so staggering pays
+#: only where halting skips more than ~20% of the slots (at 90% active it ran at 0.8-0.9x of no
+#: halting, lockstep at ~1.0x; BENCHMARKS.md "Staggered decoding"; not measured on a GPU)
 LOCKSTEP_ABOVE_ACTIVE = 0.8
 
 
