@@ -156,6 +156,46 @@ def test_auto_decodes_in_lockstep_only_where_halting_is_rare():
     assert dense.prompt_activity() == 1.0 and choose_decoder(dense) == "lockstep"
 
 
+def test_lockstep_at_high_activity_does_no_more_work_than_no_halting():
+    """Where "auto" keeps the lockstep decoder (>= LOCKSTEP_ABOVE_ACTIVE of the slots active),
+    halting must not cost more than no halting: over the same 8 rows and 10 fed tokens, the
+    decoder at ~90% active slots calls no aten op more often than at tau = 0 (it runs all
+    rows with `where` while more than half go on pondering, and skips what it can). The
+    speed itself is measured in benchmarks/bench_decode.py; this pins the work."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func] = self.counts.get(func, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny("adaponderlm", backend="sdpa", steps=3).eval()
+    ids, _ = real_batch(8, 16)
+    force_ada_gates(model, ids, frac=0.05)
+
+    def decode(tau):
+        model.ponder_cfg.tau, saved = tau, model.ponder_cfg.tau
+        try:
+            decoder = make_decoder(model)
+            decoder.feed(ids[:, :6])
+            with OpCounter() as ops:
+                for j in range(6, 16):
+                    decoder.feed(ids[:, j:j + 1])
+            return ops.counts, decoder.executed()[:, :, 6:].float().mean().item()
+        finally:
+            model.ponder_cfg.tau = saved
+
+    halting, active = decode(model.ponder_cfg.tau)
+    dense, _ = decode(0.0)
+    assert LOCKSTEP_ABOVE_ACTIVE <= active < 1.0, active
+    more = {str(op): (n, dense.get(op, 0)) for op, n in halting.items() if n > dense.get(op, 0)}
+    assert not more, more
+
+
 def test_staggered_decoder_refuses_latent_and_loop_families():
     for family in ("loop", "ponderlm2"):
         with pytest.raises(ValueError, match="staggered decoding needs"):
