@@ -34,6 +34,14 @@ def main() -> int:
     args = ap.parse_args()
     args.shortest, args.longest = (int(n) for n in args.prompts.split("-"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="bench-hf-generate-") as tmp:
+        # this run's own cache of the exported code (transformers_modules.<folder>): a shared
+        # one would let another process's export replace the code this run loads
+        os.environ["HF_MODULES_CACHE"] = os.path.join(tmp, "modules")
+        return _build_and_measure(args, tmp)
+
+
+def _build_and_measure(args, tmp) -> int:
     import torch
 
     from benchmarks._configs import sized_config
@@ -48,8 +56,7 @@ def main() -> int:
         for n, p in model.named_parameters():
             if n in model.extra_parameter_names():
                 p.add_(0.3 * torch.randn_like(p))
-    with tempfile.TemporaryDirectory(prefix="bench-hf-generate-") as tmp:
-        return _measure(args, cfg, model, tmp)
+    return _measure(args, cfg, model, tmp)
 
 
 def _measure(args, cfg, model, tmp) -> int:
@@ -62,6 +69,10 @@ def _measure(args, cfg, model, tmp) -> int:
     write_model_files(os.path.join(tmp, "ck"), cfg, model.state_dict(), {"step": 0})
     megaponder_to_hf_checkpoint(os.path.join(tmp, "ck"), os.path.join(tmp, "hf"))
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), trust_remote_code=True)
+    loaded_from = sys.modules[type(hf).__module__].__file__
+    if not loaded_from.startswith(tmp):
+        print(f"the exported model's code was loaded from {loaded_from}, not from this run's export")
+        return 2
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.model.vocab_size, (int(n),), generator=g)
                for n in torch.randint(args.shortest, args.longest + 1, (args.batch,), generator=g)]

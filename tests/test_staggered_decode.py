@@ -111,6 +111,13 @@ def test_empty_prompts_start_at_slot_zero(family, backbone, ponder, lengths):
         assert torch.equal(staggered.executed()[:, b], alone.executed()[:, 0, n:]), b
 
 
+def test_generate_batch_refuses_an_empty_prompt():
+    """generate_batch picks the first new token from the prompt's last logits: none for an
+    empty prompt (prefill's NaN row), so it refuses one."""
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        generate_batch(model_for("vanilla", "neox"), [[1, 2], []], 3, temperature=0)
+
+
 def test_draw_rows_zero_draws_every_row_as_a_lone_row():
     """``draw_rows`` all 0 (random_halting): every row, in the prefill (prompts of one length:
     one lockstep batch; of different lengths: row by row) and in the ticks, draws the halting

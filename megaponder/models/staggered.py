@@ -32,7 +32,8 @@ The logits of every token equal the lockstep decoder's (tests/test_staggered_dec
 fp32: the same ops, the attention over a masked, longer key range). The host reads the device
 to know when every row is done, once per round of ``ticks_per_read`` ticks, and on CPU (where
 a read stalls nothing) which passes decide, once per tick.
-Rows whose prompts differ in length need no padding: each row's positions are its own slots.
+Rows whose prompts differ in length need no padding: each row's positions are its own slots
+(a row with an empty prompt starts at slot 0).
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class StaggeredDecoder:
     tokens; ``computed_slots`` counts the (pass, token) slots the ticks ran (B per tick),
     ``active_slots`` those that were active. After ``prefill`` of prompts of one length,
     ``prompt_decoder`` is the lockstep decoder holding them (None otherwise) and
-    ``prompt_activity()`` the fraction of the prompts' (pass, token) slots that were active."""
+    ``prompt_activity()`` the fraction of the prompts' (pass, token) slots that were active.
+    A prompt may be empty (``prefill``); ``draw_rows`` picks the schedule baselines' plan rows."""
 
     #: ticks between two host reads (of whether every row is done and of the longest row,
     #: which bounds the keys attended): a read is a pipeline stall on a GPU, a longer round
