@@ -2,12 +2,14 @@
 """Exported Hugging Face model: batched generate() against the same rows one by one.
 
     python benchmarks/bench_hf_generate.py [--family adaponderlm] [--batch 4] [--new 16]
+                                           [--prompts 8-32]
 
 Builds the tiny family (d=128, 2 layers, vocabulary 8192; untrained gates perturbed and
 ``ponder.tau`` raised so that tokens halt at different iterations), exports it with
 tools/convert_checkpoint.py, loads it with ``AutoModelForCausalLM(trust_remote_code=True)`` and
 reports CPU time of one left-padded batched ``generate()`` / the sum of the rows generated
-alone (median of ``--repeats``), and that the tokens agree. Baselines in the same run: the rows
+alone (median of ``--repeats``), and that the tokens agree. The prompts are random ids, their
+lengths drawn in ``--prompts`` LO-HI (``1-1``: every prompt one token). Baselines in the same run: the rows
 one by one, and the batch through the per-row path (one decoder per row, rows in lockstep: what
 ``generate()`` runs when ``stopping_criteria`` is given; here one that never stops).
 """
@@ -28,8 +30,18 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", default="8-32", help="prompt lengths LO-HI (tokens)")
     args = ap.parse_args()
+    args.shortest, args.longest = (int(n) for n in args.prompts.split("-"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="bench-hf-generate-") as tmp:
+        # this run's own cache of the exported code (transformers_modules.<folder>): a shared
+        # one would let another process's export replace the code this run loads
+        os.environ["HF_MODULES_CACHE"] = os.path.join(tmp, "modules")
+        return _build_and_measure(args, tmp)
+
+
+def _build_and_measure(args, tmp) -> int:
     import torch
 
     from benchmarks._configs import sized_config
@@ -44,8 +56,7 @@ def main() -> int:
         for n, p in model.named_parameters():
             if n in model.extra_parameter_names():
                 p.add_(0.3 * torch.randn_like(p))
-    with tempfile.TemporaryDirectory(prefix="bench-hf-generate-") as tmp:
-        return _measure(args, cfg, model, tmp)
+    return _measure(args, cfg, model, tmp)
 
 
 def _measure(args, cfg, model, tmp) -> int:
@@ -58,9 +69,13 @@ def _measure(args, cfg, model, tmp) -> int:
     write_model_files(os.path.join(tmp, "ck"), cfg, model.state_dict(), {"step": 0})
     megaponder_to_hf_checkpoint(os.path.join(tmp, "ck"), os.path.join(tmp, "hf"))
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), trust_remote_code=True)
+    loaded_from = sys.modules[type(hf).__module__].__file__
+    if not loaded_from.startswith(tmp):
+        print(f"the exported model's code was loaded from {loaded_from}, not from this run's export")
+        return 2
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.model.vocab_size, (int(n),), generator=g)
-               for n in torch.randint(8, 33, (args.batch,), generator=g)]
+               for n in torch.randint(args.shortest, args.longest + 1, (args.batch,), generator=g)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(args.batch, width, dtype=torch.long)
     mask = torch.zeros(args.batch, width, dtype=torch.long)
@@ -84,7 +99,7 @@ def _measure(args, cfg, model, tmp) -> int:
         per_row_t.append(time.process_time() - t0)
     same = [row[width:].tolist() for row in out] == singles and torch.equal(out, per_row)
     batched = statistics.median(batched_t)
-    print(f"{args.family}: B={args.batch}, prompts 8-32, {args.new} new tokens, {args.threads} thread(s): "
+    print(f"{args.family}: B={args.batch}, prompts {args.prompts}, {args.new} new tokens, {args.threads} thread(s): "
           f"batched / rows one by one CPU time = {batched / statistics.median(rows_t):.2f}; "
           f"batched / batch through the per-row path = {batched / statistics.median(per_row_t):.2f}; "
           f"tokens equal: {same}")

@@ -474,6 +474,9 @@ def test_export_without_tokenizer_still_generates(exported, tmp_path):
 # must be equal (the forced gates sit far from tau, so no halting decision can flip).
 TOGETHER_CASES = [("vanilla", "neox", {}), ("adaponderlm", "neox", {}),
                   ("adaponderlm", "llama", {"halted_readout": "final"})]
+#: the schedule baselines: every row must draw its halting plan as a lone row, as _Row does
+SCHEDULE_CASES = [("random_halting", "neox", {"halting_rate": 0.4}),
+                  ("fixed_pruning", "llama", {"target_flops_ratio": 2.0, "halted_readout": "final"})]
 
 
 @pytest.fixture
@@ -587,15 +590,50 @@ def test_batched_greedy_generate_together_stops_at_eos(family, backbone, ponder,
     assert len(iters[1]) == 3
 
 
-def test_one_token_prompt_and_sampling_decode_row_by_row(monkeypatch, one_thread):
-    """A one-token prompt (nothing to prefill before its last token) and sampling (per-row CPU
-    draws) keep one decoder per row; the tokens are still each row's own."""
+@pytest.mark.parametrize("family, backbone, ponder", SCHEDULE_CASES)
+def test_batched_greedy_generate_together_schedule_baselines(family, backbone, ponder, monkeypatch,
+                                                             one_thread):
+    """fixed_pruning and random_halting, left-padded prompts of 4 lengths: one staggered
+    decoder, every row drawing its halting plan as a lone row, gives the sequences,
+    iterations and scores of one decoder per row; the rows really halt at different passes."""
+    hf, batch, mask = _hf_tiny(family, backbone, ponder)
+    together, iters, alone, alone_iters = _both_paths(hf, batch, mask, monkeypatch,
+                                                      max_new_tokens=8, eos_token_id=-1)
+    _assert_same(together, iters, alone, alone_iters)
+    flat = [x for row in iters for x in row]
+    assert min(flat) < max(flat) and len({tuple(row) for row in iters}) == len(iters), iters
+
+
+@pytest.mark.parametrize("family, backbone, ponder", TOGETHER_CASES[1:] + SCHEDULE_CASES[:1])
+@pytest.mark.parametrize("one_token", ["one row", "every row"])
+def test_batched_greedy_generate_together_takes_one_token_prompts(family, backbone, ponder, one_token,
+                                                                  monkeypatch, one_thread):
+    """One-token prompts (nothing to prefill before the last token: an empty staggered row)
+    in a ragged batch and as the whole batch: one staggered decoder gives the per-row path's
+    sequences, iterations and scores, and a one-token row the tokens it gets alone."""
+    hf, batch, mask = _hf_tiny(family, backbone, ponder)
+    if one_token == "one row":
+        mask[3, :-1] = 0
+    else:
+        batch, mask = batch[:, -1:], mask[:, -1:]
+    together, iters, alone, alone_iters = _both_paths(hf, batch, mask, monkeypatch,
+                                                      max_new_tokens=8, eos_token_id=-1)
+    _assert_same(together, iters, alone, alone_iters)
+    lone = hf.generate(batch[3:, -1:], max_new_tokens=8, eos_token_id=-1)
+    assert torch.equal(together.sequences[3, -8:], lone[0, -8:])
+    if family == "adaponderlm":
+        assert len({tuple(row) for row in iters}) > 1, iters
+
+
+def test_sampling_decodes_row_by_row(monkeypatch, one_thread):
+    """Sampling (per-row CPU draws) keeps one decoder per row."""
     from megaponder.models import hf_model
 
     hf, batch, mask = _hf_tiny("adaponderlm", "neox", {})
     monkeypatch.setattr(hf_model, "StaggeredDecoder", None)   # any use would fail
-    mask[3, :-1] = 0
-    out = hf.generate(batch, attention_mask=mask, max_new_tokens=4, eos_token_id=-1)
-    alone = hf.generate(batch[3:, -1:], max_new_tokens=4, eos_token_id=-1)
-    assert torch.equal(out[3, -4:], alone[0, -4:])
-    hf.generate(batch[:3], attention_mask=mask[:3], max_new_tokens=4, do_sample=True, eos_token_id=-1)
+    out = hf.generate(batch[:3], attention_mask=mask[:3], max_new_tokens=4, do_sample=True,
+                      eos_token_id=-1, seed=3)
+    for r in range(3):
+        n = int(mask[r].sum())
+        alone = hf.generate(batch[r:r + 1, -n:], max_new_tokens=4, do_sample=True, eos_token_id=-1, seed=3)
+        assert torch.equal(out[r, -4:], alone[0, -4:]), r

@@ -85,6 +85,62 @@ def test_prompts_of_different_lengths_need_no_padding(family, ponder):
         assert tokens[b].tolist() == expected, b
 
 
+@pytest.mark.parametrize("family, backbone, ponder", FAMILIES)
+@pytest.mark.parametrize("lengths", [(0, 5, 0), (0, 0, 0)])
+def test_empty_prompts_start_at_slot_zero(family, backbone, ponder, lengths):
+    """Rows with no prompt token (some rows, and the whole batch): an empty cache, the first
+    fed token at position 0. Every fed token's logits and (pass, token) activity are those of
+    a one-row lockstep decoder fed the same tokens (its first feed: that one token), and
+    prefill's logits of an empty row are NaN (nothing to predict from)."""
+    model = model_for(family, backbone, **ponder)
+    ids, _ = real_batch(3, 16)
+    steps = 6
+    staggered = StaggeredDecoder(model)
+    last = staggered.prefill([ids[b, :n] for b, n in enumerate(lengths)], steps)
+    first = torch.stack([ids[b, n] for b, n in enumerate(lengths)])
+    _, logits = staggered.decode(first, steps, teacher_forced(ids, torch.tensor(lengths)), keep_logits=True)
+    for b, n in enumerate(lengths):
+        alone = VerticalDecoder(model)
+        alone.draw_rows = torch.tensor([b])   # the plan of batch row b, as the staggered row
+        if n:
+            assert (last[b] - alone.feed(ids[b:b + 1, :n])[0, -1]).abs().max().item() < TOL
+        else:
+            assert last[b].isnan().all()
+        expected = torch.cat([alone.feed(ids[b:b + 1, j:j + 1]) for j in range(n, n + steps)], 1)[0]
+        assert (logits[b] - expected).abs().max().item() < TOL, b
+        assert torch.equal(staggered.executed()[:, b], alone.executed()[:, 0, n:]), b
+
+
+def test_generate_batch_refuses_an_empty_prompt():
+    """generate_batch picks the first new token from the prompt's last logits: none for an
+    empty prompt (prefill's NaN row), so it refuses one."""
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        generate_batch(model_for("vanilla", "neox"), [[1, 2], []], 3, temperature=0)
+
+
+def test_draw_rows_zero_draws_every_row_as_a_lone_row():
+    """``draw_rows`` all 0 (random_halting): every row, in the prefill (prompts of one length:
+    one lockstep batch; of different lengths: row by row) and in the ticks, draws the halting
+    plan a one-row decoder draws, so its logits and activity are that decoder's."""
+    model = model_for("random_halting", "neox", halting_rate=0.4)
+    ids, _ = real_batch(3, 16)
+    for lengths in ((6, 6, 6), (3, 9, 5)):
+        staggered = StaggeredDecoder(model)
+        staggered.draw_rows = torch.zeros(3, dtype=torch.long)
+        last = staggered.prefill([ids[b, :n] for b, n in enumerate(lengths)], 6)
+        _, logits = staggered.decode(torch.stack([ids[b, n] for b, n in enumerate(lengths)]), 6,
+                                     teacher_forced(ids, torch.tensor(lengths)), keep_logits=True)
+        for b, n in enumerate(lengths):
+            alone = VerticalDecoder(model)   # a lone row: draws as row 0
+            assert (last[b] - alone.feed(ids[b:b + 1, :n])[0, -1]).abs().max().item() < TOL
+            expected = torch.cat([alone.feed(ids[b:b + 1, j:j + 1]) for j in range(n, n + 6)], 1)[0]
+            assert (logits[b] - expected).abs().max().item() < TOL, (lengths, b)
+            prompt_acts = (staggered.prompt_decoder.executed()[:, b] if staggered.prompt_decoder
+                           else staggered._prompt_decoders[b].executed()[:, 0])
+            assert torch.equal(prompt_acts, alone.executed()[:, 0, :n]), (lengths, b)
+            assert torch.equal(staggered.executed()[:, b], alone.executed()[:, 0, n:]), (lengths, b)
+
+
 def test_staggered_decoder_reads_the_host_once_per_round():
     """Host reads (tests/sync_count.py) over a whole decode, with the gate policy of
     accelerators (every gate, no read for it): one per round of ``ticks_per_read`` ticks (is

@@ -176,11 +176,11 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         Batched with LEFT padding through ``attention_mask`` (``tokenizer.padding_side =
         "left"``): a row's tokens are those it gets alone, decoded over its real tokens only.
         Greedy batches of the families whose passes share one stack (vanilla, ponderlm,
-        adaponderlm) run as ONE batch with every row at its own pass (models/staggered.py), so
-        a batch costs about one row's ticks, not the sum of its rows'; a single row, sampling,
-        ``stopping_criteria``, one-token prompts and the other families decode every row with
-        its own decoder, rows advancing one token per step together (so batch-level stopping
-        criteria see the whole batch, and sampled rows keep their documented CPU draws).
+        adaponderlm, fixed_pruning, random_halting) run as ONE batch with every row at its own
+        pass (models/staggered.py), so a batch costs about one row's ticks, not the sum of its
+        rows'; a single row, sampling, ``stopping_criteria`` and the other families decode every
+        row with its own decoder, rows advancing one token per step together (so batch-level
+        stopping criteria see the whole batch, and sampled rows keep their documented CPU draws).
         Greedy unless ``do_sample`` (then ``temperature``, ``top_k``; draws come from a CPU
         generator seeded with ``seed``, as ``megaponder generate --seed``). Sampling never
         picks a padding row of the vocabulary. A row stops at ``eos_token_id`` (kept) or when
@@ -239,14 +239,13 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         if (b > 1 and not do_sample and not stopping_criteria and max_new_tokens > 0
                 and self._rows_together()):
             prompts = [self._real_tokens(input_ids, mask, r)[0] for r in range(b)]
-            if min(p.numel() for p in prompts) >= 2:
-                try:
-                    new, iter_out, scores, count = self._greedy_together(
-                        prompts, max_new_tokens, eos_ids, int(pad), vocab, seed, bool(output_scores))
-                finally:
-                    self.train(was_training)
-                return self._generate_result(input_ids, new, iter_out, scores, count,
-                                             return_dict_in_generate, output_scores)
+            try:
+                new, iter_out, scores, count = self._greedy_together(
+                    prompts, max_new_tokens, eos_ids, int(pad), vocab, seed, bool(output_scores))
+            finally:
+                self.train(was_training)
+            return self._generate_result(input_ids, new, iter_out, scores, count,
+                                         return_dict_in_generate, output_scores)
         rows = [_Row(self.core, seed, self._real_tokens(input_ids, mask, r)) for r in range(b)]
         samplers = [torch.Generator().manual_seed(seed) for _ in range(b)]
         finished = [False] * b
@@ -309,12 +308,9 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
     def _rows_together(self) -> bool:
         """Whether one StaggeredDecoder (models/staggered.py) gives every row the tokens,
         logits and iterations of its own one-row decoder: the families whose passes share one
-        stack, but the schedule baselines, which draw row b's halting plan as batch row b
-        there and as a lone row (row 0) here."""
-        core = self.core
-        scheduled = (getattr(core, "adaptive", False)
-                     and family_spec(core.family).halting == "schedule")
-        return self._staggered_batches and supports_staggered(core) and not scheduled
+        stack (the schedule baselines too: every row draws its halting plan as a lone row, row
+        0 of stream ``seed``, as ``_Row`` does; ``_greedy_together``)."""
+        return self._staggered_batches and supports_staggered(self.core)
 
     def _greedy_together(self, prompts, max_new_tokens: int, eos_ids: set, pad: int, vocab: int,
                          seed: int, output_scores: bool):
@@ -325,10 +321,13 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         The prompts are prefilled but their last token, which is then fed as the first token
         of the decode: its activity (``executed()``) is the iterations behind the first new
         token, as the one-row decoder's last prompt position. Fed token k's logits choose new
-        token k. The same operations as one-row decoding, in another float32 association
-        (tests/test_staggered_decode.py: 1e-5)."""
+        token k. A one-token prompt prefills nothing (an empty row; prefill's NaN logits for it
+        are never read). Every row draws the schedule baselines' halting plan as a lone row
+        (``draw_rows`` 0), as the one-row decoder. The same operations as one-row decoding, in
+        another float32 association (tests/test_staggered_decode.py: 1e-5)."""
         b, dev = len(prompts), prompts[0].device
         decoder = StaggeredDecoder(self.core, seed)
+        decoder.draw_rows = torch.zeros(b, dtype=torch.long)   # each row: row 0 of its own batch
         decoder.prefill([p[:-1] for p in prompts], max_new_tokens)
         last = torch.stack([p[-1] for p in prompts])
         # a single eos ends a row inside the decoder (no ticks after it) unless a prompt ends

@@ -32,7 +32,8 @@ The logits of every token equal the lockstep decoder's (tests/test_staggered_dec
 fp32: the same ops, the attention over a masked, longer key range). The host reads the device
 to know when every row is done, once per round of ``ticks_per_read`` ticks, and on CPU (where
 a read stalls nothing) which passes decide, once per tick.
-Rows whose prompts differ in length need no padding: each row's positions are its own slots.
+Rows whose prompts differ in length need no padding: each row's positions are its own slots
+(a row with an empty prompt starts at slot 0).
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class StaggeredDecoder:
     tokens; ``computed_slots`` counts the (pass, token) slots the ticks ran (B per tick),
     ``active_slots`` those that were active. After ``prefill`` of prompts of one length,
     ``prompt_decoder`` is the lockstep decoder holding them (None otherwise) and
-    ``prompt_activity()`` the fraction of the prompts' (pass, token) slots that were active."""
+    ``prompt_activity()`` the fraction of the prompts' (pass, token) slots that were active.
+    A prompt may be empty (``prefill``); ``draw_rows`` picks the schedule baselines' plan rows."""
 
     #: ticks between two host reads (of whether every row is done and of the longest row,
     #: which bounds the keys attended): a read is a pipeline stall on a GPU, a longer round
@@ -98,45 +100,62 @@ class StaggeredDecoder:
         self._prompt_parts: Optional[list] = None   # (lockstep decoder, its row, our row)
         self.computed_slots = 0
         self.acts: Optional[torch.Tensor] = None
+        #: the batch row each row draws the schedule baselines' halting plan as [B] (None: its
+        #: own index, as an unpadded batch); zeros: every row draws as a lone row (the plan of
+        #: a one-row decoder, as the Hugging Face export's per-row path). Set before prefill().
+        self.draw_rows: Optional[torch.Tensor] = None
 
     # -- the prompts ----------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, prompts: Union[torch.Tensor, Sequence[torch.Tensor]], steps: int) -> torch.Tensor:
         """Fill the cache with the prompts ([B, T] ids, or B 1-D id tensors of any lengths)
-        and make room for ``steps`` more tokens per row; returns the last logits [B, V]."""
+        and make room for ``steps`` more tokens per row; returns the last logits [B, V].
+
+        A prompt may be empty (some rows or all): its row starts with an empty cache, its
+        first decoded token at slot (position) 0; its row of the returned logits is NaN (there
+        is no last token), so a caller that picks from it gets no silent token."""
         rows = list(prompts) if not torch.is_tensor(prompts) else list(prompts.unbind(0))
         lengths = [int(r.numel()) for r in rows]
-        if min(lengths) < 1:
-            raise ValueError("staggered decoding: every prompt needs at least one token")
-        same = len(set(lengths)) == 1
+        batch = len(rows)
+        draw = torch.arange(batch) if self.draw_rows is None else self.draw_rows.cpu().view(-1)
+        if draw.numel() != batch:
+            raise ValueError(f"StaggeredDecoder.draw_rows has {draw.numel()} rows, the prompts {batch}")
+        same = len(set(lengths)) == 1 and lengths[0] > 0
         self.prompt_decoder = None
-        if same:   # one compacted batch: row b draws the schedule plan of batch row b
+        if same:   # one compacted batch: row b draws the schedule plan of batch row draw[b]
             dec = VerticalDecoder(self.model, self.seed)
+            dec.draw_rows = self.draw_rows
             last = dec.feed(torch.stack(rows))[:, -1]
-            parts = [(dec, b, b) for b in range(len(rows))]
+            parts = [(dec, b, b) for b in range(batch)]
             self.prompt_decoder = dec   # can go on decoding in lockstep (generate_batched)
-        else:      # row by row, each drawing as row b of the batch (the plan of an unpadded batch)
-            parts, last = [], []
+        else:      # row by row, each drawing as row draw[b] (the plan of an unpadded batch)
+            like = next(self.model.parameters())
+            parts, last = [], like.new_full((batch, self.model.cfg.vocab_size), float("nan"))
             for b, row in enumerate(rows):
+                if lengths[b] == 0:   # nothing to prefill: an empty cache, NaN logits
+                    continue
                 dec = VerticalDecoder(self.model, self.seed)
-                dec.draw_rows = torch.tensor([b])
-                last.append(dec.feed(row.view(1, -1))[0, -1])
+                dec.draw_rows = draw[b:b + 1]
+                last[b] = dec.feed(row.view(1, -1))[0, -1]
                 parts.append((dec, 0, b))
-            last = torch.stack(last)
         self._prompt_decoders = list(dict.fromkeys(dec for dec, _, _ in parts))
         self._prompt_parts = parts   # copied into this decoder's cache by the first decode()
         self._prompt_lengths = lengths
         self.kv = None
-        self.batch, self.capacity, self.longest = len(rows), max(lengths) + steps, max(lengths)
+        self.batch, self.capacity, self.longest = batch, max(lengths) + steps, max(lengths)
         dev = last.device
         self.length = torch.tensor(lengths, device=dev)
         self.rows = torch.arange(self.batch, device=dev)
+        self.plan_rows = draw.to(dev)   # the batch row each row draws its halting plan as
         self.pass_ids = torch.arange(self.passes, device=dev)
         return last
 
     def prompt_activity(self) -> float:
-        """Fraction of the prompts' (pass, token) slots that were active (one host read)."""
+        """Fraction of the prompts' (pass, token) slots that were active (one host read; NaN
+        when no prompt has a token)."""
         executed = [dec.executed() for dec in self._prompt_decoders]
+        if not executed:
+            return float("nan")
         return float(torch.stack([e.sum() for e in executed]).sum()) / sum(e.numel() for e in executed)
 
     def _adopt_prompt_cache(self) -> None:
@@ -147,10 +166,11 @@ class StaggeredDecoder:
         side, so the keys and values of every row at its own pass are one index_select of
         whole blocks); the last block is scratch for discarded writes."""
         parts, self._prompt_parts = self._prompt_parts, None
-        passes, _, heads, _, dim = parts[0][0].kv[0][0].shape
-        like = parts[0][0].kv[0][0]
+        attn = self.model.stack.layers[0].attn   # the shapes VerticalDecoder's cache has
+        passes, heads, dim = self.passes, getattr(attn, "num_kv_heads", attn.num_heads), attn.head_dim
+        like = next(self.model.parameters())
         blocks = self.batch * passes + 1
-        self.kv = [like.new_zeros(blocks, 2, heads, self.capacity, dim) for _ in parts[0][0].kv]
+        self.kv = [like.new_zeros(blocks, 2, heads, self.capacity, dim) for _ in self.model.stack.layers]
         for dec, src, dst in parts:   # the prompt's K/V of every pass (halted tokens: reused ones)
             n = self._prompt_lengths[dst]
             for mine, (k, v) in zip(self.kv, dec.kv):
@@ -239,7 +259,7 @@ class StaggeredDecoder:
         if P == 1:
             cont = torch.zeros_like(live)
         elif self.scheduled:   # the eval forward's draws for this token (stream = seed)
-            plan = m.threshold_plan(m.eval_uniforms(rows.view(b, 1), pos, self.seed, salt=2)).view(P, b)
+            plan = m.threshold_plan(m.eval_uniforms(self.plan_rows.view(b, 1), pos, self.seed, salt=2)).view(P, b)
             cont = plan[(p + 1).clamp_max(P - 1), rows]
         elif self.gated:
             s = self._gate_of_own_pass(hidden, p, deciding)
@@ -328,6 +348,8 @@ def generate_batched(model, prompts: Sequence[Sequence[int]], max_new_tokens: in
         raise ValueError(f"decoder must be 'auto', 'staggered' or 'lockstep', got '{decoder}'")
     if max_new_tokens < 1:
         return [[] for _ in prompts]
+    if min(len(p) for p in prompts) < 1:   # the first new token is picked from the last prompt token's logits
+        raise ValueError("generate_batched: every prompt needs at least one token")
     was_training = model.training
     model.eval()
     try:
