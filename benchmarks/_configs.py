@@ -78,7 +78,7 @@ def time_staggered(model, ids, prompt: int, clock=None, gates_in_range=None):
 
     from megaponder.models.staggered import StaggeredDecoder
 
-    steps, rows = ids.shape[1] - prompt, torch.arange(ids.shape[0], device=ids.device)
+    steps = ids.shape[1] - prompt
     dec = StaggeredDecoder(model)
     dec.gates_in_range = gates_in_range
     dec.prefill(ids[:, :prompt], steps)
@@ -86,7 +86,7 @@ def time_staggered(model, ids, prompt: int, clock=None, gates_in_range=None):
         torch.cuda.synchronize()
     start = clock()
     dec.decode(ids[:, prompt], steps,
-               lambda logits, done: ids[rows, (prompt + done + 1).clamp_max(ids.shape[1] - 1)])
+               lambda logits, done, rows: ids[rows, (prompt + done + 1).clamp_max(ids.shape[1] - 1)])
     if ids.is_cuda:
         torch.cuda.synchronize()
     return clock() - start

@@ -29,25 +29,27 @@ def model_for(family, backbone, **ponder):
 
 def teacher_forced(ids, prompt):
     """next_token for decode(): the next id of each row of ``ids`` after ``prompt``."""
-    rows = torch.arange(ids.shape[0])
-    return lambda logits, done: ids[rows, (prompt + done + 1).clamp_max(ids.shape[1] - 1)]
+    prompt = torch.as_tensor(prompt).expand(ids.shape[0])   # an int or per-row lengths
+    return lambda logits, done, rows: ids[rows, (prompt[rows] + done + 1).clamp_max(ids.shape[1] - 1)]
 
 
-@pytest.mark.parametrize("family, backbone, ponder, gates_in_range",
-                         [(*f, None) for f in FAMILIES] + [(*f, False) for f in FAMILIES[2:4]])
-def test_staggered_decoder_equals_lockstep_decoder(family, backbone, ponder, gates_in_range):
+@pytest.mark.parametrize("family, backbone, ponder, cpu_policies",
+                         [(*f, None) for f in FAMILIES] + [(*f, False) for f in FAMILIES[2:5]])
+def test_staggered_decoder_equals_lockstep_decoder(family, backbone, ponder, cpu_policies):
     """3 rows, a 6-token prompt, then 10 tokens fed one at a time: the same logits and the
     same (pass, token) activity as the lockstep decoder fed the same tokens; and no tick is
     wasted: the ticks are the passes of the row with the most (plus, for the final readout,
-    one re-reading tick per token that halted early). AdaPonderLM under both gate policies:
-    the gates of the deciding rows' range of passes (CPU's default) and every gate."""
+    one re-reading tick per token that halted early). Under the defaults on CPU (the gates of
+    the deciding rows' range of passes; finished rows dropped at each round's read, here
+    every 2 ticks) and under the accelerators' policies (every gate, every row every tick)."""
     model = model_for(family, backbone, **ponder)
     ids, _ = real_batch(3, 16)
     lockstep = make_decoder(model)
     expected = [lockstep.feed(ids[:, :6])] + [lockstep.feed(ids[:, j:j + 1]) for j in range(6, 16)]
     staggered = StaggeredDecoder(model)
-    if gates_in_range is not None:
-        staggered.gates_in_range = gates_in_range
+    if cpu_policies is not None:
+        staggered.gates_in_range = staggered.drop_finished_rows = cpu_policies
+    staggered.ticks_per_read = 2
     last = staggered.prefill(ids[:, :6], 10)
     tokens, logits = staggered.decode(ids[:, 6], 10, teacher_forced(ids, 6), keep_logits=True)
     assert (last - expected[0][:, -1]).abs().max().item() < TOL
@@ -59,7 +61,10 @@ def test_staggered_decoder_equals_lockstep_decoder(family, backbone, ponder, gat
     if ponder.get("halted_readout") == "final":   # a token halted before the last pass re-reads
         per_row = per_row + (~activity[-1]).sum(-1)
     assert staggered.ticks == int(per_row.max())
-    assert staggered.computed_slots == 3 * staggered.ticks
+    if cpu_policies is False:
+        assert staggered.computed_slots == 3 * staggered.ticks
+    else:   # every row until the read after its last tick, then no more
+        assert staggered.computed_slots == sum(min(staggered.ticks, -(-int(n) // 2) * 2) for n in per_row)
     if family in ("adaponderlm", "random_halting"):   # rows really sat at different passes
         assert staggered.ticks < model.num_passes * 10
         assert len(set(per_row.tolist())) > 1, per_row
@@ -74,7 +79,7 @@ def test_prompts_of_different_lengths_need_no_padding(family, ponder):
     prompts = [ids[0, :3], ids[1, :9], ids[2, :5]]
     staggered = StaggeredDecoder(model)
     first = staggered.prefill(prompts, 6).argmax(-1)
-    tokens = staggered.decode(first, 6, lambda logits, done: logits.argmax(-1))
+    tokens = staggered.decode(first, 6, lambda logits, done, rows: logits.argmax(-1))
     for b, prompt in enumerate(prompts):
         alone = VerticalDecoder(model)
         alone.draw_rows = torch.tensor([b])
@@ -142,26 +147,27 @@ def test_draw_rows_zero_draws_every_row_as_a_lone_row():
 
 
 def test_staggered_decoder_reads_the_host_once_per_round():
-    """Host reads (tests/sync_count.py) over a whole decode, with the gate policy of
-    accelerators (every gate, no read for it): one per round of ``ticks_per_read`` ticks (is
-    every row done, how far the furthest got), none per tick; fewer than one per generated
-    token. CPU's default (``gates_in_range``) adds exactly one per tick (which passes decide),
-    a read of a CPU tensor, which stalls nothing."""
+    """Host reads (tests/sync_count.py) over a whole decode, with the accelerators' policies
+    (every gate, every row every tick): one per round of ``ticks_per_read`` ticks (is every
+    row done, how far the furthest got), none per tick; fewer than one per generated token.
+    CPU's defaults add exactly one per tick (which passes decide, ``gates_in_range``), a read
+    of a CPU tensor, which stalls nothing; dropping finished rows rides on the round's read."""
     from sync_count import SyncCounter
     model = model_for("adaponderlm", "neox")
     ids, _ = real_batch(3, 16)
-    counts = {}
-    for in_range in (False, True):
+    rounds_read = {}
+    for accelerator in (True, False):
         staggered = StaggeredDecoder(model)
         staggered.ticks_per_read = 4
-        staggered.gates_in_range = in_range
+        if accelerator:
+            staggered.gates_in_range = staggered.drop_finished_rows = False
         first = staggered.prefill(ids[:, :6], 10).argmax(-1)
         with SyncCounter() as syncs:
-            staggered.decode(first, 10, lambda logits, done: logits.argmax(-1))
-        counts[in_range] = syncs.count - in_range * staggered.ticks
+            staggered.decode(first, 10, lambda logits, done, rows: logits.argmax(-1))
+        rounds_read[accelerator] = syncs.count - (not accelerator) * staggered.ticks
         rounds = -(-staggered.ticks // 4)
-        assert 1 <= counts[in_range] <= rounds + 1, syncs.report()
-    assert counts[False] < 3 * 10 / 4, counts
+        assert 1 <= rounds_read[accelerator] <= rounds + 1, syncs.report()
+    assert rounds_read[True] < 3 * 10 / 4, rounds_read
 
 
 def test_generate_batch_equals_generate_greedy_and_stops_at_eos():

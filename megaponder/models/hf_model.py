@@ -335,7 +335,7 @@ class MegaponderForCausalLM(PreTrainedModel, GenerationMixin):
         stop = next(iter(eos_ids)) if len(eos_ids) == 1 else None
         if stop is not None and bool((last == stop).any()):
             stop = None
-        out = decoder.decode(last, max_new_tokens, lambda lg, done: lg[:, :vocab].float().argmax(-1),
+        out = decoder.decode(last, max_new_tokens, lambda lg, done, rows: lg[:, :vocab].float().argmax(-1),
                              stop_id=stop, keep_logits=output_scores)
         tokens, logits = out if output_scores else (out, None)
         chosen = tokens[:, 1:].cpu()   # [B, new]: the token chosen after every fed token

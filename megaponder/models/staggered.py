@@ -31,7 +31,8 @@ read off CPU; the shapes never change, so the step is one static graph):
 The logits of every token equal the lockstep decoder's (tests/test_staggered_decode.py, 1e-5 in
 fp32: the same ops, the attention over a masked, longer key range). The host reads the device
 to know when every row is done, once per round of ``ticks_per_read`` ticks, and on CPU (where
-a read stalls nothing) which passes decide, once per tick.
+a read stalls nothing) which passes decide, once per tick; there, rows that are done leave
+the ticks at the round's read (``drop_finished_rows``).
 Rows whose prompts differ in length need no padding: each row's positions are its own slots
 (a row with an empty prompt starts at slot 0).
 """
@@ -45,8 +46,10 @@ from .attention import AttentionSpec
 from .decoders import VerticalDecoder
 from .spec import family_spec, require
 
-#: next_token(logits [B, V], tokens_done [B]) -> the next input id of every row [B]
-NextToken = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: next_token(logits [R, V], tokens_done [R], rows [R]) -> the next input id of each of the R
+#: rows the tick ran [R]; ``rows``: their batch indices (all B, or the unfinished ones once
+#: ``drop_finished_rows`` has dropped the rest)
+NextToken = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def supports_staggered(model) -> bool:
@@ -65,8 +68,8 @@ class StaggeredDecoder:
     returns the ``steps`` tokens fed plus the token chosen after the last one ([B, steps + 1];
     after a row's ``stop_id`` the row holds ``stop_id``), and with ``keep_logits`` the logits
     of every fed token [B, steps, V]. ``executed()`` is the [P, B, steps] activity of the fed
-    tokens; ``computed_slots`` counts the (pass, token) slots the ticks ran (B per tick),
-    ``active_slots`` those that were active. After ``prefill`` of prompts of one length,
+    tokens; ``computed_slots`` counts the (pass, token) slots the ticks ran (one per row a
+    tick ran), ``active_slots`` those that were active. After ``prefill`` of prompts of one length,
     ``prompt_decoder`` is the lockstep decoder holding them (None otherwise) and
     ``prompt_activity()`` the fraction of the prompts' (pass, token) slots that were active.
     A prompt may be empty (``prefill``); ``draw_rows`` picks the schedule baselines' plan rows."""
@@ -82,6 +85,12 @@ class StaggeredDecoder:
     #: tensor stalls nothing (CPU ops run synchronously) and a small-batch matmul costs what
     #: streaming its weights costs, False elsewhere
     gates_in_range: Optional[bool] = None
+    #: rows whose tokens are all done leave the ticks at the next round's host read (the
+    #: tick's shapes shrink): ``None``: on CPU only, where a pass over fewer rows costs less
+    #: (benchmarks/bench_decode.py prints the curve) and the round's read is free; on an
+    #: accelerator a small batch's tick costs the same whatever its rows, and fixed shapes
+    #: keep it one static graph
+    drop_finished_rows: Optional[bool] = None
 
     def __init__(self, model, seed: int = 0):
         if not supports_staggered(model):
@@ -210,22 +219,41 @@ class StaggeredDecoder:
             self.logits = torch.zeros(b, steps + 1, m.cfg.vocab_size, device=dev)
         if stop_id is not None:   # a row whose first token is the stop token is done
             self.count = torch.where(first == stop_id, steps, self.count)
+        self.positions = torch.arange(b, device=dev)   # the tick's rows, 0..R-1
+        drop = self.drop_finished_rows
+        if drop is None:
+            drop = dev.type == "cpu"
         ticks, left, most_done = 0, steps, 0
         while left > 0:   # left: a lower bound on the ticks the slowest row still needs
             for j in range(min(left, self.ticks_per_read)):
                 # keys: every row's slot is at most longest + most_done + j (one token a tick)
                 self._tick(min(self.capacity, self.longest + most_done + j + 1), next_token, stop_id)
                 ticks += 1
-            # the host read of a round: is every row done, and how far has the furthest got
-            left, most_done = torch.stack([(steps - self.count).max(), self.count.max()]).tolist()
+            # the host read of a round: is every row done, how far has the furthest got (and,
+            # dropping finished rows, which rows are done)
+            read = torch.stack([(steps - self.count).max(), self.count.max()])
+            left, most_done, *counts = (torch.cat([read, self.count]) if drop else read).tolist()
+            if drop and left > 0 and max(counts) >= steps:   # some rows are done, not all
+                self._keep_rows(torch.tensor([i for i, c in enumerate(counts) if c < steps], device=dev))
         self.ticks = ticks
         out = self.tokens[:, :steps + 1]
         return (out, self.logits[:, :steps]) if keep_logits else out
 
+    def _keep_rows(self, keep: torch.Tensor) -> None:
+        """Go on with the tick rows ``keep`` only (positions among the current ones): the
+        per-row state shrinks; the cache, the tokens and the activity stay indexed by batch
+        row (``self.rows``), so nothing else moves."""
+        for name in ("count", "pass_idx", "rereading", "length", "x", "rows", "plan_rows", "write_at"):
+            setattr(self, name, getattr(self, name).index_select(0, keep))
+        self.positions = torch.arange(keep.numel(), device=keep.device)
+
     def _tick(self, keys: int, next_token: NextToken, stop_id: Optional[int]) -> None:
         """One stack pass, one token per row, each row at its own pass (module docstring).
-        ``keys``: cache slots attended (a host bound on every row's current slot + 1)."""
-        m, P, b, rows = self.model, self.passes, self.batch, self.rows
+        ``keys``: cache slots attended (a host bound on every row's current slot + 1).
+        ``rows``: the batch row of each tick row (cache blocks, tokens, activity);
+        ``at``: the tick rows' own positions (their gates, plans)."""
+        m, P, rows, at_row = self.model, self.passes, self.rows, self.positions
+        b = rows.numel()
         live = self.count < self.steps
         col = self.count.clamp_max(self.steps)   # the token's column; done rows: scratch
         slot = (self.length + self.count).clamp_max(self.capacity - 1)
@@ -260,7 +288,7 @@ class StaggeredDecoder:
             cont = torch.zeros_like(live)
         elif self.scheduled:   # the eval forward's draws for this token (stream = seed)
             plan = m.threshold_plan(m.eval_uniforms(self.plan_rows.view(b, 1), pos, self.seed, salt=2)).view(P, b)
-            cont = plan[(p + 1).clamp_max(P - 1), rows]
+            cont = plan[(p + 1).clamp_max(P - 1), at_row]
         elif self.gated:
             s = self._gate_of_own_pass(hidden, p, deciding)
             cont = s >= m.ponder_cfg.tau
@@ -277,7 +305,7 @@ class StaggeredDecoder:
         lg = logits[:, 0]
         if self.logits is not None:   # a done token's logits are this tick's, in both readouts
             self.logits[rows, torch.where(completes, col, self.steps)] = lg.float()
-        nxt = next_token(lg, self.count).view(b)
+        nxt = next_token(lg, self.count, rows).view(b)
         count = self.count + completes.long()
         self.tokens[rows, torch.where(completes, count, self.steps + 1)] = nxt
         if stop_id is not None:
@@ -295,8 +323,8 @@ class StaggeredDecoder:
         self.count = count
 
     def _gate_of_own_pass(self, hidden: torch.Tensor, p: torch.Tensor, deciding: torch.Tensor) -> torch.Tensor:
-        """[B]: each row's gate of its own pass, s^p, on its hidden (rows not ``deciding``: any
-        value in [0, 1], never read)."""
+        """[R]: each tick row's gate of its own pass, s^p, on its hidden (rows not
+        ``deciding``: any value in [0, 1], never read)."""
         in_range = self.gates_in_range
         if in_range is None:
             in_range = hidden.device.type == "cpu"
@@ -305,9 +333,9 @@ class StaggeredDecoder:
             first, stop = torch.stack([torch.where(deciding, p, self.passes).min(),
                                        torch.where(deciding, p, -1).max() + 1]).tolist()
             if first >= stop:   # no row decides this tick
-                return hidden.new_zeros(self.batch, dtype=torch.float32)
-        s = self.gates(hidden.view(self.batch, -1), first, stop)
-        return s[self.rows, (p - first).clamp(0, stop - first - 1)]
+                return hidden.new_zeros(p.shape[0], dtype=torch.float32)
+        s = self.gates(hidden.view(p.shape[0], -1), first, stop)
+        return s[self.positions, (p - first).clamp(0, stop - first - 1)]
 
     def executed(self) -> torch.Tensor:
         """[P, B, steps]: the (pass, token) slots that were active for the fed tokens."""
@@ -356,7 +384,7 @@ def generate_batched(model, prompts: Sequence[Sequence[int]], max_new_tokens: in
         dev = next(model.parameters()).device
         generator = torch.Generator(device=dev).manual_seed(seed)
 
-        def pick(logits, _done=None):
+        def pick(logits, _done=None, _rows=None):
             return sample_rows(logits[:, :vocab_size] if vocab_size else logits, temperature, top_k, generator)
 
         staggered = StaggeredDecoder(model, seed)
