@@ -349,9 +349,9 @@ class StaggeredDecoder:
 #: ``generate_batched(decoder="auto")`` decodes prompts of one length in lockstep when at
 #: least this fraction of their (pass, token) slots was active: on CPU a staggered tick costs
 #: 1.1-1.3x a lockstep pass (the gates, the per-row gather of the cache, the K/V write into
-#: later passes), and rows that finish first idle until the last one does, so staggering pays
-#: only where halting skips more than ~20% of the slots (at 90% active it ran at 0.8-0.9x of no
-#: halting, lockstep at ~1.0x; BENCHMARKS.md "Staggered decoding"; not measured on a GPU)
+#: later passes), and the batch's last ticks run fewer rows than it holds, so staggering pays
+#: only where halting skips more than ~20% of the slots (at 90% active it ran at 0.85-0.89x of
+#: no halting, lockstep at ~1.0x; BENCHMARKS.md "Staggered decoding"; not measured on a GPU)
 LOCKSTEP_ABOVE_ACTIVE = 0.8
 
 
