@@ -61,6 +61,8 @@ def test_staggered_decoder_equals_lockstep_decoder(family, backbone, ponder, cpu
     if ponder.get("halted_readout") == "final":   # a token halted before the last pass re-reads
         per_row = per_row + (~activity[-1]).sum(-1)
     assert staggered.ticks == int(per_row.max())
+    with pytest.raises(RuntimeError, match="once per prefill"):
+        staggered.decode(ids[:, 6], 10, teacher_forced(ids, 6))
     if cpu_policies is False:
         assert staggered.computed_slots == 3 * staggered.ticks
     else:   # every row until the read after its last tick, then no more

@@ -150,7 +150,7 @@ class StaggeredDecoder:
         self._prompt_decoders = list(dict.fromkeys(dec for dec, _, _ in parts))
         self._prompt_parts = parts   # copied into this decoder's cache by the first decode()
         self._prompt_lengths = lengths
-        self.kv = None
+        self.kv, self.acts = None, None
         self.batch, self.capacity, self.longest = batch, max(lengths) + steps, max(lengths)
         dev = last.device
         self.length = torch.tensor(lengths, device=dev)
@@ -198,6 +198,8 @@ class StaggeredDecoder:
                stop_id: Optional[int] = None, keep_logits: bool = False):
         if self.kv is None and self._prompt_parts is None:
             raise RuntimeError("StaggeredDecoder.decode() before prefill()")
+        if self.acts is not None:   # the cache, slots and (CPU) the rows are this decode's own
+            raise RuntimeError("StaggeredDecoder.decode() runs once per prefill(): prefill() again")
         if self.kv is None:
             self._adopt_prompt_cache()
         if steps < 1 or self.longest + steps > self.capacity:
