@@ -5,6 +5,16 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def write_report(path: str, text: str, data, json_path=None) -> None:
+    """A study's results: the markdown ``text`` at ``path`` and ``data`` as JSON beside it
+    (the same name with .json, or ``json_path``)."""
+    import json
+    with open(path, "w") as f:
+        f.write(text)
+    with open(json_path or os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+
+
 def tiny_config_path(family: str) -> str:
     """examples/configs/tiny.yml for vanilla, tiny-<family>.yml otherwise."""
     return os.path.join(ROOT, "examples", "configs", "tiny.yml" if family == "vanilla" else f"tiny-{family}.yml")

@@ -23,12 +23,12 @@ The choices (docs/families.md "Open choices"):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _configs import write_report  # noqa: E402
 from bench_quality import ROOT, final_record, train  # noqa: E402  (one training/record path for both studies)
 
 # (family, setting name, --set overrides); the first of each family is its default
@@ -114,10 +114,8 @@ def main() -> None:
     text = "\n".join(md)
     print(text)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        f.write("# Open implementation choices: sensitivity on the tiny configs (generated)\n\n" + text)
-    with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
-        json.dump({"steps": args.steps, "runs": results}, f, indent=1)
+    write_report(args.output, "# Open implementation choices: sensitivity on the tiny configs (generated)\n\n"
+                 + text, {"steps": args.steps, "runs": results})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _configs import write_report  # noqa: E402
 from bench_matched_init import mean_ci  # noqa: E402
 from bench_quality import PYTHON, ROOT  # noqa: E402
 
@@ -250,10 +251,7 @@ def main(argv=None) -> int:
     text = report(results, args)
     print(text)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
-            json.dump(results, f, indent=1)
+        write_report(args.output, text, results)
     return 0
 
 

@@ -33,7 +33,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _configs import ROOT, write_report  # noqa: E402  (benchmarks/_configs.py)
+
 BIN = os.path.join(ROOT, ".venv", "bin")
 MEGAPONDER = os.path.join(BIN, "megaponder") if os.path.exists(os.path.join(BIN, "megaponder")) else "megaponder"
 PYTHON = os.path.join(BIN, "python") if os.path.exists(os.path.join(BIN, "python")) else sys.executable
@@ -313,10 +315,8 @@ def main() -> None:
           [d["command"] for d in depth] + ["```"]
     text = ("\n".join(md) + "\n").replace(ROOT + os.sep, "")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        f.write(text)
-    with open(args.json or os.path.splitext(args.output)[0] + ".json", "w") as f:
-        json.dump({"runs": runs, "iso": iso, "noise": noise, "depth": depth, "steps": args.steps}, f, indent=1)
+    write_report(args.output, text, {"runs": runs, "iso": iso, "noise": noise, "depth": depth, "steps": args.steps},
+                 args.json)
     print(text)
 
 

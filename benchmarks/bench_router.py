@@ -29,7 +29,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _configs import ROOT, write_report  # noqa: E402  (benchmarks/_configs.py)
+
 sys.path.insert(0, ROOT)
 
 VARIANT_SETS = {
@@ -194,10 +195,7 @@ def main() -> None:
     text = "\n".join(md) + "\n"
     print(text)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+        write_report(args.output, text, rows)
 
 
 if __name__ == "__main__":
