@@ -44,6 +44,16 @@ def repo_root():
     return REPO_ROOT
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: its tensors are tiny, and on a shared CPU a second
+    thread only adds overhead (and waits, badly, on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_data():
     """The demo corpus folder (tools/prepare_demo_corpus.py's files: train/validation

@@ -8,21 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import REPO_ROOT
 from megaponder.analysis.fprinciple_toy import run_digits
 from megaponder.analysis.spectral import dft, first_below, nudft, peak_indices, relative_error
-
-
-@pytest.fixture
-def one_thread():
-    """These networks are tiny: a second thread only waits (and on a loaded machine, badly)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_nudft_on_a_uniform_grid_is_the_dft_and_peaks_are_the_sines():

@@ -479,15 +479,6 @@ SCHEDULE_CASES = [("random_halting", "neox", {"halting_rate": 0.4}),
                   ("fixed_pruning", "llama", {"target_flops_ratio": 2.0, "halted_readout": "final"})]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: threads only add overhead on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _NeverStop:
     """A stopping criterion that never stops: generate() then decodes row by row (the
     reference path, every row at every step in lockstep)."""
