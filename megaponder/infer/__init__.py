@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..models.sampling import sample_next
+from ..models.staggered import generate_batched, supports_staggered
 
 
 @torch.no_grad()
@@ -58,8 +59,6 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int = 50, te
                    seed: int = 0, decoder: str = "auto") -> list[list[int]]:
     """Token ids of each prompt's continuation (prompts excluded), temperature 0 greedy;
     ``decoder`` ("auto", "staggered", "lockstep") applies to the vertical families."""
-    from ..models.staggered import generate_batched, supports_staggered
-
     if supports_staggered(model):
         return generate_batched(model, prompts, max_new_tokens, temperature, top_k, vocab_size,
                                 eos_id, seed, decoder)

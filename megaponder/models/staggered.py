@@ -21,10 +21,10 @@ read off CPU; the shapes never change, so the step is one static graph):
 * decides as the lockstep decoders do: the gate s^p >= tau (AdaPonderLM; every gate for every
   row in one matmul per gate layer, or on CPU the gates of the deciding rows' range of passes,
   ``gates_in_range``), the eval-time halting plan (schedule baselines), or every pass
-  (PonderLM). A row that goes on adds the pondering
-  update to its input; a row that halts emits the logits of this pass (``halted_readout:
-  last_active``) or, for ``final``, spends one more tick at pass P-1 on the reused K/V without
-  writing, as the lockstep decoder computes its final readout;
+  (PonderLM). A row that goes on adds the pondering update to its input; a row that halts
+  emits the logits of this pass (``halted_readout: last_active``) or, for ``final``, spends
+  one more tick at pass P-1 on the reused K/V without writing, as the lockstep decoder
+  computes its final readout;
 * a row whose token is done takes its next token (``next_token``: the sampler, or the next id of
   a given sequence) as the input of pass 0 in the next slot.
 
@@ -44,6 +44,7 @@ import torch
 
 from .attention import AttentionSpec
 from .decoders import VerticalDecoder
+from .sampling import sample_rows
 from .spec import family_spec, require
 
 #: next_token(logits [R, V], tokens_done [R], rows [R]) -> the next input id of each of the R
@@ -105,7 +106,7 @@ class StaggeredDecoder:
         self.scheduled = adaptive and spec.halting == "schedule"
         self.final_readout = adaptive and model.ponder_cfg.halted_readout == "final"
         self.gates = model.every_gate() if self.gated else None
-        self.kv: Optional[list] = None   # per layer (K, V) [B * P + 1, H_kv, capacity, D]
+        self.kv: Optional[list] = None   # per layer [B * P + 1, 2, H_kv, capacity, D]
         self._prompt_parts: Optional[list] = None   # (lockstep decoder, its row, our row)
         self.computed_slots = 0
         self.acts: Optional[torch.Tensor] = None
@@ -222,9 +223,9 @@ class StaggeredDecoder:
         if stop_id is not None:   # a row whose first token is the stop token is done
             self.count = torch.where(first == stop_id, steps, self.count)
         self.positions = torch.arange(b, device=dev)   # the tick's rows, 0..R-1
-        drop = self.drop_finished_rows
-        if drop is None:
-            drop = dev.type == "cpu"
+        on_cpu = dev.type == "cpu"   # the device defaults of the two policies
+        self._in_range = on_cpu if self.gates_in_range is None else self.gates_in_range
+        drop = on_cpu if self.drop_finished_rows is None else self.drop_finished_rows
         ticks, left, most_done = 0, steps, 0
         while left > 0:   # left: a lower bound on the ticks the slowest row still needs
             for j in range(min(left, self.ticks_per_read)):
@@ -253,16 +254,16 @@ class StaggeredDecoder:
         """One stack pass, one token per row, each row at its own pass (module docstring).
         ``keys``: cache slots attended (a host bound on every row's current slot + 1).
         ``rows``: the batch row of each tick row (cache blocks, tokens, activity);
-        ``at``: the tick rows' own positions (their gates, plans)."""
+        ``at_row``: the tick rows' own positions 0..R-1 (their gates, plans)."""
         m, P, rows, at_row = self.model, self.passes, self.rows, self.positions
         b = rows.numel()
         live = self.count < self.steps
         col = self.count.clamp_max(self.steps)   # the token's column; done rows: scratch
         slot = (self.length + self.count).clamp_max(self.capacity - 1)
         p = self.pass_idx
-        # passes that take this K/V: p..P-1 (a token halting here keeps it in later passes);
-        # a re-reading row (final readout) and a done row write nothing
-        into = (self.pass_ids.view(1, P) >= p.view(b, 1)) & (live & ~self.rereading).view(b, 1)
+        writing = live & ~self.rereading   # a re-reading row (final readout) and a done row write nothing
+        # passes that take this K/V: p..P-1 (a token halting here keeps it in later passes)
+        into = (self.pass_ids.view(1, P) >= p.view(b, 1)) & writing.view(b, 1)
         # where row b's K/V goes, as rows of the [blocks * 2H * capacity, D] view (one
         # index_copy_ of whole rows): blocks b * P + q of passes q >= p; the others (and rows
         # that write nothing) into the scratch block B * P, so the write needs no read of the cache
@@ -281,10 +282,10 @@ class StaggeredDecoder:
         hidden, _ = m.stack(self.x, pos, AttentionSpec(q_index=pos), kv_hook=hook)
         logits = m.head(hidden)   # [B, 1, V]
         self.computed_slots += b
-        self.acts[p, rows, col] = live & ~self.rereading
+        self.acts[p, rows, col] = writing
 
         last = p == P - 1
-        deciding = live & ~last & ~self.rereading   # rows whose decision is read: go on?
+        deciding = writing & ~last   # rows whose decision is read: go on?
         s = None
         if P == 1:
             cont = torch.zeros_like(live)
@@ -327,11 +328,8 @@ class StaggeredDecoder:
     def _gate_of_own_pass(self, hidden: torch.Tensor, p: torch.Tensor, deciding: torch.Tensor) -> torch.Tensor:
         """[R]: each tick row's gate of its own pass, s^p, on its hidden (rows not
         ``deciding``: any value in [0, 1], never read)."""
-        in_range = self.gates_in_range
-        if in_range is None:
-            in_range = hidden.device.type == "cpu"
         first, stop = 0, self.passes - 1
-        if in_range:   # the tick's one host read: the lowest and highest pass that decides
+        if self._in_range:   # the tick's one host read: the lowest and highest pass that decides
             first, stop = torch.stack([torch.where(deciding, p, self.passes).min(),
                                        torch.where(deciding, p, -1).max() + 1]).tolist()
             if first >= stop:   # no row decides this tick
@@ -372,8 +370,6 @@ def generate_batched(model, prompts: Sequence[Sequence[int]], max_new_tokens: in
     decoder runs; sampled rows draw on the model's device (``models.sampling.sample_rows``, a
     generator seeded with ``seed``), so they differ from one-prompt ``generate()``'s CPU
     draws. A row stops after ``eos_id`` (kept)."""
-    from .sampling import sample_rows
-
     if decoder not in ("auto", "staggered", "lockstep"):
         raise ValueError(f"decoder must be 'auto', 'staggered' or 'lockstep', got '{decoder}'")
     if max_new_tokens < 1:
